@@ -1,0 +1,15 @@
+//! The image-prefetch controller: turns each ImagePrefetch into one
+//! NodeImageSet per selected node and reports progress on the ImagePrefetch.
+//!
+//! `select` and `status` are pure decisions; `reconcile` does the API I/O;
+//! `run` wires watches, stores and the kube-runtime `Controller` together.
+
+pub mod error;
+pub mod reconcile;
+pub mod run;
+pub mod select;
+pub mod status;
+mod triggers;
+
+pub use error::Error;
+pub use run::{Config, run};

@@ -1,0 +1,63 @@
+//! Which watch events are worth a reconcile.
+
+use std::collections::HashMap;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::watcher;
+
+/// What about a node can change the selection: labels, schedulability,
+/// deletion and readiness. Heartbeats and image lists change nothing here.
+fn fingerprint(node: &Node) -> u64 {
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(labels) = &node.metadata.labels {
+        parts.extend(labels.iter().map(|(k, v)| format!("{k}={v}")));
+    }
+    parts.push(format!(
+        "deleting={}",
+        node.metadata.deletion_timestamp.is_some()
+    ));
+    let spec = node.spec.as_ref();
+    parts.push(format!(
+        "unschedulable={}",
+        spec.and_then(|s| s.unschedulable).unwrap_or(false)
+    ));
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status.clone())
+        .unwrap_or_default();
+    parts.push(format!("ready={ready}"));
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    crd::names::stable_hash(&refs)
+}
+
+/// Node events that matter: deletions, and changes of [`fingerprint`].
+pub fn node_changes(
+    events: impl Stream<Item = Result<watcher::Event<Node>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<Node, watcher::Error>> + Send + 'static {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    events
+        .map(move |event| {
+            let changed: Vec<Node> = match event {
+                Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => {
+                    let name = node.metadata.name.clone().unwrap_or_default();
+                    let fp = fingerprint(&node);
+                    (seen.insert(name, fp) != Some(fp))
+                        .then_some(node)
+                        .into_iter()
+                        .collect()
+                }
+                Ok(watcher::Event::Delete(node)) => {
+                    seen.remove(node.metadata.name.as_deref().unwrap_or_default());
+                    vec![node]
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => vec![],
+                Err(e) => return futures::stream::iter(vec![Err(e)]),
+            };
+            futures::stream::iter(changed.into_iter().map(Ok).collect::<Vec<_>>())
+        })
+        .flatten()
+}

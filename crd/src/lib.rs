@@ -1,0 +1,23 @@
+//! The image-prefetch API: `ImagePrefetch` (namespaced, written by tenants) and
+//! `NodeImageSet` (cluster-scoped, written by the controller, read by the agent),
+//! plus the label keys and naming rules that tie them together.
+
+pub mod generate;
+pub mod keys;
+pub mod names;
+pub mod node_image_set;
+pub mod prefetch;
+pub mod reference;
+
+pub use node_image_set::{
+    NodeImage, NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus, PullSource,
+    PullState, RegistryPolicy, SecretReference,
+};
+pub use prefetch::{
+    ImagePrefetch, ImagePrefetchSpec, ImagePrefetchStatus, ImageProgress, LocalSecretReference,
+};
+
+/// API group of both custom resources.
+pub const GROUP: &str = "imageprefetch.io";
+/// The one served (and stored) version.
+pub const VERSION: &str = "v1alpha1";

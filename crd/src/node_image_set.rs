@@ -1,0 +1,139 @@
+//! NodeImageSet: what one node must pull, and from where. Written by the
+//! controller, executed and reported on by that node's agent.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Default for `imageDownloadRetryLimit`.
+pub const DEFAULT_RETRY_LIMIT: i32 = 3;
+
+/// The images one node must hold for one ImagePrefetch.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "imageprefetch.io",
+    version = "v1alpha1",
+    kind = "NodeImageSet",
+    plural = "nodeimagesets",
+    singular = "nodeimageset",
+    shortname = "nis",
+    category = "imageprefetch",
+    status = "NodeImageSetStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.available"}"#,
+    printcolumn = r#"{"name":"Images","type":"integer","jsonPath":".status.total"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeImageSetSpec {
+    /// The node whose containerd gets the images.
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: String,
+    /// Images for this node, each with the registry policy to pull it with.
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub image_set: Vec<NodeImage>,
+    /// Secrets to pull with (in the ImagePrefetch's namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<SecretReference>,
+    /// Attempts after the first before the agent reports an image Failed.
+    #[serde(default = "default_retry_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub image_download_retry_limit: i32,
+}
+
+fn default_retry_limit() -> i32 {
+    DEFAULT_RETRY_LIMIT
+}
+
+/// One image on one node.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeImage {
+    /// The image reference as the ImagePrefetch lists it.
+    pub name: String,
+    pub registry_policy: RegistryPolicy,
+    /// Digest to pull instead of the tag, pinned by the controller once one
+    /// node resolved it, so that a tag that moves cannot split the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// Where a node may fetch an image from.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum RegistryPolicy {
+    /// The node's normal registry configuration: the in-cluster mirror first,
+    /// the external registry as fallback.
+    Default,
+    /// The in-cluster mirror only; the external registry is never contacted.
+    Mirror,
+}
+
+/// A secret by namespace and name.
+#[derive(
+    Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct SecretReference {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What the agent reports for its node.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeImageSetStatus {
+    /// Images present on the node.
+    #[serde(default)]
+    pub available: i32,
+    /// Images in the spec.
+    #[serde(default)]
+    pub total: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub images: Vec<NodeImageStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// The state of one image on the node.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeImageStatus {
+    pub name: String,
+    pub state: PullState,
+    /// Pull attempts made so far.
+    #[serde(default)]
+    pub attempts: i32,
+    /// Why the last attempt failed; never contains credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Digest the image resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Bytes the image occupies (compressed content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// How long the successful pull took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_duration_millis: Option<i64>,
+    /// Where the content came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PullSource>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum PullState {
+    Waiting,
+    Pulling,
+    Available,
+    Failed,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum PullSource {
+    Upstream,
+    Mirror,
+}

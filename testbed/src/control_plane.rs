@@ -1,0 +1,337 @@
+//! etcd + kube-apiserver on 127.0.0.1, started as real processes.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::fixtures::{require_kube_apiserver, require_tool};
+use crate::{Error, Result, io_err};
+
+/// How long etcd and the API server get to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Who stops the processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Killed when the [`ControlPlane`] is dropped, and by the kernel when the
+    /// thread that started them exits, so a crashed test leaves nothing behind.
+    Owned,
+    /// Outlives this process (`cargo xtask testbed up`); [`stop_detached`] ends it.
+    Detached,
+}
+
+/// A running etcd and kube-apiserver.
+pub struct ControlPlane {
+    /// Directory with the data, logs, credentials and kubeconfig.
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub server: String,
+    /// From the first process start to `/readyz` answering ok.
+    pub startup: Duration,
+    children: Vec<Child>,
+    lifetime: Lifetime,
+}
+
+const PIDS_FILE: &str = "pids";
+
+impl ControlPlane {
+    /// Starts a fresh control plane whose files live in `dir` (emptied first).
+    pub async fn start(dir: &Path, lifetime: Lifetime) -> Result<Self> {
+        let apiserver_bin = require_kube_apiserver()?;
+        let etcd_bin = require_tool("etcd")?;
+        let openssl = require_tool("openssl")?;
+        if dir.exists() {
+            stop_detached(dir)?;
+            std::fs::remove_dir_all(dir).map_err(io_err(dir))?;
+        }
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let dir = std::fs::canonicalize(dir).map_err(io_err(dir))?;
+
+        let token = random_token();
+        let tokens = dir.join("tokens.csv");
+        std::fs::write(&tokens, format!("{token},admin,admin,system:masters\n"))
+            .map_err(io_err(&tokens))?;
+        let sa_key = dir.join("service-account.key");
+        let status = Command::new(openssl)
+            .args(["genrsa", "-out"])
+            .arg(&sa_key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .map_err(io_err(&sa_key))?;
+        if !status.success() {
+            return Err(Error::Build {
+                what: "service-account key",
+                detail: format!("openssl genrsa exited {status}"),
+            });
+        }
+
+        let [etcd_port, peer_port, api_port] = free_ports()?;
+        let started = Instant::now();
+        let mut plane = ControlPlane {
+            kubeconfig: dir.join("kubeconfig"),
+            server: format!("https://127.0.0.1:{api_port}"),
+            dir: dir.clone(),
+            startup: Duration::ZERO,
+            children: Vec::new(),
+            lifetime,
+        };
+
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let mut etcd = Command::new(etcd_bin);
+        etcd.arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &etcd_url])
+            .args(["--advertise-client-urls", &etcd_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")]);
+        plane.spawn(etcd, "etcd")?;
+
+        let mut apiserver = Command::new(apiserver_bin);
+        apiserver
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--secure-port={api_port}"))
+            .arg(format!("--cert-dir={}", dir.join("certs").display()))
+            .arg(format!("--token-auth-file={}", tokens.display()))
+            .arg(format!("--service-account-key-file={}", sa_key.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                sa_key.display()
+            ))
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--authorization-mode=RBAC")
+            // The built-in endpoint reconciler would publish 127.0.0.1 for the
+            // `kubernetes` Service, which the API rejects; nothing here needs it.
+            .arg("--endpoint-reconciler-type=none");
+        plane.spawn(apiserver, "kube-apiserver")?;
+        if lifetime == Lifetime::Detached {
+            let pids: Vec<String> = plane.children.iter().map(|c| c.id().to_string()).collect();
+            let path = dir.join(PIDS_FILE);
+            std::fs::write(&path, pids.join("\n")).map_err(io_err(&path))?;
+        }
+
+        let ca = dir.join("certs").join("apiserver.crt");
+        let kubeconfig = kubeconfig_yaml(&plane.server, &ca, &token);
+        std::fs::write(&plane.kubeconfig, kubeconfig).map_err(io_err(&plane.kubeconfig))?;
+        plane.wait_ready(&ca).await?;
+        plane.startup = started.elapsed();
+        Ok(plane)
+    }
+
+    fn spawn(&mut self, mut cmd: Command, what: &'static str) -> Result<()> {
+        let log_path = self.dir.join(format!("{what}.log"));
+        let log = File::create(&log_path).map_err(io_err(&log_path))?;
+        let log2 = log.try_clone().map_err(io_err(&log_path))?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        let lifetime = self.lifetime;
+        // SAFETY: only async-signal-safe calls (setsid, prctl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                match lifetime {
+                    // Its own session: a Ctrl-C in the terminal that ran `up` does not reach it.
+                    Lifetime::Detached => {
+                        libc::setsid();
+                    }
+                    Lifetime::Owned => {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(io_err(&log_path))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, ca: &Path) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last_error = String::new();
+        loop {
+            for (child, what) in self.children.iter_mut().zip(["etcd", "kube-apiserver"]) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(Error::Exited {
+                        what,
+                        status: status.to_string(),
+                        log: self.dir.join(format!("{what}.log")).display().to_string(),
+                    });
+                }
+            }
+            // The serving certificate appears only once the API server has generated it.
+            if ca.exists() {
+                match self.readyz().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(%last_error, "kube-apiserver not ready");
+                return Err(Error::NotReady {
+                    what: "kube-apiserver",
+                    secs: READY_TIMEOUT.as_secs(),
+                    log: self.dir.join("kube-apiserver.log").display().to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn readyz(&self) -> Result<()> {
+        let client = self.client().await?;
+        let req = http::Request::get("/readyz")
+            .body(Vec::new())
+            .expect("static request");
+        let body = client.request_text(req).await?;
+        if body.trim() == "ok" {
+            Ok(())
+        } else {
+            Err(Error::NotReady {
+                what: "kube-apiserver",
+                secs: 0,
+                log: body,
+            })
+        }
+    }
+
+    /// A client with cluster-admin rights.
+    pub async fn client(&self) -> Result<kube::Client> {
+        client_from_kubeconfig(&self.kubeconfig).await
+    }
+
+    /// Stops both processes (the API server first) and waits for them to exit.
+    pub fn stop(mut self) {
+        self.kill_all();
+    }
+
+    fn kill_all(&mut self) {
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if self.lifetime == Lifetime::Owned {
+            self.kill_all();
+        }
+    }
+}
+
+/// A client for the control plane whose kubeconfig is at `path`.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
+    let kubeconfig = Kubeconfig::read_from(path)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Stops a control plane that `start(dir, Lifetime::Detached)` left running.
+/// Returns whether anything was running.
+pub fn stop_detached(dir: &Path) -> Result<bool> {
+    let path = dir.join(PIDS_FILE);
+    let Ok(pids) = std::fs::read_to_string(&path) else {
+        return Ok(false);
+    };
+    let mut any = false;
+    for pid in pids
+        .lines()
+        .rev()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+    {
+        if is_alive(pid) {
+            any = true;
+            // SAFETY: plain kill(2) on a pid we started and recorded.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while is_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if is_alive(pid) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    std::fs::remove_file(&path).map_err(io_err(&path))?;
+    Ok(any)
+}
+
+/// Whether the detached control plane in `dir` is running.
+pub fn detached_running(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(PIDS_FILE))
+        .map(|pids| {
+            let pids: Vec<i32> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            !pids.is_empty() && pids.iter().all(|&p| is_alive(p))
+        })
+        .unwrap_or(false)
+}
+
+fn is_alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); its /proc status says Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+fn kubeconfig_yaml(server: &str, ca: &Path, token: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: testbed
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: admin
+  user:
+    token: {token}
+contexts:
+- name: testbed
+  context:
+    cluster: testbed
+    user: admin
+    namespace: default
+current-context: testbed
+",
+        ca = ca.display()
+    )
+}
+
+fn free_ports() -> Result<[u16; 3]> {
+    // Bound together, then released: the kernel hands out distinct free ports.
+    let listeners: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()
+        .map_err(io_err(Path::new("127.0.0.1:0")))?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()
+        .map_err(io_err(Path::new("127.0.0.1:0")))?;
+    Ok([ports[0], ports[1], ports[2]])
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

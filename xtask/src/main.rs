@@ -1,1 +1,141 @@
-fn main() {}
+//! Developer tasks: `cargo xtask <command>`. Run `cargo xtask help`.
+
+mod demo;
+mod deps;
+mod test;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+const HELP: &str = "\
+cargo xtask <command>
+
+  deps                  install the Debian packages the build and tests need
+  fixtures              build the Go test fixtures (kube-apiserver) into the cache
+  crdgen [--check]      write the CRD YAML into helm/ and bundle/ (or fail if stale)
+  testbed up|down|status
+                        a local etcd + kube-apiserver; `up` prints the KUBECONFIG
+  demo [--keep]         the main job, locally: control plane, CRDs, controller,
+                        a sample ImagePrefetch, and the resulting table
+  test                  everything above that tests need, then every test
+  lint                  formatting, stale generated files, clippy (CI runs it before `test`)
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["deps"] => deps::install(),
+        ["fixtures"] => fixtures(),
+        ["crdgen"] => crdgen(false),
+        ["crdgen", "--check"] => crdgen(true),
+        ["testbed", "up"] => runtime()?.block_on(testbed_up()),
+        ["testbed", "down"] => testbed_down(),
+        ["testbed", "status"] => testbed_status(),
+        ["demo"] => runtime()?.block_on(demo::run(false)),
+        ["demo", "--keep"] => runtime()?.block_on(demo::run(true)),
+        ["test"] => test::all(),
+        ["lint"] => test::lint(),
+        [] | ["help"] | ["--help"] | ["-h"] => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n\n{HELP}"),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Where `testbed up` keeps its control plane (git-ignored).
+pub fn testbed_dir() -> PathBuf {
+    root().join(".testbed").join("cluster")
+}
+
+pub fn fixtures() -> Result<()> {
+    let started = std::time::Instant::now();
+    testbed::fixtures::build_kube_apiserver(&mut |line| eprintln!("fixtures: {line}"))?;
+    eprintln!("fixtures: ready in {:.0}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn crdgen(check: bool) -> Result<()> {
+    let root = root();
+    let mut stale = Vec::new();
+    for dir in crd::generate::DESTINATIONS {
+        let dir = root.join(dir);
+        std::fs::create_dir_all(&dir)?;
+        for m in crd::generate::manifests() {
+            let path = dir.join(&m.file_name);
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            if current == m.yaml {
+                continue;
+            }
+            if check {
+                stale.push(path.display().to_string());
+            } else {
+                std::fs::write(&path, &m.yaml).with_context(|| path.display().to_string())?;
+                eprintln!("crdgen: wrote {}", path.display());
+            }
+        }
+    }
+    if !stale.is_empty() {
+        bail!(
+            "stale CRD YAML (run `cargo xtask crdgen` and commit): {}",
+            stale.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn testbed_up() -> Result<()> {
+    deps::install()?;
+    fixtures()?;
+    let dir = testbed_dir();
+    if testbed::control_plane::detached_running(&dir) {
+        eprintln!("testbed: already running; `cargo xtask testbed down` stops it");
+    } else {
+        let plane = testbed::ControlPlane::start(&dir, testbed::Lifetime::Detached).await?;
+        testbed::crds::install(&plane.client().await?).await?;
+        eprintln!(
+            "testbed: kube-apiserver ready at {} in {:.1}s (logs in {})",
+            plane.server,
+            plane.startup.as_secs_f64(),
+            plane.dir.display()
+        );
+    }
+    println!("export KUBECONFIG={}", dir.join("kubeconfig").display());
+    Ok(())
+}
+
+fn testbed_down() -> Result<()> {
+    let dir = testbed_dir();
+    if testbed::control_plane::stop_detached(&dir)? {
+        eprintln!("testbed: stopped");
+    } else {
+        eprintln!("testbed: was not running");
+    }
+    Ok(())
+}
+
+fn testbed_status() -> Result<()> {
+    let dir = testbed_dir();
+    if testbed::control_plane::detached_running(&dir) {
+        println!("running; KUBECONFIG={}", dir.join("kubeconfig").display());
+    } else {
+        println!("not running");
+    }
+    Ok(())
+}

@@ -1,11 +1,14 @@
 //! The image-prefetch controller: turns each ImagePrefetch into one
 //! NodeImageSet per selected node and reports progress on the ImagePrefetch.
 //!
-//! `select` and `status` are pure decisions; `reconcile` does the API I/O;
+//! `select`, `policy`, `registries` and `status` are pure decisions; `reconcile` does the API I/O;
 //! `run` wires watches, stores and the kube-runtime `Controller` together.
 
 pub mod error;
+pub mod leader;
+pub mod policy;
 pub mod reconcile;
+pub mod registries;
 pub mod run;
 pub mod select;
 pub mod status;

@@ -1,28 +1,79 @@
-use controller::Config;
+use std::time::Duration;
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: image-prefetch-controller [--namespace NS] [--retry-limit N]\n\
-         Reconciles ImagePrefetch objects into per-node NodeImageSets.\n\
-         Uses the in-cluster service account, or $KUBECONFIG outside a cluster."
-    );
+use controller::Config;
+use controller::leader::LeaseConfig;
+use controller::registries::AllowList;
+
+const USAGE: &str = "\
+usage: image-prefetch-controller [options]
+Reconciles ImagePrefetch objects into per-node NodeImageSets.
+Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
+
+  --namespace NS                 only ImagePrefetches in NS (default: all)
+  --allowed-registries LIST      comma-separated registry/repository prefixes
+                                 (env ALLOWED_REGISTRIES; default: allow all)
+  --retry-limit N                imageDownloadRetryLimit for nodes (default 3)
+  --wave-cap N                   most mirror pulls of one image at once (default 32)
+  --seed-deadline-seconds S      replace a seed without the image after S (default 900)
+  --not-ready-grace-seconds S    keep a NotReady node selected for S (default 300)
+  --no-sequencing                every node pulls from the registry at once
+                                 (for comparison only: defeats the point)
+  --leader-elect                 hold a Lease in $POD_NAMESPACE before reconciling
+";
+
+fn usage(problem: &str) -> ! {
+    eprintln!("{problem}\n\n{USAGE}");
     std::process::exit(2)
 }
 
 fn parse_args() -> Config {
-    let mut config = Config::default();
+    let mut config = Config {
+        allowed: AllowList::parse(&std::env::var("ALLOWED_REGISTRIES").unwrap_or_default()),
+        ..Config::default()
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| usage());
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
+        };
+        let mut number = |what: &str| -> u64 {
+            let v = value();
+            v.parse()
+                .unwrap_or_else(|_| usage(&format!("{what}: {v:?} is not a whole number")))
+        };
         match arg.as_str() {
             "--namespace" => config.namespace = Some(value()),
-            "--retry-limit" => {
-                config.retry_limit = value().parse().unwrap_or_else(|_| usage());
+            "--allowed-registries" => config.allowed = AllowList::parse(&value()),
+            "--retry-limit" => config.retry_limit = number("--retry-limit") as i32,
+            "--wave-cap" => config.policy.wave_cap = number("--wave-cap").max(1) as usize,
+            "--seed-deadline-seconds" => {
+                config.policy.seed_deadline = Duration::from_secs(number("--seed-deadline-seconds"))
             }
-            _ => usage(),
+            "--not-ready-grace-seconds" => {
+                config.not_ready_grace = Duration::from_secs(number("--not-ready-grace-seconds"))
+            }
+            "--no-sequencing" => config.policy.sequencing = false,
+            "--leader-elect" => {
+                let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+                let identity = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
+                config.instance = identity.clone();
+                config.leader = Some(LeaseConfig::new(&namespace, &identity));
+            }
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0)
+            }
+            other => usage(&format!("unknown option {other}")),
         }
     }
     config
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| format!("controller-{}", std::process::id()))
 }
 
 #[tokio::main]
@@ -36,8 +87,22 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let leader_elected = config.leader.is_some();
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stopping.clone();
+    let shutdown = async move {
+        // Kubernetes stops pods with SIGTERM; a terminal with SIGINT.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     controller::run(client, config, shutdown).await;
+    if leader_elected && !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        // Leadership was lost: exit so the pod restarts as a clean standby.
+        std::process::exit(1);
+    }
 }

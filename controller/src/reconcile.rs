@@ -1,12 +1,17 @@
-//! The reconcile loop's I/O: NodeImageSets in, NodeImageSets and status out.
+//! The reconcile loop's I/O: read the caches, let `select`, `policy` and
+//! `status` decide, write NodeImageSets, status and Events.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
@@ -14,19 +19,53 @@ use serde_json::json;
 use tracing::{info, instrument, warn};
 
 use crd::{
-    ImagePrefetch, NodeImage, NodeImageSet, NodeImageSetSpec, RegistryPolicy, SecretReference,
+    ImagePrefetch, ImagePrefetchStatus, NodeImage, NodeImageSet, NodeImageSetSpec, SecretReference,
     keys, names,
 };
 
+use crate::policy::{ClusterView, Current, SeedBook};
 use crate::run::Config;
-use crate::{Error, select, status};
+use crate::status::{self, Inputs};
+use crate::{Error, policy, select};
 
-/// What every reconcile shares: the client, the watched state, the settings.
+/// What every reconcile shares: the client, the watched state, the settings,
+/// and the seeds of the whole cluster.
 pub struct Context {
     pub client: kube::Client,
     pub nodes: Store<Node>,
     pub sets: Store<NodeImageSet>,
     pub config: Config,
+    pub seeds: Mutex<SeedBook>,
+    pub recorder: Recorder,
+    /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
+    announced: Mutex<HashSet<(String, String, String)>>,
+    /// API writes made (NodeImageSet applies and deletes, status patches).
+    pub writes: AtomicU64,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        nodes: Store<Node>,
+        sets: Store<NodeImageSet>,
+        config: Config,
+        recorder: Recorder,
+    ) -> Self {
+        Context {
+            client,
+            nodes,
+            sets,
+            config,
+            seeds: Mutex::default(),
+            recorder,
+            announced: Mutex::default(),
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// How often an ImagePrefetch is looked at again even if nothing changed.
@@ -67,22 +106,14 @@ struct Owner<'a> {
 
 impl<'a> Owner<'a> {
     fn of(p: &'a ImagePrefetch) -> Result<Self, Error> {
+        let m = &p.metadata;
         Ok(Owner {
-            namespace: p
-                .metadata
+            namespace: m
                 .namespace
                 .as_deref()
                 .ok_or(Error::MissingMetadata("namespace"))?,
-            name: p
-                .metadata
-                .name
-                .as_deref()
-                .ok_or(Error::MissingMetadata("name"))?,
-            uid: p
-                .metadata
-                .uid
-                .as_deref()
-                .ok_or(Error::MissingMetadata("uid"))?,
+            name: m.name.as_deref().ok_or(Error::MissingMetadata("name"))?,
+            uid: m.uid.as_deref().ok_or(Error::MissingMetadata("uid"))?,
         })
     }
 
@@ -91,62 +122,120 @@ impl<'a> Owner<'a> {
     }
 }
 
+fn now_seconds() -> Timestamp {
+    // The API stores seconds; comparing a stored time with a finer one would never match.
+    Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid timestamp")
+}
+
 async fn apply(
     p: &ImagePrefetch,
     api: &Api<ImagePrefetch>,
     ctx: &Context,
 ) -> Result<Action, Error> {
     let owner = Owner::of(p)?;
-    // Before the first full list a partial store would look like missing
+    // Before the first full list a partial cache would look like missing
     // nodes, and their NodeImageSets would be deleted.
     let _ = ctx.nodes.wait_until_ready().await;
     let _ = ctx.sets.wait_until_ready().await;
+    let now = now_seconds();
 
     let nodes = ctx.nodes.state();
-    let selected = select::select(
+    let all_sets = ctx.sets.state();
+    let owned: Vec<&NodeImageSet> = all_sets
+        .iter()
+        .map(|s| s.as_ref())
+        .filter(|s| owner.owns(s))
+        .collect();
+    let holds = |node: &str| owned.iter().any(|s| s.spec.node_name == node);
+    let selection = select::select(
         owner.uid,
         &p.spec.node_selector,
         p.spec.replicas,
         nodes.iter().map(|n| n.as_ref()),
+        &holds,
+        now,
+        ctx.config.not_ready_grace,
     );
-    let owned: Vec<Arc<NodeImageSet>> = ctx
-        .sets
-        .state()
-        .into_iter()
-        .filter(|s| owner.owns(s))
+    let (allowed, not_allowed): (Vec<String>, Vec<String>) = p
+        .spec
+        .images
+        .iter()
+        .cloned()
+        .partition(|i| ctx.config.allowed.allows(i));
+
+    let mut view = ClusterView::default();
+    for n in &nodes {
+        let name = n.name_any();
+        view.zones.insert(name.clone(), select::zone(n).to_string());
+        let cordoned = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        if select::is_ready(n) && !cordoned && n.metadata.deletion_timestamp.is_none() {
+            view.usable.insert(name);
+        }
+    }
+    view.add_sets(all_sets.iter().map(|s| s.as_ref()));
+    let selected_sets: Vec<&NodeImageSet> = owned
+        .iter()
+        .copied()
+        .filter(|s| selection.nodes.contains(&s.spec.node_name))
         .collect();
+    let plan = {
+        let mut book = ctx.seeds.lock().expect("seed book lock");
+        policy::plan(
+            &allowed,
+            &selection.nodes,
+            &Current::from_sets(selected_sets.iter().copied()),
+            &view,
+            &mut book,
+            &ctx.config.policy,
+            Instant::now(),
+        )
+    };
 
     let sets_api: Api<NodeImageSet> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(keys::CONTROLLER_MANAGER).force();
-    let mut current: Vec<NodeImageSet> = Vec::with_capacity(selected.len());
-    for node in &selected {
-        let desired = desired_set(p, &owner, node, &ctx.config);
+    let mut current: Vec<NodeImageSet> = Vec::with_capacity(selection.nodes.len());
+    for (node, entries) in &plan.entries {
+        let desired = desired_set(p, &owner, node, entries.clone(), &ctx.config);
         let name = desired.name_any();
         match owned.iter().find(|s| s.name_any() == name) {
-            Some(existing) if up_to_date(existing, &desired) => current.push((**existing).clone()),
+            Some(existing) if up_to_date(existing, &desired) => current.push((*existing).clone()),
             _ => {
                 let applied = sets_api
                     .patch(&name, &params, &Patch::Apply(&desired))
                     .await?;
-                info!(node = %node, set = %name, "applied NodeImageSet");
+                ctx.wrote();
+                info!(%node, set = %name, images = entries.len(), "applied NodeImageSet");
                 current.push(applied);
             }
         }
     }
     for stale in owned
         .iter()
-        .filter(|s| !selected.contains(&s.spec.node_name))
+        .filter(|s| !selection.nodes.contains(&s.spec.node_name))
     {
         delete_ignoring_missing(&sets_api, &stale.name_any()).await?;
+        ctx.wrote();
         info!(node = %stale.spec.node_name, set = %stale.name_any(), "deleted NodeImageSet of a node no longer selected");
     }
+    for (image, node) in &plan.new_seeds {
+        let note = format!(
+            "{node} pulls {image} from its registry; other nodes will get it from the in-cluster mirror"
+        );
+        publish(ctx, p, EventType::Normal, "SeedChosen", note).await;
+    }
 
-    let now = Time(
-        k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second())
-            .expect("now is a valid timestamp"),
-    );
     let refs: Vec<&NodeImageSet> = current.iter().collect();
-    let status = status::compute(p, selected.len(), &refs, now);
+    let inputs = Inputs {
+        desired: selection.nodes.len(),
+        insufficient: selection.insufficient,
+        not_allowed: &not_allowed,
+    };
+    let status = status::compute(p, &inputs, &refs, Time(now));
+    announce(ctx, p, &owner, &refs, &status).await;
     if p.status.as_ref() != Some(&status) {
         let body = json!({
             "apiVersion": ImagePrefetch::api_version(&()),
@@ -155,8 +244,61 @@ async fn apply(
         });
         api.patch_status(owner.name, &params, &Patch::Apply(&body))
             .await?;
+        ctx.wrote();
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(
+        RESYNC.min(ctx.config.policy.seed_deadline / 2),
+    ))
+}
+
+/// Events for what changed since the last status: images ready everywhere, new failures.
+async fn announce(
+    ctx: &Context,
+    p: &ImagePrefetch,
+    owner: &Owner<'_>,
+    sets: &[&NodeImageSet],
+    status: &ImagePrefetchStatus,
+) {
+    let before = p.status.as_ref();
+    for img in &status.images {
+        let was = before
+            .and_then(|s| s.images.iter().find(|i| i.image == img.image))
+            .map(|i| i.available)
+            .unwrap_or(0);
+        if status.desired_nodes > 0 && img.available == status.desired_nodes && was < img.available
+        {
+            let note = format!("{} is on all {} nodes", img.image, status.desired_nodes);
+            publish(ctx, p, EventType::Normal, "ImageReady", note).await;
+        }
+    }
+    let failures = status::failures(sets);
+    let fresh: Vec<status::Failure> = {
+        let mut announced = ctx.announced.lock().expect("announced lock");
+        failures
+            .into_iter()
+            .filter(|f| announced.insert((owner.uid.to_string(), f.node.clone(), f.image.clone())))
+            .collect()
+    };
+    for f in fresh {
+        let note = format!(
+            "{} failed on node {}: {} ({})",
+            f.image, f.node, f.message, f.reason
+        );
+        publish(ctx, p, EventType::Warning, "PullFailed", note).await;
+    }
+}
+
+async fn publish(ctx: &Context, p: &ImagePrefetch, type_: EventType, reason: &str, note: String) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Prefetch".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &p.object_ref(&())).await {
+        warn!(error = %e, reason, "could not publish an Event");
+    }
 }
 
 async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
@@ -166,27 +308,29 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
     sets_api
         .delete_collection(&DeleteParams::default(), &selector)
         .await?;
+    ctx.wrote();
+    ctx.announced
+        .lock()
+        .expect("announced lock")
+        .retain(|(uid, _, _)| uid != owner.uid);
     info!("deleted every NodeImageSet of the ImagePrefetch");
     Ok(Action::await_change())
 }
 
-/// The NodeImageSet that `node` should have for `p`.
-fn desired_set(p: &ImagePrefetch, owner: &Owner<'_>, node: &str, config: &Config) -> NodeImageSet {
+/// The NodeImageSet `node` should have for `p`.
+fn desired_set(
+    p: &ImagePrefetch,
+    owner: &Owner<'_>,
+    node: &str,
+    entries: Vec<NodeImage>,
+    config: &Config,
+) -> NodeImageSet {
     let name = names::node_image_set_name(owner.name, owner.uid, node);
     let mut set = NodeImageSet::new(
         &name,
         NodeImageSetSpec {
             node_name: node.to_string(),
-            image_set: p
-                .spec
-                .images
-                .iter()
-                .map(|image| NodeImage {
-                    name: image.clone(),
-                    registry_policy: RegistryPolicy::Default,
-                    digest: None,
-                })
-                .collect(),
+            image_set: entries,
             image_pull_secrets: p
                 .spec
                 .image_pull_secrets
@@ -205,19 +349,15 @@ fn desired_set(p: &ImagePrefetch, owner: &Owner<'_>, node: &str, config: &Config
         owner.uid,
         node,
     ));
-    set.metadata.annotations = Some(
-        [(
-            keys::PREFETCH_REF_ANNOTATION.to_string(),
-            format!("{}/{}", owner.namespace, owner.name),
-        )]
-        .into(),
-    );
+    set.metadata.annotations = Some(BTreeMap::from([(
+        keys::PREFETCH_REF_ANNOTATION.to_string(),
+        format!("{}/{}", owner.namespace, owner.name),
+    )]));
     set
 }
 
 fn up_to_date(existing: &NodeImageSet, desired: &NodeImageSet) -> bool {
-    let contains = |have: &std::collections::BTreeMap<String, String>,
-                    want: &Option<std::collections::BTreeMap<String, String>>| {
+    let contains = |have: &BTreeMap<String, String>, want: &Option<BTreeMap<String, String>>| {
         want.iter().flatten().all(|(k, v)| have.get(k) == Some(v))
     };
     existing.spec == desired.spec

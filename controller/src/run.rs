@@ -1,18 +1,23 @@
-//! Wires the watches, stores and the kube-runtime Controller together.
+//! Wires the watches, caches and the kube-runtime Controller together.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use tracing::{debug, info};
 
 use crd::{ImagePrefetch, NodeImageSet, keys, node_image_set::DEFAULT_RETRY_LIMIT};
 
+use crate::leader::{self, LeaseConfig};
+use crate::policy;
 use crate::reconcile::{Context, error_policy, reconcile};
+use crate::registries::AllowList;
 use crate::triggers;
 
 /// Controller settings.
@@ -22,6 +27,16 @@ pub struct Config {
     pub namespace: Option<String>,
     /// `imageDownloadRetryLimit` written into every NodeImageSet.
     pub retry_limit: i32,
+    /// Registries (or repository prefixes) images may come from; empty: any.
+    pub allowed: AllowList,
+    /// Seeds, waves and deadlines.
+    pub policy: policy::Settings,
+    /// How long a selected node may be NotReady before it is replaced.
+    pub not_ready_grace: Duration,
+    /// Lease to hold before reconciling; `None`: no leader election.
+    pub leader: Option<LeaseConfig>,
+    /// Name this controller reports Events as.
+    pub instance: String,
 }
 
 impl Default for Config {
@@ -29,16 +44,30 @@ impl Default for Config {
         Config {
             namespace: None,
             retry_limit: DEFAULT_RETRY_LIMIT,
+            allowed: AllowList::default(),
+            policy: policy::Settings::default(),
+            not_ready_grace: Duration::from_secs(300),
+            leader: None,
+            instance: "image-prefetch-controller".into(),
         }
     }
 }
 
-/// Runs the controller until `shutdown` completes.
+/// Runs the controller until `shutdown` completes or leadership is lost.
+/// Returns the shared context (its counters) once stopped.
 pub async fn run(
     client: kube::Client,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
+) -> Arc<Context> {
+    let shutdown = shutdown.shared();
+    let leadership = match config.leader.clone() {
+        Some(lease) => tokio::select! {
+            held = leader::acquire(client.clone(), lease) => Some(held),
+            _ = shutdown.clone() => None,
+        },
+        None => None,
+    };
     let prefetches: Api<ImagePrefetch> = match &config.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -59,14 +88,20 @@ pub async fn run(
     )
     .touched_objects();
 
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "image-prefetch-controller".into(),
+            instance: Some(config.instance.clone()),
+        },
+    );
+    let ctx = Arc::new(Context::new(client, nodes, sets, config, recorder));
+    let Some(stop) = stop_signal(shutdown, leadership.as_ref()) else {
+        return ctx;
+    };
+
     let controller = Controller::new(prefetches, watcher::Config::default());
     let all_prefetches = controller.store();
-    let ctx = Arc::new(Context {
-        client,
-        nodes,
-        sets,
-        config,
-    });
     info!(namespace = ?ctx.config.namespace, "image-prefetch controller starting");
     controller
         // A node change can move any ImagePrefetch's selection.
@@ -78,8 +113,8 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         .watches_stream(set_events, |set| owner_of(&set))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             match result {
                 Ok((obj, _)) => debug!(%obj, "reconciled"),
@@ -88,6 +123,29 @@ pub async fn run(
         })
         .await;
     info!("image-prefetch controller stopped");
+    drop(leadership);
+    ctx
+}
+
+/// Stop on shutdown, or when leadership is lost. `None`: shutdown came first,
+/// before leadership was ever held, so there is nothing to run.
+fn stop_signal(
+    shutdown: futures::future::Shared<impl Future<Output = ()> + Send + Sync + 'static>,
+    leadership: Option<&leader::Leadership>,
+) -> Option<impl Future<Output = ()> + Send + Sync + 'static> {
+    if shutdown.peek().is_some() {
+        return None;
+    }
+    let lost = leadership.map(|l| l.lost());
+    Some(async move {
+        match lost {
+            Some(lost) => tokio::select! {
+                _ = shutdown => {},
+                _ = lost => info!("leadership lost; stopping"),
+            },
+            None => shutdown.await,
+        }
+    })
 }
 
 /// The ImagePrefetch a NodeImageSet belongs to, from its annotation (labels

@@ -1,55 +1,153 @@
 //! Which nodes an ImagePrefetch's images go to. Pure: no I/O.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
 
-/// Whether `node` carries every label of `selector` and is not being deleted.
-pub fn matches(selector: &BTreeMap<String, String>, node: &Node) -> bool {
-    if node.metadata.deletion_timestamp.is_some() {
-        return false;
+/// Label that places a node in a topology zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Whether a node is Ready, and if not, since when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    NotReadySince(Timestamp),
+    /// No Ready condition yet (a node that is still registering).
+    Unknown,
+}
+
+pub fn readiness(node: &Node) -> Readiness {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    match ready {
+        Some(c) if c.status == "True" => Readiness::Ready,
+        Some(c) => c
+            .last_transition_time
+            .as_ref()
+            .map(|t| Readiness::NotReadySince(t.0))
+            .unwrap_or(Readiness::Unknown),
+        None => Readiness::Unknown,
     }
+}
+
+pub fn is_ready(node: &Node) -> bool {
+    readiness(node) == Readiness::Ready
+}
+
+pub fn zone(node: &Node) -> &str {
+    node.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ZONE_LABEL))
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+/// Whether `node` carries every label of `selector`.
+pub fn matches(selector: &BTreeMap<String, String>, node: &Node) -> bool {
     let labels = node.metadata.labels.as_ref();
     selector
         .iter()
         .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
-/// Rendezvous (highest-random-weight) score of `node` for the ImagePrefetch
-/// `uid`: the order it defines depends only on the pair, so `replicas: k`
-/// keeps its nodes when unrelated nodes come and go, and across restarts.
-pub fn score(uid: &str, node: &str) -> u64 {
-    crd::names::stable_hash(&[uid, node])
+/// Whether `node` may hold the images: it matches, is not being deleted or
+/// cordoned, and is Ready — or, when it already holds them
+/// (`currently_selected`), has been NotReady for less than `grace`, so that a
+/// short blip does not move the images to another node.
+pub fn is_candidate(
+    selector: &BTreeMap<String, String>,
+    node: &Node,
+    currently_selected: bool,
+    now: Timestamp,
+    grace: Duration,
+) -> bool {
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    if node.metadata.deletion_timestamp.is_some() || cordoned || !matches(selector, node) {
+        return false;
+    }
+    match readiness(node) {
+        Readiness::Ready => true,
+        Readiness::NotReadySince(since) => {
+            currently_selected
+                && now
+                    .duration_since(since)
+                    .try_into()
+                    .map(|d: Duration| d < grace)
+                    .unwrap_or(true)
+        }
+        Readiness::Unknown => false,
+    }
 }
 
-/// Names of the nodes that get the images: every match, or the `replicas`
-/// best-scoring matches. Sorted by name.
+/// Rendezvous (highest-random-weight) score of `node` for `key`: the order
+/// it defines depends only on the pair, so a choice of k nodes keeps its
+/// nodes when unrelated nodes come and go, and across controller restarts.
+pub fn score(key: &str, node: &str) -> u64 {
+    crd::names::stable_hash(&[key, node])
+}
+
+/// The outcome of a selection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Selected node names, sorted.
+    pub nodes: Vec<String>,
+    /// `replicas` asked for more nodes than there are candidates: (asked, candidates).
+    pub insufficient: Option<(usize, usize)>,
+}
+
+/// The nodes that get the images: every candidate, or the `replicas`
+/// best-scoring candidates for the ImagePrefetch `uid`.
 pub fn select<'a>(
     uid: &str,
     selector: &BTreeMap<String, String>,
     replicas: Option<i32>,
     nodes: impl IntoIterator<Item = &'a Node>,
-) -> Vec<String> {
-    let mut matching: Vec<&str> = nodes
+    currently_selected: &dyn Fn(&str) -> bool,
+    now: Timestamp,
+    grace: Duration,
+) -> Selection {
+    let mut candidates: Vec<&str> = nodes
         .into_iter()
-        .filter(|n| matches(selector, n))
-        .filter_map(|n| n.metadata.name.as_deref())
+        .filter_map(|n| {
+            let name = n.metadata.name.as_deref()?;
+            is_candidate(selector, n, currently_selected(name), now, grace).then_some(name)
+        })
         .collect();
+    let mut insufficient = None;
     if let Some(k) = replicas {
         let k = usize::try_from(k.max(0)).unwrap_or(0);
-        matching.sort_by_key(|n| std::cmp::Reverse(score(uid, n)));
-        matching.truncate(k);
+        if k > candidates.len() {
+            insufficient = Some((k, candidates.len()));
+        }
+        candidates.sort_by_key(|n| std::cmp::Reverse(score(uid, n)));
+        candidates.truncate(k);
     }
-    let mut names: Vec<String> = matching.into_iter().map(str::to_string).collect();
-    names.sort();
-    names
+    let mut nodes: Vec<String> = candidates.into_iter().map(str::to_string).collect();
+    nodes.sort();
+    Selection {
+        nodes,
+        insufficient,
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
     use super::*;
 
-    fn node(name: &str, labels: &[(&str, &str)]) -> Node {
+    pub fn node(name: &str, labels: &[(&str, &str)]) -> Node {
         let mut n = Node::default();
         n.metadata.name = Some(name.into());
         n.metadata.labels = Some(
@@ -58,7 +156,20 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         );
+        set_ready(&mut n, true, 0);
         n
+    }
+
+    pub fn set_ready(n: &mut Node, ready: bool, since: i64) {
+        n.status = Some(NodeStatus {
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                last_transition_time: Some(Time(Timestamp::from_second(since).unwrap())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
     }
 
     fn sel(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -68,10 +179,25 @@ mod tests {
             .collect()
     }
 
+    const GRACE: Duration = Duration::from_secs(300);
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    fn pick(
+        uid: &str,
+        s: &BTreeMap<String, String>,
+        replicas: Option<i32>,
+        nodes: &[Node],
+    ) -> Vec<String> {
+        select(uid, s, replicas, nodes, &|_| false, at(1000), GRACE).nodes
+    }
+
     #[test]
     fn empty_selector_matches_all() {
         let nodes = [node("a", &[]), node("b", &[("x", "1")])];
-        assert_eq!(select("u", &sel(&[]), None, &nodes), ["a", "b"]);
+        assert_eq!(pick("u", &sel(&[]), None, &nodes), ["a", "b"]);
     }
 
     #[test]
@@ -82,61 +208,94 @@ mod tests {
             node("c", &[("x", "2"), ("y", "2")]),
         ];
         assert_eq!(
-            select("u", &sel(&[("x", "1"), ("y", "2")]), None, &nodes),
+            pick("u", &sel(&[("x", "1"), ("y", "2")]), None, &nodes),
             ["b"]
         );
     }
 
     #[test]
-    fn deleting_nodes_are_skipped() {
+    fn deleting_cordoned_and_unready_nodes_are_not_chosen() {
         let mut gone = node("gone", &[]);
-        gone.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-            ));
-        assert_eq!(select("u", &sel(&[]), None, &[gone, node("a", &[])]), ["a"]);
+        gone.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+        let mut cordoned = node("cordoned", &[]);
+        cordoned.spec = Some(NodeSpec {
+            unschedulable: Some(true),
+            ..Default::default()
+        });
+        let mut down = node("down", &[]);
+        set_ready(&mut down, false, 999);
+        let mut registering = node("registering", &[]);
+        registering.status = None;
+        let nodes = [gone, cordoned, down, registering, node("a", &[])];
+        assert_eq!(pick("u", &sel(&[]), None, &nodes), ["a"]);
+    }
+
+    #[test]
+    fn a_selected_node_keeps_its_place_through_a_short_not_ready_spell() {
+        let mut down = node("down", &[]);
+        set_ready(&mut down, false, 900);
+        let nodes = [down, node("a", &[])];
+        let keep = |n: &str| n == "down";
+        let within = select("u", &sel(&[]), None, &nodes, &keep, at(1000), GRACE);
+        assert_eq!(within.nodes, ["a", "down"]);
+        let past = select("u", &sel(&[]), None, &nodes, &keep, at(900 + 301), GRACE);
+        assert_eq!(past.nodes, ["a"]);
     }
 
     #[test]
     fn replicas_are_stable_when_unrelated_nodes_come_and_go() {
         let names: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
         let nodes: Vec<Node> = names.iter().map(|n| node(n, &[])).collect();
-        let chosen = select("uid-1", &sel(&[]), Some(3), &nodes);
+        let chosen = pick("uid-1", &sel(&[]), Some(3), &nodes);
         assert_eq!(chosen.len(), 3);
-        // Drop every node that was not chosen but one, add new ones: same choice.
-        let mut fewer: Vec<Node> = nodes
+        let lowest = chosen.iter().map(|c| score("uid-1", c)).min().unwrap();
+        // Remove unchosen nodes, add nodes that score lower: the choice stays.
+        let mut changed: Vec<Node> = nodes
             .iter()
             .filter(|n| {
-                chosen.contains(n.metadata.name.as_ref().unwrap())
-                    || n.metadata.name.as_deref() == Some("n7")
+                let name = n.metadata.name.as_ref().unwrap();
+                chosen.contains(name) || name == "n7"
             })
             .cloned()
             .collect();
-        fewer.extend((100..120).map(|i| node(&format!("m{i}"), &[])).filter(|n| {
-            score("uid-1", n.metadata.name.as_ref().unwrap())
-                < chosen.iter().map(|c| score("uid-1", c)).min().unwrap()
-        }));
-        assert_eq!(select("uid-1", &sel(&[]), Some(3), &fewer), chosen);
+        changed.extend(
+            (100..140)
+                .map(|i| node(&format!("m{i}"), &[]))
+                .filter(|n| score("uid-1", n.metadata.name.as_ref().unwrap()) < lowest),
+        );
+        assert_eq!(pick("uid-1", &sel(&[]), Some(3), &changed), chosen);
     }
 
     #[test]
     fn a_removed_replica_is_replaced_and_others_stay() {
         let nodes: Vec<Node> = (0..10).map(|i| node(&format!("n{i}"), &[])).collect();
-        let chosen = select("uid-2", &sel(&[]), Some(3), &nodes);
+        let chosen = pick("uid-2", &sel(&[]), Some(3), &nodes);
         let without: Vec<Node> = nodes
             .iter()
             .filter(|n| n.metadata.name.as_ref() != Some(&chosen[0]))
             .cloned()
             .collect();
-        let again = select("uid-2", &sel(&[]), Some(3), &without);
+        let again = pick("uid-2", &sel(&[]), Some(3), &without);
         assert_eq!(again.len(), 3);
         assert!(chosen[1..].iter().all(|c| again.contains(c)));
         assert!(!again.contains(&chosen[0]));
     }
 
     #[test]
-    fn more_replicas_than_nodes_gives_all() {
+    fn more_replicas_than_candidates_gives_all_and_says_so() {
         let nodes = [node("a", &[]), node("b", &[])];
-        assert_eq!(select("u", &sel(&[]), Some(5), &nodes), ["a", "b"]);
+        let s = select("u", &sel(&[]), Some(5), &nodes, &|_| false, at(0), GRACE);
+        assert_eq!(s.nodes, ["a", "b"]);
+        assert_eq!(s.insufficient, Some((5, 2)));
+    }
+
+    #[test]
+    fn replica_choice_spreads_across_uids() {
+        // Different ImagePrefetches do not all pile onto the same nodes.
+        let nodes: Vec<Node> = (0..20).map(|i| node(&format!("n{i}"), &[])).collect();
+        let firsts: std::collections::BTreeSet<Vec<String>> = (0..10)
+            .map(|u| pick(&format!("uid-{u}"), &sel(&[]), Some(1), &nodes))
+            .collect();
+        assert!(firsts.len() > 3, "{firsts:?}");
     }
 }

@@ -4,23 +4,60 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crd::{ImagePrefetch, ImagePrefetchStatus, ImageProgress, NodeImageSet, PullState};
 
-/// The status an ImagePrefetch should have, given how many nodes were
-/// selected and the NodeImageSets of those nodes that exist so far.
-/// `now` stamps conditions whose status changes; unchanged ones keep their time.
+/// What the reconcile knows beyond the NodeImageSets.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs<'a> {
+    /// Nodes selected.
+    pub desired: usize,
+    /// `replicas` asked for more nodes than there are: (asked, available).
+    pub insufficient: Option<(usize, usize)>,
+    /// Images the allow-list refuses.
+    pub not_allowed: &'a [String],
+}
+
+/// A node that gave up on an image.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Failure {
+    pub node: String,
+    pub image: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// Failed entries of `sets`, for conditions and events.
+pub fn failures(sets: &[&NodeImageSet]) -> Vec<Failure> {
+    let mut out = Vec::new();
+    for set in sets {
+        for r in set.status.iter().flat_map(|s| s.images.iter()) {
+            if r.state == PullState::Failed {
+                out.push(Failure {
+                    node: set.spec.node_name.clone(),
+                    image: r.name.clone(),
+                    reason: r.reason.clone().unwrap_or_else(|| "PullFailed".into()),
+                    message: r.last_error.clone().unwrap_or_default(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The status an ImagePrefetch should have. `sets` are the NodeImageSets of
+/// selected nodes that exist so far; an image a node has no entry for yet
+/// counts as waiting. `now` stamps conditions whose status changes.
 pub fn compute(
     prefetch: &ImagePrefetch,
-    desired: usize,
+    inputs: &Inputs<'_>,
     sets: &[&NodeImageSet],
     now: Time,
 ) -> ImagePrefetchStatus {
     let images = &prefetch.spec.images;
-    let not_yet_created = desired.saturating_sub(sets.len()) as i32;
-    let desired = desired as i32;
+    let desired = inputs.desired as i32;
     let mut progress: Vec<ImageProgress> = images
         .iter()
         .map(|i| ImageProgress {
             image: i.clone(),
-            waiting: not_yet_created,
+            waiting: desired.saturating_sub(sets.len() as i32),
             ..Default::default()
         })
         .collect();
@@ -33,7 +70,12 @@ pub fn compute(
             .unwrap_or(&[]);
         let mut all = true;
         for p in progress.iter_mut() {
-            let state = reported.iter().find(|r| r.name == p.image).map(|r| r.state);
+            let listed = set.spec.image_set.iter().any(|e| e.name == p.image);
+            let state = reported
+                .iter()
+                .find(|r| r.name == p.image)
+                .map(|r| r.state)
+                .filter(|_| listed);
             match state {
                 Some(PullState::Available) => p.available += 1,
                 Some(PullState::Pulling) => p.pulling += 1,
@@ -46,37 +88,75 @@ pub fn compute(
             ready_nodes += 1;
         }
     }
-    let previous = prefetch.status.as_ref();
-    let old_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+
+    let failures = failures(sets);
+    let old = prefetch
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
     let generation = prefetch.metadata.generation;
-    let (ready, reason, message) = if desired == 0 {
-        (
-            "False",
-            "NoMatchingNodes",
-            "no node matches the nodeSelector".to_string(),
+    let cond = |type_: &str, status: bool, reason: &str, message: String| {
+        condition(
+            old,
+            type_,
+            if status { "True" } else { "False" },
+            reason,
+            &message,
+            generation,
+            &now,
         )
-    } else if ready_nodes == desired {
-        (
-            "True",
+    };
+
+    let degraded = degraded_reason(inputs, &failures);
+    let all_ready = desired > 0 && ready_nodes == desired && inputs.not_allowed.is_empty();
+    let moving = progress.iter().any(|p| p.pulling > 0 || p.waiting > 0);
+    let ready = if all_ready {
+        cond(
+            "Ready",
+            true,
             "AllImagesPresent",
             format!("all {} images are on all {desired} nodes", images.len()),
         )
     } else {
-        (
-            "False",
+        let (reason, message) = match &degraded {
+            Some((reason, message)) if !moving || desired == 0 => {
+                (reason.as_str(), message.clone())
+            }
+            _ => (
+                "Pulling",
+                format!("{ready_nodes} of {desired} nodes have every image"),
+            ),
+        };
+        cond("Ready", false, reason, message)
+    };
+    let progressing = if !all_ready && moving && desired > 0 {
+        cond(
+            "Progressing",
+            true,
             "Pulling",
             format!("{ready_nodes} of {desired} nodes have every image"),
         )
+    } else if all_ready {
+        cond(
+            "Progressing",
+            false,
+            "Complete",
+            "nothing left to pull".into(),
+        )
+    } else {
+        cond(
+            "Progressing",
+            false,
+            "Stalled",
+            "no pull is under way".into(),
+        )
     };
-    let conditions = vec![condition(
-        old_conditions,
-        "Ready",
-        ready,
-        reason,
-        &message,
-        generation,
-        &now,
-    )];
+    let degraded = match degraded {
+        Some((reason, message)) => cond("Degraded", true, &reason, message),
+        None => cond("Degraded", false, "AsExpected", "no problems".into()),
+    };
+
     ImagePrefetchStatus {
         observed_generation: generation,
         desired_nodes: desired,
@@ -84,12 +164,62 @@ pub fn compute(
         ready: format!("{ready_nodes}/{desired}"),
         image_count: images.len() as i32,
         images: progress,
-        conditions,
+        conditions: vec![ready, progressing, degraded],
     }
 }
 
+/// The first problem, in order of how much it explains, with a message
+/// naming every problem of that kind.
+fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(String, String)> {
+    if inputs.desired == 0 {
+        return Some((
+            "NoMatchingNodes".into(),
+            "no Ready, schedulable node matches the nodeSelector".into(),
+        ));
+    }
+    if !inputs.not_allowed.is_empty() {
+        return Some((
+            "RegistryNotAllowed".into(),
+            format!(
+                "not in the allowed registries, so not pulled: {}",
+                inputs.not_allowed.join(", ")
+            ),
+        ));
+    }
+    for kind in ["SecretNotFound", "SecretInvalid"] {
+        let of_kind: Vec<&Failure> = failures.iter().filter(|f| f.reason == kind).collect();
+        if !of_kind.is_empty() {
+            return Some(("SecretNotFound".into(), describe(&of_kind)));
+        }
+    }
+    if !failures.is_empty() {
+        let all: Vec<&Failure> = failures.iter().collect();
+        return Some(("PullFailed".into(), describe(&all)));
+    }
+    if let Some((asked, have)) = inputs.insufficient {
+        return Some((
+            "InsufficientNodes".into(),
+            format!("replicas is {asked} but only {have} nodes qualify; using all {have}"),
+        ));
+    }
+    None
+}
+
+/// Up to three failures in words, and how many more.
+fn describe(failures: &[&Failure]) -> String {
+    let mut parts: Vec<String> = failures
+        .iter()
+        .take(3)
+        .map(|f| format!("{} on {}: {}", f.image, f.node, f.message))
+        .collect();
+    if failures.len() > 3 {
+        parts.push(format!("and {} more", failures.len() - 3));
+    }
+    parts.join("; ")
+}
+
 /// A condition whose `lastTransitionTime` moves only when its status does,
-/// so that rewriting an unchanged status is a no-op and cannot retrigger us.
+/// so that an unchanged status compares equal and is not written again.
 pub fn condition(
     old: &[Condition],
     type_: &str,
@@ -116,7 +246,10 @@ pub fn condition(
 
 #[cfg(test)]
 mod tests {
-    use crd::{ImagePrefetchSpec, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus};
+    use crd::{
+        ImagePrefetchSpec, NodeImage, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus,
+        RegistryPolicy,
+    };
 
     use super::*;
 
@@ -134,12 +267,19 @@ mod tests {
         p
     }
 
-    fn set(states: &[(&str, PullState)]) -> NodeImageSet {
+    fn set(node: &str, states: &[(&str, PullState, Option<&str>)]) -> NodeImageSet {
         let mut s = NodeImageSet::new(
-            "s",
+            node,
             NodeImageSetSpec {
-                node_name: "n".into(),
-                image_set: vec![],
+                node_name: node.into(),
+                image_set: states
+                    .iter()
+                    .map(|(n, _, _)| NodeImage {
+                        name: n.to_string(),
+                        registry_policy: RegistryPolicy::Default,
+                        digest: None,
+                    })
+                    .collect(),
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,
             },
@@ -147,11 +287,12 @@ mod tests {
         s.status = Some(NodeImageSetStatus {
             images: states
                 .iter()
-                .map(|(n, st)| NodeImageStatus {
+                .map(|(n, st, reason)| NodeImageStatus {
                     name: n.to_string(),
                     state: *st,
                     attempts: 1,
-                    last_error: None,
+                    last_error: reason.map(|r| format!("{r} happened")),
+                    reason: reason.map(str::to_string),
                     digest: None,
                     size_bytes: None,
                     pull_duration_millis: None,
@@ -167,59 +308,117 @@ mod tests {
         Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
     }
 
+    fn inputs(desired: usize) -> Inputs<'static> {
+        Inputs {
+            desired,
+            ..Default::default()
+        }
+    }
+
+    fn cond<'a>(s: &'a ImagePrefetchStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
     #[test]
     fn counts_nodes_and_images() {
         let p = prefetch(&["a", "b"]);
-        let s1 = set(&[("a", PullState::Available), ("b", PullState::Available)]);
-        let s2 = set(&[("a", PullState::Available), ("b", PullState::Pulling)]);
-        let s3 = set(&[("a", PullState::Failed)]);
-        let st = compute(&p, 4, &[&s1, &s2, &s3], time(10));
+        use PullState::*;
+        let s1 = set("n1", &[("a", Available, None), ("b", Available, None)]);
+        let s2 = set("n2", &[("a", Available, None), ("b", Pulling, None)]);
+        let s3 = set("n3", &[("a", Failed, Some("PullFailed"))]);
+        let st = compute(&p, &inputs(4), &[&s1, &s2, &s3], time(10));
         assert_eq!(
             (st.desired_nodes, st.ready_nodes, st.ready.as_str()),
             (4, 1, "1/4")
         );
-        assert_eq!(
-            st.images[0],
-            ImageProgress {
-                image: "a".into(),
-                available: 2,
-                pulling: 0,
-                failed: 1,
-                waiting: 1
-            }
-        );
-        assert_eq!(
-            st.images[1],
-            ImageProgress {
-                image: "b".into(),
-                available: 1,
-                pulling: 1,
-                failed: 0,
-                waiting: 2
-            }
-        );
+        let a = ImageProgress {
+            image: "a".into(),
+            available: 2,
+            pulling: 0,
+            failed: 1,
+            waiting: 1,
+        };
+        let b = ImageProgress {
+            image: "b".into(),
+            available: 1,
+            pulling: 1,
+            failed: 0,
+            waiting: 2,
+        };
+        assert_eq!(st.images, [a, b]);
         assert_eq!(st.observed_generation, Some(4));
-        assert_eq!(st.conditions[0].status, "False");
+        assert_eq!(cond(&st, "Ready").status, "False");
+        assert_eq!(cond(&st, "Progressing").status, "True");
+        assert_eq!(cond(&st, "Degraded").reason, "PullFailed");
+        assert!(cond(&st, "Degraded").message.contains("a on n3"));
     }
 
     #[test]
-    fn no_nodes_is_reported() {
-        let st = compute(&prefetch(&["a"]), 0, &[], time(10));
-        assert_eq!(st.conditions[0].reason, "NoMatchingNodes");
+    fn no_nodes_is_degraded() {
+        let st = compute(&prefetch(&["a"]), &inputs(0), &[], time(10));
+        assert_eq!(cond(&st, "Degraded").reason, "NoMatchingNodes");
+        assert_eq!(cond(&st, "Ready").reason, "NoMatchingNodes");
         assert_eq!(st.ready, "0/0");
+    }
+
+    #[test]
+    fn missing_secret_outranks_other_failures() {
+        use PullState::*;
+        let s1 = set("n1", &[("a", Failed, Some("SecretNotFound"))]);
+        let s2 = set("n2", &[("a", Failed, Some("RegistryUnreachable"))]);
+        let st = compute(&prefetch(&["a"]), &inputs(2), &[&s1, &s2], time(10));
+        assert_eq!(cond(&st, "Degraded").reason, "SecretNotFound");
+        assert_eq!(
+            cond(&st, "Ready").reason,
+            "SecretNotFound",
+            "nothing moves, so Ready says why"
+        );
+        assert_eq!(cond(&st, "Progressing").reason, "Stalled");
+    }
+
+    #[test]
+    fn refused_registries_and_too_few_nodes_are_reported() {
+        let refused = vec!["evil.example/x:1".to_string()];
+        let done = set("n1", &[("a", PullState::Available, None)]);
+        let inp = Inputs {
+            desired: 1,
+            insufficient: Some((3, 1)),
+            not_allowed: &refused,
+        };
+        let st = compute(
+            &prefetch(&["a", "evil.example/x:1"]),
+            &inp,
+            &[&done],
+            time(10),
+        );
+        assert_eq!(cond(&st, "Degraded").reason, "RegistryNotAllowed");
+        assert!(cond(&st, "Degraded").message.contains("evil.example/x:1"));
+        let inp = Inputs {
+            desired: 1,
+            insufficient: Some((3, 1)),
+            not_allowed: &[],
+        };
+        let st = compute(&prefetch(&["a"]), &inp, &[&done], time(10));
+        assert_eq!(cond(&st, "Degraded").reason, "InsufficientNodes");
+        assert_eq!(
+            cond(&st, "Ready").status,
+            "True",
+            "all qualifying nodes have it"
+        );
     }
 
     #[test]
     fn transition_time_moves_only_with_status() {
         let mut p = prefetch(&["a"]);
-        let done = set(&[("a", PullState::Available)]);
-        let first = compute(&p, 1, &[&done], time(10));
-        assert_eq!(first.conditions[0].status, "True");
+        let done = set("n1", &[("a", PullState::Available, None)]);
+        let first = compute(&p, &inputs(1), &[&done], time(10));
+        assert_eq!(cond(&first, "Ready").status, "True");
         p.status = Some(first.clone());
-        let again = compute(&p, 1, &[&done], time(20));
+        let again = compute(&p, &inputs(1), &[&done], time(20));
         assert_eq!(again, first, "an unchanged status must compare equal");
-        let pulling = set(&[("a", PullState::Pulling)]);
-        let changed = compute(&p, 1, &[&pulling], time(30));
-        assert_eq!(changed.conditions[0].last_transition_time, time(30));
+        let pulling = set("n1", &[("a", PullState::Pulling, None)]);
+        let changed = compute(&p, &inputs(1), &[&pulling], time(30));
+        assert_eq!(cond(&changed, "Ready").last_transition_time, time(30));
+        assert_eq!(cond(&changed, "Degraded").last_transition_time, time(10));
     }
 }

@@ -32,6 +32,9 @@ pub struct NodeImageSetSpec {
     #[schemars(length(min = 1, max = 253))]
     pub node_name: String,
     /// Images for this node, each with the registry policy to pull it with.
+    /// Empty while every image waits for its seed (server-side apply stores an
+    /// empty list as absent, so the field is optional).
+    #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub image_set: Vec<NodeImage>,
     /// Secrets to pull with (in the ImagePrefetch's namespace).
@@ -110,6 +113,10 @@ pub struct NodeImageStatus {
     /// Why the last attempt failed; never contains credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Machine-readable cause of the last failure: `SecretNotFound`,
+    /// `SecretInvalid`, `RegistryUnreachable`, `NotFound`, `Unauthorized`, `PullFailed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Digest the image resolved to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,

@@ -4,6 +4,7 @@
 pub mod control_plane;
 pub mod crds;
 pub mod fixtures;
+pub mod nodes;
 
 pub use control_plane::{ControlPlane, Lifetime};
 

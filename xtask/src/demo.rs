@@ -3,9 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use serde_json::json;
 
 use crd::{ImagePrefetch, NodeImageSet};
 
@@ -42,18 +40,12 @@ pub async fn run(keep: bool) -> Result<()> {
     done("ImagePrefetch and NodeImageSet established");
 
     step("registering 3 nodes");
-    let nodes: Api<Node> = Api::all(client.clone());
     for (name, pool) in NODES {
-        let node: Node = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"pool": pool, "kubernetes.io/hostname": name}},
-        }))?;
-        nodes
-            .patch(
-                name,
-                &PatchParams::apply("xtask-demo").force(),
-                &Patch::Apply(&node),
-            )
-            .await?;
+        let labels = [("pool", *pool), ("kubernetes.io/hostname", *name)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        testbed::nodes::register(&client, name, &labels).await?;
     }
     done(
         &NODES

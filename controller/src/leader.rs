@@ -1,0 +1,153 @@
+//! Leader election on a coordination.k8s.io Lease, so that two controller
+//! replicas never reconcile at once. The leader renews the lease; a replica
+//! that cannot renew before the lease would expire stops reconciling.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Lease settings.
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// This replica's identity (the pod name in a cluster).
+    pub identity: String,
+    /// How long a lease is honoured without renewal.
+    pub duration: Duration,
+    /// How often the leader renews (well inside `duration`).
+    pub renew_every: Duration,
+}
+
+impl LeaseConfig {
+    pub fn new(namespace: &str, identity: &str) -> Self {
+        LeaseConfig {
+            namespace: namespace.to_string(),
+            name: "image-prefetch-controller".to_string(),
+            identity: identity.to_string(),
+            duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Held leadership. `lost()` completes when the lease could not be renewed.
+pub struct Leadership {
+    lost: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Leadership {
+    /// Completes once leadership is lost.
+    pub fn lost(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+        let mut rx = self.lost.clone();
+        async move {
+            let _ = rx.wait_for(|lost| *lost).await;
+        }
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits until this replica holds the lease, then keeps renewing it in the background.
+pub async fn acquire(client: kube::Client, config: LeaseConfig) -> Leadership {
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    let mut announced = false;
+    loop {
+        match try_acquire(&api, &config).await {
+            Ok(true) => break,
+            Ok(false) => {
+                if !announced {
+                    info!(lease = %config.name, "another replica leads; standing by");
+                    announced = true;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, lease = %config.name, "cannot read or write the leader lease")
+            }
+        }
+        tokio::time::sleep(config.renew_every).await;
+    }
+    info!(lease = %config.name, identity = %config.identity, "became leader");
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut last_renewed = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(config.renew_every).await;
+            match try_acquire(&api, &config).await {
+                Ok(true) => last_renewed = tokio::time::Instant::now(),
+                Ok(false) => {
+                    warn!(lease = %config.name, "leader lease taken by another replica");
+                    let _ = tx.send(true);
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "renewing the leader lease failed");
+                    if last_renewed.elapsed() >= config.duration {
+                        let _ = tx.send(true);
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Leadership { lost: rx, task }
+}
+
+/// One attempt: take a free or expired lease, or renew our own. `Ok(false)`:
+/// someone else holds it. Optimistic concurrency (resourceVersion) settles races.
+async fn try_acquire(api: &Api<Lease>, config: &LeaseConfig) -> Result<bool, kube::Error> {
+    let now = Timestamp::now();
+    let seconds = config.duration.as_secs() as i32;
+    let existing = api.get_opt(&config.name).await?;
+    let Some(mut lease) = existing else {
+        let mut lease = Lease::default();
+        lease.metadata.name = Some(config.name.clone());
+        lease.spec = Some(LeaseSpec {
+            holder_identity: Some(config.identity.clone()),
+            lease_duration_seconds: Some(seconds),
+            acquire_time: Some(MicroTime(now)),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(0),
+            ..Default::default()
+        });
+        return match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    let ours = spec.holder_identity.as_deref() == Some(config.identity.as_str());
+    let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+        (Some(renewed), Some(d)) => renewed.0 + SignedDuration::from_secs(d.into()) < now,
+        _ => true,
+    };
+    if !ours && !expired {
+        return Ok(false);
+    }
+    if !ours {
+        spec.holder_identity = Some(config.identity.clone());
+        spec.acquire_time = Some(MicroTime(now));
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    }
+    spec.renew_time = Some(MicroTime(now));
+    spec.lease_duration_seconds = Some(seconds);
+    match api
+        .replace(&config.name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,729 @@
+//! Registry-policy sequencing: which selected node gets which image, with
+//! which policy, and when. Pure: no I/O; time comes in as an argument.
+//!
+//! Per image and topology zone:
+//! - while no node of the zone has the image, exactly one **seed** node has a
+//!   `Default` entry (it may reach the external registry); every other node
+//!   has no entry at all for that image: *waiting is absence*, so an agent can
+//!   never start a pull the controller has not released;
+//! - once some node of the zone reports the image Available, the others get
+//!   `Mirror` entries pinned to the digest that was resolved, in growing waves:
+//!   at most as many in flight as there are nodes holding the image (each
+//!   finished node is one more source for the mirror), capped by a setting;
+//! - a seed that fails past its retry limit, stalls past a deadline, or whose
+//!   node goes away is replaced; seeds are shared by every ImagePrefetch that
+//!   asks for the same image (the [`SeedBook`] lives as long as the controller).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crd::{NodeImage, NodeImageSet, PullState, RegistryPolicy, reference};
+
+use crate::select::score;
+
+/// Sequencing settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `false`: every node pulls with `Default` at once (for comparison only).
+    pub sequencing: bool,
+    /// Most Mirror pulls of one image in flight at once, per zone.
+    pub wave_cap: usize,
+    /// A seed that has not made the image Available by then is replaced.
+    pub seed_deadline: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            sequencing: true,
+            wave_cap: 32,
+            seed_deadline: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// How long a fresh seed claim counts before any NodeImageSet shows it: the
+/// time for our own write to come back through the watch.
+const CLAIM_SETTLE: Duration = Duration::from_secs(30);
+
+/// The key an image is known by across ImagePrefetches: its canonical form,
+/// so `busybox` and `docker.io/library/busybox:latest` are one image.
+pub fn image_key(image: &str) -> String {
+    reference::parse(image)
+        .map(|r| r.canonical())
+        .unwrap_or_else(|_| image.to_string())
+}
+
+/// What every NodeImageSet says about one image.
+#[derive(Clone, Debug, Default)]
+pub struct ImageFacts {
+    /// Nodes where the image is Available, with the digest each resolved.
+    pub available: BTreeMap<String, Option<String>>,
+    /// Nodes with a `Default` entry for the image, and the state each reports.
+    pub seeding: BTreeMap<String, Option<PullState>>,
+}
+
+/// The cluster as the policy sees it.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterView {
+    /// By [`image_key`].
+    pub images: HashMap<String, ImageFacts>,
+    /// Zone of each node ("" without a zone label).
+    pub zones: HashMap<String, String>,
+    /// Nodes that are Ready and not being deleted or cordoned.
+    pub usable: HashSet<String>,
+}
+
+impl ClusterView {
+    /// Facts from every NodeImageSet (of every ImagePrefetch).
+    pub fn add_sets<'a>(&mut self, sets: impl IntoIterator<Item = &'a NodeImageSet>) {
+        for set in sets {
+            let node = &set.spec.node_name;
+            let reported = set
+                .status
+                .as_ref()
+                .map(|s| s.images.as_slice())
+                .unwrap_or(&[]);
+            for entry in &set.spec.image_set {
+                let report = reported.iter().find(|r| r.name == entry.name);
+                let facts = self.images.entry(image_key(&entry.name)).or_default();
+                let state = report.map(|r| r.state);
+                if state == Some(PullState::Available) {
+                    facts
+                        .available
+                        .insert(node.clone(), report.and_then(|r| r.digest.clone()));
+                }
+                if entry.registry_policy == RegistryPolicy::Default {
+                    facts.seeding.insert(node.clone(), state);
+                }
+            }
+        }
+    }
+
+    fn zone(&self, node: &str) -> &str {
+        self.zones.get(node).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// One ImagePrefetch's current entries, by (node, image key).
+#[derive(Clone, Debug, Default)]
+pub struct Current {
+    entries: HashMap<(String, String), (NodeImage, Option<PullState>)>,
+}
+
+impl Current {
+    pub fn from_sets<'a>(sets: impl IntoIterator<Item = &'a NodeImageSet>) -> Self {
+        let mut entries = HashMap::new();
+        for set in sets {
+            let reported = set
+                .status
+                .as_ref()
+                .map(|s| s.images.as_slice())
+                .unwrap_or(&[]);
+            for entry in &set.spec.image_set {
+                let state = reported
+                    .iter()
+                    .find(|r| r.name == entry.name)
+                    .map(|r| r.state);
+                entries.insert(
+                    (set.spec.node_name.clone(), image_key(&entry.name)),
+                    (entry.clone(), state),
+                );
+            }
+        }
+        Current { entries }
+    }
+
+    fn get(&self, node: &str, key: &str) -> Option<&(NodeImage, Option<PullState>)> {
+        self.entries.get(&(node.to_string(), key.to_string()))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Claim {
+    node: String,
+    since: Instant,
+}
+
+/// The seeds of the whole cluster: one per (image, zone), shared by every
+/// ImagePrefetch, and the nodes that failed or stalled as a seed.
+#[derive(Debug, Default)]
+pub struct SeedBook {
+    claims: HashMap<(String, String), Claim>,
+    excluded: HashSet<(String, String)>,
+}
+
+impl SeedBook {
+    /// The seed of `key` in `zone`: the standing claim while it is sound, else
+    /// a seed some NodeImageSet already has (after a restart, or another
+    /// ImagePrefetch's), else the best-scoring usable node of `ours`.
+    /// Returns the node and whether it was newly chosen.
+    #[allow(clippy::too_many_arguments)]
+    fn seed(
+        &mut self,
+        key: &str,
+        zone: &str,
+        ours: &[&String],
+        facts: &ImageFacts,
+        view: &ClusterView,
+        deadline: Duration,
+        now: Instant,
+    ) -> Option<(String, bool)> {
+        let slot = (key.to_string(), zone.to_string());
+        if let Some(claim) = self.claims.get(&slot).cloned() {
+            let failed = facts.seeding.get(&claim.node) == Some(&Some(PullState::Failed));
+            let stalled = now.saturating_duration_since(claim.since) > deadline;
+            let gone = !view.usable.contains(&claim.node);
+            // A claim nobody acts on (its ImagePrefetch went away) lapses.
+            let orphaned = !ours.contains(&&claim.node)
+                && !facts.seeding.contains_key(&claim.node)
+                && now.saturating_duration_since(claim.since) > CLAIM_SETTLE;
+            if failed || stalled {
+                self.excluded.insert((key.to_string(), claim.node.clone()));
+            }
+            if failed || stalled || gone || orphaned {
+                self.claims.remove(&slot);
+            } else {
+                return Some((claim.node, false));
+            }
+        }
+        let eligible = |node: &String| {
+            view.usable.contains(node)
+                && view.zone(node) == zone
+                && !self.excluded.contains(&(key.to_string(), node.clone()))
+                && facts.seeding.get(node) != Some(&Some(PullState::Failed))
+        };
+        let adopted = facts.seeding.keys().find(|n| eligible(n)).cloned();
+        let (node, new) = match adopted {
+            Some(n) => (n, false),
+            None => (
+                ours.iter()
+                    .copied()
+                    .filter(|n| eligible(n))
+                    .max_by_key(|n| score(key, n))?
+                    .clone(),
+                true,
+            ),
+        };
+        self.claims.insert(
+            slot,
+            Claim {
+                node: node.clone(),
+                since: now,
+            },
+        );
+        Some((node, new))
+    }
+
+    /// The image is on some node of the zone: no seed is needed any more.
+    fn settle(&mut self, key: &str, zone: &str) {
+        self.claims.remove(&(key.to_string(), zone.to_string()));
+        self.excluded.retain(|(k, _)| k != key);
+    }
+
+    /// The node currently claimed as seed of `image` in `zone`, if any.
+    pub fn seed_of(&self, image: &str, zone: &str) -> Option<&str> {
+        self.claims
+            .get(&(image_key(image), zone.to_string()))
+            .map(|c| c.node.as_str())
+    }
+}
+
+/// What one ImagePrefetch's NodeImageSets should say.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Entries per selected node, in the order of the ImagePrefetch's images.
+    pub entries: BTreeMap<String, Vec<NodeImage>>,
+    /// (image, node) pairs that became a seed in this plan.
+    pub new_seeds: Vec<(String, String)>,
+}
+
+/// Decides the entries of one ImagePrefetch (`images` onto `nodes`).
+pub fn plan(
+    images: &[String],
+    nodes: &[String],
+    current: &Current,
+    view: &ClusterView,
+    book: &mut SeedBook,
+    settings: &Settings,
+    now: Instant,
+) -> Plan {
+    let mut entries: BTreeMap<String, Vec<NodeImage>> =
+        nodes.iter().map(|n| (n.clone(), Vec::new())).collect();
+    let mut new_seeds = Vec::new();
+    let mut zones: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+    for n in nodes {
+        zones.entry(view.zone(n)).or_default().push(n);
+    }
+    let no_facts = ImageFacts::default();
+    for image in images {
+        let key = image_key(image);
+        let facts = view.images.get(&key).unwrap_or(&no_facts);
+        let entry = |policy, digest: Option<String>| NodeImage {
+            name: image.clone(),
+            registry_policy: policy,
+            digest,
+        };
+        if !settings.sequencing {
+            for n in nodes {
+                let e = entry(RegistryPolicy::Default, None);
+                entries.get_mut(n).expect("selected").push(e);
+            }
+            continue;
+        }
+        let pinned = pinned_digest(image, facts);
+        for (zone, ours) in &zones {
+            let sources = facts
+                .available
+                .keys()
+                .filter(|n| view.zone(n) == *zone)
+                .count();
+            if sources > 0 {
+                book.settle(&key, zone);
+                let mut in_flight = 0;
+                let mut waiting: Vec<&String> = Vec::new();
+                for n in ours {
+                    let out = entries.get_mut(*n).expect("selected");
+                    match current.get(n, &key) {
+                        // A seed that failed gets the image from the mirror now.
+                        Some((e, Some(PullState::Failed)))
+                            if e.registry_policy == RegistryPolicy::Default =>
+                        {
+                            in_flight += 1;
+                            out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
+                        }
+                        Some((e, state)) => {
+                            let done =
+                                matches!(state, Some(PullState::Available | PullState::Failed));
+                            if e.registry_policy == RegistryPolicy::Mirror && !done {
+                                in_flight += 1;
+                            }
+                            out.push(e.clone());
+                        }
+                        // Already there (for another ImagePrefetch): the agent only confirms.
+                        None if facts.available.contains_key(*n) => {
+                            out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
+                        }
+                        None => waiting.push(n),
+                    }
+                }
+                let budget = sources.min(settings.wave_cap).saturating_sub(in_flight);
+                waiting.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
+                for n in waiting.into_iter().take(budget) {
+                    let out = entries.get_mut(n).expect("selected");
+                    out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
+                }
+            } else {
+                let seed = book.seed(&key, zone, ours, facts, view, settings.seed_deadline, now);
+                if let Some((node, true)) = &seed {
+                    new_seeds.push((image.clone(), node.clone()));
+                }
+                let seed = seed.map(|(n, _)| n);
+                for n in ours {
+                    let out = entries.get_mut(*n).expect("selected");
+                    match current.get(n, &key) {
+                        Some((e, _)) if e.registry_policy == RegistryPolicy::Mirror => {
+                            out.push(e.clone())
+                        }
+                        // A replaced seed loses its entry (its agent stops) and waits.
+                        Some((e, _)) if seed.as_deref() == Some(n.as_str()) => out.push(e.clone()),
+                        _ if seed.as_deref() == Some(n.as_str()) => {
+                            out.push(entry(RegistryPolicy::Default, None))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    Plan { entries, new_seeds }
+}
+
+/// The digest Mirror nodes pull: none when the reference has one already,
+/// else the one the first node (by name) to hold the image resolved.
+fn pinned_digest(image: &str, facts: &ImageFacts) -> Option<String> {
+    if image.contains('@') {
+        return None;
+    }
+    facts.available.values().flatten().next().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use crd::{NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus};
+
+    use super::*;
+
+    const IMG: &str = "registry.example.com/app:1";
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// A simulated cluster: one ImagePrefetch's sets plus other prefetches' sets.
+    struct Sim {
+        nodes: Vec<String>,
+        zones: HashMap<String, String>,
+        usable: HashSet<String>,
+        ours: BTreeMap<String, NodeImageSet>,
+        others: Vec<NodeImageSet>,
+        book: SeedBook,
+        settings: Settings,
+        start: Instant,
+        clock: Duration,
+    }
+
+    impl Sim {
+        fn new(n: usize) -> Self {
+            let nodes: Vec<String> = (0..n).map(|i| format!("node-{i:02}")).collect();
+            Sim {
+                usable: nodes.iter().cloned().collect(),
+                zones: HashMap::new(),
+                nodes,
+                ours: BTreeMap::new(),
+                others: Vec::new(),
+                book: SeedBook::default(),
+                settings: Settings::default(),
+                start: Instant::now(),
+                clock: Duration::ZERO,
+            }
+        }
+
+        fn view(&self) -> ClusterView {
+            let mut v = ClusterView {
+                zones: self.zones.clone(),
+                usable: self.usable.clone(),
+                ..Default::default()
+            };
+            v.add_sets(self.ours.values().chain(self.others.iter()));
+            v
+        }
+
+        /// One reconcile: plan, then write the entries into our sets (keeping statuses).
+        fn step(&mut self, images: &[&str]) -> Plan {
+            let images: Vec<String> = images.iter().map(|s| s.to_string()).collect();
+            let view = self.view();
+            let current = Current::from_sets(self.ours.values());
+            let selected: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|n| self.usable.contains(*n))
+                .cloned()
+                .collect();
+            let plan = super::plan(
+                &images,
+                &selected,
+                &current,
+                &view,
+                &mut self.book,
+                &self.settings,
+                self.start + self.clock,
+            );
+            self.ours.retain(|n, _| plan.entries.contains_key(n));
+            for (node, entries) in &plan.entries {
+                let set = self
+                    .ours
+                    .entry(node.clone())
+                    .or_insert_with(|| set_for(node));
+                set.spec.image_set = entries.clone();
+                if let Some(st) = set.status.as_mut() {
+                    st.images
+                        .retain(|r| entries.iter().any(|e| e.name == r.name));
+                }
+            }
+            plan
+        }
+
+        fn report(&mut self, node: &str, image: &str, state: PullState) {
+            let set = self.ours.get_mut(node).expect("node has a set");
+            report(set, image, state);
+        }
+
+        fn policy_of(&self, node: &str, image: &str) -> Option<RegistryPolicy> {
+            self.ours
+                .get(node)?
+                .spec
+                .image_set
+                .iter()
+                .find(|e| e.name == image)
+                .map(|e| e.registry_policy)
+        }
+
+        fn with_policy(&self, image: &str, policy: RegistryPolicy) -> Vec<String> {
+            self.nodes
+                .iter()
+                .filter(|n| self.policy_of(n, image) == Some(policy))
+                .cloned()
+                .collect()
+        }
+    }
+
+    fn set_for(node: &str) -> NodeImageSet {
+        NodeImageSet::new(
+            node,
+            NodeImageSetSpec {
+                node_name: node.to_string(),
+                image_set: vec![],
+                image_pull_secrets: vec![],
+                image_download_retry_limit: 3,
+            },
+        )
+    }
+
+    fn report(set: &mut NodeImageSet, image: &str, state: PullState) {
+        let st = set.status.get_or_insert_with(NodeImageSetStatus::default);
+        st.images.retain(|r| r.name != image);
+        st.images.push(NodeImageStatus {
+            name: image.to_string(),
+            state,
+            attempts: 1,
+            last_error: None,
+            reason: None,
+            digest: (state == PullState::Available).then(|| DIGEST.to_string()),
+            size_bytes: None,
+            pull_duration_millis: None,
+            source: None,
+        });
+    }
+
+    #[test]
+    fn one_seed_and_no_mirror_before_the_image_is_available() {
+        let mut sim = Sim::new(5);
+        let plan = sim.step(&[IMG]);
+        assert_eq!(sim.with_policy(IMG, RegistryPolicy::Default).len(), 1);
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        assert_eq!(plan.new_seeds.len(), 1);
+        // Reconciling again changes nothing and chooses no new seed.
+        let seed = sim.with_policy(IMG, RegistryPolicy::Default);
+        let seed = &seed[0];
+        sim.report(seed, IMG, PullState::Pulling);
+        let again = sim.step(&[IMG]);
+        assert!(again.new_seeds.is_empty());
+        assert_eq!(
+            sim.with_policy(IMG, RegistryPolicy::Default),
+            std::slice::from_ref(seed)
+        );
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+    }
+
+    #[test]
+    fn mirrors_are_released_in_growing_waves_with_the_digest_pinned() {
+        let mut sim = Sim::new(16);
+        sim.step(&[IMG]);
+        let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.report(&seed, IMG, PullState::Available);
+        let mut waves = Vec::new();
+        let mut done: HashSet<String> = [seed].into();
+        loop {
+            sim.step(&[IMG]);
+            let released: Vec<String> = sim
+                .with_policy(IMG, RegistryPolicy::Mirror)
+                .into_iter()
+                .filter(|n| !done.contains(n))
+                .collect();
+            if released.is_empty() {
+                break;
+            }
+            waves.push(released.len());
+            for n in &released {
+                let e = sim.ours[n]
+                    .spec
+                    .image_set
+                    .iter()
+                    .find(|e| e.name == IMG)
+                    .unwrap();
+                assert_eq!(
+                    e.digest.as_deref(),
+                    Some(DIGEST),
+                    "Mirror pulls pin the seed's digest"
+                );
+                sim.report(n, IMG, PullState::Available);
+                done.insert(n.clone());
+            }
+        }
+        assert_eq!(waves, [1, 2, 4, 8]);
+        assert_eq!(done.len(), 16);
+    }
+
+    #[test]
+    fn waves_respect_the_cap() {
+        let mut sim = Sim::new(12);
+        sim.settings.wave_cap = 2;
+        sim.step(&[IMG]);
+        let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.report(&seed, IMG, PullState::Available);
+        sim.step(&[IMG]);
+        sim.step(&[IMG]); // in flight counts only unfinished Mirror pulls
+        let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
+        assert_eq!(mirrors.len(), 1, "1 source → 1 in flight");
+        sim.report(&mirrors[0], IMG, PullState::Available);
+        sim.step(&[IMG]);
+        let in_flight = sim.with_policy(IMG, RegistryPolicy::Mirror).len() - 1;
+        assert_eq!(in_flight, 2, "2 sources, cap 2 → 2 in flight");
+    }
+
+    #[test]
+    fn an_image_already_present_needs_no_seed() {
+        let mut sim = Sim::new(4);
+        let mut elsewhere = set_for("node-03");
+        elsewhere.spec.image_set = vec![NodeImage {
+            name: "registry.example.com/app:1".into(),
+            registry_policy: RegistryPolicy::Mirror,
+            digest: None,
+        }];
+        report(&mut elsewhere, IMG, PullState::Available);
+        sim.others.push(elsewhere);
+        let plan = sim.step(&[IMG]);
+        assert!(plan.new_seeds.is_empty());
+        assert!(sim.with_policy(IMG, RegistryPolicy::Default).is_empty());
+        // node-03 confirms at once; one more is released.
+        assert_eq!(sim.with_policy(IMG, RegistryPolicy::Mirror).len(), 2);
+    }
+
+    #[test]
+    fn the_same_image_written_differently_is_one_image() {
+        assert_eq!(
+            image_key("busybox"),
+            image_key("docker.io/library/busybox:latest")
+        );
+    }
+
+    #[test]
+    fn a_failed_seed_is_replaced_and_later_served_by_the_mirror() {
+        let mut sim = Sim::new(4);
+        sim.step(&[IMG]);
+        let first = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.report(&first, IMG, PullState::Failed);
+        let plan = sim.step(&[IMG]);
+        let second = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(second.len(), 1);
+        assert_ne!(second[0], first);
+        assert_eq!(plan.new_seeds, [(IMG.to_string(), second[0].clone())]);
+        assert_eq!(sim.policy_of(&first, IMG), None, "the failed seed waits");
+        sim.report(&second[0], IMG, PullState::Available);
+        sim.step(&[IMG]);
+        sim.step(&[IMG]);
+        assert!(!sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+    }
+
+    #[test]
+    fn a_stalled_seed_is_replaced_after_the_deadline() {
+        let mut sim = Sim::new(3);
+        sim.step(&[IMG]);
+        let first = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.report(&first, IMG, PullState::Pulling);
+        sim.clock = sim.settings.seed_deadline - Duration::from_secs(1);
+        sim.step(&[IMG]);
+        assert_eq!(
+            sim.with_policy(IMG, RegistryPolicy::Default),
+            std::slice::from_ref(&first)
+        );
+        sim.clock = sim.settings.seed_deadline + Duration::from_secs(1);
+        sim.step(&[IMG]);
+        let now = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0], first);
+    }
+
+    #[test]
+    fn a_seed_whose_node_goes_away_is_replaced() {
+        let mut sim = Sim::new(3);
+        sim.step(&[IMG]);
+        let first = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.usable.remove(&first);
+        sim.step(&[IMG]);
+        let now = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0], first);
+    }
+
+    #[test]
+    fn adding_an_unrelated_node_moves_no_role() {
+        let mut sim = Sim::new(6);
+        sim.step(&[IMG]);
+        let seed = sim.with_policy(IMG, RegistryPolicy::Default);
+        for i in 0..20 {
+            let n = format!("extra-{i}");
+            sim.usable.insert(n.clone());
+            sim.nodes.push(n);
+            sim.step(&[IMG]);
+            assert_eq!(sim.with_policy(IMG, RegistryPolicy::Default), seed);
+        }
+    }
+
+    #[test]
+    fn one_seed_per_zone() {
+        let mut sim = Sim::new(6);
+        for (i, n) in sim.nodes.clone().iter().enumerate() {
+            sim.zones
+                .insert(n.clone(), if i % 2 == 0 { "a" } else { "b" }.into());
+        }
+        sim.step(&[IMG]);
+        let seeds = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(seeds.len(), 2);
+        assert_ne!(sim.zones[&seeds[0]], sim.zones[&seeds[1]]);
+    }
+
+    #[test]
+    fn a_seed_is_shared_across_prefetches() {
+        // Another ImagePrefetch's node seeds the image: ours wait, none of ours seeds.
+        let mut sim = Sim::new(3);
+        let mut theirs = set_for("their-node");
+        theirs.spec.image_set = vec![NodeImage {
+            name: IMG.into(),
+            registry_policy: RegistryPolicy::Default,
+            digest: None,
+        }];
+        report(&mut theirs, IMG, PullState::Pulling);
+        sim.usable.insert("their-node".into());
+        sim.others.push(theirs);
+        let plan = sim.step(&[IMG]);
+        assert!(plan.new_seeds.is_empty());
+        assert!(sim.with_policy(IMG, RegistryPolicy::Default).is_empty());
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        // Two plans in a row for two prefetches over the same nodes claim one seed.
+        let mut book = SeedBook::default();
+        let view = ClusterView {
+            usable: ["a".to_string(), "b".to_string()].into(),
+            ..Default::default()
+        };
+        let nodes = vec!["a".to_string(), "b".to_string()];
+        let s = Settings::default();
+        let now = Instant::now();
+        let p1 = super::plan(
+            &[IMG.into()],
+            &nodes,
+            &Current::default(),
+            &view,
+            &mut book,
+            &s,
+            now,
+        );
+        let p2 = super::plan(
+            &[IMG.into()],
+            &nodes[1..],
+            &Current::default(),
+            &view,
+            &mut book,
+            &s,
+            now,
+        );
+        let seeds1: Vec<_> = p1
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.is_empty())
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(seeds1.len(), 1);
+        if seeds1[0] == "a" {
+            assert!(p2.entries["b"].is_empty(), "b waits for a's seed");
+        } else {
+            assert!(p2.new_seeds.is_empty());
+        }
+    }
+
+    #[test]
+    fn without_sequencing_every_node_pulls_default_at_once() {
+        let mut sim = Sim::new(5);
+        sim.settings.sequencing = false;
+        sim.step(&[IMG]);
+        assert_eq!(sim.with_policy(IMG, RegistryPolicy::Default).len(), 5);
+    }
+}

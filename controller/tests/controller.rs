@@ -1,0 +1,776 @@
+//! The controller against a real kube-apiserver; agents are simulated by
+//! test code that writes NodeImageSet status, as a real agent would.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use controller::leader::LeaseConfig;
+use controller::registries::AllowList;
+use crd::{ImagePrefetch, NodeImageSet, PullState, RegistryPolicy, keys};
+use support::*;
+
+fn with_policy(
+    entries: &BTreeMap<String, Vec<crd::NodeImage>>,
+    image: &str,
+    policy: RegistryPolicy,
+) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|(_, es)| {
+            es.iter()
+                .any(|e| e.name == image && e.registry_policy == policy)
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+async fn status(client: &Client, ns: &str, name: &str) -> Option<crd::ImagePrefetchStatus> {
+    Api::<ImagePrefetch>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .ok()?
+        .status
+}
+
+#[tokio::test]
+async fn follows_selector_and_cleans_up() {
+    let client = client().await;
+    let ns = namespace(&client, "fanout").await;
+    let _controller = Running::in_namespace(&client, &ns);
+    node(&client, "fan-a", "fanout", &[("tier", "gpu")]).await;
+    node(&client, "fan-b", "fanout", &[("tier", "gpu")]).await;
+    node(&client, "fan-c", "fanout", &[("tier", "cpu")]).await;
+
+    let obj = prefetch(
+        "web",
+        json!({"images": ["registry.example.com/fanout/web:1", "registry.example.com/fanout/sidecar:2"],
+               "nodeSelector": {"test-group": "fanout", "tier": "gpu"},
+               "imagePullSecrets": [{"name": "regcred"}]}),
+    );
+    let uid = apply(&client, &ns, &obj).await.unwrap().uid().unwrap();
+    let sets = wait_for_nodes(&client, &uid, &["fan-a", "fan-b"]).await;
+    for set in &sets {
+        assert_eq!(set.spec.image_pull_secrets[0].namespace, ns);
+        assert_eq!(set.labels().get(keys::NODE), Some(&set.spec.node_name));
+        let managers: Vec<_> = set
+            .managed_fields()
+            .iter()
+            .filter_map(|m| m.manager.clone())
+            .collect();
+        assert!(
+            managers.contains(&keys::CONTROLLER_MANAGER.to_string()),
+            "server-side apply: {managers:?}"
+        );
+    }
+    let st = poll("status", || async {
+        status(&client, &ns, "web")
+            .await
+            .filter(|s| s.desired_nodes == 2)
+    })
+    .await;
+    assert_eq!(st.ready, "0/2");
+    let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        api.get("web")
+            .await
+            .unwrap()
+            .finalizers()
+            .contains(&keys::FINALIZER.to_string())
+    );
+
+    // Selector and image edits converge.
+    let edit = prefetch(
+        "web",
+        json!({"images": ["registry.example.com/fanout/web:1"],
+        "nodeSelector": {"test-group": "fanout", "tier": "cpu"}}),
+    );
+    apply(&client, &ns, &edit).await.unwrap();
+    wait_for_nodes(&client, &uid, &["fan-c"]).await;
+    poll("status follows the edit", || async {
+        status(&client, &ns, "web")
+            .await
+            .filter(|s| s.image_count == 1 && s.desired_nodes == 1)
+    })
+    .await;
+
+    // A node that starts matching gets a set; a deleted one loses it.
+    node(&client, "fan-d", "fanout", &[("tier", "cpu")]).await;
+    wait_for_nodes(&client, &uid, &["fan-c", "fan-d"]).await;
+    Api::<Node>::all(client.clone())
+        .delete("fan-c", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for_nodes(&client, &uid, &["fan-d"]).await;
+
+    // Deletion: the finalizer removes every NodeImageSet, then the object goes.
+    api.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for_nodes(&client, &uid, &[]).await;
+    poll("ImagePrefetch gone", || async {
+        matches!(api.get_opt("web").await, Ok(None)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_seed_then_mirrors_pinned_to_its_digest() {
+    let client = client().await;
+    let ns = namespace(&client, "seq").await;
+    let _controller = Running::in_namespace(&client, &ns);
+    let nodes = nodes(&client, "seq", 4, &[]).await;
+    let image = "registry.example.com/seq/app:1";
+    let uid = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "app",
+            json!({"images": [image], "nodeSelector": {"test-group": "seq"}}),
+        ),
+    )
+    .await
+    .unwrap()
+    .uid()
+    .unwrap();
+
+    // Watch every version of every NodeImageSet: none may list a Mirror entry
+    // before the seed has reported the image Available.
+    let reported = Arc::new(AtomicBool::new(false));
+    let violation = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let (reported, violation) = (reported.clone(), violation.clone());
+        let api: Api<NodeImageSet> = Api::all(client.clone());
+        let wc = watcher::Config::default().labels(&keys::owned_by(&uid));
+        tokio::spawn(async move {
+            let mut events = watcher(api, wc).applied_objects().boxed();
+            while let Some(Ok(set)) = events.next().await {
+                let mirror = set
+                    .spec
+                    .image_set
+                    .iter()
+                    .any(|e| e.registry_policy == RegistryPolicy::Mirror);
+                if mirror && !reported.load(Ordering::SeqCst) {
+                    violation.store(true, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+
+    let seed = poll("one seed", || async {
+        let e = entries(&client, &uid).await;
+        (e.len() == 4)
+            .then(|| with_policy(&e, image, RegistryPolicy::Default))
+            .filter(|s| s.len() == 1)
+    })
+    .await;
+    let e = entries(&client, &uid).await;
+    assert!(with_policy(&e, image, RegistryPolicy::Mirror).is_empty());
+    let waiting = e.values().filter(|es| es.is_empty()).count();
+    assert_eq!(waiting, 3, "the other nodes wait without an entry");
+    let st = poll("status", || async {
+        status(&client, &ns, "app")
+            .await
+            .filter(|s| s.images.first().is_some_and(|i| i.waiting == 4))
+    })
+    .await;
+    assert_eq!(st.ready, "0/4");
+
+    reported.store(true, Ordering::SeqCst);
+    report(
+        &client,
+        &set_on(&client, &uid, &seed[0]).await,
+        image,
+        PullState::Available,
+    )
+    .await;
+    let mirrors = poll("first mirror wave", || async {
+        let e = entries(&client, &uid).await;
+        Some(with_policy(&e, image, RegistryPolicy::Mirror)).filter(|m| !m.is_empty())
+    })
+    .await;
+    assert_eq!(mirrors.len(), 1, "one source, one mirror pull in flight");
+    let e = entries(&client, &uid).await;
+    let pinned = e[&mirrors[0]]
+        .iter()
+        .find(|x| x.name == image)
+        .unwrap()
+        .digest
+        .clone();
+    assert_eq!(
+        pinned.as_deref(),
+        Some(DIGEST),
+        "mirror pulls the seed's digest"
+    );
+    assert_eq!(
+        with_policy(&e, image, RegistryPolicy::Default),
+        seed,
+        "exactly one Default entry"
+    );
+
+    // The rest follows; everything becomes Ready.
+    for _ in 0..5 {
+        finish_all(&client, &uid).await;
+        if status(&client, &ns, "app")
+            .await
+            .is_some_and(|s| s.ready == "4/4")
+        {
+            break;
+        }
+        poll("progress", || async {
+            let s = status(&client, &ns, "app").await?;
+            let avail = s.images.first()?.available;
+            let reported = sets(&client, &uid)
+                .await
+                .iter()
+                .flat_map(|s| s.status.iter().flat_map(|st| st.images.iter()))
+                .filter(|r| r.state == PullState::Available)
+                .count() as i32;
+            (avail == reported).then_some(())
+        })
+        .await;
+    }
+    poll("Ready 4/4", || async {
+        status(&client, &ns, "app")
+            .await
+            .filter(|s| s.ready == "4/4")
+    })
+    .await;
+    assert_eq!(nodes.len(), 4);
+    watch.abort();
+    assert!(
+        !violation.load(Ordering::SeqCst),
+        "a Mirror entry was handed out before the image was Available"
+    );
+    let events = events_for(&client, &ns, "app").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "SeedChosen" && n.contains(&seed[0])),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|(r, _)| r == "ImageReady"), "{events:?}");
+}
+
+async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    poll("events", || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let ev: Vec<(String, String)> = list
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect();
+        (!ev.is_empty()).then_some(ev)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_failed_or_deleted_seed_is_replaced() {
+    let client = client().await;
+    let ns = namespace(&client, "failover").await;
+    let _controller = Running::in_namespace(&client, &ns);
+    nodes(&client, "failover", 4, &[]).await;
+    let image = "registry.example.com/failover/app:1";
+    let uid = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "app",
+            json!({"images": [image], "nodeSelector": {"test-group": "failover"}}),
+        ),
+    )
+    .await
+    .unwrap()
+    .uid()
+    .unwrap();
+    let seed_other_than = |old: Option<String>| {
+        let client = client.clone();
+        let uid = uid.clone();
+        async move {
+            poll(&format!("a seed other than {old:?}"), || async {
+                let s = with_policy(
+                    &entries(&client, &uid).await,
+                    image,
+                    RegistryPolicy::Default,
+                );
+                (s.len() == 1 && Some(&s[0]) != old.as_ref()).then(|| s[0].clone())
+            })
+            .await
+        }
+    };
+    let first = seed_other_than(None).await;
+
+    // Past its retry limit: another node seeds, the failed one waits.
+    report(
+        &client,
+        &set_on(&client, &uid, &first).await,
+        image,
+        PullState::Failed,
+    )
+    .await;
+    let second = seed_other_than(Some(first.clone())).await;
+    let e = entries(&client, &uid).await;
+    assert!(e[&first].is_empty(), "the failed seed lost its entry");
+    let events = events_for(&client, &ns, "app").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "PullFailed" && n.contains(&first)),
+        "{events:?}"
+    );
+
+    // Its node deleted: another node seeds.
+    Api::<Node>::all(client.clone())
+        .delete(&second, &DeleteParams::default())
+        .await
+        .unwrap();
+    let third = seed_other_than(Some(second.clone())).await;
+    assert_ne!(third, first);
+
+    // Its node NotReady: another node seeds.
+    testbed::nodes::set_ready(&client, &third, false)
+        .await
+        .unwrap();
+    let fourth = seed_other_than(Some(third.clone())).await;
+    assert!(![&first, &second, &third].contains(&&fourth));
+}
+
+#[tokio::test]
+async fn an_image_already_on_a_node_needs_no_seed() {
+    let client = client().await;
+    let ns = namespace(&client, "present").await;
+    let _controller = Running::in_namespace(&client, &ns);
+    nodes(&client, "present", 3, &[]).await;
+    let image = "registry.example.com/present/app:1";
+    let first = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "first",
+            json!({"images": [image], "nodeSelector": {"test-group": "present"}, "replicas": 1}),
+        ),
+    )
+    .await
+    .unwrap()
+    .uid()
+    .unwrap();
+    let holder = poll("seed", || async {
+        with_policy(
+            &entries(&client, &first).await,
+            image,
+            RegistryPolicy::Default,
+        )
+        .pop()
+    })
+    .await;
+    report(
+        &client,
+        &set_on(&client, &first, &holder).await,
+        image,
+        PullState::Available,
+    )
+    .await;
+    poll("first Ready", || async {
+        status(&client, &ns, "first")
+            .await
+            .filter(|s| s.ready == "1/1")
+    })
+    .await;
+
+    let second = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "second",
+            json!({"images": [image], "nodeSelector": {"test-group": "present"}}),
+        ),
+    )
+    .await
+    .unwrap()
+    .uid()
+    .unwrap();
+    let e = poll("second's entries", || async {
+        let e = entries(&client, &second).await;
+        (e.len() == 3 && e.values().filter(|x| !x.is_empty()).count() >= 2).then_some(e)
+    })
+    .await;
+    assert!(
+        with_policy(&e, image, RegistryPolicy::Default).is_empty(),
+        "no Default entry: {e:?}"
+    );
+    assert!(with_policy(&e, image, RegistryPolicy::Mirror).contains(&holder));
+}
+
+#[tokio::test]
+async fn replicas_are_stable_across_restarts_and_follow_node_changes() {
+    let client = client().await;
+    let ns = namespace(&client, "replicas").await;
+    let names = nodes(&client, "replicas", 6, &[]).await;
+    let controller = Running::in_namespace(&client, &ns);
+    let image = "registry.example.com/replicas/app:1";
+    let uid = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "app",
+            json!({"images": [image], "nodeSelector": {"test-group": "replicas"}, "replicas": 3}),
+        ),
+    )
+    .await
+    .unwrap()
+    .uid()
+    .unwrap();
+    let chosen: BTreeSet<String> = poll("3 nodes", || async {
+        let e = entries(&client, &uid).await;
+        (e.len() == 3).then(|| e.keys().cloned().collect())
+    })
+    .await;
+    let before: BTreeMap<String, String> = sets(&client, &uid)
+        .await
+        .into_iter()
+        .map(|s| (s.name_any(), s.resource_version().unwrap()))
+        .collect();
+    controller.stop().await;
+
+    // A new controller (fresh caches, fresh seed book) keeps the same nodes and rewrites nothing.
+    let controller = Running::in_namespace(&client, &ns);
+    poll("reconciled after restart", || async {
+        let s = status(&client, &ns, "app").await?;
+        (s.desired_nodes == 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // give a wrong write the chance to land
+    let after: BTreeMap<String, String> = sets(&client, &uid)
+        .await
+        .into_iter()
+        .map(|s| (s.name_any(), s.resource_version().unwrap()))
+        .collect();
+    assert_eq!(before, after, "a restart moves and rewrites nothing");
+
+    // A removed node is replaced, the others stay; a cordoned node is never chosen.
+    let unchosen: Vec<&String> = names.iter().filter(|n| !chosen.contains(*n)).collect();
+    testbed::nodes::cordon(&client, unchosen[0]).await.unwrap();
+    let gone = chosen.iter().next().unwrap().clone();
+    Api::<Node>::all(client.clone())
+        .delete(&gone, &DeleteParams::default())
+        .await
+        .unwrap();
+    let now: BTreeSet<String> = poll("replacement", || async {
+        let e = entries(&client, &uid).await;
+        let keys: BTreeSet<String> = e.keys().cloned().collect();
+        (keys.len() == 3 && !keys.contains(&gone)).then_some(keys)
+    })
+    .await;
+    assert!(
+        chosen
+            .iter()
+            .filter(|n| **n != gone)
+            .all(|n| now.contains(n)),
+        "{chosen:?} → {now:?}"
+    );
+    assert!(!now.contains(unchosen[0]), "cordoned node chosen");
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn two_controllers_one_leader() {
+    let client = client().await;
+    let ns = namespace(&client, "leader").await;
+    nodes(&client, "leader", 2, &[]).await;
+    let lease = |id: &str| controller::Config {
+        leader: Some(LeaseConfig {
+            renew_every: Duration::from_millis(500),
+            ..LeaseConfig::new(&ns, id)
+        }),
+        ..config(&ns)
+    };
+    let a = Running::start(&client, lease("replica-a"));
+    let b = Running::start(&client, lease("replica-b"));
+    let uid = apply(&client, &ns, &prefetch("app", json!({"images": ["registry.example.com/leader/app:1"], "nodeSelector": {"test-group": "leader"}})))
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    wait_for_nodes(&client, &uid, &["leader-0", "leader-1"]).await;
+    poll("Ready", || async {
+        finish_all(&client, &uid).await;
+        status(&client, &ns, "app")
+            .await
+            .filter(|s| s.ready == "2/2")
+    })
+    .await;
+    let holder = Api::<Lease>::namespaced(client.clone(), &ns)
+        .get("image-prefetch-controller")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
+    let (wa, wb) = (
+        a.stop().await.writes.load(Ordering::Relaxed),
+        b.stop().await.writes.load(Ordering::Relaxed),
+    );
+    let (leader, standby) = if holder == "replica-a" {
+        (wa, wb)
+    } else {
+        (wb, wa)
+    };
+    assert!(leader > 0, "the leader wrote");
+    assert_eq!(standby, 0, "the standby never wrote");
+}
+
+#[tokio::test]
+async fn waves_double_as_nodes_finish() {
+    let client = client().await;
+    let ns = namespace(&client, "waves").await;
+    let _controller = Running::in_namespace(&client, &ns);
+    nodes(&client, "waves", 16, &[]).await;
+    let image = "registry.example.com/waves/app:1";
+    let uid = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "app",
+            json!({"images": [image], "nodeSelector": {"test-group": "waves"}}),
+        ),
+    )
+    .await
+    .unwrap()
+    .uid()
+    .unwrap();
+    let listed = |client: Client, uid: String| async move {
+        entries(&client, &uid)
+            .await
+            .values()
+            .filter(|e| !e.is_empty())
+            .count()
+    };
+    poll("seed", || async {
+        (listed(client.clone(), uid.clone()).await == 1).then_some(())
+    })
+    .await;
+    let mut waves = Vec::new();
+    let mut total_reported = 0;
+    loop {
+        let before = listed(client.clone(), uid.clone()).await;
+        total_reported += finish_all(&client, &uid).await;
+        // Settled: the status counts every report, so the reconcile that
+        // counted the last one has already released what it releases.
+        poll("status caught up", || async {
+            let s = status(&client, &ns, "app").await?;
+            (s.images.first()?.available as usize == total_reported).then_some(())
+        })
+        .await;
+        let after = listed(client.clone(), uid.clone()).await;
+        if after == before {
+            break;
+        }
+        waves.push(after - before);
+    }
+    assert_eq!(waves, [1, 2, 4, 8]);
+    poll("Ready", || async {
+        status(&client, &ns, "app")
+            .await
+            .filter(|s| s.ready == "16/16")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refused_registries_are_reported() {
+    let client = client().await;
+    let ns = namespace(&client, "allow").await;
+    let _controller = Running::start(
+        &client,
+        controller::Config {
+            allowed: AllowList::parse("registry.example.com/allowed"),
+            ..config(&ns)
+        },
+    );
+    nodes(&client, "allow", 1, &[]).await;
+    let uid = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "app",
+            json!({
+        "images": ["registry.example.com/allowed/app:1", "elsewhere.example/app:1"],
+        "nodeSelector": {"test-group": "allow"}}),
+        ),
+    )
+    .await
+    .unwrap()
+    .uid()
+    .unwrap();
+    let st = poll("Degraded", || async {
+        status(&client, &ns, "app").await.filter(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.status == "True")
+        })
+    })
+    .await;
+    let degraded = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.reason, "RegistryNotAllowed");
+    assert!(degraded.message.contains("elsewhere.example/app:1"));
+    let e = entries(&client, &uid).await;
+    let names: Vec<&str> = e.values().flatten().map(|x| x.name.as_str()).collect();
+    assert_eq!(names, ["registry.example.com/allowed/app:1"]);
+}
+
+#[tokio::test]
+async fn no_matching_nodes_is_a_condition_and_table_shows_ready() {
+    let client = client().await;
+    let ns = namespace(&client, "table").await;
+    let _controller = Running::in_namespace(&client, &ns);
+    nodes(&client, "table", 2, &[]).await;
+    apply(&client, &ns, &prefetch("none", json!({"images": ["registry.example.com/table/a:1"], "nodeSelector": {"test-group": "nobody"}}))).await.unwrap();
+    let st = poll("NoMatchingNodes", || async {
+        status(&client, &ns, "none")
+            .await
+            .filter(|s| !s.conditions.is_empty())
+    })
+    .await;
+    let degraded = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "NoMatchingNodes")
+    );
+
+    let uid = apply(&client, &ns, &prefetch("some", json!({"images": ["registry.example.com/table/a:1"], "nodeSelector": {"test-group": "table"}})))
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    wait_for_nodes(&client, &uid, &["table-0", "table-1"]).await;
+    loop {
+        finish_all(&client, &uid).await;
+        if status(&client, &ns, "some")
+            .await
+            .is_some_and(|s| s.ready == "2/2")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What `kubectl get imageprefetch` prints: the server-side Table.
+    let req = http::Request::get(format!(
+        "/apis/imageprefetch.io/v1alpha1/namespaces/{ns}/imageprefetches"
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())
+    .unwrap();
+    let table: serde_json::Value =
+        serde_json::from_str(&client.request_text(req).await.unwrap()).unwrap();
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let ready_col = columns
+        .iter()
+        .position(|c| *c == "Ready")
+        .expect("Ready column");
+    assert!(columns.contains(&"Age"));
+    let rows: BTreeMap<String, String> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["cells"][0].as_str().unwrap().to_string(),
+                r["cells"][ready_col].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(rows["some"], "2/2");
+    assert_eq!(rows["none"], "0/0");
+}
+
+#[tokio::test]
+async fn idle_controller_makes_no_writes() {
+    let client = client().await;
+    let ns = namespace(&client, "idle").await;
+    let controller = Running::in_namespace(&client, &ns);
+    nodes(&client, "idle", 2, &[]).await;
+    let mut uids = Vec::new();
+    for i in 0..3 {
+        let obj = prefetch(
+            &format!("p{i}"),
+            json!({"images": [format!("registry.example.com/idle/app{i}:1")], "nodeSelector": {"test-group": "idle"}}),
+        );
+        uids.push(apply(&client, &ns, &obj).await.unwrap().uid().unwrap());
+    }
+    let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), &ns);
+    poll("all Ready", || async {
+        for uid in &uids {
+            finish_all(&client, uid).await;
+        }
+        let list = api.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|p| p.status.as_ref().is_some_and(|s| s.ready == "2/2"))
+            .then_some(())
+    })
+    .await;
+    let versions = |client: Client, ns: String, uids: Vec<String>| async move {
+        let mut v: BTreeMap<String, String> = BTreeMap::new();
+        for p in Api::<ImagePrefetch>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+        {
+            v.insert(p.name_any(), p.resource_version().unwrap());
+        }
+        for uid in &uids {
+            for s in sets(&client, uid).await {
+                v.insert(s.name_any(), s.resource_version().unwrap());
+            }
+        }
+        v.insert(
+            "events".into(),
+            Api::<Event>::namespaced(client.clone(), &ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .len()
+                .to_string(),
+        );
+        v
+    };
+    // Let the last reconciles of the convergence finish before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = versions(client.clone(), ns.clone(), uids.clone()).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let end = versions(client.clone(), ns.clone(), uids.clone()).await;
+    // Every write (apply, delete, status, Event) changes a resourceVersion or the Event count.
+    assert_eq!(start, end, "objects or events changed while idle");
+    assert!(
+        controller.stop().await.writes.load(Ordering::Relaxed) > 0,
+        "it did write while converging"
+    );
+}

@@ -1,0 +1,240 @@
+//! Helpers for tests against the shared real API server: namespaces, nodes,
+//! ImagePrefetches, a controller per test, and simulated agents.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, ValidationDirective};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use controller::reconcile::Context;
+use crd::{ImagePrefetch, NodeImage, NodeImageSet, NodeImageStatus, PullState, keys};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+pub const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+pub async fn client() -> Client {
+    // Controller logs when RUST_LOG asks for them (cargo test shows them for failing tests).
+    static LOGS: std::sync::Once = std::sync::Once::new();
+    if std::env::var_os("RUST_LOG").is_some() {
+        LOGS.call_once(|| std::mem::forget(telemetry::init("controller-tests")));
+    }
+    testbed::shared::client().await
+}
+
+/// A namespace of the test's own, so tests sharing the API server stay apart.
+pub async fn namespace(client: &Client, name: &str) -> String {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create namespace {name}: {e}"),
+    }
+    name.to_string()
+}
+
+/// Ready nodes `<group>-0..n`, labelled `test-group=<group>` plus `extra`.
+pub async fn nodes(client: &Client, group: &str, n: usize, extra: &[(&str, &str)]) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..n {
+        let name = format!("{group}-{i}");
+        node(client, &name, group, extra).await;
+        names.push(name);
+    }
+    names
+}
+
+pub async fn node(client: &Client, name: &str, group: &str, extra: &[(&str, &str)]) {
+    let mut labels: BTreeMap<String, String> = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    labels.insert("test-group".into(), group.into());
+    testbed::nodes::register(client, name, &labels)
+        .await
+        .unwrap();
+}
+
+pub fn prefetch(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "imageprefetch.io/v1alpha1",
+        "kind": "ImagePrefetch",
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
+/// Applies with strict field validation, as `kubectl apply` does; the API error message on failure.
+pub async fn apply(client: &Client, ns: &str, obj: &Value) -> Result<ImagePrefetch, String> {
+    let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), ns);
+    let name = obj["metadata"]["name"].as_str().unwrap();
+    let params = PatchParams::apply("test").validation(ValidationDirective::Strict);
+    api.patch(name, &params, &Patch::Apply(obj))
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(s) => s.message,
+            other => panic!("unexpected error kind: {other}"),
+        })
+}
+
+/// A controller limited to `ns`, stopped when dropped or by `stop()`.
+pub struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Arc<Context>>>,
+}
+
+impl Running {
+    pub fn start(client: &Client, config: controller::Config) -> Self {
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(client.clone(), config, async move {
+            let _ = rx.await;
+        }));
+        Running {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn in_namespace(client: &Client, ns: &str) -> Self {
+        Self::start(client, config(ns))
+    }
+
+    /// Stops it and returns its context (its write counter).
+    pub async fn stop(mut self) -> Arc<Context> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(DEADLINE, self.task.take().unwrap())
+            .await
+            .expect("controller stops")
+            .unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+pub fn config(ns: &str) -> controller::Config {
+    controller::Config {
+        namespace: Some(ns.to_string()),
+        ..Default::default()
+    }
+}
+
+pub async fn sets(client: &Client, uid: &str) -> Vec<NodeImageSet> {
+    let api: Api<NodeImageSet> = Api::all(client.clone());
+    api.list(&ListParams::default().labels(&keys::owned_by(uid)))
+        .await
+        .unwrap()
+        .items
+}
+
+/// The entries of one ImagePrefetch by node.
+pub async fn entries(client: &Client, uid: &str) -> BTreeMap<String, Vec<NodeImage>> {
+    sets(client, uid)
+        .await
+        .into_iter()
+        .map(|s| (s.spec.node_name.clone(), s.spec.image_set))
+        .collect()
+}
+
+/// Polls `f` every 100 ms until it gives `Some`, failing after `DEADLINE`.
+pub async fn poll<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Node names holding NodeImageSets of `uid`, once they equal `want`.
+pub async fn wait_for_nodes(client: &Client, uid: &str, want: &[&str]) -> Vec<NodeImageSet> {
+    poll(&format!("NodeImageSets on {want:?}"), || async {
+        let sets = sets(client, uid).await;
+        let mut nodes: Vec<&str> = sets.iter().map(|s| s.spec.node_name.as_str()).collect();
+        nodes.sort();
+        (nodes == want).then_some(sets.clone())
+    })
+    .await
+}
+
+/// What a node's agent would write: the state of one image on that node.
+pub async fn report(client: &Client, set: &str, image: &str, state: PullState) {
+    let api: Api<NodeImageSet> = Api::all(client.clone());
+    let current = api.get_status(set).await.unwrap();
+    let mut images = current.status.map(|s| s.images).unwrap_or_default();
+    images.retain(|r| r.name != image);
+    let failed = state == PullState::Failed;
+    images.push(NodeImageStatus {
+        name: image.to_string(),
+        state,
+        attempts: if failed { 4 } else { 1 },
+        last_error: failed.then(|| "simulated: registry answered 500".to_string()),
+        reason: failed.then(|| "PullFailed".to_string()),
+        digest: (state == PullState::Available).then(|| DIGEST.to_string()),
+        size_bytes: None,
+        pull_duration_millis: None,
+        source: None,
+    });
+    let available = images
+        .iter()
+        .filter(|r| r.state == PullState::Available)
+        .count();
+    let patch = json!({"status": {"images": images, "available": available, "total": current.spec.image_set.len()}});
+    api.patch_status(set, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+/// The NodeImageSet name of `node` for `uid`.
+pub async fn set_on(client: &Client, uid: &str, node: &str) -> String {
+    sets(client, uid)
+        .await
+        .into_iter()
+        .find(|s| s.spec.node_name == node)
+        .map(|s| s.name_any())
+        .unwrap_or_else(|| panic!("no NodeImageSet on {node}"))
+}
+
+/// Reports every listed-but-unreported entry of `uid` as Available, like
+/// agents that finish at once. Returns how many it reported.
+pub async fn finish_all(client: &Client, uid: &str) -> usize {
+    let mut n = 0;
+    for set in sets(client, uid).await {
+        let reported: Vec<String> = set
+            .status
+            .iter()
+            .flat_map(|s| s.images.iter())
+            .filter(|r| r.state == PullState::Available)
+            .map(|r| r.name.clone())
+            .collect();
+        for e in &set.spec.image_set {
+            if !reported.contains(&e.name) {
+                report(client, &set.name_any(), &e.name, PullState::Available).await;
+                n += 1;
+            }
+        }
+    }
+    n
+}

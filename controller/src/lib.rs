@@ -12,7 +12,7 @@ pub mod registries;
 pub mod run;
 pub mod select;
 pub mod status;
-mod triggers;
+pub mod triggers;
 
 pub use error::Error;
 pub use run::{Config, run};

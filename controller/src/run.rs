@@ -76,7 +76,8 @@ pub async fn run(
     let (nodes, node_writer) = reflector::store();
     let node_events = reflector::reflector(
         node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .modify(triggers::slim_node),
     );
     let (sets, set_writer) = reflector::store();
     let set_events = reflector::reflector(
@@ -84,7 +85,8 @@ pub async fn run(
         watcher(
             Api::<NodeImageSet>::all(client.clone()),
             watcher::Config::default().labels(keys::PREFETCH_UID),
-        ),
+        )
+        .modify(triggers::slim_set),
     )
     .touched_objects();
 

@@ -3,8 +3,36 @@
 use std::collections::HashMap;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeStatus};
+
+use crd::NodeImageSet;
 use kube::runtime::watcher;
+
+/// Keeps of a Node only what selection reads (labels, deletion, spec,
+/// the Ready condition). A node's status carries up to 50 image entries and
+/// its managed fields; thousands of nodes of that would dominate the cache.
+pub fn slim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    if let Some(status) = node.status.as_mut() {
+        let ready = status
+            .conditions
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.type_ == "Ready")
+            .collect();
+        *status = NodeStatus {
+            conditions: Some(ready),
+            ..Default::default()
+        };
+    }
+}
+
+/// Managed fields are most of a NodeImageSet's metadata and nothing here reads them.
+pub fn slim_set(set: &mut NodeImageSet) {
+    set.metadata.managed_fields = None;
+}
 
 /// What about a node can change the selection: labels, schedulability,
 /// deletion and readiness. Heartbeats and image lists change nothing here.
@@ -35,7 +63,7 @@ fn fingerprint(node: &Node) -> u64 {
 }
 
 /// Node events that matter: deletions, and changes of [`fingerprint`].
-pub fn node_changes(
+pub(crate) fn node_changes(
     events: impl Stream<Item = Result<watcher::Event<Node>, watcher::Error>> + Send + 'static,
 ) -> impl Stream<Item = Result<Node, watcher::Error>> + Send + 'static {
     let mut seen: HashMap<String, u64> = HashMap::new();

@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask <command>`. Run `cargo xtask help`.
 
+mod bench;
 mod demo;
 mod deps;
 mod test;
@@ -18,6 +19,9 @@ cargo xtask <command>
                         a local etcd + kube-apiserver; `up` prints the KUBECONFIG
   demo [--keep]         the main job, locally: control plane, CRDs, controller,
                         a sample ImagePrefetch, and the resulting table
+  bench controller [--nodes N] [--prefetches M]
+                        fan-out of the release controller to N Node objects
+                        (default 1000), then M ImagePrefetches (default 50)
   test                  everything above that tests need, then every test
   lint                  formatting, stale generated files, clippy (CI runs it before `test`)
 ";
@@ -35,6 +39,9 @@ fn main() -> Result<()> {
         ["testbed", "status"] => testbed_status(),
         ["demo"] => runtime()?.block_on(demo::run(false)),
         ["demo", "--keep"] => runtime()?.block_on(demo::run(true)),
+        ["bench", "controller", rest @ ..] => {
+            runtime()?.block_on(bench::controller(bench_options(rest)?))
+        }
         ["test"] => test::all(),
         ["lint"] => test::lint(),
         [] | ["help"] | ["--help"] | ["-h"] => {
@@ -43,6 +50,27 @@ fn main() -> Result<()> {
         }
         other => bail!("unknown command {other:?}\n\n{HELP}"),
     }
+}
+
+fn bench_options(args: &[&str]) -> Result<bench::Options> {
+    let mut opts = bench::Options {
+        nodes: 1000,
+        prefetches: 50,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value: usize = it
+            .next()
+            .with_context(|| format!("{flag} needs a number"))?
+            .parse()
+            .with_context(|| format!("{flag} needs a number"))?;
+        match *flag {
+            "--nodes" => opts.nodes = value,
+            "--prefetches" => opts.prefetches = value,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(opts)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -1,0 +1,217 @@
+//! `cargo xtask bench controller`: the controller binary (release build)
+//! against the real local API server, fanning out to many Node objects.
+//! Numbers go to stdout; docs/benchmarks.md records them.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+use crd::{ImagePrefetch, NodeImageSet};
+
+pub struct Options {
+    pub nodes: usize,
+    pub prefetches: usize,
+}
+
+pub async fn controller(opts: Options) -> Result<()> {
+    crate::deps::install()?;
+    crate::fixtures()?;
+    eprintln!("bench: building the controller (release)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "image-prefetch-controller",
+        ])
+        .current_dir(crate::root())
+        .status()?;
+    if !status.success() {
+        bail!("building the controller failed");
+    }
+    let dir = crate::root().join(".testbed").join("bench");
+    let plane = testbed::ControlPlane::start(&dir, testbed::Lifetime::Owned).await?;
+    let client = plane.client().await?;
+    testbed::crds::install(&client).await?;
+
+    let started = Instant::now();
+    let labels: BTreeMap<String, String> = [("bench".to_string(), "fanout".to_string())].into();
+    futures::stream::iter(
+        (0..opts.nodes).map(|i| {
+            let (client, labels) = (client.clone(), labels.clone());
+            async move {
+                testbed::nodes::register(&client, &format!("bench-node-{i:04}"), &labels).await
+            }
+        }),
+    )
+    .buffer_unordered(32)
+    .try_collect::<Vec<_>>()
+    .await?;
+    println!(
+        "registered {} Ready nodes in {:.1}s",
+        opts.nodes,
+        started.elapsed().as_secs_f64()
+    );
+
+    let binary = crate::root().join("target/release/image-prefetch-controller");
+    let mut child = Command::new(&binary)
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| binary.display().to_string())?;
+    let pid = child.id();
+    let result = measure(&client, &plane, pid, &opts).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    plane.stop();
+    result
+}
+
+async fn measure(
+    client: &kube::Client,
+    plane: &testbed::ControlPlane,
+    pid: u32,
+    opts: &Options,
+) -> Result<()> {
+    // Let the controller list Nodes before the clock starts: fan-out, not start-up, is measured.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writes_before = api_writes(client).await?;
+    let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
+    let sets: Api<NodeImageSet> = Api::all(client.clone());
+    let apply = |i: usize| {
+        let api = api.clone();
+        async move {
+            let obj = json!({
+                "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
+                "metadata": {"name": format!("bench-{i:02}")},
+                "spec": {"images": [format!("registry.example.com/bench/app{i}:1")], "nodeSelector": {"bench": "fanout"}},
+            });
+            api.patch(
+                &format!("bench-{i:02}"),
+                &PatchParams::apply("bench"),
+                &Patch::Apply(&obj),
+            )
+            .await
+        }
+    };
+
+    let t0 = Instant::now();
+    apply(0).await?;
+    wait_for_sets(&sets, opts.nodes, Duration::from_secs(300)).await?;
+    let fanout = t0.elapsed();
+    let writes = api_writes(client).await? - writes_before;
+    let rss = memory(pid)?;
+    println!(
+        "1 ImagePrefetch x {} nodes: all NodeImageSets in {:.2}s, {} API writes ({:.2} per node), controller peak RSS {:.1} MiB",
+        opts.nodes,
+        fanout.as_secs_f64(),
+        writes,
+        writes as f64 / opts.nodes as f64,
+        rss.peak_kib as f64 / 1024.0
+    );
+
+    if opts.prefetches > 1 {
+        let t1 = Instant::now();
+        for i in 1..opts.prefetches {
+            apply(i).await?;
+        }
+        let total = opts.prefetches * opts.nodes;
+        wait_for_sets(&sets, total, Duration::from_secs(1800)).await?;
+        let all = t1.elapsed();
+        // Steady state: nothing changes; let the last reconciles finish.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let idle_from = api_writes(client).await?;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let idle_writes = api_writes(client).await? - idle_from;
+        let rss = memory(pid)?;
+        println!(
+            "{} ImagePrefetches x {} nodes ({} NodeImageSets): written in {:.1}s; steady state: RSS {:.1} MiB (peak {:.1} MiB), {} API writes in 30s idle",
+            opts.prefetches,
+            opts.nodes,
+            total,
+            all.as_secs_f64(),
+            rss.now_kib as f64 / 1024.0,
+            rss.peak_kib as f64 / 1024.0,
+            idle_writes
+        );
+    }
+    let _ = plane;
+    Ok(())
+}
+
+async fn wait_for_sets(sets: &Api<NodeImageSet>, want: usize, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        // Metadata only: counting must not cost the bench more than the controller.
+        let have = sets
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .len();
+        if have >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {have} of {want} NodeImageSets after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Mutating requests on our two resources, from the API server's own counters.
+async fn api_writes(client: &kube::Client) -> Result<u64> {
+    let req = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(req).await?;
+    let mut total = 0u64;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let ours = line.contains("resource=\"nodeimagesets\"")
+            || line.contains("resource=\"imageprefetches\"");
+        let write = [
+            "APPLY",
+            "PATCH",
+            "POST",
+            "PUT",
+            "DELETE",
+            "DELETECOLLECTION",
+        ]
+        .iter()
+        .any(|v| line.contains(&format!("verb=\"{v}\"")));
+        if ours && write {
+            let value = line.rsplit(' ').next().unwrap_or("0");
+            total += value.parse::<f64>().unwrap_or(0.0) as u64;
+        }
+    }
+    Ok(total)
+}
+
+struct Memory {
+    now_kib: u64,
+    peak_kib: u64,
+}
+
+fn memory(pid: u32) -> Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("the controller exited; run it by hand to see why")?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(Memory {
+        now_kib: field("VmRSS:"),
+        peak_kib: field("VmHWM:"),
+    })
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::fixtures::{require_kube_apiserver, require_tool};
+use crate::fixtures::{KUBE_APISERVER, require_tool};
 use crate::{Error, Result, io_err};
 
 /// How long etcd and the API server get to become ready.
@@ -42,7 +42,7 @@ const PIDS_FILE: &str = "pids";
 impl ControlPlane {
     /// Starts a fresh control plane whose files live in `dir` (emptied first).
     pub async fn start(dir: &Path, lifetime: Lifetime) -> Result<Self> {
-        let apiserver_bin = require_kube_apiserver()?;
+        let apiserver_bin = KUBE_APISERVER.require()?;
         let etcd_bin = require_tool("etcd")?;
         let openssl = require_tool("openssl")?;
         if dir.exists() {

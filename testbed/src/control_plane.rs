@@ -1,7 +1,6 @@
 //! etcd + kube-apiserver on 127.0.0.1, started as real processes.
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,20 +8,11 @@ use std::time::{Duration, Instant};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::fixtures::{KUBE_APISERVER, require_tool};
+use crate::process::{self, Lifetime, free_ports};
 use crate::{Error, Result, io_err};
 
 /// How long etcd and the API server get to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// Who stops the processes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lifetime {
-    /// Killed when the [`ControlPlane`] is dropped, and by the kernel when the
-    /// thread that started them exits, so a crashed test leaves nothing behind.
-    Owned,
-    /// Outlives this process (`cargo xtask testbed up`); [`stop_detached`] ends it.
-    Detached,
-}
 
 /// A running etcd and kube-apiserver.
 pub struct ControlPlane {
@@ -127,29 +117,10 @@ impl ControlPlane {
         Ok(plane)
     }
 
-    fn spawn(&mut self, mut cmd: Command, what: &'static str) -> Result<()> {
-        let log_path = self.dir.join(format!("{what}.log"));
-        let log = File::create(&log_path).map_err(io_err(&log_path))?;
-        let log2 = log.try_clone().map_err(io_err(&log_path))?;
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-        let lifetime = self.lifetime;
-        // SAFETY: only async-signal-safe calls (setsid, prctl) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                match lifetime {
-                    // Its own session: a Ctrl-C in the terminal that ran `up` does not reach it.
-                    Lifetime::Detached => {
-                        libc::setsid();
-                    }
-                    Lifetime::Owned => {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    }
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(io_err(&log_path))?;
-        self.children.push(child);
+    fn spawn(&mut self, cmd: Command, what: &'static str) -> Result<()> {
+        let log = self.dir.join(format!("{what}.log"));
+        self.children
+            .push(process::spawn(cmd, &log, self.lifetime)?);
         Ok(())
     }
 
@@ -214,8 +185,7 @@ impl ControlPlane {
 
     fn kill_all(&mut self) {
         for child in self.children.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
+            process::stop(child);
         }
         self.children.clear();
     }
@@ -311,20 +281,6 @@ current-context: testbed
 ",
         ca = ca.display()
     )
-}
-
-fn free_ports() -> Result<[u16; 3]> {
-    // Bound together, then released: the kernel hands out distinct free ports.
-    let listeners: Vec<std::net::TcpListener> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()
-        .map_err(io_err(Path::new("127.0.0.1:0")))?;
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<std::io::Result<_>>()
-        .map_err(io_err(Path::new("127.0.0.1:0")))?;
-    Ok([ports[0], ports[1], ports[2]])
 }
 
 fn random_token() -> String {

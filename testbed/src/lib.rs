@@ -1,12 +1,17 @@
 //! A real local control plane for tests and the demo: etcd and kube-apiserver
 //! on 127.0.0.1, built from their official sources and cached outside the clone.
 
+pub mod containerd;
 pub mod control_plane;
 pub mod crds;
 pub mod fixtures;
+pub mod images;
 pub mod nodes;
+pub mod process;
+pub mod registry;
 
-pub use control_plane::{ControlPlane, Lifetime};
+pub use control_plane::ControlPlane;
+pub use process::Lifetime;
 
 /// Everything that can go wrong bringing the test bed up, each with what to do next.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 /// (package, why). The build needs protoc (containerd-client's generated
-/// gRPC code); the test bed needs etcd, openssl (service-account key) and Go.
+/// gRPC code); the test bed needs the rest (and Go, for the fixtures).
 const PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc, for containerd-client's build"),
     (
@@ -13,6 +13,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "etcd, the API server's store in the test bed",
     ),
     ("openssl", "the test bed's service-account key"),
+    (
+        "docker-registry",
+        "the OCI registries the agent tests pull from",
+    ),
+    ("skopeo", "pushes the test images built by the test bed"),
 ];
 
 fn installed(package: &str) -> bool {

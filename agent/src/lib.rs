@@ -1,0 +1,6 @@
+//! The image-prefetch agent: one per node. It follows its node's
+//! NodeImageSets, pulls their images through the node's containerd with the
+//! policy each entry names, and reports per-image state back.
+
+pub mod hosts;
+pub mod pull;

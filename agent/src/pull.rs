@@ -1,0 +1,236 @@
+//! Pulls through the node's containerd (Transfer service), in the namespace
+//! kubelet uses, so the images are what kubelet sees.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1::transfer_client::TransferClient;
+use containerd_client::services::v1::{GetImageRequest, ReadContentRequest, TransferRequest};
+use containerd_client::services::v1::{content_client::ContentClient, images_client::ImagesClient};
+use containerd_client::tonic::Request;
+use containerd_client::tonic::transport::Channel;
+use containerd_client::types::Platform;
+use containerd_client::types::transfer::{
+    ImageStore, OciRegistry, RegistryResolver, UnpackConfiguration,
+};
+use containerd_client::{to_any, with_namespace};
+use futures::StreamExt;
+use tracing::instrument;
+
+/// containerd's namespace for Kubernetes.
+pub const K8S_NAMESPACE: &str = "k8s.io";
+
+/// Labels that make an image a CRI image, and keep kubelet's image garbage
+/// collection from removing it while it is prefetched.
+pub const CRI_MANAGED: (&str, &str) = ("io.cri-containerd.image", "managed");
+pub const CRI_PINNED: (&str, &str) = ("io.cri-containerd.pinned", "pinned");
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("cannot connect to containerd at {socket}: {message}")]
+    Connect { socket: String, message: String },
+    #[error("{0}")]
+    Containerd(String),
+    #[error("pull of {image} did not finish within {secs}s")]
+    Timeout { image: String, secs: u64 },
+}
+
+impl PullError {
+    /// Machine-readable cause, as NodeImageSet status `reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PullError::Connect { .. } => "RuntimeUnavailable",
+            PullError::Timeout { .. } => "PullTimeout",
+            PullError::Containerd(m) => classify(m),
+        }
+    }
+}
+
+fn classify(message: &str) -> &'static str {
+    let m = message.to_lowercase();
+    if m.contains("not found") || m.contains("manifest unknown") || m.contains("name unknown") {
+        "NotFound"
+    } else if m.contains("unauthorized")
+        || m.contains("401")
+        || m.contains("403")
+        || m.contains("denied")
+    {
+        "Unauthorized"
+    } else if m.contains("connection refused")
+        || m.contains("no such host")
+        || m.contains("dial tcp")
+        || m.contains("timeout")
+        || m.contains("no route")
+    {
+        "RegistryUnreachable"
+    } else {
+        "PullFailed"
+    }
+}
+
+/// What a finished pull gives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pulled {
+    pub digest: String,
+    /// Bytes of the manifest's config and layers, when the target is one manifest.
+    pub size: Option<i64>,
+    pub duration: Duration,
+}
+
+/// The node's containerd.
+#[derive(Clone)]
+pub struct Runtime {
+    channel: Channel,
+    namespace: String,
+    snapshotter: String,
+}
+
+impl Runtime {
+    pub async fn connect(socket: &Path) -> Result<Self, PullError> {
+        let channel = containerd_client::connect(socket)
+            .await
+            .map_err(|e| PullError::Connect {
+                socket: socket.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Runtime {
+            channel,
+            namespace: K8S_NAMESPACE.to_string(),
+            snapshotter: "overlayfs".to_string(),
+        })
+    }
+
+    /// Pulls `source` (a tag or digest reference) and stores it as `name`,
+    /// resolving registries through the hosts.toml files of `host_dir`.
+    #[instrument(skip(self, host_dir), fields(host_dir = %host_dir.display()))]
+    pub async fn pull(
+        &self,
+        source: &str,
+        name: &str,
+        host_dir: &Path,
+    ) -> Result<Pulled, PullError> {
+        let started = Instant::now();
+        let registry = OciRegistry {
+            reference: source.to_string(),
+            resolver: Some(RegistryResolver {
+                host_dir: host_dir.display().to_string(),
+                ..Default::default()
+            }),
+        };
+        let labels: HashMap<String, String> = [CRI_MANAGED, CRI_PINNED]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let store = ImageStore {
+            name: name.to_string(),
+            labels,
+            unpacks: vec![UnpackConfiguration {
+                platform: Some(host_platform()),
+                snapshotter: self.snapshotter.clone(),
+            }],
+            ..Default::default()
+        };
+        let request = TransferRequest {
+            source: Some(to_any(&registry)),
+            destination: Some(to_any(&store)),
+            options: None,
+        };
+        TransferClient::new(self.channel.clone())
+            .transfer(with_namespace!(request, self.namespace))
+            .await
+            .map_err(|s| PullError::Containerd(s.message().to_string()))?;
+        let (digest, size) = self.image(name).await?.ok_or_else(|| {
+            PullError::Containerd(format!("{name} is missing right after its pull"))
+        })?;
+        Ok(Pulled {
+            digest,
+            size,
+            duration: started.elapsed(),
+        })
+    }
+
+    /// The stored image `name`: its digest and content size, if present.
+    pub async fn image(&self, name: &str) -> Result<Option<(String, Option<i64>)>, PullError> {
+        let request = GetImageRequest {
+            name: name.to_string(),
+        };
+        let response = ImagesClient::new(self.channel.clone())
+            .get(with_namespace!(request, self.namespace))
+            .await;
+        let image = match response {
+            Ok(r) => r.into_inner().image,
+            Err(s) if s.code() == containerd_client::tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(PullError::Containerd(s.message().to_string())),
+        };
+        let Some(target) = image.and_then(|i| i.target) else {
+            return Ok(None);
+        };
+        let size = self.manifest_size(&target.digest, &target.media_type).await;
+        Ok(Some((target.digest, size)))
+    }
+
+    /// Config plus layer bytes of a single manifest; `None` for an index or on any doubt.
+    async fn manifest_size(&self, digest: &str, media_type: &str) -> Option<i64> {
+        if media_type.contains("index") || media_type.contains("manifest.list") {
+            return None;
+        }
+        let request = ReadContentRequest {
+            digest: digest.to_string(),
+            offset: 0,
+            size: 0,
+        };
+        let mut stream = ContentClient::new(self.channel.clone())
+            .read(with_namespace!(request, self.namespace))
+            .await
+            .ok()?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend(chunk.ok()?.data);
+        }
+        let manifest: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let config = manifest["config"]["size"].as_i64()?;
+        let layers: i64 = manifest["layers"]
+            .as_array()?
+            .iter()
+            .filter_map(|l| l["size"].as_i64())
+            .sum();
+        Some(config + layers)
+    }
+}
+
+fn host_platform() -> Platform {
+    let architecture = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    Platform {
+        os: "linux".into(),
+        architecture: architecture.into(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_for_status() {
+        assert_eq!(
+            classify("failed to resolve reference: not found"),
+            "NotFound"
+        );
+        assert_eq!(
+            classify("unexpected status 401 Unauthorized"),
+            "Unauthorized"
+        );
+        assert_eq!(
+            classify("dial tcp 127.0.0.1:1: connect: connection refused"),
+            "RegistryUnreachable"
+        );
+        assert_eq!(classify("something else"), "PullFailed");
+    }
+}

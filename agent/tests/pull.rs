@@ -1,0 +1,117 @@
+//! Pulls through a real containerd 2.x from real registries (Debian's
+//! docker-registry) serving images built here.
+
+use std::path::PathBuf;
+
+use agent::hosts;
+use agent::pull::Runtime;
+use testbed::containerd::Containerd;
+use testbed::images;
+use testbed::registry::Registry;
+
+const MB: usize = 1024 * 1024;
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("agent-pull-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[tokio::test]
+async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
+    let dir = workdir("default");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let image = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "team/app",
+        "1.0",
+        &[3 * MB, 2 * MB, MB],
+    )
+    .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &format!("http://{}", upstream.host), &[])
+        .unwrap();
+
+    let runtime = Runtime::connect(&node.socket).await.unwrap();
+    let pulled = runtime
+        .pull(&image.reference, &image.reference, &node.hosts_dir)
+        .await
+        .unwrap();
+    assert_eq!(pulled.digest, image.digest);
+    assert_eq!(pulled.size, Some(image.size as i64));
+    // Every blob crossed once.
+    let gets = upstream.blob_gets(&image.repository);
+    for blob in &image.blobs {
+        assert_eq!(gets.get(blob), Some(&1), "{blob}: {gets:?}");
+    }
+    // Present in the k8s.io namespace, where kubelet (CRI) looks.
+    assert_eq!(
+        runtime
+            .image(&image.reference)
+            .await
+            .unwrap()
+            .map(|(d, _)| d),
+        Some(image.digest.clone())
+    );
+}
+
+#[tokio::test]
+async fn mirror_pull_never_reaches_the_upstream() {
+    let dir = workdir("mirror");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let mirror = Registry::start(&dir.join("mirror")).unwrap();
+    let work = dir.join("images");
+    // The same image on both: what the mirror would hold after a seed pulled it.
+    let image =
+        images::build_and_push(&work, &upstream.host, "team/app", "2.0", &[2 * MB, MB]).unwrap();
+    let mirrored =
+        images::build_and_push(&work, &mirror.host, "team/app", "2.0", &[2 * MB, MB]).unwrap();
+    assert_eq!(image.digest, mirrored.digest);
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    // As spegel configures a node: the registry as server, the mirror tried first.
+    node.configure_registry(
+        &upstream.host,
+        &format!("http://{}", upstream.host),
+        &[&format!("http://{}", mirror.host)],
+    )
+    .unwrap();
+
+    let runtime = Runtime::connect(&node.socket).await.unwrap();
+    let pushed = upstream.requests().len();
+    let mirror_dir =
+        hosts::prepare_mirror(&node.hosts_dir, &dir.join("agent-hosts"), &upstream.host).unwrap();
+    let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
+    let pulled = runtime
+        .pull(&pinned, &image.reference, &mirror_dir)
+        .await
+        .unwrap();
+    assert_eq!(pulled.digest, image.digest);
+    let after = upstream.requests();
+    assert_eq!(
+        after.len(),
+        pushed,
+        "upstream was contacted: {:?}",
+        &after[pushed..]
+    );
+    assert!(
+        !mirror.blob_gets("team/app").is_empty(),
+        "the mirror served the blobs"
+    );
+
+    // An image the mirror does not have fails without falling back upstream.
+    let missing =
+        images::build_and_push(&work, &upstream.host, "team/other", "1.0", &[MB]).unwrap();
+    let before = upstream.requests().len();
+    let err = runtime
+        .pull(&missing.reference, &missing.reference, &mirror_dir)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        upstream.requests().len(),
+        before,
+        "a Mirror pull fell back to the upstream"
+    );
+    assert_eq!(err.reason(), "NotFound", "{err}");
+}

@@ -1,0 +1,109 @@
+//! A simulated node's container runtime: one containerd 2.x with its own
+//! root, state directory, socket and registry-host configuration.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::fixtures::CONTAINERD;
+use crate::process::{self, Lifetime};
+use crate::{Error, Result, io_err};
+
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    /// The node's registry host configuration (`config_path`): `<host>/hosts.toml`.
+    pub hosts_dir: PathBuf,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> Result<Self> {
+        let bin = CONTAINERD.require()?;
+        let hosts_dir = dir.join("certs.d");
+        std::fs::create_dir_all(&hosts_dir).map_err(io_err(&hosts_dir))?;
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        let toml = format!(
+            r#"version = 3
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{hosts}"
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+            hosts = hosts_dir.display(),
+        );
+        std::fs::write(&config, toml).map_err(io_err(&config))?;
+        let log = dir.join("containerd.log");
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config").arg(&config);
+        let child = process::spawn(cmd, &log, Lifetime::Owned)?;
+        let mut c = Containerd {
+            dir: dir.to_path_buf(),
+            socket,
+            hosts_dir,
+            log,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.socket.exists() {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                return Err(Error::Exited {
+                    what: "containerd",
+                    status: status.to_string(),
+                    log: c.log.display().to_string(),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    what: "containerd",
+                    secs: 30,
+                    log: c.log.display().to_string(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(c)
+    }
+
+    /// Writes `<hosts_dir>/<registry>/hosts.toml`: `server` is the upstream,
+    /// `mirrors` are tried first (as spegel configures a node).
+    pub fn configure_registry(&self, registry: &str, server: &str, mirrors: &[&str]) -> Result<()> {
+        write_hosts(&self.hosts_dir, registry, server, mirrors)
+    }
+
+    /// Kills containerd (as a crash would); `start` on the same dir brings it back.
+    pub fn kill(mut self) {
+        process::stop(&mut self.child);
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        process::stop(&mut self.child);
+    }
+}
+
+/// A hosts.toml in containerd's registry host configuration format.
+pub fn write_hosts(dir: &Path, registry: &str, server: &str, mirrors: &[&str]) -> Result<()> {
+    let d = dir.join(registry);
+    std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+    let mut toml = format!("server = \"{server}\"\n");
+    for m in mirrors {
+        toml.push_str(&format!(
+            "\n[host.\"{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
+    }
+    let path = d.join("hosts.toml");
+    std::fs::write(&path, toml).map_err(io_err(&path))
+}

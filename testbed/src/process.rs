@@ -1,0 +1,61 @@
+//! Starting the test bed's servers as real processes, each with its log file.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use crate::{Result, io_err};
+
+/// Who stops the processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Killed when their owner is dropped, and by the kernel when the thread
+    /// that started them exits, so a crashed test leaves nothing behind.
+    Owned,
+    /// Outlives this process (`cargo xtask testbed up`).
+    Detached,
+}
+
+/// Spawns `cmd` with stdout and stderr into `log`.
+pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> Result<Child> {
+    let out = File::create(log).map_err(io_err(log))?;
+    let err = out.try_clone().map_err(io_err(log))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: only async-signal-safe calls (setsid, prctl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            match lifetime {
+                // Its own session: a Ctrl-C in the terminal that ran `up` does not reach it.
+                Lifetime::Detached => {
+                    libc::setsid();
+                }
+                Lifetime::Owned => {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(io_err(log))
+}
+
+/// `N` distinct free ports on 127.0.0.1: bound together, then released.
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let err = || io_err(Path::new("127.0.0.1:0"));
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()
+        .map_err(err())?;
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&listeners) {
+        *p = l.local_addr().map_err(err())?.port();
+    }
+    Ok(ports)
+}
+
+/// Stops a child and reaps it.
+pub fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}

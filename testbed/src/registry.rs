@@ -1,0 +1,110 @@
+//! A real OCI registry (Debian's `docker-registry`) on 127.0.0.1, with an
+//! access log the tests read to count what was fetched from it.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::fixtures::require_tool;
+use crate::process::{self, Lifetime, free_ports};
+use crate::{Error, Result, io_err};
+
+pub struct Registry {
+    /// `127.0.0.1:<port>`
+    pub host: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Result<Self> {
+        let bin = require_tool("docker-registry")?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let [port] = free_ports()?;
+        let host = format!("127.0.0.1:{port}");
+        let config = dir.join("config.yml");
+        let yaml = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+            dir.join("data").display()
+        );
+        std::fs::write(&config, yaml).map_err(io_err(&config))?;
+        let log = dir.join("registry.log");
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg(&config);
+        let child = process::spawn(cmd, &log, Lifetime::Owned)?;
+        let mut registry = Registry { host, log, child };
+        registry.wait_ready()?;
+        Ok(registry)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(Error::Exited {
+                    what: "docker-registry",
+                    status: status.to_string(),
+                    log: self.log.display().to_string(),
+                });
+            }
+            if get_status(&self.host, "/v2/").is_ok_and(|code| code == 200) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    what: "docker-registry",
+                    secs: 20,
+                    log: self.log.display().to_string(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Request lines (`GET /v2/...`) the registry has served so far.
+    pub fn requests(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| {
+                // Access log: `... "GET /v2/app/blobs/sha256:... HTTP/1.1" 200 ...`
+                let start = l.find('"')? + 1;
+                let rest = &l[start..];
+                let line = &rest[..rest.find('"')?];
+                line.starts_with("GET ")
+                    .then(|| line.trim_end_matches(" HTTP/1.1").to_string())
+            })
+            .collect()
+    }
+
+    /// How many times each blob of `repository` was fetched (GET, not HEAD).
+    pub fn blob_gets(&self, repository: &str) -> std::collections::BTreeMap<String, usize> {
+        let prefix = format!("GET /v2/{repository}/blobs/");
+        let mut counts = std::collections::BTreeMap::new();
+        for r in self.requests() {
+            if let Some(digest) = r.strip_prefix(&prefix) {
+                *counts.entry(digest.to_string()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        process::stop(&mut self.child);
+    }
+}
+
+/// Status code of a plain HTTP GET to `host` (loopback only).
+fn get_status(host: &str, path: &str) -> std::io::Result<u16> {
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    text.get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text}")))
+}

@@ -4,3 +4,4 @@
 
 pub mod hosts;
 pub mod pull;
+pub mod work;

@@ -1,80 +1,75 @@
-//! image-prefetch agent, one per node (DaemonSet).
-//!
-//! This first cut connects to the node's containerd and follows the
-//! NodeImageSets of its own node; pulling them is the next step (issue 4).
+use std::time::Duration;
 
-use futures::StreamExt;
-use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
-use tracing::{error, info};
+use agent::work::{self, Config};
 
-use crd::{NodeImageSet, keys};
+const USAGE: &str = "\
+usage: image-prefetch-agent [options]
+Pulls the images of this node's NodeImageSets through the node's containerd.
+Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
 
-struct Args {
-    node_name: String,
-    containerd_socket: String,
-}
+  --node-name NAME               this node (default $NODE_NAME, from the downward API)
+  --containerd-socket PATH       default /run/containerd/containerd.sock
+  --registry-config-dir DIR      the node's registry hosts (default /etc/containerd/certs.d)
+  --mirror-config-dir DIR        where Mirror-only host files go (default /var/lib/image-prefetch/hosts)
+  --concurrency N                pulls at once (default 2)
+  --pull-timeout-seconds S       one attempt's limit (default 600)
+  --resync-seconds S             how often present images are re-checked (default 300)
+";
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: image-prefetch-agent --node-name NAME [--containerd-socket PATH]\n\
-         NAME defaults to $NODE_NAME (set it from the downward API);\n\
-         PATH defaults to /run/containerd/containerd.sock."
-    );
+fn usage(problem: &str) -> ! {
+    eprintln!("{problem}\n\n{USAGE}");
     std::process::exit(2)
 }
 
-fn parse_args() -> Args {
-    let mut node_name = std::env::var("NODE_NAME").ok();
-    let mut containerd_socket = "/run/containerd/containerd.sock".to_string();
+fn parse_args() -> Config {
+    let mut config = Config::new(&std::env::var("NODE_NAME").unwrap_or_default());
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| usage());
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
+        };
+        let mut number = |what: &str| -> u64 {
+            let v = value();
+            v.parse()
+                .unwrap_or_else(|_| usage(&format!("{what}: {v:?} is not a whole number")))
+        };
         match arg.as_str() {
-            "--node-name" => node_name = Some(value()),
-            "--containerd-socket" => containerd_socket = value(),
-            _ => usage(),
+            "--node-name" => config.node_name = value(),
+            "--containerd-socket" => config.containerd_socket = value().into(),
+            "--registry-config-dir" => config.node_hosts_dir = value().into(),
+            "--mirror-config-dir" => config.mirror_hosts_dir = value().into(),
+            "--concurrency" => config.concurrency = number("--concurrency").max(1) as usize,
+            "--pull-timeout-seconds" => {
+                config.pull_timeout = Duration::from_secs(number("--pull-timeout-seconds"))
+            }
+            "--resync-seconds" => config.resync = Duration::from_secs(number("--resync-seconds")),
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0)
+            }
+            other => usage(&format!("unknown option {other}")),
         }
     }
-    Args {
-        node_name: node_name.unwrap_or_else(|| usage()),
-        containerd_socket,
+    if config.node_name.is_empty() {
+        usage("no node name: pass --node-name or set NODE_NAME");
     }
+    config
 }
 
 #[tokio::main]
 async fn main() {
-    let args = parse_args();
+    let config = parse_args();
     let _telemetry = telemetry::init("image-prefetch-agent");
-    match containerd_client::Client::from_path(&args.containerd_socket).await {
-        Ok(c) => match c.version().version(()).await {
-            Ok(v) => {
-                info!(version = %v.get_ref().version, socket = %args.containerd_socket, "connected to containerd")
-            }
-            Err(e) => {
-                error!(error = %e, socket = %args.containerd_socket, "containerd did not answer its version")
-            }
-        },
-        Err(e) => {
-            error!(error = %e, socket = %args.containerd_socket, "cannot connect to containerd: check the socket path and the hostPath mount")
-        }
-    }
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
-            error!(error = %e, "cannot reach the Kubernetes API: set KUBECONFIG or run in a cluster");
+            tracing::error!(error = %e, "cannot reach the Kubernetes API: set KUBECONFIG or run in a cluster");
             std::process::exit(1);
         }
     };
-    let sets: Api<NodeImageSet> = Api::all(client);
-    let config = watcher::Config::default().labels(&keys::on_node(&args.node_name));
-    let mut events = watcher(sets, config).applied_objects().boxed();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(set) => {
-                info!(set = %kube::ResourceExt::name_any(&set), images = set.spec.image_set.len(), "NodeImageSet for this node")
-            }
-            Err(e) => error!(error = %e, "watching NodeImageSets failed; retrying"),
-        }
+    if let Err(e) = work::run(client, config, telemetry::shutdown_signal()).await {
+        tracing::error!(error = %e, "agent stopped");
+        std::process::exit(1);
     }
 }

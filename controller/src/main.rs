@@ -91,13 +91,7 @@ async fn main() {
     let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stopping.clone();
     let shutdown = async move {
-        // Kubernetes stops pods with SIGTERM; a terminal with SIGINT.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install the SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
+        telemetry::shutdown_signal().await;
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     controller::run(client, config, shutdown).await;

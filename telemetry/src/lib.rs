@@ -1,4 +1,5 @@
-//! Logging and tracing set-up shared by the controller and the agent.
+//! Process set-up shared by the controller and the agent: logging,
+//! tracing, and the shutdown signal.
 //!
 //! Logs go to stderr (`RUST_LOG` filters, `LOG_FORMAT=json` for JSON lines).
 //! Traces go over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and
@@ -72,4 +73,20 @@ fn otlp_provider(
         .with_batch_exporter(exporter)
         .with_resource(Resource::builder().with_service_name(name).build())
         .build())
+}
+
+/// Completes on SIGTERM (how Kubernetes stops a pod) or SIGINT (a terminal).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,424 @@
+//! The agent's loop: follow this node's NodeImageSets, run one pull task per
+//! (set, image) entry, report per-image state on change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crd::{
+    NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullSource, PullState,
+    RegistryPolicy, keys, reference,
+};
+
+use crate::hosts;
+use crate::pull::{PullError, Pulled, Runtime};
+
+/// Field manager of the agent's status writes.
+pub const AGENT_MANAGER: &str = "image-prefetch-agent";
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    pub containerd_socket: PathBuf,
+    /// The node's registry host configuration (spegel writes its mirror entries here).
+    pub node_hosts_dir: PathBuf,
+    /// A directory the agent owns, for the Mirror-only host configuration.
+    pub mirror_hosts_dir: PathBuf,
+    /// Pulls at once on this node.
+    pub concurrency: usize,
+    /// One attempt longer than this is abandoned and counted as failed.
+    pub pull_timeout: Duration,
+    /// First and longest wait between attempts (exponential, with jitter).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How often present images are checked to be still there.
+    pub resync: Duration,
+}
+
+impl Config {
+    pub fn new(node_name: &str) -> Self {
+        Config {
+            node_name: node_name.to_string(),
+            containerd_socket: "/run/containerd/containerd.sock".into(),
+            node_hosts_dir: "/etc/containerd/certs.d".into(),
+            mirror_hosts_dir: "/var/lib/image-prefetch/hosts".into(),
+            concurrency: 2,
+            pull_timeout: Duration::from_secs(600),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            resync: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Pull(#[from] PullError),
+}
+
+/// (NodeImageSet name, image as listed).
+type Key = (String, String);
+
+enum Outcome {
+    Attempt {
+        attempts: i32,
+        error: String,
+        reason: String,
+    },
+    Done(Result<(Pulled, i32), (String, String, i32)>),
+}
+
+struct Task {
+    entry: NodeImage,
+    handle: JoinHandle<()>,
+}
+
+/// Runs until `shutdown` completes.
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let runtime = Runtime::connect(&config.containerd_socket).await?;
+    let sets_api: Api<NodeImageSet> = Api::all(client.clone());
+    let (store, writer) = reflector::store();
+    let wc = watcher::Config::default().labels(&keys::on_node(&config.node_name));
+    let mut events = reflector::reflector(writer, watcher(sets_api.clone(), wc))
+        .applied_objects()
+        .boxed();
+    let (tx, mut rx) = mpsc::channel::<(Key, Outcome)>(64);
+    let mut agent = Agent {
+        config: Arc::new(config),
+        runtime,
+        sets_api,
+        store,
+        tasks: HashMap::new(),
+        states: HashMap::new(),
+        limit: Arc::new(Semaphore::new(1)),
+        tx,
+    };
+    agent.limit = Arc::new(Semaphore::new(agent.config.concurrency.max(1)));
+    info!(node = %agent.config.node_name, "image-prefetch agent following this node's NodeImageSets");
+    let mut resync = tokio::time::interval(agent.config.resync);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            event = events.next() => match event {
+                Some(Ok(_)) => agent.sync().await,
+                Some(Err(e)) => warn!(error = %e, "watching NodeImageSets failed; retrying"),
+                None => break,
+            },
+            Some((key, outcome)) = rx.recv() => {
+                agent.record(key.clone(), outcome);
+                agent.sync().await;
+            }
+            _ = resync.tick() => {
+                agent.check_present().await;
+                agent.sync().await;
+            }
+        }
+    }
+    for task in agent.tasks.values() {
+        task.handle.abort();
+    }
+    Ok(())
+}
+
+struct Agent {
+    config: Arc<Config>,
+    runtime: Runtime,
+    sets_api: Api<NodeImageSet>,
+    store: Store<NodeImageSet>,
+    tasks: HashMap<Key, Task>,
+    states: HashMap<Key, NodeImageStatus>,
+    limit: Arc<Semaphore>,
+    tx: mpsc::Sender<(Key, Outcome)>,
+}
+
+impl Agent {
+    /// Starts what is listed and not under way, stops what is no longer
+    /// listed, and writes every status that changed.
+    async fn sync(&mut self) {
+        let sets = self.store.state();
+        let mut wanted: HashMap<Key, (NodeImage, i32)> = HashMap::new();
+        for set in &sets {
+            for entry in &set.spec.image_set {
+                wanted.insert(
+                    (set.name_any(), entry.name.clone()),
+                    (entry.clone(), set.spec.image_download_retry_limit),
+                );
+            }
+        }
+        // Entries withdrawn (a replaced seed) or changed (policy, pinned digest) stop.
+        self.tasks.retain(|key, task| {
+            let keep = wanted.get(key).is_some_and(|(e, _)| *e == task.entry);
+            if !keep {
+                task.handle.abort();
+            }
+            keep
+        });
+        self.states.retain(|key, _| wanted.contains_key(key));
+        for (key, (entry, limit)) in wanted {
+            let done = self
+                .states
+                .get(&key)
+                .is_some_and(|s| matches!(s.state, PullState::Available | PullState::Failed));
+            if !done && !self.tasks.contains_key(&key) {
+                self.start(key, entry, limit);
+            }
+        }
+        for set in &sets {
+            self.write_status(set).await;
+        }
+    }
+
+    fn start(&mut self, key: Key, entry: NodeImage, retry_limit: i32) {
+        self.states
+            .insert(key.clone(), waiting(&entry.name, PullState::Pulling, 0));
+        let (config, runtime, limit, tx) = (
+            self.config.clone(),
+            self.runtime.clone(),
+            self.limit.clone(),
+            self.tx.clone(),
+        );
+        let task_entry = entry.clone();
+        let task_key = key.clone();
+        let handle = tokio::spawn(async move {
+            let outcome = pull_with_retries(
+                &config,
+                &runtime,
+                &limit,
+                &task_entry,
+                retry_limit,
+                &tx,
+                &task_key,
+            )
+            .await;
+            let _ = tx.send((task_key, Outcome::Done(outcome))).await;
+        });
+        self.tasks.insert(key, Task { entry, handle });
+    }
+
+    fn record(&mut self, key: Key, outcome: Outcome) {
+        let Some(state) = self.states.get_mut(&key) else {
+            return;
+        };
+        match outcome {
+            Outcome::Attempt {
+                attempts,
+                error,
+                reason,
+            } => {
+                state.attempts = attempts;
+                state.last_error = Some(error);
+                state.reason = Some(reason);
+            }
+            Outcome::Done(result) => {
+                let policy = self.tasks.remove(&key).map(|t| t.entry.registry_policy);
+                match result {
+                    Ok((pulled, attempts)) => {
+                        info!(image = %key.1, digest = %pulled.digest, secs = pulled.duration.as_secs_f64(), "image present");
+                        state.state = PullState::Available;
+                        state.attempts = attempts;
+                        state.digest = Some(pulled.digest);
+                        state.size_bytes = pulled.size;
+                        state.pull_duration_millis = Some(pulled.duration.as_millis() as i64);
+                        state.last_error = None;
+                        state.reason = None;
+                        state.source = policy.map(|p| match p {
+                            RegistryPolicy::Default => PullSource::Upstream,
+                            RegistryPolicy::Mirror => PullSource::Mirror,
+                        });
+                    }
+                    Err((error, reason, attempts)) => {
+                        warn!(image = %key.1, %error, %reason, attempts, "giving up on image");
+                        state.state = PullState::Failed;
+                        state.attempts = attempts;
+                        state.last_error = Some(error);
+                        state.reason = Some(reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Images reported present that containerd no longer has are pulled again.
+    async fn check_present(&mut self) {
+        let mut gone = Vec::new();
+        for (key, state) in &self.states {
+            if state.state != PullState::Available {
+                continue;
+            }
+            let name = store_name(&key.1);
+            if let Ok(None) = self.runtime.image(&name).await {
+                info!(image = %key.1, "prefetched image was removed from the node; pulling it again");
+                gone.push(key.clone());
+            }
+        }
+        for key in gone {
+            self.states.remove(&key);
+        }
+    }
+
+    async fn write_status(&self, set: &NodeImageSet) {
+        let name = set.name_any();
+        let images: Vec<NodeImageStatus> = set
+            .spec
+            .image_set
+            .iter()
+            .filter_map(|e| self.states.get(&(name.clone(), e.name.clone())).cloned())
+            .collect();
+        let status = NodeImageSetStatus {
+            available: images
+                .iter()
+                .filter(|i| i.state == PullState::Available)
+                .count() as i32,
+            total: set.spec.image_set.len() as i32,
+            images,
+            conditions: vec![],
+        };
+        if set.status.as_ref() == Some(&status) {
+            return;
+        }
+        let body = json!({
+            "apiVersion": NodeImageSet::api_version(&()),
+            "kind": NodeImageSet::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(AGENT_MANAGER).force();
+        if let Err(e) = self
+            .sets_api
+            .patch_status(&name, &params, &Patch::Apply(&body))
+            .await
+        {
+            warn!(set = %name, error = %e, "writing NodeImageSet status failed; will retry on the next change");
+        }
+    }
+}
+
+fn waiting(name: &str, state: PullState, attempts: i32) -> NodeImageStatus {
+    NodeImageStatus {
+        name: name.to_string(),
+        state,
+        attempts,
+        last_error: None,
+        reason: None,
+        digest: None,
+        size_bytes: None,
+        pull_duration_millis: None,
+        source: None,
+    }
+}
+
+/// The name the image is stored under: what kubelet will ask for.
+fn store_name(image: &str) -> String {
+    reference::parse(image)
+        .map(|r| r.canonical())
+        .unwrap_or_else(|_| image.to_string())
+}
+
+/// What to pull: the pinned digest when the controller gave one.
+fn source(entry: &NodeImage) -> String {
+    match (reference::parse(&entry.name), &entry.digest) {
+        (Ok(r), Some(d)) => format!("{}/{}@{d}", r.registry, r.repository),
+        (Ok(r), None) => r.canonical(),
+        (Err(_), _) => entry.name.clone(),
+    }
+}
+
+async fn pull_with_retries(
+    config: &Config,
+    runtime: &Runtime,
+    limit: &Semaphore,
+    entry: &NodeImage,
+    retry_limit: i32,
+    tx: &mpsc::Sender<(Key, Outcome)>,
+    key: &Key,
+) -> Result<(Pulled, i32), (String, String, i32)> {
+    let name = store_name(&entry.name);
+    // Already there (kubelet pulled it, or an earlier run of the agent): confirm only.
+    if let Ok(Some((digest, size))) = runtime.image(&name).await
+        && entry.digest.as_ref().is_none_or(|d| *d == digest)
+    {
+        return Ok((
+            Pulled {
+                digest,
+                size,
+                duration: Duration::ZERO,
+            },
+            0,
+        ));
+    }
+    let registry = reference::parse(&entry.name)
+        .map(|r| r.registry)
+        .unwrap_or_default();
+    let attempts = std::sync::atomic::AtomicI32::new(0);
+    let attempt = || async {
+        attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let host_dir = match entry.registry_policy {
+            RegistryPolicy::Default => config.node_hosts_dir.clone(),
+            RegistryPolicy::Mirror => {
+                hosts::prepare_mirror(&config.node_hosts_dir, &config.mirror_hosts_dir, &registry)
+                    .map_err(|e| (e.to_string(), "NoMirror".to_string()))?
+            }
+        };
+        let _permit = limit
+            .acquire()
+            .await
+            .map_err(|e| (e.to_string(), "Stopping".to_string()))?;
+        match tokio::time::timeout(
+            config.pull_timeout,
+            runtime.pull(&source(entry), &name, &host_dir),
+        )
+        .await
+        {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err((
+                format!("pulling {} from {registry}: {e}", entry.name),
+                e.reason().to_string(),
+            )),
+            Err(_) => {
+                let e = PullError::Timeout {
+                    image: entry.name.clone(),
+                    secs: config.pull_timeout.as_secs(),
+                };
+                Err((e.to_string(), e.reason().to_string()))
+            }
+        }
+    };
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(config.backoff_min)
+        .with_max_delay(config.backoff_max)
+        .with_jitter()
+        .with_max_times(retry_limit.max(0) as usize);
+    let result = attempt
+        .retry(backoff)
+        .notify(|(error, reason): &(String, String), wait: Duration| {
+            let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+            warn!(image = %entry.name, %error, retry_in = ?wait, attempt = n, "pull failed; retrying");
+            let _ = tx.try_send((key.clone(), Outcome::Attempt { attempts: n, error: error.clone(), reason: reason.clone() }));
+        })
+        .await;
+    let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    result.map(|p| (p, n)).map_err(|(e, r)| (e, r, n))
+}
+
+/// Status entries by image for one set, for tests and tools.
+pub fn by_image(status: &NodeImageSetStatus) -> BTreeMap<&str, &NodeImageStatus> {
+    status.images.iter().map(|i| (i.name.as_str(), i)).collect()
+}

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::transfer_client::TransferClient;
-use containerd_client::services::v1::{GetImageRequest, ReadContentRequest, TransferRequest};
+use containerd_client::services::v1::{
+    GetImageRequest, ReadContentRequest, TransferRequest, UpdateImageRequest,
+};
 use containerd_client::services::v1::{content_client::ContentClient, images_client::ImagesClient};
 use containerd_client::tonic::Request;
 use containerd_client::tonic::transport::Channel;
@@ -168,6 +170,53 @@ impl Runtime {
         };
         let size = self.manifest_size(&target.digest, &target.media_type).await;
         Ok(Some((target.digest, size)))
+    }
+
+    /// Takes the kubelet-GC pin off `name` (when its ImagePrefetch is gone); the image stays.
+    pub async fn unpin(&self, name: &str) -> Result<(), PullError> {
+        let request = GetImageRequest {
+            name: name.to_string(),
+        };
+        let mut images = ImagesClient::new(self.channel.clone());
+        let image = match images.get(with_namespace!(request, self.namespace)).await {
+            Ok(r) => r.into_inner().image,
+            Err(s) if s.code() == containerd_client::tonic::Code::NotFound => return Ok(()),
+            Err(s) => return Err(PullError::Containerd(s.message().to_string())),
+        };
+        let Some(mut image) = image else {
+            return Ok(());
+        };
+        if image.labels.remove(CRI_PINNED.0).is_none() {
+            return Ok(());
+        }
+        let request = UpdateImageRequest {
+            image: Some(image),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec![format!("labels.{}", CRI_PINNED.0)],
+            }),
+            ..Default::default()
+        };
+        images
+            .update(with_namespace!(request, self.namespace))
+            .await
+            .map_err(|s| PullError::Containerd(s.message().to_string()))?;
+        Ok(())
+    }
+
+    /// Labels of the stored image `name`.
+    pub async fn labels(&self, name: &str) -> Result<HashMap<String, String>, PullError> {
+        let request = GetImageRequest {
+            name: name.to_string(),
+        };
+        let response = ImagesClient::new(self.channel.clone())
+            .get(with_namespace!(request, self.namespace))
+            .await
+            .map_err(|s| PullError::Containerd(s.message().to_string()))?;
+        Ok(response
+            .into_inner()
+            .image
+            .map(|i| i.labels)
+            .unwrap_or_default())
     }
 
     /// Config plus layer bytes of a single manifest; `None` for an index or on any doubt.

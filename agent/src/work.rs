@@ -22,6 +22,7 @@ use crd::{
     RegistryPolicy, keys, reference,
 };
 
+use crate::events::{self, Notice};
 use crate::hosts;
 use crate::pull::{PullError, Pulled, Runtime};
 
@@ -114,6 +115,7 @@ pub async fn run(
     agent.limit = Arc::new(Semaphore::new(agent.config.concurrency.max(1)));
     info!(node = %agent.config.node_name, "image-prefetch agent following this node's NodeImageSets");
     let mut resync = tokio::time::interval(agent.config.resync);
+    let mut deletions = events::watch(agent.config.containerd_socket.clone());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -129,6 +131,13 @@ pub async fn run(
             }
             _ = resync.tick() => {
                 agent.check_present().await;
+                agent.sync().await;
+            }
+            Some(notice) = deletions.recv() => {
+                match notice {
+                    Notice::Deleted(name) => agent.forget(&name),
+                    Notice::CheckAll => agent.check_present().await,
+                }
                 agent.sync().await;
             }
         }
@@ -172,7 +181,16 @@ impl Agent {
             }
             keep
         });
-        self.states.retain(|key, _| wanted.contains_key(key));
+        let withdrawn: Vec<Key> = self
+            .states
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in withdrawn {
+            self.states.remove(&key);
+            self.release(&key.1, &wanted);
+        }
         for (key, (entry, limit)) in wanted {
             let done = self
                 .states
@@ -254,6 +272,34 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// An image no entry asks for any more loses its GC pin (it stays on the
+    /// node; deleting images is not the operator's job).
+    fn release(&self, image: &str, wanted: &HashMap<Key, (NodeImage, i32)>) {
+        let name = store_name(image);
+        if wanted.keys().any(|(_, i)| store_name(i) == name) {
+            return;
+        }
+        let runtime = self.runtime.clone();
+        tokio::spawn(async move {
+            match runtime.unpin(&name).await {
+                Ok(()) => {
+                    info!(image = %name, "no longer prefetched here; released to kubelet's garbage collection")
+                }
+                Err(e) => warn!(image = %name, error = %e, "could not release the GC pin"),
+            }
+        });
+    }
+
+    /// containerd deleted `name`: the entries for it are pulled again.
+    fn forget(&mut self, name: &str) {
+        let before = self.states.len();
+        self.states
+            .retain(|key, s| !(s.state == PullState::Available && store_name(&key.1) == name));
+        if self.states.len() != before {
+            info!(image = %name, "prefetched image was deleted from the node; pulling it again");
         }
     }
 

@@ -90,7 +90,8 @@ async fn pulls_reports_retries_and_repulls() {
         mirror_hosts_dir: dir.join("agent-hosts"),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
-        resync: Duration::from_millis(500),
+        // Long: re-pulls below must come from containerd's delete events.
+        resync: Duration::from_secs(3600),
         ..Config::new("agent-node-a")
     };
     let (stop, stopped) = oneshot::channel::<()>();
@@ -154,6 +155,29 @@ async fn pulls_reports_retries_and_repulls() {
 
     let _ = stop.send(());
     running.await.unwrap().unwrap();
+}
+
+async fn removed_and_pulled_again(node: &Containerd, upstream: &Registry, name: &str) {
+    let gets = || upstream.blob_gets("team/web").values().sum::<usize>();
+    let before = gets();
+    remove_image(node, name).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gets() == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removed image was not pulled again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while runtime.image(name).await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the image did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn remove_image(node: &Containerd, name: &str) {

@@ -1,0 +1,92 @@
+//! containerd's image-delete events, so a prefetched image that is removed
+//! (by hand, or by a GC that ignored the pin) is pulled again at once.
+//!
+//! The subscription is re-made whenever the stream ends or fails (containerd
+//! restarted, socket replaced), with backoff; after every (re)subscription a
+//! full presence check covers what happened while nobody listened.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use containerd_client::services::v1::ImageDelete;
+use containerd_client::services::v1::SubscribeRequest;
+use containerd_client::services::v1::events_client::EventsClient;
+use prost::Message;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::pull::K8S_NAMESPACE;
+
+/// What the watcher tells the agent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// This image was deleted.
+    Deleted(String),
+    /// (Re)subscribed: deletions may have been missed, check everything.
+    CheckAll,
+}
+
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const LAST_RETRY: Duration = Duration::from_secs(10);
+
+/// Starts the watcher; it stops when the receiver is dropped.
+pub fn watch(socket: PathBuf) -> mpsc::Receiver<Notice> {
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        let mut delay = FIRST_RETRY;
+        while !tx.is_closed() {
+            match subscribe(&socket, &tx, &mut delay).await {
+                Ok(()) => debug!("containerd event stream ended; subscribing again"),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?delay, "containerd event stream failed; subscribing again")
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(LAST_RETRY);
+        }
+    });
+    rx
+}
+
+async fn subscribe(
+    socket: &std::path::Path,
+    tx: &mpsc::Sender<Notice>,
+    delay: &mut Duration,
+) -> Result<(), String> {
+    let channel = containerd_client::connect(socket)
+        .await
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    let request = SubscribeRequest {
+        filters: vec![format!(
+            "topic==\"/images/delete\",namespace==\"{K8S_NAMESPACE}\""
+        )],
+    };
+    let mut stream = EventsClient::new(channel)
+        .subscribe(request)
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    info!("following containerd image deletions");
+    *delay = FIRST_RETRY;
+    if tx.send(Notice::CheckAll).await.is_err() {
+        return Ok(());
+    }
+    while let Some(envelope) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        let Some(event) = envelope.event else {
+            continue;
+        };
+        match ImageDelete::decode(event.value.as_slice()) {
+            Ok(deleted) => {
+                if tx.send(Notice::Deleted(deleted.name)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Err(e) => warn!(error = %e, "undecodable image event"),
+        }
+    }
+    Ok(())
+}

@@ -28,6 +28,7 @@ pub enum Notice {
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const LAST_RETRY: Duration = Duration::from_secs(10);
+const SUBSCRIBE_SETTLE: Duration = Duration::from_millis(100);
 
 /// Starts the watcher; it stops when the receiver is dropped.
 pub fn watch(socket: PathBuf) -> mpsc::Receiver<Notice> {
@@ -61,16 +62,27 @@ async fn subscribe(
             "topic==\"/images/delete\",namespace==\"{K8S_NAMESPACE}\""
         )],
     };
-    let mut stream = EventsClient::new(channel)
-        .subscribe(request)
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
+    // containerd answers a subscription only with its first event, so the
+    // response cannot tell when the subscription is in place. Give the request
+    // a moment to reach the server, then check everything: a deletion from
+    // then on is seen by the stream, one before it by the check.
+    let mut events = EventsClient::new(channel);
+    let subscription = events.subscribe(request);
+    tokio::pin!(subscription);
+    let early = tokio::select! {
+        response = &mut subscription => Some(response),
+        _ = tokio::time::sleep(SUBSCRIBE_SETTLE) => None,
+    };
     info!("following containerd image deletions");
     *delay = FIRST_RETRY;
     if tx.send(Notice::CheckAll).await.is_err() {
         return Ok(());
     }
+    let response = match early {
+        Some(r) => r,
+        None => subscription.await,
+    };
+    let mut stream = response.map_err(|s| s.message().to_string())?.into_inner();
     while let Some(envelope) = stream
         .message()
         .await

@@ -69,6 +69,9 @@ async fn wait_status<F: Fn(&crd::NodeImageSetStatus) -> bool>(
 
 #[tokio::test]
 async fn pulls_reports_retries_and_repulls() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        std::mem::forget(telemetry::init("agent-tests"));
+    }
     let client = testbed::shared::client().await;
     let dir = workdir("agent");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
@@ -140,18 +143,49 @@ async fn pulls_reports_retries_and_repulls() {
     );
     assert_eq!(st.available, 1);
 
+    // Kept from kubelet's image garbage collection while prefetched.
+    let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
+    let labels = runtime.labels(&image.reference).await.unwrap();
+    assert_eq!(
+        labels.get("io.cri-containerd.pinned").map(String::as_str),
+        Some("pinned")
+    );
+
     // Removed from the node behind the agent's back: pulled again.
-    let gets_before = upstream.blob_gets("team/web").values().sum::<usize>();
-    remove_image(&node, &image.reference).await;
+    removed_and_pulled_again(&node, &upstream, &image.reference).await;
+    wait_status(&client, "agent-a", "Available again", |s| s.available == 1).await;
+
+    // containerd restarts: the agent subscribes again and still notices.
+    // Whether the deletion lands before or after the agent re-subscribes, only
+    // the re-subscription (event, or its catch-up check) can bring it back:
+    // the periodic resync is an hour away.
+    let node_dir = node.dir.clone();
+    node.kill();
+    let node = Containerd::start(&node_dir).unwrap();
+    removed_and_pulled_again(&node, &upstream, &image.reference).await;
+
+    // No longer listed: the pin comes off, the image stays.
+    set(
+        &client,
+        "agent-a",
+        "agent-node-a",
+        json!([{"name": missing, "registryPolicy": "Mirror"}]),
+        2,
+    )
+    .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while upstream.blob_gets("team/web").values().sum::<usize>() == gets_before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the removed image was not pulled again"
-        );
+    loop {
+        let labels = runtime.labels(&image.reference).await.unwrap();
+        if !labels.contains_key("io.cri-containerd.pinned") {
+            assert_eq!(
+                labels.get("io.cri-containerd.image").map(String::as_str),
+                Some("managed")
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "pin not released");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_status(&client, "agent-a", "Available again", |s| s.available == 1).await;
 
     let _ = stop.send(());
     running.await.unwrap().unwrap();

@@ -44,6 +44,8 @@ state = "{state}"
             hosts = hosts_dir.display(),
         );
         std::fs::write(&config, toml).map_err(io_err(&config))?;
+        // A socket left by a killed predecessor would look like readiness.
+        let _ = std::fs::remove_file(&socket);
         let log = dir.join("containerd.log");
         let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&config);

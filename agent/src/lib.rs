@@ -2,6 +2,7 @@
 //! NodeImageSets, pulls their images through the node's containerd with the
 //! policy each entry names, and reports per-image state back.
 
+pub mod credentials;
 pub mod events;
 pub mod hosts;
 pub mod pull;

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use containerd_client::services::v1::StreamInit;
+use containerd_client::services::v1::streaming_client::StreamingClient;
 use containerd_client::services::v1::transfer_client::TransferClient;
 use containerd_client::services::v1::{
     GetImageRequest, ReadContentRequest, TransferRequest, UpdateImageRequest,
@@ -14,8 +16,14 @@ use containerd_client::tonic::Request;
 use containerd_client::tonic::transport::Channel;
 use containerd_client::types::Platform;
 use containerd_client::types::transfer::{
-    ImageStore, OciRegistry, RegistryResolver, UnpackConfiguration,
+    AuthRequest, AuthResponse, AuthType, ImageStore, OciRegistry, RegistryResolver,
+    UnpackConfiguration,
 };
+use prost::Message;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+
+use crate::credentials::{Credential, Keyring};
 use containerd_client::{to_any, with_namespace};
 use futures::StreamExt;
 use tracing::instrument;
@@ -105,18 +113,29 @@ impl Runtime {
 
     /// Pulls `source` (a tag or digest reference) and stores it as `name`,
     /// resolving registries through the hosts.toml files of `host_dir`.
-    #[instrument(skip(self, host_dir), fields(host_dir = %host_dir.display()))]
+    /// Credentials, when `keyring` has any for the repository, are answered on
+    /// containerd's auth stream host by host, only for hosts the secrets name
+    /// (so never to an in-cluster mirror).
+    #[instrument(skip(self, host_dir, keyring), fields(host_dir = %host_dir.display()))]
     pub async fn pull(
         &self,
         source: &str,
         name: &str,
         host_dir: &Path,
+        keyring: Option<(Keyring, String)>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
+        let auth = match keyring {
+            Some((ring, repository)) if !ring.is_empty() => {
+                Some(self.auth_stream(ring, repository).await?)
+            }
+            _ => None,
+        };
         let registry = OciRegistry {
             reference: source.to_string(),
             resolver: Some(RegistryResolver {
                 host_dir: host_dir.display().to_string(),
+                auth_stream: auth.as_ref().map(|a| a.id.clone()).unwrap_or_default(),
                 ..Default::default()
             }),
         };
@@ -138,10 +157,11 @@ impl Runtime {
             destination: Some(to_any(&store)),
             options: None,
         };
-        TransferClient::new(self.channel.clone())
+        let transferred = TransferClient::new(self.channel.clone())
             .transfer(with_namespace!(request, self.namespace))
-            .await
-            .map_err(|s| PullError::Containerd(s.message().to_string()))?;
+            .await;
+        drop(auth);
+        transferred.map_err(|s| PullError::Containerd(s.message().to_string()))?;
         let (digest, size) = self.image(name).await?.ok_or_else(|| {
             PullError::Containerd(format!("{name} is missing right after its pull"))
         })?;
@@ -170,6 +190,61 @@ impl Runtime {
         };
         let size = self.manifest_size(&target.digest, &target.media_type).await;
         Ok(Some((target.digest, size)))
+    }
+
+    /// Opens a stream containerd asks for credentials on while a transfer runs.
+    async fn auth_stream(
+        &self,
+        keyring: Keyring,
+        repository: String,
+    ) -> Result<AuthStream, PullError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let id = format!(
+            "image-prefetch-auth-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let (tx, rx) = mpsc::channel::<prost_types::Any>(4);
+        let failed = |s: containerd_client::tonic::Status| {
+            PullError::Containerd(format!("auth stream: {}", s.message()))
+        };
+        tx.send(to_any(&StreamInit { id: id.clone() }))
+            .await
+            .map_err(|_| PullError::Containerd("auth stream closed".into()))?;
+        let outbound =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        let mut inbound = StreamingClient::new(self.channel.clone())
+            .stream(with_namespace!(outbound, self.namespace))
+            .await
+            .map_err(failed)?
+            .into_inner();
+        // containerd acknowledges once the stream is registered under `id`.
+        inbound.message().await.map_err(failed)?;
+        let task = tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                let Ok(request) = AuthRequest::decode(message.value.as_slice()) else {
+                    continue;
+                };
+                let response = match keyring.lookup(&request.host, &repository) {
+                    Some(Credential::Basic { username, password }) => AuthResponse {
+                        auth_type: AuthType::Credentials as i32,
+                        username: username.clone(),
+                        secret: password.clone(),
+                        ..Default::default()
+                    },
+                    Some(Credential::IdentityToken(token)) => AuthResponse {
+                        auth_type: AuthType::Refresh as i32,
+                        secret: token.clone(),
+                        ..Default::default()
+                    },
+                    None => AuthResponse::default(),
+                };
+                if tx.send(to_any(&response)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(AuthStream { id, task })
     }
 
     /// Takes the kubelet-GC pin off `name` (when its ImagePrefetch is gone); the image stays.
@@ -246,6 +321,18 @@ impl Runtime {
             .filter_map(|l| l["size"].as_i64())
             .sum();
         Some(config + layers)
+    }
+}
+
+/// A registered auth stream; dropping it ends the stream.
+struct AuthStream {
+    id: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AuthStream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

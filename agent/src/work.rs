@@ -19,9 +19,10 @@ use tracing::{info, warn};
 
 use crd::{
     NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullSource, PullState,
-    RegistryPolicy, keys, reference,
+    RegistryPolicy, SecretReference, keys, reference,
 };
 
+use crate::credentials::Keyring;
 use crate::events::{self, Notice};
 use crate::hosts;
 use crate::pull::{PullError, Pulled, Runtime};
@@ -103,6 +104,7 @@ pub async fn run(
         .boxed();
     let (tx, mut rx) = mpsc::channel::<(Key, Outcome)>(64);
     let mut agent = Agent {
+        client,
         config: Arc::new(config),
         runtime,
         sets_api,
@@ -149,6 +151,7 @@ pub async fn run(
 }
 
 struct Agent {
+    client: kube::Client,
     config: Arc<Config>,
     runtime: Runtime,
     sets_api: Api<NodeImageSet>,
@@ -164,18 +167,22 @@ impl Agent {
     /// listed, and writes every status that changed.
     async fn sync(&mut self) {
         let sets = self.store.state();
-        let mut wanted: HashMap<Key, (NodeImage, i32)> = HashMap::new();
+        let mut wanted: HashMap<Key, Wanted> = HashMap::new();
         for set in &sets {
             for entry in &set.spec.image_set {
                 wanted.insert(
                     (set.name_any(), entry.name.clone()),
-                    (entry.clone(), set.spec.image_download_retry_limit),
+                    Wanted {
+                        entry: entry.clone(),
+                        retry_limit: set.spec.image_download_retry_limit,
+                        secrets: set.spec.image_pull_secrets.clone(),
+                    },
                 );
             }
         }
         // Entries withdrawn (a replaced seed) or changed (policy, pinned digest) stop.
         self.tasks.retain(|key, task| {
-            let keep = wanted.get(key).is_some_and(|(e, _)| *e == task.entry);
+            let keep = wanted.get(key).is_some_and(|w| w.entry == task.entry);
             if !keep {
                 task.handle.abort();
             }
@@ -191,13 +198,13 @@ impl Agent {
             self.states.remove(&key);
             self.release(&key.1, &wanted);
         }
-        for (key, (entry, limit)) in wanted {
+        for (key, w) in wanted {
             let done = self
                 .states
                 .get(&key)
                 .is_some_and(|s| matches!(s.state, PullState::Available | PullState::Failed));
             if !done && !self.tasks.contains_key(&key) {
-                self.start(key, entry, limit);
+                self.start(key, w);
             }
         }
         for set in &sets {
@@ -205,30 +212,25 @@ impl Agent {
         }
     }
 
-    fn start(&mut self, key: Key, entry: NodeImage, retry_limit: i32) {
-        self.states
-            .insert(key.clone(), waiting(&entry.name, PullState::Pulling, 0));
-        let (config, runtime, limit, tx) = (
-            self.config.clone(),
-            self.runtime.clone(),
-            self.limit.clone(),
-            self.tx.clone(),
+    fn start(&mut self, key: Key, wanted: Wanted) {
+        self.states.insert(
+            key.clone(),
+            waiting(&wanted.entry.name, PullState::Pulling, 0),
         );
-        let task_entry = entry.clone();
-        let task_key = key.clone();
+        let job = Job {
+            config: self.config.clone(),
+            client: self.client.clone(),
+            runtime: self.runtime.clone(),
+            limit: self.limit.clone(),
+            tx: self.tx.clone(),
+            key: key.clone(),
+            wanted: wanted.clone(),
+        };
         let handle = tokio::spawn(async move {
-            let outcome = pull_with_retries(
-                &config,
-                &runtime,
-                &limit,
-                &task_entry,
-                retry_limit,
-                &tx,
-                &task_key,
-            )
-            .await;
-            let _ = tx.send((task_key, Outcome::Done(outcome))).await;
+            let outcome = job.pull_with_retries().await;
+            let _ = job.tx.send((job.key.clone(), Outcome::Done(outcome))).await;
         });
+        let entry = wanted.entry;
         self.tasks.insert(key, Task { entry, handle });
     }
 
@@ -277,7 +279,7 @@ impl Agent {
 
     /// An image no entry asks for any more loses its GC pin (it stays on the
     /// node; deleting images is not the operator's job).
-    fn release(&self, image: &str, wanted: &HashMap<Key, (NodeImage, i32)>) {
+    fn release(&self, image: &str, wanted: &HashMap<Key, Wanted>) {
         let name = store_name(image);
         if wanted.keys().any(|(_, i)| store_name(i) == name) {
             return;
@@ -387,52 +389,104 @@ fn source(entry: &NodeImage) -> String {
     }
 }
 
-async fn pull_with_retries(
-    config: &Config,
-    runtime: &Runtime,
-    limit: &Semaphore,
-    entry: &NodeImage,
+/// What one entry asks for.
+#[derive(Clone, Debug)]
+struct Wanted {
+    entry: NodeImage,
     retry_limit: i32,
-    tx: &mpsc::Sender<(Key, Outcome)>,
-    key: &Key,
-) -> Result<(Pulled, i32), (String, String, i32)> {
-    let name = store_name(&entry.name);
-    // Already there (kubelet pulled it, or an earlier run of the agent): confirm only.
-    if let Ok(Some((digest, size))) = runtime.image(&name).await
-        && entry.digest.as_ref().is_none_or(|d| *d == digest)
-    {
-        return Ok((
-            Pulled {
-                digest,
-                size,
-                duration: Duration::ZERO,
-            },
-            0,
-        ));
-    }
-    let registry = reference::parse(&entry.name)
-        .map(|r| r.registry)
-        .unwrap_or_default();
-    let attempts = std::sync::atomic::AtomicI32::new(0);
-    let attempt = || async {
-        attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let host_dir = match entry.registry_policy {
-            RegistryPolicy::Default => config.node_hosts_dir.clone(),
-            RegistryPolicy::Mirror => {
-                hosts::prepare_mirror(&config.node_hosts_dir, &config.mirror_hosts_dir, &registry)
-                    .map_err(|e| (e.to_string(), "NoMirror".to_string()))?
-            }
+    secrets: Vec<SecretReference>,
+}
+
+/// One entry's pull, with everything it needs.
+struct Job {
+    config: Arc<Config>,
+    client: kube::Client,
+    runtime: Runtime,
+    limit: Arc<Semaphore>,
+    tx: mpsc::Sender<(Key, Outcome)>,
+    key: Key,
+    wanted: Wanted,
+}
+
+impl Job {
+    async fn pull_with_retries(&self) -> Result<(Pulled, i32), (String, String, i32)> {
+        let entry = &self.wanted.entry;
+        let name = store_name(&entry.name);
+        // Already there (kubelet pulled it, or an earlier run of the agent): confirm only.
+        if let Ok(Some((digest, size))) = self.runtime.image(&name).await
+            && entry.digest.as_ref().is_none_or(|d| *d == digest)
+        {
+            return Ok((
+                Pulled {
+                    digest,
+                    size,
+                    duration: Duration::ZERO,
+                },
+                0,
+            ));
+        }
+        let attempts = std::sync::atomic::AtomicI32::new(0);
+        let attempt = || async {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.attempt(&name).await
         };
-        let _permit = limit
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.config.backoff_min)
+            .with_max_delay(self.config.backoff_max)
+            .with_jitter()
+            .with_max_times(self.wanted.retry_limit.max(0) as usize);
+        let result = attempt
+            .retry(backoff)
+            .notify(|(error, reason): &(String, String), wait: Duration| {
+                let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+                warn!(image = %entry.name, %error, retry_in = ?wait, attempt = n, "pull failed; retrying");
+                let progress = Outcome::Attempt {
+                    attempts: n,
+                    error: error.clone(),
+                    reason: reason.clone(),
+                };
+                let _ = self.tx.try_send((self.key.clone(), progress));
+            })
+            .await;
+        let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+        result.map(|p| (p, n)).map_err(|(e, r)| (e, r, n))
+    }
+
+    /// One attempt; the error is (message, reason).
+    async fn attempt(&self, name: &str) -> Result<Pulled, (String, String)> {
+        let entry = &self.wanted.entry;
+        let parsed = reference::parse(&entry.name).ok();
+        let registry = parsed
+            .as_ref()
+            .map(|r| r.registry.clone())
+            .unwrap_or_default();
+        let repository = parsed.map(|r| r.repository).unwrap_or_default();
+        let host_dir = match entry.registry_policy {
+            RegistryPolicy::Default => self.config.node_hosts_dir.clone(),
+            RegistryPolicy::Mirror => hosts::prepare_mirror(
+                &self.config.node_hosts_dir,
+                &self.config.mirror_hosts_dir,
+                &registry,
+            )
+            .map_err(|e| (e.to_string(), "NoMirror".to_string()))?,
+        };
+        // Read at every attempt: a secret created or fixed after a failure is used on the next try.
+        let keyring = if self.wanted.secrets.is_empty() {
+            None
+        } else {
+            let ring = Keyring::load(&self.client, &self.wanted.secrets)
+                .await
+                .map_err(|e| (e.to_string(), e.reason().to_string()))?;
+            Some((ring, repository))
+        };
+        let _permit = self
+            .limit
             .acquire()
             .await
             .map_err(|e| (e.to_string(), "Stopping".to_string()))?;
-        match tokio::time::timeout(
-            config.pull_timeout,
-            runtime.pull(&source(entry), &name, &host_dir),
-        )
-        .await
-        {
+        let source = source(entry);
+        let pull = self.runtime.pull(&source, name, &host_dir, keyring);
+        match tokio::time::timeout(self.config.pull_timeout, pull).await {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(e)) => Err((
                 format!("pulling {} from {registry}: {e}", entry.name),
@@ -441,27 +495,12 @@ async fn pull_with_retries(
             Err(_) => {
                 let e = PullError::Timeout {
                     image: entry.name.clone(),
-                    secs: config.pull_timeout.as_secs(),
+                    secs: self.config.pull_timeout.as_secs(),
                 };
                 Err((e.to_string(), e.reason().to_string()))
             }
         }
-    };
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(config.backoff_min)
-        .with_max_delay(config.backoff_max)
-        .with_jitter()
-        .with_max_times(retry_limit.max(0) as usize);
-    let result = attempt
-        .retry(backoff)
-        .notify(|(error, reason): &(String, String), wait: Duration| {
-            let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
-            warn!(image = %entry.name, %error, retry_in = ?wait, attempt = n, "pull failed; retrying");
-            let _ = tx.try_send((key.clone(), Outcome::Attempt { attempts: n, error: error.clone(), reason: reason.clone() }));
-        })
-        .await;
-    let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
-    result.map(|p| (p, n)).map_err(|(e, r)| (e, r, n))
+    }
 }
 
 /// Status entries by image for one set, for tests and tools.

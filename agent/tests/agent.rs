@@ -229,3 +229,146 @@ async fn remove_image(node: &Containerd, name: &str) {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn pulls_with_credentials_from_pull_secrets() {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    use kube::api::PostParams;
+
+    const PASSWORD: &str = "s3cr3t-pw-7731";
+    let client = testbed::shared::client().await;
+    let dir = workdir("creds");
+    let registry = Registry::start_with_login(&dir.join("private"), "puller", PASSWORD).unwrap();
+    let work = dir.join("images");
+    let login = Some(("puller", PASSWORD));
+    let web =
+        images::build_and_push_as(&work, &registry.host, "team/private", "1", &[2 * MB], login)
+            .unwrap();
+    let other =
+        images::build_and_push_as(&work, &registry.host, "team/other", "1", &[MB], login).unwrap();
+    let third =
+        images::build_and_push_as(&work, &registry.host, "team/third", "1", &[MB], login).unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])
+        .unwrap();
+
+    let ns = "agent-creds";
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await;
+    let config_json =
+        json!({"auths": {registry.host.clone(): {"username": "puller", "password": PASSWORD}}});
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("regcred".into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(
+            [(
+                ".dockerconfigjson".to_string(),
+                ByteString(config_json.to_string().into_bytes()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let _ = secrets.create(&PostParams::default(), &secret).await;
+
+    // The real binary, so that its whole log output can be searched for the password.
+    let log_path = dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent_process = std::process::Command::new(env!("CARGO_BIN_EXE_image-prefetch-agent"))
+        .args(["--node-name", "agent-node-b", "--containerd-socket"])
+        .arg(&node.socket)
+        .arg("--registry-config-dir")
+        .arg(&node.hosts_dir)
+        .arg("--mirror-config-dir")
+        .arg(dir.join("agent-hosts"))
+        .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
+        .env("RUST_LOG", "debug")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    let with_secrets = |set: &str, image: &str, secret: &str| {
+        let (client, set, image, secret) = (
+            client.clone(),
+            set.to_string(),
+            image.to_string(),
+            secret.to_string(),
+        );
+        async move {
+            let api: Api<NodeImageSet> = Api::all(client.clone());
+            let obj = json!({
+                "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+                "metadata": {"name": set, "labels": {keys::NODE: "agent-node-b"}},
+                "spec": {"nodeName": "agent-node-b", "imageDownloadRetryLimit": 1,
+                         "imageSet": [{"name": image, "registryPolicy": "Default"}],
+                         "imagePullSecrets": if secret.is_empty() { json!([]) } else { json!([{"namespace": ns, "name": secret}]) }},
+            });
+            api.patch(
+                &set,
+                &PatchParams::apply("test-controller").force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    with_secrets("creds-ok", &web.reference, "regcred").await;
+    with_secrets("creds-missing", &other.reference, "no-such-secret").await;
+    with_secrets("creds-none", &third.reference, "").await;
+
+    let ok = wait_status(&client, "creds-ok", "Available with the secret", |s| {
+        s.available == 1
+    })
+    .await;
+    assert_eq!(ok.images[0].digest.as_deref(), Some(web.digest.as_str()));
+
+    let missing = wait_status(&client, "creds-missing", "SecretNotFound", |s| {
+        s.images.iter().any(|i| i.state == PullState::Failed)
+    })
+    .await;
+    assert_eq!(missing.images[0].reason.as_deref(), Some("SecretNotFound"));
+    assert!(
+        missing.images[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("agent-creds/no-such-secret")
+    );
+
+    let none = wait_status(&client, "creds-none", "Unauthorized", |s| {
+        s.images.iter().any(|i| i.state == PullState::Failed)
+    })
+    .await;
+    assert_eq!(
+        none.images[0].reason.as_deref(),
+        Some("Unauthorized"),
+        "{:?}",
+        none.images[0]
+    );
+
+    // The password is nowhere in what the agent wrote.
+    let api: Api<NodeImageSet> = Api::all(client.clone());
+    for set in ["creds-ok", "creds-missing", "creds-none"] {
+        let text = serde_json::to_string(&api.get(set).await.unwrap()).unwrap();
+        assert!(!text.contains(PASSWORD), "{set} leaks the password");
+    }
+    let _ = agent_process.kill();
+    let _ = agent_process.wait();
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logged.contains("image present"),
+        "the log is the agent's: {}",
+        &logged[..logged.len().min(2000)]
+    );
+    assert!(!logged.contains(PASSWORD), "the agent logged the password");
+}

@@ -36,7 +36,7 @@ async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
 
     let runtime = Runtime::connect(&node.socket).await.unwrap();
     let pulled = runtime
-        .pull(&image.reference, &image.reference, &node.hosts_dir)
+        .pull(&image.reference, &image.reference, &node.hosts_dir, None)
         .await
         .unwrap();
     assert_eq!(pulled.digest, image.digest);
@@ -84,7 +84,7 @@ async fn mirror_pull_never_reaches_the_upstream() {
         hosts::prepare_mirror(&node.hosts_dir, &dir.join("agent-hosts"), &upstream.host).unwrap();
     let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
     let pulled = runtime
-        .pull(&pinned, &image.reference, &mirror_dir)
+        .pull(&pinned, &image.reference, &mirror_dir, None)
         .await
         .unwrap();
     assert_eq!(pulled.digest, image.digest);
@@ -105,7 +105,7 @@ async fn mirror_pull_never_reaches_the_upstream() {
         images::build_and_push(&work, &upstream.host, "team/other", "1.0", &[MB]).unwrap();
     let before = upstream.requests().len();
     let err = runtime
-        .pull(&missing.reference, &missing.reference, &mirror_dir)
+        .pull(&missing.reference, &missing.reference, &mirror_dir, None)
         .await
         .unwrap_err();
     assert_eq!(

@@ -52,6 +52,18 @@ pub fn build_and_push(
     tag: &str,
     layer_sizes: &[usize],
 ) -> Result<Image> {
+    build_and_push_as(work, registry, repository, tag, layer_sizes, None)
+}
+
+/// [`build_and_push`] to a registry that wants a login.
+pub fn build_and_push_as(
+    work: &Path,
+    registry: &str,
+    repository: &str,
+    tag: &str,
+    layer_sizes: &[usize],
+    login: Option<(&str, &str)>,
+) -> Result<Image> {
     let skopeo = require_tool("skopeo")?;
     let tar = require_tool("tar")?;
     let layout = work.join(format!("{}-{tag}", repository.replace('/', "_")));
@@ -123,14 +135,18 @@ pub fn build_and_push(
     write("index.json", index)?;
 
     let reference = format!("{registry}/{repository}:{tag}");
-    let out = Command::new(&skopeo)
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--preserve-digests",
-        ])
+    let mut copy = Command::new(&skopeo);
+    copy.args([
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+    ]);
+    if let Some((user, password)) = login {
+        copy.arg(format!("--dest-creds={user}:{password}"));
+    }
+    let out = copy
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{reference}"))
         .output()

@@ -19,15 +19,36 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, None)
+    }
+
+    /// A registry that only serves (and accepts) `user` with `password`.
+    pub fn start_with_login(dir: &Path, user: &str, password: &str) -> Result<Self> {
+        Self::start_with(dir, Some((user, password)))
+    }
+
+    fn start_with(dir: &Path, login: Option<(&str, &str)>) -> Result<Self> {
         let bin = require_tool("docker-registry")?;
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let [port] = free_ports()?;
         let host = format!("127.0.0.1:{port}");
         let config = dir.join("config.yml");
-        let yaml = format!(
+        let mut yaml = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
             dir.join("data").display()
         );
+        if let Some((user, password)) = login {
+            let htpasswd = dir.join("htpasswd");
+            let out = Command::new(require_tool("htpasswd")?)
+                .args(["-Bbn", user, password])
+                .output()
+                .map_err(io_err(&htpasswd))?;
+            std::fs::write(&htpasswd, &out.stdout).map_err(io_err(&htpasswd))?;
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: image-prefetch-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
         std::fs::write(&config, yaml).map_err(io_err(&config))?;
         let log = dir.join("registry.log");
         let mut cmd = Command::new(bin);
@@ -48,7 +69,8 @@ impl Registry {
                     log: self.log.display().to_string(),
                 });
             }
-            if get_status(&self.host, "/v2/").is_ok_and(|code| code == 200) {
+            // 401 is ready too: a registry with a login answers that to anonymous clients.
+            if get_status(&self.host, "/v2/").is_ok_and(|code| code == 200 || code == 401) {
                 return Ok(());
             }
             if Instant::now() > deadline {

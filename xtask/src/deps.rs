@@ -18,6 +18,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "the OCI registries the agent tests pull from",
     ),
     ("skopeo", "pushes the test images built by the test bed"),
+    (
+        "apache2-utils",
+        "htpasswd, for the test registry that wants a login",
+    ),
 ];
 
 fn installed(package: &str) -> bool {

@@ -1,0 +1,396 @@
+//! Registry credentials from image pull secrets (`kubernetes.io/dockerconfigjson`
+//! and the legacy `kubernetes.io/dockercfg`), matched to a registry host the
+//! way kubelet matches them. Nothing here ever prints a secret: [`Credential`]
+//! has no Debug or Display that shows it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use serde::Deserialize;
+
+use crd::SecretReference;
+
+/// One registry login.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// An identity (refresh) token for an OAuth2 token server.
+    IdentityToken(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+            Credential::IdentityToken(_) => write!(f, "IdentityToken(<redacted>)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error(
+        "image pull secret {namespace}/{name} not found: create it, or remove it from the ImagePrefetch's imagePullSecrets"
+    )]
+    NotFound { namespace: String, name: String },
+    #[error("image pull secret {namespace}/{name} cannot be used: {why}")]
+    Invalid {
+        namespace: String,
+        name: String,
+        why: String,
+    },
+    #[error("reading image pull secret {namespace}/{name}: {message}")]
+    Api {
+        namespace: String,
+        name: String,
+        message: String,
+    },
+}
+
+impl CredentialError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CredentialError::NotFound { .. } => "SecretNotFound",
+            CredentialError::Invalid { .. } => "SecretInvalid",
+            CredentialError::Api { .. } => "SecretUnreadable",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct DockerConfigJson {
+    #[serde(default)]
+    auths: BTreeMap<String, Entry>,
+}
+
+#[derive(Deserialize, Default)]
+struct Entry {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    identitytoken: Option<String>,
+}
+
+/// Where a credential applies: a host (possibly `*.`-wildcarded, possibly
+/// with a port) and an optional repository path prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Scope {
+    host: String,
+    path: String,
+}
+
+/// Every credential of a node's referenced secrets, most specific first.
+#[derive(Clone, Debug, Default)]
+pub struct Keyring {
+    entries: Vec<(Scope, Credential)>,
+}
+
+const DOCKER_HUB_HOSTS: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+fn normalise_host(host: &str) -> String {
+    let host = host.to_ascii_lowercase();
+    if DOCKER_HUB_HOSTS.contains(&host.as_str()) {
+        "docker.io".to_string()
+    } else {
+        host
+    }
+}
+
+fn scope(key: &str) -> Scope {
+    let rest = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = normalise_host(host);
+    // Docker Hub's legacy key "https://index.docker.io/v1/" names the whole registry.
+    let path = if host == "docker.io"
+        && (path == "v1" || path == "v1/" || path == "v2" || path == "v2/")
+    {
+        ""
+    } else {
+        path.trim_end_matches('/')
+    };
+    Scope {
+        host,
+        path: path.to_string(),
+    }
+}
+
+fn host_matches(pattern: &str, host: &str) -> bool {
+    let split = |h: &str| -> (String, Option<String>) {
+        match h.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => {
+                (name.to_string(), Some(port.to_string()))
+            }
+            _ => (h.to_string(), None),
+        }
+    };
+    let (p_name, p_port) = split(pattern);
+    let (h_name, h_port) = split(host);
+    if p_port != h_port {
+        return false;
+    }
+    let p: Vec<&str> = p_name.split('.').collect();
+    let h: Vec<&str> = h_name.split('.').collect();
+    p.len() == h.len() && p.iter().zip(&h).all(|(a, b)| *a == "*" || a == b)
+}
+
+fn decode(entry: Entry) -> Result<Credential, String> {
+    if let Some(token) = entry.identitytoken.filter(|t| !t.is_empty()) {
+        return Ok(Credential::IdentityToken(token));
+    }
+    if let (Some(username), Some(password)) = (entry.username.clone(), entry.password.clone())
+        && !username.is_empty()
+    {
+        return Ok(Credential::Basic { username, password });
+    }
+    let auth = entry
+        .auth
+        .ok_or("an entry has neither auth, username/password nor identitytoken")?;
+    let bytes = base64_decode(&auth).ok_or("an auth field is not base64")?;
+    let text = String::from_utf8(bytes).map_err(|_| "an auth field is not UTF-8")?;
+    let (username, password) = text
+        .split_once(':')
+        .ok_or("an auth field is not user:password")?;
+    Ok(Credential::Basic {
+        username: username.to_string(),
+        password: password.to_string(),
+    })
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let clean: Vec<u8> = s
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
+    for chunk in clean.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes),
+            3 => out.extend_from_slice(&bytes[..2]),
+            2 => out.push(bytes[0]),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+impl Keyring {
+    /// Adds the credentials of one secret's data.
+    fn add(&mut self, data: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
+        // serde_json's messages can quote the input, so only positions are reported.
+        let auths: BTreeMap<String, Entry> = if let Some(json) = data.get(".dockerconfigjson") {
+            serde_json::from_slice::<DockerConfigJson>(json)
+                .map_err(|e| {
+                    format!(
+                        ".dockerconfigjson is not valid JSON (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    )
+                })?
+                .auths
+        } else if let Some(json) = data.get(".dockercfg") {
+            serde_json::from_slice(json).map_err(|e| {
+                format!(
+                    ".dockercfg is not valid JSON (line {}, column {})",
+                    e.line(),
+                    e.column()
+                )
+            })?
+        } else {
+            return Err("it has neither .dockerconfigjson nor .dockercfg".into());
+        };
+        for (key, entry) in auths {
+            self.entries.push((scope(&key), decode(entry)?));
+        }
+        // Longest path first: a repository-specific login wins over a registry-wide one.
+        self.entries
+            .sort_by(|a, b| b.0.path.len().cmp(&a.0.path.len()));
+        Ok(())
+    }
+
+    /// Reads the referenced secrets. Each is read by name: the agent lists
+    /// and watches no secrets.
+    pub async fn load(
+        client: &kube::Client,
+        refs: &[SecretReference],
+    ) -> Result<Keyring, CredentialError> {
+        let mut ring = Keyring::default();
+        for r in refs {
+            let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
+            let secret = match api.get_opt(&r.name).await {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    return Err(CredentialError::NotFound {
+                        namespace: r.namespace.clone(),
+                        name: r.name.clone(),
+                    });
+                }
+                Err(e) => {
+                    return Err(CredentialError::Api {
+                        namespace: r.namespace.clone(),
+                        name: r.name.clone(),
+                        message: e.to_string(),
+                    });
+                }
+            };
+            let data: BTreeMap<String, Vec<u8>> = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            ring.add(&data).map_err(|why| CredentialError::Invalid {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                why,
+            })?;
+        }
+        Ok(ring)
+    }
+
+    /// The credential for `host` (as containerd contacts it) and `repository`.
+    pub fn lookup(&self, host: &str, repository: &str) -> Option<&Credential> {
+        let host = normalise_host(host);
+        self.entries
+            .iter()
+            .find(|(s, _)| {
+                host_matches(&s.host, &host)
+                    && (s.path.is_empty()
+                        || repository == s.path
+                        || repository.starts_with(&format!("{}/", s.path)))
+            })
+            .map(|(_, c)| c)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(json: &str) -> Keyring {
+        let mut r = Keyring::default();
+        r.add(&[(".dockerconfigjson".to_string(), json.as_bytes().to_vec())].into())
+            .unwrap();
+        r
+    }
+
+    fn basic(u: &str, p: &str) -> Credential {
+        Credential::Basic {
+            username: u.into(),
+            password: p.into(),
+        }
+    }
+
+    #[test]
+    fn auth_field_and_username_password_both_work() {
+        // "dXNlcjpzM2NyM3Q=" is "user:s3cr3t"
+        let r = ring(
+            r#"{"auths":{"registry.example.com":{"auth":"dXNlcjpzM2NyM3Q="},"other.example.com":{"username":"u","password":"p"}}}"#,
+        );
+        assert_eq!(
+            r.lookup("registry.example.com", "team/app"),
+            Some(&basic("user", "s3cr3t"))
+        );
+        assert_eq!(r.lookup("other.example.com", "x"), Some(&basic("u", "p")));
+        assert_eq!(r.lookup("third.example.com", "x"), None);
+    }
+
+    #[test]
+    fn docker_hub_aliases_match_each_other() {
+        let r =
+            ring(r#"{"auths":{"https://index.docker.io/v1/":{"username":"hub","password":"p"}}}"#);
+        assert!(
+            r.lookup("registry-1.docker.io", "library/busybox")
+                .is_some()
+        );
+        assert!(r.lookup("docker.io", "library/busybox").is_some());
+    }
+
+    #[test]
+    fn ports_paths_and_wildcards_match_like_kubelet() {
+        let r = ring(
+            r#"{"auths":{
+            "registry.example.com:5000":{"username":"port","password":"p"},
+            "registry.example.com/team":{"username":"team","password":"p"},
+            "registry.example.com":{"username":"all","password":"p"},
+            "*.example.org":{"username":"wild","password":"p"}}}"#,
+        );
+        assert_eq!(
+            r.lookup("registry.example.com:5000", "x"),
+            Some(&basic("port", "p"))
+        );
+        assert_eq!(
+            r.lookup("registry.example.com", "team/app"),
+            Some(&basic("team", "p"))
+        );
+        assert_eq!(
+            r.lookup("registry.example.com", "teammate/app"),
+            Some(&basic("all", "p"))
+        );
+        assert_eq!(r.lookup("a.example.org", "x"), Some(&basic("wild", "p")));
+        assert_eq!(r.lookup("a.b.example.org", "x"), None);
+    }
+
+    #[test]
+    fn identity_tokens_and_legacy_dockercfg() {
+        let mut r = Keyring::default();
+        r.add(
+            &[(
+                ".dockercfg".to_string(),
+                br#"{"quay.example.com":{"identitytoken":"tok"}}"#.to_vec(),
+            )]
+            .into(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.lookup("quay.example.com", "x"),
+            Some(&Credential::IdentityToken("tok".into()))
+        );
+    }
+
+    #[test]
+    fn malformed_secrets_say_why_without_their_content() {
+        let mut r = Keyring::default();
+        let err = r
+            .add(
+                &[(
+                    ".dockerconfigjson".to_string(),
+                    br#"{"auths":{"h":{"auth":"!!!s3cr3t"}}}"#.to_vec(),
+                )]
+                .into(),
+            )
+            .unwrap_err();
+        assert!(err.contains("base64") && !err.contains("s3cr3t"), "{err}");
+        let err = r
+            .add(&[("other".to_string(), b"x".to_vec())].into())
+            .unwrap_err();
+        assert!(err.contains(".dockerconfigjson"), "{err}");
+        let shown = format!("{:?}", basic("user", "s3cr3t"));
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+}

@@ -225,7 +225,7 @@ impl Keyring {
         }
         // Longest path first: a repository-specific login wins over a registry-wide one.
         self.entries
-            .sort_by(|a, b| b.0.path.len().cmp(&a.0.path.len()));
+            .sort_by_key(|(scope, _)| std::cmp::Reverse(scope.path.len()));
         Ok(())
     }
 

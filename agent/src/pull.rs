@@ -20,13 +20,18 @@ use containerd_client::types::transfer::{
     UnpackConfiguration,
 };
 use prost::Message;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use containerd_client::services::v1::{CreateImageRequest, Image};
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use tokio::sync::mpsc;
 
 use crate::credentials::{Credential, Keyring};
 use containerd_client::{to_any, with_namespace};
 use futures::StreamExt;
-use tracing::instrument;
+use tracing::{instrument, warn};
 
 /// containerd's namespace for Kubernetes.
 pub const K8S_NAMESPACE: &str = "k8s.io";
@@ -44,6 +49,17 @@ pub enum PullError {
     Containerd(String),
     #[error("pull of {image} did not finish within {secs}s")]
     Timeout { image: String, secs: u64 },
+    /// The Transfer service is missing (containerd < 1.7); CRI is used instead.
+    #[error("containerd has no Transfer service")]
+    Unsupported,
+}
+
+fn status_error(s: containerd_client::tonic::Status) -> PullError {
+    if s.code() == containerd_client::tonic::Code::Unimplemented {
+        PullError::Unsupported
+    } else {
+        PullError::Containerd(s.message().to_string())
+    }
 }
 
 impl PullError {
@@ -52,6 +68,7 @@ impl PullError {
         match self {
             PullError::Connect { .. } => "RuntimeUnavailable",
             PullError::Timeout { .. } => "PullTimeout",
+            PullError::Unsupported => "RuntimeUnsupported",
             PullError::Containerd(m) => classify(m),
         }
     }
@@ -94,6 +111,8 @@ pub struct Runtime {
     channel: Channel,
     namespace: String,
     snapshotter: String,
+    /// Cleared once containerd says it has no Transfer service.
+    transfer: Arc<AtomicBool>,
 }
 
 impl Runtime {
@@ -108,6 +127,7 @@ impl Runtime {
             channel,
             namespace: K8S_NAMESPACE.to_string(),
             snapshotter: "overlayfs".to_string(),
+            transfer: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -125,6 +145,44 @@ impl Runtime {
         keyring: Option<(Keyring, String)>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
+        if self.transfer.load(Ordering::Relaxed) {
+            match self
+                .transfer_pull(source, name, host_dir, keyring.clone())
+                .await
+            {
+                Err(PullError::Unsupported) => {
+                    warn!(
+                        "containerd has no Transfer service (it is older than 1.7): pulling through CRI, \
+                         where Mirror pulls can fall back to the upstream registry"
+                    );
+                    self.transfer.store(false, Ordering::Relaxed);
+                }
+                Ok(()) => return self.pulled(name, started).await,
+                Err(e) => return Err(e),
+            }
+        }
+        self.cri_pull(source, name, keyring).await?;
+        self.pulled(name, started).await
+    }
+
+    async fn pulled(&self, name: &str, started: Instant) -> Result<Pulled, PullError> {
+        let (digest, size) = self.image(name).await?.ok_or_else(|| {
+            PullError::Containerd(format!("{name} is missing right after its pull"))
+        })?;
+        Ok(Pulled {
+            digest,
+            size,
+            duration: started.elapsed(),
+        })
+    }
+
+    async fn transfer_pull(
+        &self,
+        source: &str,
+        name: &str,
+        host_dir: &Path,
+        keyring: Option<(Keyring, String)>,
+    ) -> Result<(), PullError> {
         let auth = match keyring {
             Some((ring, repository)) if !ring.is_empty() => {
                 Some(self.auth_stream(ring, repository).await?)
@@ -161,15 +219,90 @@ impl Runtime {
             .transfer(with_namespace!(request, self.namespace))
             .await;
         drop(auth);
-        transferred.map_err(|s| PullError::Containerd(s.message().to_string()))?;
-        let (digest, size) = self.image(name).await?.ok_or_else(|| {
-            PullError::Containerd(format!("{name} is missing right after its pull"))
-        })?;
-        Ok(Pulled {
-            digest,
-            size,
-            duration: started.elapsed(),
-        })
+        transferred.map_err(status_error)?;
+        Ok(())
+    }
+
+    /// containerd 1.6: CRI's PullImage with the node's registry configuration,
+    /// then the image is also named `name` (CRI names it after `source`).
+    async fn cri_pull(
+        &self,
+        source: &str,
+        name: &str,
+        keyring: Option<(Keyring, String)>,
+    ) -> Result<(), PullError> {
+        let registry = crd::reference::parse(source)
+            .map(|r| r.registry)
+            .unwrap_or_default();
+        let auth = keyring.and_then(|(ring, repository)| {
+            ring.lookup(&registry, &repository).map(|c| match c {
+                Credential::Basic { username, password } => AuthConfig {
+                    username: username.clone(),
+                    password: password.clone(),
+                    ..Default::default()
+                },
+                Credential::IdentityToken(token) => AuthConfig {
+                    identity_token: token.clone(),
+                    ..Default::default()
+                },
+            })
+        });
+        let request = PullImageRequest {
+            image: Some(ImageSpec {
+                image: source.to_string(),
+                ..Default::default()
+            }),
+            auth,
+            sandbox_config: None,
+        };
+        ImageServiceClient::new(self.channel.clone())
+            .pull_image(request)
+            .await
+            .map_err(status_error)?;
+        if source == name {
+            return Ok(());
+        }
+        let mut images = ImagesClient::new(self.channel.clone());
+        let request = GetImageRequest {
+            name: source.to_string(),
+        };
+        let pulled = images
+            .get(with_namespace!(request, self.namespace))
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .image
+            .ok_or_else(|| {
+                PullError::Containerd(format!("{source} is missing right after its pull"))
+            })?;
+        let image = Image {
+            name: name.to_string(),
+            labels: [CRI_MANAGED]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            target: pulled.target,
+            ..Default::default()
+        };
+        let create = CreateImageRequest {
+            image: Some(image.clone()),
+            ..Default::default()
+        };
+        match images.create(with_namespace!(create, self.namespace)).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == containerd_client::tonic::Code::AlreadyExists => {
+                let update = UpdateImageRequest {
+                    image: Some(image),
+                    ..Default::default()
+                };
+                images
+                    .update(with_namespace!(update, self.namespace))
+                    .await
+                    .map_err(status_error)?;
+                Ok(())
+            }
+            Err(s) => Err(status_error(s)),
+        }
     }
 
     /// The stored image `name`: its digest and content size, if present.

@@ -1,7 +1,7 @@
 //! The agent's loop: follow this node's NodeImageSets, run one pull task per
 //! (set, image) entry, report per-image state on change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,6 +111,7 @@ pub async fn run(
         store,
         tasks: HashMap::new(),
         states: HashMap::new(),
+        known: HashSet::new(),
         limit: Arc::new(Semaphore::new(1)),
         tx,
     };
@@ -158,6 +159,8 @@ struct Agent {
     store: Store<NodeImageSet>,
     tasks: HashMap<Key, Task>,
     states: HashMap<Key, NodeImageStatus>,
+    /// Entries seen since this agent started: a reported status is adopted only once.
+    known: HashSet<Key>,
     limit: Arc<Semaphore>,
     tx: mpsc::Sender<(Key, Outcome)>,
 }
@@ -170,8 +173,17 @@ impl Agent {
         let mut wanted: HashMap<Key, Wanted> = HashMap::new();
         for set in &sets {
             for entry in &set.spec.image_set {
+                let key = (set.name_any(), entry.name.clone());
+                // After a restart, what the status already says is taken as it
+                // stands; the presence check that follows every subscription
+                // to containerd's events finds what has gone since.
+                if self.known.insert(key.clone())
+                    && let Some(reported) = reported_available(set, entry)
+                {
+                    self.states.insert(key.clone(), reported);
+                }
                 wanted.insert(
-                    (set.name_any(), entry.name.clone()),
+                    key,
                     Wanted {
                         entry: entry.clone(),
                         retry_limit: set.spec.image_download_retry_limit,
@@ -194,6 +206,7 @@ impl Agent {
             .filter(|k| !wanted.contains_key(*k))
             .cloned()
             .collect();
+        self.known.retain(|key| wanted.contains_key(key));
         for key in withdrawn {
             self.states.remove(&key);
             self.release(&key.1, &wanted);
@@ -357,6 +370,18 @@ impl Agent {
             warn!(set = %name, error = %e, "writing NodeImageSet status failed; will retry on the next change");
         }
     }
+}
+
+/// The status entry of `entry` if it says the image is present (at the pinned digest, when there is one).
+fn reported_available(set: &NodeImageSet, entry: &NodeImage) -> Option<NodeImageStatus> {
+    let reported = set
+        .status
+        .as_ref()?
+        .images
+        .iter()
+        .find(|i| i.name == entry.name)?;
+    let pinned_ok = entry.digest.is_none() || entry.digest == reported.digest;
+    (reported.state == PullState::Available && pinned_ok).then(|| reported.clone())
 }
 
 fn waiting(name: &str, state: PullState, attempts: i32) -> NodeImageStatus {

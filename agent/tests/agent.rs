@@ -1,6 +1,5 @@
 //! The agent against a real API server, a real containerd 2.x and real registries.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
@@ -12,15 +11,9 @@ use crd::{NodeImageSet, PullSource, PullState, keys};
 use testbed::containerd::Containerd;
 use testbed::images;
 use testbed::registry::Registry;
+use testbed::workdir::Workdir;
 
 const MB: usize = 1024 * 1024;
-
-fn workdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("agent-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Writes a NodeImageSet as the controller would.
 async fn set(
@@ -73,7 +66,7 @@ async fn pulls_reports_retries_and_repulls() {
         std::mem::forget(telemetry::init("agent-tests"));
     }
     let client = testbed::shared::client().await;
-    let dir = workdir("agent");
+    let dir = Workdir::new("agent-e2e-agent");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let image = images::build_and_push(
         &dir.join("images"),
@@ -97,10 +90,14 @@ async fn pulls_reports_retries_and_repulls() {
         resync: Duration::from_secs(3600),
         ..Config::new("agent-node-a")
     };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(work::run(client.clone(), config, async move {
-        let _ = stopped.await;
-    }));
+    let start = |config: Config| {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = tokio::spawn(work::run(client.clone(), config, async move {
+            let _ = stopped.await;
+        }));
+        (stop, running)
+    };
+    let (stop, running) = start(config.clone());
 
     // A Default entry is pulled from the registry and reported with its digest.
     set(
@@ -118,6 +115,12 @@ async fn pulls_reports_retries_and_repulls() {
     assert_eq!(web.size_bytes, Some(image.size as i64));
     assert_eq!(web.source, Some(PullSource::Upstream));
     assert_eq!((st.total, web.attempts), (1, 1));
+
+    // The agent restarts: it keeps no state of its own and pulls nothing again.
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    let gets_before_restart = upstream.blob_gets("team/web");
+    let (stop, running) = start(config.clone());
 
     // A Mirror entry with no mirror configured fails after its retries, with
     // a reason and a message that says what to do; the other image stays.
@@ -142,6 +145,16 @@ async fn pulls_reports_retries_and_repulls() {
         "{failed:?}"
     );
     assert_eq!(st.available, 1);
+    assert_eq!(
+        st.images.iter().find(|i| i.name == image.reference),
+        Some(web),
+        "restart rewrote the entry"
+    );
+    assert_eq!(
+        upstream.blob_gets("team/web"),
+        gets_before_restart,
+        "restart pulled again"
+    );
 
     // Kept from kubelet's image garbage collection while prefetched.
     let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
@@ -238,7 +251,7 @@ async fn pulls_with_credentials_from_pull_secrets() {
 
     const PASSWORD: &str = "s3cr3t-pw-7731";
     let client = testbed::shared::client().await;
-    let dir = workdir("creds");
+    let dir = Workdir::new("agent-e2e-creds");
     let registry = Registry::start_with_login(&dir.join("private"), "puller", PASSWORD).unwrap();
     let work = dir.join("images");
     let login = Some(("puller", PASSWORD));

@@ -1,26 +1,18 @@
 //! Pulls through a real containerd 2.x from real registries (Debian's
 //! docker-registry) serving images built here.
 
-use std::path::PathBuf;
-
 use agent::hosts;
 use agent::pull::Runtime;
-use testbed::containerd::Containerd;
+use testbed::containerd::{Containerd, Flavor};
 use testbed::images;
 use testbed::registry::Registry;
+use testbed::workdir::Workdir;
 
 const MB: usize = 1024 * 1024;
 
-fn workdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("agent-pull-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[tokio::test]
 async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
-    let dir = workdir("default");
+    let dir = Workdir::new("agent-pull-default");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let image = images::build_and_push(
         &dir.join("images"),
@@ -59,7 +51,7 @@ async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
 
 #[tokio::test]
 async fn mirror_pull_never_reaches_the_upstream() {
-    let dir = workdir("mirror");
+    let dir = Workdir::new("agent-pull-mirror");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let mirror = Registry::start(&dir.join("mirror")).unwrap();
     let work = dir.join("images");
@@ -114,4 +106,43 @@ async fn mirror_pull_never_reaches_the_upstream() {
         "a Mirror pull fell back to the upstream"
     );
     assert_eq!(err.reason(), "NotFound", "{err}");
+}
+
+#[tokio::test]
+async fn containerd_1_6_falls_back_to_cri() {
+    let dir = Workdir::new("agent-pull-cri");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let image = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "team/app",
+        "3.0",
+        &[2 * MB, MB],
+    )
+    .unwrap();
+    let node = Containerd::start_flavor(&dir.join("node"), Flavor::Debian16).unwrap();
+    node.configure_registry(&upstream.host, &format!("http://{}", upstream.host), &[])
+        .unwrap();
+
+    let runtime = Runtime::connect(&node.socket).await.unwrap();
+    // Pinned to the digest, stored under the tag kubelet will ask for.
+    let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
+    let pulled = runtime
+        .pull(&pinned, &image.reference, &node.hosts_dir, None)
+        .await
+        .unwrap();
+    assert_eq!(pulled.digest, image.digest);
+    assert_eq!(
+        runtime
+            .image(&image.reference)
+            .await
+            .unwrap()
+            .map(|(d, _)| d),
+        Some(image.digest.clone())
+    );
+    let labels = runtime.labels(&image.reference).await.unwrap();
+    assert_eq!(
+        labels.get("io.cri-containerd.image").map(String::as_str),
+        Some("managed")
+    );
 }

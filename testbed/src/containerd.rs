@@ -18,24 +18,43 @@ pub struct Containerd {
     child: Child,
 }
 
+/// Which containerd a simulated node runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// 2.x built from its Go module: has the Transfer service.
+    V2,
+    /// Debian's 1.6 package: CRI only, no Transfer service.
+    Debian16,
+}
+
 impl Containerd {
     pub fn start(dir: &Path) -> Result<Self> {
-        let bin = CONTAINERD.require()?;
+        Self::start_flavor(dir, Flavor::V2)
+    }
+
+    pub fn start_flavor(dir: &Path, flavor: Flavor) -> Result<Self> {
+        let bin = match flavor {
+            Flavor::V2 => CONTAINERD.require()?,
+            Flavor::Debian16 => crate::fixtures::require_tool("containerd")?,
+        };
         let hosts_dir = dir.join("certs.d");
         std::fs::create_dir_all(&hosts_dir).map_err(io_err(&hosts_dir))?;
         let socket = dir.join("containerd.sock");
         let config = dir.join("config.toml");
+        let (version, cri) = match flavor {
+            Flavor::V2 => (3, "io.containerd.cri.v1.images"),
+            Flavor::Debian16 => (2, "io.containerd.grpc.v1.cri"),
+        };
         let toml = format!(
-            r#"version = 3
+            r#"version = {version}
 root = "{root}"
 state = "{state}"
 [grpc]
   address = "{socket}"
 [ttrpc]
   address = "{socket}.ttrpc"
-[plugins."io.containerd.cri.v1.images"]
-  snapshotter = "overlayfs"
-  [plugins."io.containerd.cri.v1.images".registry]
+[plugins."{cri}"]
+  [plugins."{cri}".registry]
     config_path = "{hosts}"
 "#,
             root = dir.join("root").display(),

@@ -56,3 +56,4 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> E
 }
 
 pub mod shared;
+pub mod workdir;

@@ -22,6 +22,8 @@ use crd::{
     RegistryPolicy, SecretReference, keys, reference,
 };
 
+use crd::condition::{condition, now};
+
 use crate::credentials::Keyring;
 use crate::events::{self, Notice};
 use crate::hosts;

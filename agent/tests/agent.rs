@@ -115,6 +115,11 @@ async fn pulls_reports_retries_and_repulls() {
     assert_eq!(web.size_bytes, Some(image.size as i64));
     assert_eq!(web.source, Some(PullSource::Upstream));
     assert_eq!((st.total, web.attempts), (1, 1));
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "AllImagesPresent")
+    );
 
     // The agent restarts: it keeps no state of its own and pulls nothing again.
     let _ = stop.send(());

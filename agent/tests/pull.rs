@@ -146,3 +146,25 @@ async fn containerd_1_6_falls_back_to_cri() {
         Some("managed")
     );
 }
+
+/// Every repo tag CRI's ListImages reports.
+async fn cri_tags(node: &Containerd) -> Vec<String> {
+    use k8s_cri::v1::ListImagesRequest;
+    use k8s_cri::v1::image_service_client::ImageServiceClient;
+    let channel = containerd_client::connect(&node.socket).await.unwrap();
+    // CRI learns of images from containerd's events: poll until it has caught up.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let images = ImageServiceClient::new(channel.clone())
+            .list_images(ListImagesRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        let tags: Vec<String> = images.into_iter().flat_map(|i| i.repo_tags).collect();
+        if !tags.is_empty() || tokio::time::Instant::now() > deadline {
+            return tags;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

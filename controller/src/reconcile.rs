@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -127,11 +125,6 @@ impl<'a> Owner<'a> {
     }
 }
 
-fn now_seconds() -> Timestamp {
-    // The API stores seconds; comparing a stored time with a finer one would never match.
-    Timestamp::from_second(Timestamp::now().as_second()).expect("now is a valid timestamp")
-}
-
 async fn apply(
     p: &ImagePrefetch,
     api: &Api<ImagePrefetch>,
@@ -142,7 +135,7 @@ async fn apply(
     // nodes, and their NodeImageSets would be deleted.
     let _ = ctx.nodes.wait_until_ready().await;
     let _ = ctx.sets.wait_until_ready().await;
-    let now = now_seconds();
+    let now = crd::condition::now();
 
     let nodes = ctx.nodes.state();
     let all_sets = ctx.sets.state();
@@ -158,7 +151,7 @@ async fn apply(
         p.spec.replicas,
         nodes.iter().map(|n| n.as_ref()),
         &holds,
-        now,
+        now.0,
         ctx.config.not_ready_grace,
     );
     let (allowed, not_allowed): (Vec<String>, Vec<String>) = p
@@ -257,7 +250,7 @@ async fn apply(
         insufficient: selection.insufficient,
         not_allowed: &not_allowed,
     };
-    let status = status::compute(p, &inputs, &refs, Time(now));
+    let status = status::compute(p, &inputs, &refs, now);
     announce(ctx, p, &owner, &refs, &status).await;
     if p.status.as_ref() != Some(&status) {
         let body = json!({

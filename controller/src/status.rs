@@ -1,7 +1,8 @@
 //! ImagePrefetch status from the NodeImageSets' reports. Pure: no I/O.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use crd::condition::condition;
 use crd::{ImagePrefetch, ImagePrefetchStatus, ImageProgress, NodeImageSet, PullState};
 
 /// What the reconcile knows beyond the NodeImageSets.
@@ -97,15 +98,7 @@ pub fn compute(
         .unwrap_or(&[]);
     let generation = prefetch.metadata.generation;
     let cond = |type_: &str, status: bool, reason: &str, message: String| {
-        condition(
-            old,
-            type_,
-            if status { "True" } else { "False" },
-            reason,
-            &message,
-            generation,
-            &now,
-        )
+        condition(old, type_, status, reason, &message, generation, &now)
     };
 
     let degraded = degraded_reason(inputs, &failures);
@@ -216,32 +209,6 @@ fn describe(failures: &[&Failure]) -> String {
         parts.push(format!("and {} more", failures.len() - 3));
     }
     parts.join("; ")
-}
-
-/// A condition whose `lastTransitionTime` moves only when its status does,
-/// so that an unchanged status compares equal and is not written again.
-pub fn condition(
-    old: &[Condition],
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: &Time,
-) -> Condition {
-    let last_transition_time = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.clone());
-    Condition {
-        type_: type_.to_string(),
-        status: status.to_string(),
-        reason: reason.to_string(),
-        message: message.to_string(),
-        observed_generation: generation,
-        last_transition_time,
-    }
 }
 
 #[cfg(test)]

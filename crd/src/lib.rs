@@ -2,6 +2,7 @@
 //! `NodeImageSet` (cluster-scoped, written by the controller, read by the agent),
 //! plus the label keys and naming rules that tie them together.
 
+pub mod condition;
 pub mod generate;
 pub mod keys;
 pub mod names;

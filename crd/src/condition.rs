@@ -1,0 +1,39 @@
+//! Standard conditions whose `lastTransitionTime` moves only when their
+//! status does, so that rewriting an unchanged status is a no-op and a
+//! controller cannot trigger itself by writing one.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// The condition `type_`, keeping the transition time of `old`'s condition of
+/// that type when its status is unchanged, else stamping `now`.
+pub fn condition(
+    old: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last_transition_time = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Now, to the second: the API stores seconds, and a finer time would never
+/// compare equal to the stored one.
+pub fn now() -> Time {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    Time(k8s_openapi::jiff::Timestamp::from_second(now).expect("now is a valid timestamp"))
+}

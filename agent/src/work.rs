@@ -346,14 +346,47 @@ impl Agent {
             .iter()
             .filter_map(|e| self.states.get(&(name.clone(), e.name.clone())).cloned())
             .collect();
+        let available = images
+            .iter()
+            .filter(|i| i.state == PullState::Available)
+            .count();
+        let failed: Vec<&str> = images
+            .iter()
+            .filter(|i| i.state == PullState::Failed)
+            .map(|i| i.name.as_str())
+            .collect();
+        let total = set.spec.image_set.len();
+        let (ready, reason, message) = if !failed.is_empty() {
+            (
+                false,
+                "PullFailed",
+                format!("gave up on: {}", failed.join(", ")),
+            )
+        } else if available == total {
+            (
+                true,
+                "AllImagesPresent",
+                format!("all {total} images are on the node"),
+            )
+        } else {
+            (
+                false,
+                "Pulling",
+                format!("{available} of {total} images are on the node"),
+            )
+        };
+        let old = set
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or(&[]);
+        let generation = set.metadata.generation;
+        let ready = condition(old, "Ready", ready, reason, &message, generation, &now());
         let status = NodeImageSetStatus {
-            available: images
-                .iter()
-                .filter(|i| i.state == PullState::Available)
-                .count() as i32,
-            total: set.spec.image_set.len() as i32,
+            available: available as i32,
+            total: total as i32,
             images,
-            conditions: vec![],
+            conditions: vec![ready],
         };
         if set.status.as_ref() == Some(&status) {
             return;

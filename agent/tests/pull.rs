@@ -19,7 +19,7 @@ async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
         &upstream.host,
         "team/app",
         "1.0",
-        &[3 * MB, 2 * MB, MB],
+        &[16 * MB, 8 * MB, 4 * MB, MB],
     )
     .unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
@@ -38,7 +38,7 @@ async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
     for blob in &image.blobs {
         assert_eq!(gets.get(blob), Some(&1), "{blob}: {gets:?}");
     }
-    // Present in the k8s.io namespace, where kubelet (CRI) looks.
+    // Present in the k8s.io namespace, and listed by CRI, which is what kubelet asks.
     assert_eq!(
         runtime
             .image(&image.reference)
@@ -47,6 +47,8 @@ async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
             .map(|(d, _)| d),
         Some(image.digest.clone())
     );
+    let tags = cri_tags(&node).await;
+    assert!(tags.contains(&image.reference), "CRI lists {tags:?}");
 }
 
 #[tokio::test]

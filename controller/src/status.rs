@@ -282,7 +282,10 @@ mod tests {
         }
     }
 
-    fn cond<'a>(s: &'a ImagePrefetchStatus, t: &str) -> &'a Condition {
+    fn cond<'a>(
+        s: &'a ImagePrefetchStatus,
+        t: &str,
+    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 

@@ -1,5 +1,7 @@
 //! The agent against a real API server, a real containerd 2.x and real registries.
 
+mod support;
+
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
@@ -13,52 +15,7 @@ use testbed::images;
 use testbed::registry::Registry;
 use testbed::workdir::Workdir;
 
-const MB: usize = 1024 * 1024;
-
-/// Writes a NodeImageSet as the controller would.
-async fn set(
-    client: &kube::Client,
-    name: &str,
-    node: &str,
-    entries: serde_json::Value,
-    retry_limit: i32,
-) {
-    let api: Api<NodeImageSet> = Api::all(client.clone());
-    let obj = json!({
-        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
-        "metadata": {"name": name, "labels": {keys::NODE: node}},
-        "spec": {"nodeName": node, "imageSet": entries, "imageDownloadRetryLimit": retry_limit},
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("test-controller").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap();
-}
-
-async fn wait_status<F: Fn(&crd::NodeImageSetStatus) -> bool>(
-    client: &kube::Client,
-    name: &str,
-    what: &str,
-    ok: F,
-) -> crd::NodeImageSetStatus {
-    let api: Api<NodeImageSet> = Api::all(client.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(st) = api.get_status(name).await.unwrap().status
-            && ok(&st)
-        {
-            return st;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within 60s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use support::{MB, agent_process, ctr, set, wait_status};
 
 #[tokio::test]
 async fn pulls_reports_retries_and_repulls() {
@@ -213,7 +170,8 @@ async fn removed_and_pulled_again(node: &Containerd, upstream: &Registry, name: 
     let gets = || upstream.blob_gets("team/web").values().sum::<usize>();
     let before = gets();
     remove_image(node, name).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // Within 10 s, as an administrator would expect.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while gets() == before {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -232,20 +190,9 @@ async fn removed_and_pulled_again(node: &Containerd, upstream: &Registry, name: 
     }
 }
 
+/// As an administrator would: `ctr images rm`.
 async fn remove_image(node: &Containerd, name: &str) {
-    use containerd_client::services::v1::DeleteImageRequest;
-    use containerd_client::services::v1::images_client::ImagesClient;
-    use containerd_client::tonic::Request;
-    let channel = containerd_client::connect(&node.socket).await.unwrap();
-    let req = DeleteImageRequest {
-        name: name.to_string(),
-        sync: true,
-        ..Default::default()
-    };
-    ImagesClient::new(channel)
-        .delete(containerd_client::with_namespace!(req, "k8s.io"))
-        .await
-        .unwrap();
+    ctr(node, &["images", "rm", "--sync", name]);
 }
 
 #[tokio::test]
@@ -279,41 +226,32 @@ async fn pulls_with_credentials_from_pull_secrets() {
             &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
         )
         .await;
-    let config_json =
-        json!({"auths": {registry.host.clone(): {"username": "puller", "password": PASSWORD}}});
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("regcred".into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/dockerconfigjson".into()),
-        data: Some(
-            [(
-                ".dockerconfigjson".to_string(),
-                ByteString(config_json.to_string().into_bytes()),
-            )]
-            .into(),
-        ),
-        ..Default::default()
-    };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let _ = secrets.create(&PostParams::default(), &secret).await;
+    for (name, password) in [("regcred", PASSWORD), ("wrongcred", "not-the-password")] {
+        let config_json =
+            json!({"auths": {registry.host.clone(): {"username": "puller", "password": password}}});
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/dockerconfigjson".into()),
+            data: Some(
+                [(
+                    ".dockerconfigjson".to_string(),
+                    ByteString(config_json.to_string().into_bytes()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let _ = secrets.create(&PostParams::default(), &secret).await;
+    }
 
     // The real binary, so that its whole log output can be searched for the password.
     let log_path = dir.join("agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut agent_process = std::process::Command::new(env!("CARGO_BIN_EXE_image-prefetch-agent"))
-        .args(["--node-name", "agent-node-b", "--containerd-socket"])
-        .arg(&node.socket)
-        .arg("--registry-config-dir")
-        .arg(&node.hosts_dir)
-        .arg("--mirror-config-dir")
-        .arg(dir.join("agent-hosts"))
-        .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
-        .env("RUST_LOG", "debug")
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut agent_process =
+        agent_process("agent-node-b", &node, &dir.join("agent-hosts"), &log_path);
 
     let with_secrets = |set: &str, image: &str, secret: &str| {
         let (client, set, image, secret) = (
@@ -343,6 +281,7 @@ async fn pulls_with_credentials_from_pull_secrets() {
     with_secrets("creds-ok", &web.reference, "regcred").await;
     with_secrets("creds-missing", &other.reference, "no-such-secret").await;
     with_secrets("creds-none", &third.reference, "").await;
+    with_secrets("creds-wrong", &third.reference, "wrongcred").await;
 
     let ok = wait_status(&client, "creds-ok", "Available with the secret", |s| {
         s.available == 1
@@ -374,9 +313,22 @@ async fn pulls_with_credentials_from_pull_secrets() {
         none.images[0]
     );
 
+    let wrong = wait_status(&client, "creds-wrong", "Unauthorized", |s| {
+        s.images.iter().any(|i| i.state == PullState::Failed)
+    })
+    .await;
+    assert_eq!(wrong.images[0].reason.as_deref(), Some("Unauthorized"));
+    assert!(
+        wrong.images[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("team/third")
+    );
+
     // The password is nowhere in what the agent wrote.
     let api: Api<NodeImageSet> = Api::all(client.clone());
-    for set in ["creds-ok", "creds-missing", "creds-none"] {
+    for set in ["creds-ok", "creds-missing", "creds-none", "creds-wrong"] {
         let text = serde_json::to_string(&api.get(set).await.unwrap()).unwrap();
         assert!(!text.contains(PASSWORD), "{set} leaks the password");
     }

@@ -1,6 +1,5 @@
 //! Starting the test bed's servers as real processes, each with its log file.
 
-use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -17,9 +16,14 @@ pub enum Lifetime {
     Detached,
 }
 
-/// Spawns `cmd` with stdout and stderr into `log`.
+/// Spawns `cmd` with stdout and stderr appended to `log` (a restarted
+/// server keeps its earlier lines: tests count requests across restarts).
 pub fn spawn(mut cmd: Command, log: &Path, lifetime: Lifetime) -> Result<Child> {
-    let out = File::create(log).map_err(io_err(log))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(log))?;
     let err = out.try_clone().map_err(io_err(log))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: only async-signal-safe calls (setsid, prctl) between fork and exec.

@@ -14,7 +14,8 @@ pub struct Registry {
     /// `127.0.0.1:<port>`
     pub host: String,
     pub log: PathBuf,
-    child: Child,
+    command: (PathBuf, PathBuf),
+    child: Option<Child>,
 }
 
 impl Registry {
@@ -50,19 +51,36 @@ impl Registry {
             ));
         }
         std::fs::write(&config, yaml).map_err(io_err(&config))?;
-        let log = dir.join("registry.log");
-        let mut cmd = Command::new(bin);
-        cmd.arg("serve").arg(&config);
-        let child = process::spawn(cmd, &log, Lifetime::Owned)?;
-        let mut registry = Registry { host, log, child };
-        registry.wait_ready()?;
+        let mut registry = Registry {
+            host,
+            log: dir.join("registry.log"),
+            command: (bin, config),
+            child: None,
+        };
+        registry.restart()?;
         Ok(registry)
+    }
+
+    /// Stops serving (the port refuses connections) until [`Registry::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            process::stop(&mut child);
+        }
+    }
+
+    /// Serves again on the same address, with the same content.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let mut cmd = Command::new(&self.command.0);
+        cmd.arg("serve").arg(&self.command.1);
+        self.child = Some(process::spawn(cmd, &self.log, Lifetime::Owned)?);
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return Err(Error::Exited {
                     what: "docker-registry",
                     status: status.to_string(),
@@ -114,7 +132,45 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        process::stop(&mut self.child);
+        self.stop();
+    }
+}
+
+/// A "registry" that accepts connections and never answers, for timeouts.
+pub struct HungRegistry {
+    pub host: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HungRegistry {
+    pub fn start() -> Result<Self> {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err(Path::new("127.0.0.1:0")))?;
+        let host = listener
+            .local_addr()
+            .map_err(io_err(Path::new("127.0.0.1:0")))?
+            .to_string();
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err(Path::new("127.0.0.1:0")))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => held.push(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(HungRegistry { host, stop })
+    }
+}
+
+impl Drop for HungRegistry {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

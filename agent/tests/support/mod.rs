@@ -1,0 +1,102 @@
+//! Helpers for the agent's tests: NodeImageSets written as the controller
+//! would, status polls, the agent as a real process.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use crd::{NodeImageSet, keys};
+
+pub const MB: usize = 1024 * 1024;
+
+/// Writes a NodeImageSet as the controller would.
+pub async fn set(
+    client: &kube::Client,
+    name: &str,
+    node: &str,
+    entries: serde_json::Value,
+    retry_limit: i32,
+) {
+    let api: Api<NodeImageSet> = Api::all(client.clone());
+    let obj = json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+        "metadata": {"name": name, "labels": {keys::NODE: node}},
+        "spec": {"nodeName": node, "imageSet": entries, "imageDownloadRetryLimit": retry_limit},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("test-controller").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap();
+}
+
+pub async fn wait_status<F: Fn(&crd::NodeImageSetStatus) -> bool>(
+    client: &kube::Client,
+    name: &str,
+    what: &str,
+    ok: F,
+) -> crd::NodeImageSetStatus {
+    let api: Api<NodeImageSet> = Api::all(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = api.get_status(name).await.unwrap().status
+            && ok(&st)
+        {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The real agent binary for `node`, logging (at debug) into `log`.
+pub fn agent_process(
+    node: &str,
+    containerd: &testbed::containerd::Containerd,
+    mirror_dir: &Path,
+    log: &Path,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_image-prefetch-agent"))
+        .args(["--node-name", node, "--containerd-socket"])
+        .arg(&containerd.socket)
+        .arg("--registry-config-dir")
+        .arg(&containerd.hosts_dir)
+        .arg("--mirror-config-dir")
+        .arg(mirror_dir)
+        .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
+        .env("RUST_LOG", "debug")
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// `ctr`, Debian's containerd client, against a test node.
+pub fn ctr(containerd: &testbed::containerd::Containerd, args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(&containerd.socket)
+        .args(["--namespace", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("ctr runs");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,215 @@
+//! The agent when things go wrong: a registry that goes away and comes
+//! back, one that hangs, and the agent itself killed in the middle of a pull.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use agent::work::{self, Config};
+use crd::PullState;
+use testbed::containerd::Containerd;
+use testbed::images;
+use testbed::registry::{HungRegistry, Registry};
+use testbed::workdir::Workdir;
+
+use support::{MB, agent_process, ctr, set, wait_status};
+
+fn config(node: &str, containerd: &Containerd, dir: &Workdir) -> Config {
+    Config {
+        containerd_socket: containerd.socket.clone(),
+        node_hosts_dir: containerd.hosts_dir.clone(),
+        mirror_hosts_dir: dir.join("agent-hosts"),
+        backoff_min: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(400),
+        ..Config::new(node)
+    }
+}
+
+fn run(
+    client: &kube::Client,
+    config: Config,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), work::Error>>,
+) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(work::run(client.clone(), config, async move {
+        let _ = stopped.await;
+    }));
+    (stop, running)
+}
+
+#[tokio::test]
+async fn a_registry_that_comes_back_within_the_budget_is_used() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-faults-down");
+    let mut registry = Registry::start(&dir.join("registry")).unwrap();
+    let work_dir = dir.join("images");
+    let back = images::build_and_push(&work_dir, &registry.host, "team/back", "1", &[MB]).unwrap();
+    let gone = images::build_and_push(&work_dir, &registry.host, "team/gone", "1", &[MB]).unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])
+        .unwrap();
+    let (stop, running) = run(&client, config("fault-node-down", &node, &dir));
+
+    registry.stop();
+    set(
+        &client,
+        "faults-back",
+        "fault-node-down",
+        json!([{"name": back.reference, "registryPolicy": "Default"}]),
+        8,
+    )
+    .await;
+    // Failing and retrying while the registry is away...
+    let st = wait_status(&client, "faults-back", "a failed attempt", |s| {
+        s.images.iter().any(|i| i.attempts >= 2)
+    })
+    .await;
+    assert_eq!(st.images[0].state, PullState::Pulling);
+    assert_eq!(
+        st.images[0].reason.as_deref(),
+        Some("RegistryUnreachable"),
+        "{:?}",
+        st.images[0]
+    );
+    // ...and done once it is back.
+    registry.restart().unwrap();
+    let st = wait_status(
+        &client,
+        "faults-back",
+        "Available after the registry returned",
+        |s| s.available == 1,
+    )
+    .await;
+    assert!(st.images[0].attempts >= 2, "{:?}", st.images[0]);
+    assert_eq!(st.images[0].digest.as_deref(), Some(back.digest.as_str()));
+
+    // Away for longer than the budget: Failed, with the attempts and the cause.
+    registry.stop();
+    set(
+        &client,
+        "faults-gone",
+        "fault-node-down",
+        json!([{"name": gone.reference, "registryPolicy": "Default"}]),
+        1,
+    )
+    .await;
+    let st = wait_status(&client, "faults-gone", "Failed", |s| {
+        s.images.iter().any(|i| i.state == PullState::Failed)
+    })
+    .await;
+    let img = &st.images[0];
+    assert_eq!(img.attempts, 2);
+    assert_eq!(img.reason.as_deref(), Some("RegistryUnreachable"));
+    let error = img.last_error.as_deref().unwrap();
+    assert!(
+        error.contains(&gone.reference) && error.contains(&registry.host),
+        "{error}"
+    );
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_hung_registry_times_out_and_the_rest_completes() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-faults-hung");
+    let hung = HungRegistry::start().unwrap();
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let fine = images::build_and_push(&dir.join("images"), &registry.host, "team/fine", "1", &[MB])
+        .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])
+        .unwrap();
+    node.configure_registry(&hung.host, &format!("http://{}", hung.host), &[])
+        .unwrap();
+    let config = Config {
+        pull_timeout: Duration::from_secs(3),
+        ..config("fault-node-hung", &node, &dir)
+    };
+    let (stop, running) = run(&client, config);
+
+    let stuck = format!("{}/team/stuck:1", hung.host);
+    set(
+        &client,
+        "faults-hung",
+        "fault-node-hung",
+        json!([{"name": stuck, "registryPolicy": "Default"}, {"name": fine.reference, "registryPolicy": "Default"}]),
+        0,
+    )
+    .await;
+    let st = wait_status(&client, "faults-hung", "timeout and completion", |s| {
+        s.available == 1 && s.images.iter().any(|i| i.state == PullState::Failed)
+    })
+    .await;
+    let stuck_status = st.images.iter().find(|i| i.name == stuck).unwrap();
+    assert_eq!(
+        stuck_status.reason.as_deref(),
+        Some("PullTimeout"),
+        "{stuck_status:?}"
+    );
+    assert!(
+        stuck_status
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("within 3s")
+    );
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_pull_completes_after_restart() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-faults-kill");
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let big = images::build_and_push(
+        &dir.join("images"),
+        &registry.host,
+        "team/big",
+        "1",
+        &[96 * MB, 96 * MB],
+    )
+    .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])
+        .unwrap();
+    let log = dir.join("agent.log");
+    let hosts = dir.join("agent-hosts");
+
+    let mut first = agent_process("fault-node-kill", &node, &hosts, &log);
+    set(
+        &client,
+        "faults-kill",
+        "fault-node-kill",
+        json!([{"name": big.reference, "registryPolicy": "Default"}]),
+        2,
+    )
+    .await;
+    wait_status(&client, "faults-kill", "Pulling", |s| {
+        s.images.iter().any(|i| i.state == PullState::Pulling)
+    })
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let mut second = agent_process("fault-node-kill", &node, &hosts, &log);
+    let st = wait_status(&client, "faults-kill", "Available after the restart", |s| {
+        s.available == 1
+    })
+    .await;
+    assert_eq!(st.images[0].digest.as_deref(), Some(big.digest.as_str()));
+    second.kill().unwrap();
+    second.wait().unwrap();
+    // One image record under the name, whatever was left half-done.
+    let listed = ctr(&node, &["images", "ls", "-q"]);
+    let records: Vec<&str> = listed.lines().filter(|l| *l == big.reference).collect();
+    assert_eq!(records, [big.reference.as_str()], "{listed}");
+}

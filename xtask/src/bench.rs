@@ -215,3 +215,122 @@ fn memory(pid: u32) -> Result<Memory> {
         peak_kib: field("VmHWM:"),
     })
 }
+
+/// `cargo xtask bench agent`: the release agent's pull against `ctr images
+/// pull` of the same image from the same registry, each into a fresh
+/// containerd, and the agent's memory idle and while pulling.
+pub async fn agent(layers_mib: &[usize]) -> Result<()> {
+    crate::deps::install()?;
+    crate::fixtures()?;
+    eprintln!("bench: building the agent (release)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "image-prefetch-agent",
+        ])
+        .current_dir(crate::root())
+        .status()?;
+    if !status.success() {
+        bail!("building the agent failed");
+    }
+    let dir = testbed::workdir::Workdir::new("bench-agent");
+    let plane =
+        testbed::ControlPlane::start(&dir.join("cluster"), testbed::Lifetime::Owned).await?;
+    let client = plane.client().await?;
+    testbed::crds::install(&client).await?;
+    let registry = testbed::registry::Registry::start(&dir.join("registry"))?;
+    let sizes: Vec<usize> = layers_mib.iter().map(|m| m * 1024 * 1024).collect();
+    let image = testbed::images::build_and_push(
+        &dir.join("images"),
+        &registry.host,
+        "bench/app",
+        "1",
+        &sizes,
+    )?;
+    let mib = image.size as f64 / (1024.0 * 1024.0);
+    println!("image: {} layers, {:.0} MiB", sizes.len(), mib);
+
+    // ctr, into its own containerd.
+    let ctr_node = testbed::containerd::Containerd::start(&dir.join("node-ctr"))?;
+    let t = Instant::now();
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(&ctr_node.socket)
+        .args([
+            "--namespace",
+            "k8s.io",
+            "images",
+            "pull",
+            "--plain-http",
+            &image.reference,
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!("ctr pull failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let ctr_time = t.elapsed();
+
+    // The agent, into another.
+    let node = testbed::containerd::Containerd::start(&dir.join("node-agent"))?;
+    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])?;
+    let binary = crate::root().join("target/release/image-prefetch-agent");
+    let mut child = Command::new(&binary)
+        .args(["--node-name", "bench-node", "--containerd-socket"])
+        .arg(&node.socket)
+        .arg("--registry-config-dir")
+        .arg(&node.hosts_dir)
+        .arg("--mirror-config-dir")
+        .arg(dir.join("agent-hosts"))
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .with_context(|| binary.display().to_string())?;
+    let pid = child.id();
+    let result = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle = memory(pid)?;
+        let sets: Api<NodeImageSet> = Api::all(client.clone());
+        let obj = json!({
+            "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+            "metadata": {"name": "bench", "labels": {crd::keys::NODE: "bench-node"}},
+            "spec": {"nodeName": "bench-node", "imageSet": [{"name": image.reference, "registryPolicy": "Default"}]},
+        });
+        let t = Instant::now();
+        sets.patch("bench", &PatchParams::apply("bench"), &Patch::Apply(&obj)).await?;
+        let reported = loop {
+            let status = sets.get_status("bench").await?.status;
+            if let Some(s) = status.and_then(|s| s.images.into_iter().next()).filter(|s| s.state == crd::PullState::Available) {
+                break s;
+            }
+            if t.elapsed() > Duration::from_secs(600) {
+                bail!("the agent did not report the image within 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let end_to_end = t.elapsed();
+        let pulling = memory(pid)?;
+        let pull = Duration::from_millis(reported.pull_duration_millis.unwrap_or(0) as u64);
+        println!("ctr images pull:        {:.2}s ({:.0} MiB/s)", ctr_time.as_secs_f64(), mib / ctr_time.as_secs_f64());
+        println!(
+            "agent pull (Transfer):  {:.2}s ({:.0} MiB/s), ratio to ctr {:.2}",
+            pull.as_secs_f64(),
+            mib / pull.as_secs_f64(),
+            pull.as_secs_f64() / ctr_time.as_secs_f64()
+        );
+        println!("agent, NodeImageSet written to status Available: {:.2}s", end_to_end.as_secs_f64());
+        println!(
+            "agent RSS: idle {:.1} MiB; after the pull {:.1} MiB (peak {:.1} MiB)",
+            idle.now_kib as f64 / 1024.0,
+            pulling.now_kib as f64 / 1024.0,
+            pulling.peak_kib as f64 / 1024.0
+        );
+        Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}

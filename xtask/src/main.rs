@@ -22,6 +22,7 @@ cargo xtask <command>
   bench controller [--nodes N] [--prefetches M]
                         fan-out of the release controller to N Node objects
                         (default 1000), then M ImagePrefetches (default 50)
+  bench agent           the release agent's pull vs `ctr images pull`, and its memory
   test                  everything above that tests need, then every test
   lint                  formatting, stale generated files, clippy (CI runs it before `test`)
 ";
@@ -39,6 +40,7 @@ fn main() -> Result<()> {
         ["testbed", "status"] => testbed_status(),
         ["demo"] => runtime()?.block_on(demo::run(false)),
         ["demo", "--keep"] => runtime()?.block_on(demo::run(true)),
+        ["bench", "agent"] => runtime()?.block_on(bench::agent(&[128, 64, 32, 8])),
         ["bench", "controller", rest @ ..] => {
             runtime()?.block_on(bench::controller(bench_options(rest)?))
         }

@@ -20,15 +20,21 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Result<Self> {
-        Self::start_with(dir, None)
+        Self::start_with(dir, None, None)
     }
 
     /// A registry that only serves (and accepts) `user` with `password`.
     pub fn start_with_login(dir: &Path, user: &str, password: &str) -> Result<Self> {
-        Self::start_with(dir, Some((user, password)))
+        Self::start_with(dir, Some((user, password)), None)
     }
 
-    fn start_with(dir: &Path, login: Option<(&str, &str)>) -> Result<Self> {
+    /// A pull-through cache of `upstream` (a URL): it fetches from there what
+    /// it does not hold yet, then serves it itself.
+    pub fn start_mirror_of(dir: &Path, upstream: &str) -> Result<Self> {
+        Self::start_with(dir, None, Some(upstream))
+    }
+
+    fn start_with(dir: &Path, login: Option<(&str, &str)>, proxy: Option<&str>) -> Result<Self> {
         let bin = require_tool("docker-registry")?;
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let [port] = free_ports()?;
@@ -38,6 +44,9 @@ impl Registry {
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
             dir.join("data").display()
         );
+        if let Some(remote) = proxy {
+            yaml.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+        }
         if let Some((user, password)) = login {
             let htpasswd = dir.join("htpasswd");
             let out = Command::new(require_tool("htpasswd")?)
@@ -115,6 +124,16 @@ impl Registry {
                     .then(|| line.trim_end_matches(" HTTP/1.1").to_string())
             })
             .collect()
+    }
+
+    /// Requests whose client (user agent) contains `agent`, e.g. `containerd/`.
+    pub fn requests_from(&self, agent: &str) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let quoted = format!("\"{agent}");
+        log.lines()
+            .filter(|l| l.contains("\" 20") || l.contains("\" 30") || l.contains("\" 40"))
+            .filter(|l| l.contains(&quoted))
+            .count()
     }
 
     /// How many times each blob of `repository` was fetched (GET, not HEAD).

@@ -1,59 +1,108 @@
-//! `cargo xtask demo`: the main job on one machine, from nothing.
+//! `cargo xtask demo`: the main job on one machine, from nothing — a control
+//! plane, three simulated nodes each with its own containerd and agent, an
+//! "external" registry, the controller, and an ImagePrefetch of two images.
+//! It shows progress live and ends with where every byte came from.
+//!
+//! spegel, the in-cluster p2p mirror, cannot be built here (its Go module is
+//! refused by the module proxy this machine reaches); the demo's mirror is a
+//! pull-through cache registry in its place, configured on each node the way
+//! spegel configures one (mirror first, registry as `server`).
 
+use std::collections::BTreeMap;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
 
-use crd::{ImagePrefetch, NodeImageSet};
+use crd::{ImagePrefetch, NodeImageSet, PullState, RegistryPolicy};
+use testbed::containerd::Containerd;
+use testbed::registry::Registry;
 
-const NODES: &[(&str, &str)] = &[
-    ("demo-worker-1", "general"),
-    ("demo-worker-2", "general"),
-    ("demo-worker-3", "batch"),
-];
-
-/// The sample a cluster administrator would start from (also in docs/examples).
-pub const SAMPLE: &str = include_str!("../../docs/examples/imageprefetch.yaml");
+const NODES: &[&str] = &["demo-worker-1", "demo-worker-2", "demo-worker-3"];
+const MB: usize = 1024 * 1024;
 
 pub async fn run(keep: bool) -> Result<()> {
     crate::deps::install()?;
     crate::fixtures()?;
-    // The same place as `testbed up`, so `cargo xtask testbed down` ends a kept demo.
-    let dir = crate::testbed_dir();
-    let lifetime = if keep {
-        testbed::Lifetime::Detached
-    } else {
-        testbed::Lifetime::Owned
-    };
+    step("building the agent");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "image-prefetch-agent"])
+        .current_dir(crate::root())
+        .status()?;
+    if !built.success() {
+        bail!("building the agent failed");
+    }
+    let work = testbed::workdir::Workdir::new("demo");
+
     step("starting etcd and kube-apiserver on 127.0.0.1");
-    let plane = testbed::ControlPlane::start(&dir, lifetime).await?;
+    let plane =
+        testbed::ControlPlane::start(&work.join("cluster"), testbed::Lifetime::Owned).await?;
     let client = plane.client().await?;
+    testbed::crds::install(&client).await?;
     done(&format!(
-        "API server ready at {} in {:.1}s",
+        "API server ready at {} in {:.1}s; CRDs installed",
         plane.server,
         plane.startup.as_secs_f64()
     ));
 
-    step("installing the CRDs");
-    testbed::crds::install(&client).await?;
-    done("ImagePrefetch and NodeImageSet established");
+    step("starting the \"external\" registry and building two images (3 layers each)");
+    let upstream = Registry::start(&work.join("upstream"))?;
+    let images_dir = work.join("images");
+    let web = testbed::images::build_and_push(
+        &images_dir,
+        &upstream.host,
+        "team/web",
+        "1.4.2",
+        &[12 * MB, 6 * MB, 2 * MB],
+    )?;
+    let worker = testbed::images::build_and_push(
+        &images_dir,
+        &upstream.host,
+        "team/worker",
+        "0.9.0",
+        &[10 * MB, 4 * MB, MB],
+    )?;
+    done(&format!(
+        "{} and {} at {}",
+        web.reference, worker.reference, upstream.host
+    ));
 
-    step("registering 3 nodes");
-    for (name, pool) in NODES {
-        let labels = [("pool", *pool), ("kubernetes.io/hostname", *name)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+    step("starting the in-cluster mirror (a pull-through cache standing in for spegel)");
+    let mirror =
+        Registry::start_mirror_of(&work.join("mirror"), &format!("http://{}", upstream.host))?;
+    done(&format!("mirror at {}", mirror.host));
+
+    step("starting 3 nodes: a containerd, a Node object and an agent each");
+    let agent_bin = crate::root().join("target/debug/image-prefetch-agent");
+    let mut nodes: Vec<(Containerd, Child)> = Vec::new();
+    for name in NODES {
+        let labels = [("pool".to_string(), "general".to_string())].into();
         testbed::nodes::register(&client, name, &labels).await?;
+        let containerd = Containerd::start(&work.join(name))?;
+        containerd.configure_registry(
+            &upstream.host,
+            &format!("http://{}", upstream.host),
+            &[&format!("http://{}", mirror.host)],
+        )?;
+        let log = std::fs::File::create(work.join(format!("{name}-agent.log")))?;
+        let agent = Command::new(&agent_bin)
+            .args(["--node-name", name, "--containerd-socket"])
+            .arg(&containerd.socket)
+            .arg("--registry-config-dir")
+            .arg(&containerd.hosts_dir)
+            .arg("--mirror-config-dir")
+            .arg(work.join(format!("{name}-agent-hosts")))
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .stderr(log)
+            .spawn()
+            .with_context(|| agent_bin.display().to_string())?;
+        nodes.push((containerd, agent));
     }
-    done(
-        &NODES
-            .iter()
-            .map(|(n, p)| format!("{n} (pool={p})"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
+    done(&NODES.join(", "));
 
     step("starting the controller");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -66,67 +115,159 @@ pub async fn run(keep: bool) -> Result<()> {
     ));
     done("running in this process");
 
-    step("applying docs/examples/imageprefetch.yaml");
-    let sample: ImagePrefetch =
-        serde_yaml::from_str(SAMPLE).context("docs/examples/imageprefetch.yaml")?;
-    let ns = sample
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = sample
-        .metadata
-        .name
-        .clone()
-        .context("the sample has a name")?;
-    let prefetches: Api<ImagePrefetch> = Api::namespaced(client.clone(), &ns);
+    step("applying an ImagePrefetch of both images to every node with pool=general");
+    let prefetches: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
+    let sample = json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
+        "metadata": {"name": "web-release", "namespace": "default"},
+        "spec": {"images": [web.reference, worker.reference], "nodeSelector": {"pool": "general"}},
+    });
+    let started = Instant::now();
     prefetches
         .patch(
-            &name,
+            "web-release",
             &PatchParams::apply("xtask-demo").force(),
             &Patch::Apply(&sample),
         )
         .await?;
-    let started = Instant::now();
-    let want = NODES.iter().filter(|(_, pool)| *pool == "general").count();
+
     let sets: Api<NodeImageSet> = Api::all(client.clone());
+    let images = [web.reference.clone(), worker.reference.clone()];
+    let mut last = String::new();
     loop {
-        let have = sets.list(&ListParams::default()).await?.items.len();
-        let status = prefetches.get(&name).await?.status;
-        if have == want && status.is_some_and(|s| s.desired_nodes as usize == want) {
+        let all = sets.list(&ListParams::default()).await?.items;
+        let view = progress(&all, &images);
+        if !all.is_empty() && view != last {
+            println!("{:>5.1}s\n{view}", started.elapsed().as_secs_f64());
+            last = view;
+        }
+        let status = prefetches.get("web-release").await?.status;
+        if status.as_ref().is_some_and(|s| s.ready == "3/3") {
             break;
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("the controller did not create {want} NodeImageSets within 60s (have {have})");
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!(
+                "not Ready within 5 minutes; agent logs are in {}",
+                work.display()
+            );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    done(&format!(
-        "{want} NodeImageSets written in {:.2}s (one per node with pool=general)",
-        started.elapsed().as_secs_f64()
-    ));
+    let ready_in = started.elapsed();
 
+    println!("\n== Summary ==");
+    println!(
+        "All 3 nodes have both images after {:.1}s.",
+        ready_in.as_secs_f64()
+    );
+    let all = sets.list(&ListParams::default()).await?.items;
+    for set in &all {
+        for e in &set.spec.image_set {
+            let report = set
+                .status
+                .iter()
+                .flat_map(|s| s.images.iter())
+                .find(|i| i.name == e.name);
+            println!(
+                "  {:<14} {:<36} {:<8} {:>7.1} MB in {:>5} ms",
+                set.spec.node_name,
+                short(&e.name),
+                match e.registry_policy {
+                    RegistryPolicy::Default => "seed",
+                    RegistryPolicy::Mirror => "mirror",
+                },
+                report.and_then(|r| r.size_bytes).unwrap_or(0) as f64 / 1e6,
+                report.and_then(|r| r.pull_duration_millis).unwrap_or(0),
+            );
+        }
+    }
+    let blobs = web.blobs.len() + worker.blobs.len();
+    let from_nodes = upstream.requests_from("containerd/");
+    let mirror_gets: usize = [&web, &worker]
+        .iter()
+        .map(|i| mirror.blob_gets(&i.repository).values().sum::<usize>())
+        .sum();
+    let upstream_gets: usize = [&web, &worker]
+        .iter()
+        .map(|i| upstream.blob_gets(&i.repository).values().sum::<usize>())
+        .sum();
+    println!(
+        "  Nodes fetched {mirror_gets} blobs from the mirror ({blobs} blobs x 3 nodes) and sent {from_nodes} requests to the \
+         external registry themselves.\n  The external registry served {upstream_gets} blob downloads, all to the mirror \
+         (the stand-in cache fetches each blob twice: to serve it and to store it; spegel serves from the nodes instead).\n  \
+         Without the operator every node would pull from the external registry: {} blob downloads.",
+        3 * blobs
+    );
     println!();
     print_table(&plane.kubeconfig)?;
-    println!(
-        "\nREADY stays 0/{want} here: no agent pulls on these simulated nodes yet, so no image is reported present."
-    );
 
     if keep {
         println!(
-            "\nThe control plane keeps running. In another terminal:\n  export KUBECONFIG={}\n  kubectl get imageprefetch,nodeimageset -A\n\
-             Ctrl-C here stops the controller; `cargo xtask testbed down` then stops the control plane.",
-            plane.kubeconfig.display(),
+            "\nEverything keeps running until Ctrl-C. In another terminal:\n  export KUBECONFIG={}\n  kubectl get imageprefetch,nodeimageset -A",
+            plane.kubeconfig.display()
         );
-        let _ = tokio::signal::ctrl_c().await;
+        telemetry::shutdown_signal().await;
     }
     let _ = stop_tx.send(());
     let _ = controller.await;
-    if !keep {
-        plane.stop();
-        println!("\nEverything is stopped; nothing is left running.");
+    for (_, agent) in nodes.iter_mut() {
+        let _ = agent.kill();
+        let _ = agent.wait();
     }
+    drop(nodes);
+    plane.stop();
+    println!("\nEverything is stopped; nothing is left running.");
     Ok(())
+}
+
+fn short(reference: &str) -> &str {
+    reference
+        .split_once('/')
+        .map(|(_, r)| r)
+        .unwrap_or(reference)
+}
+
+/// One line per node: each image's state and, once known, where it came from.
+fn progress(sets: &[NodeImageSet], images: &[String]) -> String {
+    let mut rows: BTreeMap<String, String> = NODES
+        .iter()
+        .map(|n| (n.to_string(), String::new()))
+        .collect();
+    for set in sets {
+        let mut cells = Vec::new();
+        for image in images {
+            let entry = set.spec.image_set.iter().find(|e| &e.name == image);
+            let report = set
+                .status
+                .iter()
+                .flat_map(|s| s.images.iter())
+                .find(|i| &i.name == image);
+            let cell = match (entry, report.map(|r| r.state)) {
+                (None, _) => "waiting for a seed".to_string(),
+                (Some(e), state) => {
+                    let how = match e.registry_policy {
+                        RegistryPolicy::Default => "seed, registry",
+                        RegistryPolicy::Mirror => "mirror only",
+                    };
+                    let what = match state {
+                        Some(PullState::Available) => "present",
+                        Some(PullState::Failed) => "FAILED",
+                        _ => "pulling",
+                    };
+                    format!("{what} ({how})")
+                }
+            };
+            cells.push(format!(
+                "{:<12} {cell:<28}",
+                short(image).split(':').next().unwrap_or(image)
+            ));
+        }
+        rows.insert(set.spec.node_name.clone(), cells.join(" "));
+    }
+    rows.iter()
+        .map(|(node, row)| format!("  {node:<14} {row}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn step(what: &str) {
@@ -139,7 +280,7 @@ fn done(what: &str) {
 
 /// `kubectl get imageprefetch,nodeimageset -A` when kubectl is installed.
 fn print_table(kubeconfig: &std::path::Path) -> Result<()> {
-    let status = std::process::Command::new("kubectl")
+    let status = Command::new("kubectl")
         .args(["get", "imageprefetch,nodeimageset", "-A"])
         .env("KUBECONFIG", kubeconfig)
         .status();

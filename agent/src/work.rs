@@ -409,12 +409,7 @@ impl Agent {
 
 /// The status entry of `entry` if it says the image is present (at the pinned digest, when there is one).
 fn reported_available(set: &NodeImageSet, entry: &NodeImage) -> Option<NodeImageStatus> {
-    let reported = set
-        .status
-        .as_ref()?
-        .images
-        .iter()
-        .find(|i| i.name == entry.name)?;
+    let reported = set.report_on(&entry.name)?;
     let pinned_ok = entry.digest.is_none() || entry.digest == reported.digest;
     (reported.state == PullState::Available && pinned_ok).then(|| reported.clone())
 }

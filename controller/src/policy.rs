@@ -79,13 +79,8 @@ impl ClusterView {
     pub fn add_sets<'a>(&mut self, sets: impl IntoIterator<Item = &'a NodeImageSet>) {
         for set in sets {
             let node = &set.spec.node_name;
-            let reported = set
-                .status
-                .as_ref()
-                .map(|s| s.images.as_slice())
-                .unwrap_or(&[]);
             for entry in &set.spec.image_set {
-                let report = reported.iter().find(|r| r.name == entry.name);
+                let report = set.report_on(&entry.name);
                 let facts = self.images.entry(image_key(&entry.name)).or_default();
                 let state = report.map(|r| r.state);
                 if state == Some(PullState::Available) {
@@ -115,16 +110,8 @@ impl Current {
     pub fn from_sets<'a>(sets: impl IntoIterator<Item = &'a NodeImageSet>) -> Self {
         let mut entries = HashMap::new();
         for set in sets {
-            let reported = set
-                .status
-                .as_ref()
-                .map(|s| s.images.as_slice())
-                .unwrap_or(&[]);
             for entry in &set.spec.image_set {
-                let state = reported
-                    .iter()
-                    .find(|r| r.name == entry.name)
-                    .map(|r| r.state);
+                let state = set.report_on(&entry.name).map(|r| r.state);
                 entries.insert(
                     (set.spec.node_name.clone(), image_key(&entry.name)),
                     (entry.clone(), state),

@@ -29,7 +29,7 @@ pub struct Failure {
 pub fn failures(sets: &[&NodeImageSet]) -> Vec<Failure> {
     let mut out = Vec::new();
     for set in sets {
-        for r in set.status.iter().flat_map(|s| s.images.iter()) {
+        for r in set.reported() {
             if r.state == PullState::Failed {
                 out.push(Failure {
                     node: set.spec.node_name.clone(),
@@ -64,19 +64,10 @@ pub fn compute(
         .collect();
     let mut ready_nodes = 0;
     for set in sets {
-        let reported = set
-            .status
-            .as_ref()
-            .map(|s| s.images.as_slice())
-            .unwrap_or(&[]);
         let mut all = true;
         for p in progress.iter_mut() {
             let listed = set.spec.image_set.iter().any(|e| e.name == p.image);
-            let state = reported
-                .iter()
-                .find(|r| r.name == p.image)
-                .map(|r| r.state)
-                .filter(|_| listed);
+            let state = set.report_on(&p.image).map(|r| r.state).filter(|_| listed);
             match state {
                 Some(PullState::Available) => p.available += 1,
                 Some(PullState::Pulling) => p.pulling += 1,

@@ -60,7 +60,7 @@ async fn follows_selector_and_cleans_up() {
                "nodeSelector": {"test-group": "fanout", "tier": "gpu"},
                "imagePullSecrets": [{"name": "regcred"}]}),
     );
-    let uid = apply(&client, &ns, &obj).await.unwrap().uid().unwrap();
+    let uid = created(&client, &ns, &obj).await;
     let sets = wait_for_nodes(&client, &uid, &["fan-a", "fan-b"]).await;
     for set in &sets {
         assert_eq!(set.spec.image_pull_secrets[0].namespace, ns);
@@ -131,7 +131,7 @@ async fn one_seed_then_mirrors_pinned_to_its_digest() {
     let _controller = Running::in_namespace(&client, &ns);
     let nodes = nodes(&client, "seq", 4, &[]).await;
     let image = "registry.example.com/seq/app:1";
-    let uid = apply(
+    let uid = created(
         &client,
         &ns,
         &prefetch(
@@ -139,10 +139,7 @@ async fn one_seed_then_mirrors_pinned_to_its_digest() {
             json!({"images": [image], "nodeSelector": {"test-group": "seq"}}),
         ),
     )
-    .await
-    .unwrap()
-    .uid()
-    .unwrap();
+    .await;
 
     // Watch every version of every NodeImageSet: none may list a Mirror entry
     // before the seed has reported the image Available.
@@ -284,7 +281,7 @@ async fn a_failed_or_deleted_seed_is_replaced() {
     let _controller = Running::in_namespace(&client, &ns);
     nodes(&client, "failover", 4, &[]).await;
     let image = "registry.example.com/failover/app:1";
-    let uid = apply(
+    let uid = created(
         &client,
         &ns,
         &prefetch(
@@ -292,10 +289,7 @@ async fn a_failed_or_deleted_seed_is_replaced() {
             json!({"images": [image], "nodeSelector": {"test-group": "failover"}}),
         ),
     )
-    .await
-    .unwrap()
-    .uid()
-    .unwrap();
+    .await;
     let seed_other_than = |old: Option<String>| {
         let client = client.clone();
         let uid = uid.clone();
@@ -355,7 +349,7 @@ async fn an_image_already_on_a_node_needs_no_seed() {
     let _controller = Running::in_namespace(&client, &ns);
     nodes(&client, "present", 3, &[]).await;
     let image = "registry.example.com/present/app:1";
-    let first = apply(
+    let first = created(
         &client,
         &ns,
         &prefetch(
@@ -363,10 +357,7 @@ async fn an_image_already_on_a_node_needs_no_seed() {
             json!({"images": [image], "nodeSelector": {"test-group": "present"}, "replicas": 1}),
         ),
     )
-    .await
-    .unwrap()
-    .uid()
-    .unwrap();
+    .await;
     let holder = poll("seed", || async {
         with_policy(
             &entries(&client, &first).await,
@@ -390,7 +381,7 @@ async fn an_image_already_on_a_node_needs_no_seed() {
     })
     .await;
 
-    let second = apply(
+    let second = created(
         &client,
         &ns,
         &prefetch(
@@ -398,10 +389,7 @@ async fn an_image_already_on_a_node_needs_no_seed() {
             json!({"images": [image], "nodeSelector": {"test-group": "present"}}),
         ),
     )
-    .await
-    .unwrap()
-    .uid()
-    .unwrap();
+    .await;
     let e = poll("second's entries", || async {
         let e = entries(&client, &second).await;
         (e.len() == 3 && e.values().filter(|x| !x.is_empty()).count() >= 2).then_some(e)
@@ -421,7 +409,7 @@ async fn replicas_are_stable_across_restarts_and_follow_node_changes() {
     let names = nodes(&client, "replicas", 6, &[]).await;
     let controller = Running::in_namespace(&client, &ns);
     let image = "registry.example.com/replicas/app:1";
-    let uid = apply(
+    let uid = created(
         &client,
         &ns,
         &prefetch(
@@ -429,10 +417,7 @@ async fn replicas_are_stable_across_restarts_and_follow_node_changes() {
             json!({"images": [image], "nodeSelector": {"test-group": "replicas"}, "replicas": 3}),
         ),
     )
-    .await
-    .unwrap()
-    .uid()
-    .unwrap();
+    .await;
     let chosen: BTreeSet<String> = poll("3 nodes", || async {
         let e = entries(&client, &uid).await;
         (e.len() == 3).then(|| e.keys().cloned().collect())
@@ -499,11 +484,7 @@ async fn two_controllers_one_leader() {
     };
     let a = Running::start(&client, lease("replica-a"));
     let b = Running::start(&client, lease("replica-b"));
-    let uid = apply(&client, &ns, &prefetch("app", json!({"images": ["registry.example.com/leader/app:1"], "nodeSelector": {"test-group": "leader"}})))
-        .await
-        .unwrap()
-        .uid()
-        .unwrap();
+    let uid = created(&client, &ns, &prefetch("app", json!({"images": ["registry.example.com/leader/app:1"], "nodeSelector": {"test-group": "leader"}}))).await;
     wait_for_nodes(&client, &uid, &["leader-0", "leader-1"]).await;
     poll("Ready", || async {
         finish_all(&client, &uid).await;
@@ -540,7 +521,7 @@ async fn waves_double_as_nodes_finish() {
     let _controller = Running::in_namespace(&client, &ns);
     nodes(&client, "waves", 16, &[]).await;
     let image = "registry.example.com/waves/app:1";
-    let uid = apply(
+    let uid = created(
         &client,
         &ns,
         &prefetch(
@@ -548,10 +529,7 @@ async fn waves_double_as_nodes_finish() {
             json!({"images": [image], "nodeSelector": {"test-group": "waves"}}),
         ),
     )
-    .await
-    .unwrap()
-    .uid()
-    .unwrap();
+    .await;
     let listed = |client: Client, uid: String| async move {
         entries(&client, &uid)
             .await
@@ -602,7 +580,7 @@ async fn refused_registries_are_reported() {
         },
     );
     nodes(&client, "allow", 1, &[]).await;
-    let uid = apply(
+    let uid = created(
         &client,
         &ns,
         &prefetch(
@@ -612,10 +590,7 @@ async fn refused_registries_are_reported() {
         "nodeSelector": {"test-group": "allow"}}),
         ),
     )
-    .await
-    .unwrap()
-    .uid()
-    .unwrap();
+    .await;
     let st = poll("Degraded", || async {
         status(&client, &ns, "app").await.filter(|s| {
             s.conditions
@@ -659,11 +634,7 @@ async fn no_matching_nodes_is_a_condition_and_table_shows_ready() {
         ("True", "NoMatchingNodes")
     );
 
-    let uid = apply(&client, &ns, &prefetch("some", json!({"images": ["registry.example.com/table/a:1"], "nodeSelector": {"test-group": "table"}})))
-        .await
-        .unwrap()
-        .uid()
-        .unwrap();
+    let uid = created(&client, &ns, &prefetch("some", json!({"images": ["registry.example.com/table/a:1"], "nodeSelector": {"test-group": "table"}}))).await;
     wait_for_nodes(&client, &uid, &["table-0", "table-1"]).await;
     loop {
         finish_all(&client, &uid).await;
@@ -722,7 +693,7 @@ async fn idle_controller_makes_no_writes() {
             &format!("p{i}"),
             json!({"images": [format!("registry.example.com/idle/app{i}:1")], "nodeSelector": {"test-group": "idle"}}),
         );
-        uids.push(apply(&client, &ns, &obj).await.unwrap().uid().unwrap());
+        uids.push(created(&client, &ns, &obj).await);
     }
     let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), &ns);
     poll("all Ready", || async {

@@ -144,3 +144,18 @@ pub enum PullSource {
     Upstream,
     Mirror,
 }
+
+impl NodeImageSet {
+    /// What the agent has reported, per image.
+    pub fn reported(&self) -> &[NodeImageStatus] {
+        self.status
+            .as_ref()
+            .map(|s| s.images.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// The agent's report on `image` (as listed in the spec).
+    pub fn report_on(&self, image: &str) -> Option<&NodeImageStatus> {
+        self.reported().iter().find(|r| r.name == image)
+    }
+}

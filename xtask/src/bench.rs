@@ -21,20 +21,13 @@ pub struct Options {
 pub async fn controller(opts: Options) -> Result<()> {
     crate::deps::install()?;
     crate::fixtures()?;
-    eprintln!("bench: building the controller (release)");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "image-prefetch-controller",
-        ])
-        .current_dir(crate::root())
-        .status()?;
-    if !status.success() {
-        bail!("building the controller failed");
-    }
+    crate::test::cargo(&[
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "image-prefetch-controller",
+    ])?;
     let dir = crate::root().join(".testbed").join("bench");
     let plane = testbed::ControlPlane::start(&dir, testbed::Lifetime::Owned).await?;
     let client = plane.client().await?;
@@ -222,20 +215,13 @@ fn memory(pid: u32) -> Result<Memory> {
 pub async fn agent(layers_mib: &[usize]) -> Result<()> {
     crate::deps::install()?;
     crate::fixtures()?;
-    eprintln!("bench: building the agent (release)");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "image-prefetch-agent",
-        ])
-        .current_dir(crate::root())
-        .status()?;
-    if !status.success() {
-        bail!("building the agent failed");
-    }
+    crate::test::cargo(&[
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "image-prefetch-agent",
+    ])?;
     let dir = testbed::workdir::Workdir::new("bench-agent");
     let plane =
         testbed::ControlPlane::start(&dir.join("cluster"), testbed::Lifetime::Owned).await?;

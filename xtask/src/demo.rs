@@ -28,14 +28,7 @@ pub async fn run(keep: bool) -> Result<()> {
     crate::deps::install()?;
     crate::fixtures()?;
     step("building the agent");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "image-prefetch-agent"])
-        .current_dir(crate::root())
-        .status()?;
-    if !built.success() {
-        bail!("building the agent failed");
-    }
+    crate::test::cargo(&["build", "--quiet", "-p", "image-prefetch-agent"])?;
     let work = testbed::workdir::Workdir::new("demo");
 
     step("starting etcd and kube-apiserver on 127.0.0.1");
@@ -163,11 +156,7 @@ pub async fn run(keep: bool) -> Result<()> {
     let all = sets.list(&ListParams::default()).await?.items;
     for set in &all {
         for e in &set.spec.image_set {
-            let report = set
-                .status
-                .iter()
-                .flat_map(|s| s.images.iter())
-                .find(|i| i.name == e.name);
+            let report = set.report_on(&e.name);
             println!(
                 "  {:<14} {:<36} {:<8} {:>7.1} MB in {:>5} ms",
                 set.spec.node_name,
@@ -237,11 +226,7 @@ fn progress(sets: &[NodeImageSet], images: &[String]) -> String {
         let mut cells = Vec::new();
         for image in images {
             let entry = set.spec.image_set.iter().find(|e| &e.name == image);
-            let report = set
-                .status
-                .iter()
-                .flat_map(|s| s.images.iter())
-                .find(|i| &i.name == image);
+            let report = set.report_on(image);
             let cell = match (entry, report.map(|r| r.state)) {
                 (None, _) => "waiting for a seed".to_string(),
                 (Some(e), state) => {

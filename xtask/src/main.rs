@@ -3,7 +3,7 @@
 mod bench;
 mod demo;
 mod deps;
-mod test;
+pub mod test;
 
 use std::path::{Path, PathBuf};
 

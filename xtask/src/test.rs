@@ -4,7 +4,8 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-fn cargo(args: &[&str]) -> Result<()> {
+/// Runs cargo in the workspace, failing with the command when it fails.
+pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("xtask: cargo {}", args.join(" "));
     let status = Command::new(cargo)

@@ -85,6 +85,15 @@ pub async fn apply(client: &Client, ns: &str, obj: &Value) -> Result<ImagePrefet
         })
 }
 
+/// Applies `obj` (which must be valid) and returns its uid.
+pub async fn created(client: &Client, ns: &str, obj: &Value) -> String {
+    apply(client, ns, obj)
+        .await
+        .unwrap_or_else(|e| panic!("rejected: {e}"))
+        .uid()
+        .expect("created objects have a uid")
+}
+
 /// A controller limited to `ns`, stopped when dropped or by `stop()`.
 pub struct Running {
     stop: Option<oneshot::Sender<()>>,

@@ -126,20 +126,11 @@ async fn follows_selector_and_cleans_up() {
 
 #[tokio::test]
 async fn one_seed_then_mirrors_pinned_to_its_digest() {
-    let client = client().await;
-    let ns = namespace(&client, "seq").await;
-    let _controller = Running::in_namespace(&client, &ns);
-    let nodes = nodes(&client, "seq", 4, &[]).await;
+    let sc = Scenario::new("seq", 4).await;
+    let (client, ns) = (sc.client.clone(), sc.ns.clone());
+    let nodes = sc.nodes.clone();
     let image = "registry.example.com/seq/app:1";
-    let uid = created(
-        &client,
-        &ns,
-        &prefetch(
-            "app",
-            json!({"images": [image], "nodeSelector": {"test-group": "seq"}}),
-        ),
-    )
-    .await;
+    let uid = sc.prefetch("app", &[image], json!({})).await;
 
     // Watch every version of every NodeImageSet: none may list a Mirror entry
     // before the seed has reported the image Available.
@@ -276,20 +267,10 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, Strin
 
 #[tokio::test]
 async fn a_failed_or_deleted_seed_is_replaced() {
-    let client = client().await;
-    let ns = namespace(&client, "failover").await;
-    let _controller = Running::in_namespace(&client, &ns);
-    nodes(&client, "failover", 4, &[]).await;
+    let sc = Scenario::new("failover", 4).await;
+    let (client, ns) = (sc.client.clone(), sc.ns.clone());
     let image = "registry.example.com/failover/app:1";
-    let uid = created(
-        &client,
-        &ns,
-        &prefetch(
-            "app",
-            json!({"images": [image], "nodeSelector": {"test-group": "failover"}}),
-        ),
-    )
-    .await;
+    let uid = sc.prefetch("app", &[image], json!({})).await;
     let seed_other_than = |old: Option<String>| {
         let client = client.clone();
         let uid = uid.clone();
@@ -516,20 +497,10 @@ async fn two_controllers_one_leader() {
 
 #[tokio::test]
 async fn waves_double_as_nodes_finish() {
-    let client = client().await;
-    let ns = namespace(&client, "waves").await;
-    let _controller = Running::in_namespace(&client, &ns);
-    nodes(&client, "waves", 16, &[]).await;
+    let sc = Scenario::new("waves", 16).await;
+    let (client, ns) = (sc.client.clone(), sc.ns.clone());
     let image = "registry.example.com/waves/app:1";
-    let uid = created(
-        &client,
-        &ns,
-        &prefetch(
-            "app",
-            json!({"images": [image], "nodeSelector": {"test-group": "waves"}}),
-        ),
-    )
-    .await;
+    let uid = sc.prefetch("app", &[image], json!({})).await;
     let listed = |client: Client, uid: String| async move {
         entries(&client, &uid)
             .await

@@ -18,16 +18,15 @@ pub struct Options {
     pub prefetches: usize,
 }
 
-pub async fn controller(opts: Options) -> Result<()> {
+/// Packages, fixtures, and a release build of the binary under test.
+fn prepare(package: &str) -> Result<()> {
     crate::deps::install()?;
     crate::fixtures()?;
-    crate::test::cargo(&[
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "image-prefetch-controller",
-    ])?;
+    crate::test::cargo(&["build", "--release", "--quiet", "-p", package])
+}
+
+pub async fn controller(opts: Options) -> Result<()> {
+    prepare("image-prefetch-controller")?;
     let dir = crate::root().join(".testbed").join("bench");
     let plane = testbed::ControlPlane::start(&dir, testbed::Lifetime::Owned).await?;
     let client = plane.client().await?;
@@ -213,15 +212,7 @@ fn memory(pid: u32) -> Result<Memory> {
 /// pull` of the same image from the same registry, each into a fresh
 /// containerd, and the agent's memory idle and while pulling.
 pub async fn agent(layers_mib: &[usize]) -> Result<()> {
-    crate::deps::install()?;
-    crate::fixtures()?;
-    crate::test::cargo(&[
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "image-prefetch-agent",
-    ])?;
+    prepare("image-prefetch-agent")?;
     let dir = testbed::workdir::Workdir::new("bench-agent");
     let plane =
         testbed::ControlPlane::start(&dir.join("cluster"), testbed::Lifetime::Owned).await?;

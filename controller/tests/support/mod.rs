@@ -94,6 +94,39 @@ pub async fn created(client: &Client, ns: &str, obj: &Value) -> String {
         .expect("created objects have a uid")
 }
 
+/// The usual set-up of a controller test: a namespace, a controller limited
+/// to it, and `n` Ready nodes labelled `test-group=<name>`.
+pub struct Scenario {
+    pub client: Client,
+    pub ns: String,
+    pub nodes: Vec<String>,
+    pub controller: Running,
+}
+
+impl Scenario {
+    pub async fn new(name: &str, n: usize) -> Self {
+        let client = client().await;
+        let ns = namespace(&client, name).await;
+        let controller = Running::in_namespace(&client, &ns);
+        let nodes = nodes(&client, name, n, &[]).await;
+        Scenario {
+            client,
+            ns,
+            nodes,
+            controller,
+        }
+    }
+
+    /// An ImagePrefetch of `images` onto this scenario's nodes; its uid.
+    pub async fn prefetch(&self, name: &str, images: &[&str], extra: Value) -> String {
+        let mut spec = json!({"images": images, "nodeSelector": {"test-group": self.ns}});
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        created(&self.client, &self.ns, &prefetch(name, spec)).await
+    }
+}
+
 /// A controller limited to `ns`, stopped when dropped or by `stop()`.
 pub struct Running {
     stop: Option<oneshot::Sender<()>>,

@@ -15,6 +15,8 @@ pub struct GoFixture {
     /// The main package to build.
     pub package: &'static str,
     pub tags: &'static str,
+    /// Extra linker flags (version stamps).
+    pub ldflags: &'static str,
     /// Lines the wrapper module's go.mod needs beyond `require`, derived from
     /// the fixture module's own go.mod.
     pub extra_go_mod: fn(upstream_go_mod: &str) -> String,
@@ -27,6 +29,12 @@ pub const KUBE_APISERVER: GoFixture = GoFixture {
     version: "v1.35.4",
     package: "k8s.io/kubernetes/cmd/kube-apiserver",
     tags: "",
+    // Without the stamp the server reports v0.0.0-master, and clients that
+    // check versions (helm's kubeVersion) refuse it.
+    ldflags: "-X k8s.io/component-base/version.gitVersion=v1.35.4 \
+              -X k8s.io/component-base/version.gitMajor=1 \
+              -X k8s.io/component-base/version.gitMinor=35 \
+              -X k8s.io/client-go/pkg/version.gitVersion=v1.35.4",
     extra_go_mod: |upstream| staging_replaces(upstream, "v0.35.4"),
 };
 
@@ -38,8 +46,23 @@ pub const CONTAINERD: GoFixture = GoFixture {
     package: "github.com/containerd/containerd/v2/cmd/containerd",
     // No cgo: the snapshotters that need C libraries are left out; overlayfs stays.
     tags: "no_btrfs no_devmapper no_zfs",
+    ldflags: "-X github.com/containerd/containerd/v2/version.Version=v2.2.9",
     extra_go_mod: |_| String::new(),
 };
+
+/// helm, for the chart's lint and install tests.
+pub const HELM: GoFixture = GoFixture {
+    name: "helm",
+    module: "helm.sh/helm/v3",
+    version: "v3.22.0",
+    package: "helm.sh/helm/v3/cmd/helm",
+    tags: "",
+    ldflags: "-X helm.sh/helm/v3/internal/version.version=v3.22.0",
+    extra_go_mod: |_| String::new(),
+};
+
+/// Every fixture, for `cargo xtask fixtures`.
+pub const ALL: &[&GoFixture] = &[&KUBE_APISERVER, &CONTAINERD, &HELM];
 
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/image-prefetch`, or `$IMAGE_PREFETCH_CACHE`.
 pub fn cache_dir() -> PathBuf {
@@ -64,12 +87,15 @@ pub fn require_tool(name: &'static str) -> Result<PathBuf> {
 }
 
 impl GoFixture {
-    /// Where the built binary lives; the version is in the name, so a version
-    /// bump builds anew and never reuses a stale binary.
+    /// Where the built binary lives. The version and a hash of the build
+    /// recipe are in the name, so any change builds anew and a stale binary
+    /// is never reused.
     pub fn path(&self) -> PathBuf {
-        cache_dir()
-            .join("bin")
-            .join(format!("{}-{}", self.name, self.version))
+        let recipe = crd::names::stable_hash(&[self.module, self.package, self.tags, self.ldflags]);
+        cache_dir().join("bin").join(format!(
+            "{}-{}-{:08x}",
+            self.name, self.version, recipe as u32
+        ))
     }
 
     /// The binary, or an error that says how to get it.
@@ -137,7 +163,14 @@ impl GoFixture {
         let tmp = out.with_extension("partial");
         run(
             Command::new(&go)
-                .args(["build", "-trimpath", "-ldflags=-s -w"])
+                .args(["build", "-trimpath"])
+                .arg(format!(
+                    "-ldflags=-s -w {}",
+                    self.ldflags
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ))
                 .arg(format!("-tags={}", self.tags))
                 .arg("-o")
                 .arg(&tmp)

@@ -13,7 +13,7 @@ const HELP: &str = "\
 cargo xtask <command>
 
   deps                  install the Debian packages the build and tests need
-  fixtures              build the Go test fixtures (kube-apiserver, containerd) into the cache
+  fixtures              build the Go test fixtures (kube-apiserver, containerd, helm) into the cache
   crdgen [--check]      write the CRD YAML into helm/ and bundle/ (or fail if stale)
   testbed up|down|status
                         a local etcd + kube-apiserver; `up` prints the KUBECONFIG
@@ -96,10 +96,7 @@ pub fn testbed_dir() -> PathBuf {
 
 pub fn fixtures() -> Result<()> {
     let started = std::time::Instant::now();
-    for fixture in [
-        &testbed::fixtures::KUBE_APISERVER,
-        &testbed::fixtures::CONTAINERD,
-    ] {
+    for fixture in testbed::fixtures::ALL {
         fixture.build(&mut |line| eprintln!("fixtures: {line}"))?;
     }
     eprintln!("fixtures: ready in {:.0}s", started.elapsed().as_secs_f64());

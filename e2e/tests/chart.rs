@@ -1,0 +1,160 @@
+//! The Helm chart with real helm (built from its Go module) against the real
+//! test-bed API server.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use kube::api::{Api, Patch, PatchParams, ValidationDirective};
+use serde_json::json;
+
+fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../helm/image-prefetch")
+}
+
+fn helm(args: &[&str]) -> (bool, String) {
+    let helm = testbed::fixtures::HELM
+        .require()
+        .expect("helm (cargo xtask fixtures)");
+    let home = std::env::temp_dir().join(format!("image-prefetch-helm-{}", std::process::id()));
+    let out = Command::new(helm)
+        .args(args)
+        .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
+        // helm's own state stays out of $HOME.
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .expect("helm runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn lint_is_clean_in_strict_mode() {
+    let chart = chart();
+    let chart = chart.to_str().unwrap();
+    for extra in [
+        vec![],
+        vec![
+            "--set",
+            "allowedRegistries={registry.example.com,ghcr.io/team}",
+            "--set",
+            "otlp.endpoint=http://collector:4317",
+        ],
+    ] {
+        let mut args = vec!["lint", "--strict", chart];
+        args.extend(extra);
+        let (ok, out) = helm(&args);
+        assert!(ok, "helm lint --strict failed:\n{out}");
+    }
+}
+
+#[test]
+fn unknown_values_are_rejected() {
+    let chart = chart();
+    let (ok, out) = helm(&[
+        "template",
+        "x",
+        chart.to_str().unwrap(),
+        "--set",
+        "controller.replica=3",
+    ]);
+    assert!(!ok, "a misspelt value was accepted");
+    assert!(out.contains("replica"), "{out}");
+}
+
+#[tokio::test]
+async fn installs_and_enforces_the_allow_list_at_admission() {
+    let client = testbed::shared::client().await;
+    let chart = chart();
+    let (ok, out) = helm(&[
+        "install",
+        "image-prefetch",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "image-prefetch-system",
+        "--create-namespace",
+        "--set",
+        "allowedRegistries={registry.example.com}",
+        "--wait=false",
+    ]);
+    assert!(ok, "helm install failed:\n{out}");
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "image-prefetch-system");
+    let controller = deployments
+        .get("image-prefetch-controller")
+        .await
+        .expect("controller Deployment");
+    assert_eq!(controller.spec.unwrap().replicas, Some(2));
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), "image-prefetch-system");
+    daemonsets
+        .get("image-prefetch-agent")
+        .await
+        .expect("agent DaemonSet");
+
+    // The policy binding takes a moment to be enforced: poll with a deadline.
+    let prefetches: Api<crd::ImagePrefetch> = Api::namespaced(client.clone(), "default");
+    let params = PatchParams::apply("test").validation(ValidationDirective::Strict);
+    let object = |name: &str, image: &str| {
+        json!({
+            "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
+            "metadata": {"name": name}, "spec": {"images": [image]},
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let message = loop {
+        match prefetches
+            .patch(
+                "refused",
+                &params,
+                &Patch::Apply(object("refused", "elsewhere.example/app:1")),
+            )
+            .await
+        {
+            Err(kube::Error::Api(e)) => break e.message,
+            Ok(_) => {
+                let _ = prefetches.delete("refused", &Default::default()).await;
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the allow-list was never enforced"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(
+        message.contains("elsewhere.example/app:1") && message.contains("registry.example.com"),
+        "{message}"
+    );
+    prefetches
+        .patch(
+            "allowed",
+            &params,
+            &Patch::Apply(object("allowed", "registry.example.com/team/app:1")),
+        )
+        .await
+        .expect("an allowed image is accepted");
+    // Docker Hub shorthand is judged by its canonical name.
+    let err = prefetches
+        .patch("hub", &params, &Patch::Apply(object("hub", "busybox:1.36")))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("docker.io/library/busybox:1.36"),
+        "{err}"
+    );
+
+    let (ok, out) = helm(&[
+        "uninstall",
+        "image-prefetch",
+        "--namespace",
+        "image-prefetch-system",
+    ]);
+    assert!(ok, "helm uninstall failed:\n{out}");
+}

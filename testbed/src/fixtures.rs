@@ -20,6 +20,9 @@ pub struct GoFixture {
     /// Lines the wrapper module's go.mod needs beyond `require`, derived from
     /// the fixture module's own go.mod.
     pub extra_go_mod: fn(upstream_go_mod: &str) -> String,
+    /// A main package of our own (a small tool driving the module as a
+    /// library); `None` builds `package` from the module itself.
+    pub main_go: Option<&'static str>,
 }
 
 /// The API server; its staging modules are released as v0.<minor>.<patch>.
@@ -36,6 +39,7 @@ pub const KUBE_APISERVER: GoFixture = GoFixture {
               -X k8s.io/component-base/version.gitMinor=35 \
               -X k8s.io/client-go/pkg/version.gitVersion=v1.35.4",
     extra_go_mod: |upstream| staging_replaces(upstream, "v0.35.4"),
+    main_go: None,
 };
 
 /// containerd 2.x, for the Transfer service; Debian ships only 1.6.
@@ -48,6 +52,7 @@ pub const CONTAINERD: GoFixture = GoFixture {
     tags: "no_btrfs no_devmapper no_zfs",
     ldflags: "-X github.com/containerd/containerd/v2/version.Version=v2.2.9",
     extra_go_mod: |_| String::new(),
+    main_go: None,
 };
 
 /// helm, for the chart's lint and install tests.
@@ -59,10 +64,23 @@ pub const HELM: GoFixture = GoFixture {
     tags: "",
     ldflags: "-X helm.sh/helm/v3/internal/version.version=v3.22.0",
     extra_go_mod: |_| String::new(),
+    main_go: None,
+};
+
+/// operator-framework's bundle validators, driven by a small program of ours.
+pub const BUNDLE_VALIDATE: GoFixture = GoFixture {
+    name: "bundle-validate",
+    module: "github.com/operator-framework/api",
+    version: "v0.30.0",
+    package: ".",
+    tags: "",
+    ldflags: "",
+    extra_go_mod: |_| String::new(),
+    main_go: Some(include_str!("../go/bundle-validate/main.go")),
 };
 
 /// Every fixture, for `cargo xtask fixtures`.
-pub const ALL: &[&GoFixture] = &[&KUBE_APISERVER, &CONTAINERD, &HELM];
+pub const ALL: &[&GoFixture] = &[&KUBE_APISERVER, &CONTAINERD, &HELM, &BUNDLE_VALIDATE];
 
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/image-prefetch`, or `$IMAGE_PREFETCH_CACHE`.
 pub fn cache_dir() -> PathBuf {
@@ -91,7 +109,13 @@ impl GoFixture {
     /// recipe are in the name, so any change builds anew and a stale binary
     /// is never reused.
     pub fn path(&self) -> PathBuf {
-        let recipe = crd::names::stable_hash(&[self.module, self.package, self.tags, self.ldflags]);
+        let recipe = crd::names::stable_hash(&[
+            self.module,
+            self.package,
+            self.tags,
+            self.ldflags,
+            self.main_go.unwrap_or_default(),
+        ]);
         cache_dir().join("bin").join(format!(
             "{}-{}-{:08x}",
             self.name, self.version, recipe as u32
@@ -148,19 +172,24 @@ impl GoFixture {
             (self.extra_go_mod)(&upstream)
         );
         write(&work.join("go.mod"), &wrapper)?;
-        write(
-            &work.join("tools.go"),
-            &format!(
-                "//go:build tools\n\npackage tools\n\nimport _ \"{}\"\n",
-                self.package
-            ),
-        )?;
+        match self.main_go {
+            Some(source) => write(&work.join("main.go"), source)?,
+            None => write(
+                &work.join("tools.go"),
+                &format!(
+                    "//go:build tools\n\npackage tools\n\nimport _ \"{}\"\n",
+                    self.package
+                ),
+            )?,
+        }
         run(
             Command::new(&go).args(["mod", "tidy"]).current_dir(&work),
             name,
         )?;
         progress(&format!("{name} {version}: compiling (minutes on 2 cores)"));
-        let tmp = out.with_extension("partial");
+        let mut tmp = out.clone().into_os_string();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
         run(
             Command::new(&go)
                 .args(["build", "-trimpath"])

@@ -23,7 +23,7 @@ fn usage(problem: &str) -> ! {
 
 fn parse_args() -> Config {
     let mut config = Config::new(&std::env::var("NODE_NAME").unwrap_or_default());
-    let mut args = std::env::args().skip(1);
+    let mut args = telemetry::cli_args().into_iter();
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()

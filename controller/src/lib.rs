@@ -4,6 +4,7 @@
 //! `select`, `policy`, `registries` and `status` are pure decisions; `reconcile` does the API I/O;
 //! `run` wires watches, stores and the kube-runtime `Controller` together.
 
+pub mod agent_daemonset;
 pub mod error;
 pub mod leader;
 pub mod policy;

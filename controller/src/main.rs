@@ -19,6 +19,8 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --no-sequencing                every node pulls from the registry at once
                                  (for comparison only: defeats the point)
   --leader-elect                 hold a Lease in $POD_NAMESPACE before reconciling
+  --manage-agent IMAGE           create and keep the agent DaemonSet in $POD_NAMESPACE
+                                 with IMAGE (installs that cannot ship one, e.g. OLM)
 ";
 
 fn usage(problem: &str) -> ! {
@@ -31,7 +33,7 @@ fn parse_args() -> Config {
         allowed: AllowList::parse(&std::env::var("ALLOWED_REGISTRIES").unwrap_or_default()),
         ..Config::default()
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = telemetry::cli_args().into_iter();
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -59,6 +61,13 @@ fn parse_args() -> Config {
                 let identity = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
                 config.instance = identity.clone();
                 config.leader = Some(LeaseConfig::new(&namespace, &identity));
+            }
+            "--manage-agent" => {
+                let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+                config.agent = Some(controller::agent_daemonset::AgentSpec::new(
+                    &namespace,
+                    &value(),
+                ));
             }
             "-h" | "--help" => {
                 print!("{USAGE}");

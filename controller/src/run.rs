@@ -37,6 +37,8 @@ pub struct Config {
     pub leader: Option<LeaseConfig>,
     /// Name this controller reports Events as.
     pub instance: String,
+    /// Create and keep the agent DaemonSet (for installs, like OLM's, that cannot ship one).
+    pub agent: Option<crate::agent_daemonset::AgentSpec>,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             not_ready_grace: Duration::from_secs(300),
             leader: None,
             instance: "image-prefetch-controller".into(),
+            agent: None,
         }
     }
 }
@@ -102,6 +105,17 @@ pub async fn run(
         return ctx;
     };
 
+    let (keeper_stop, keeper_stopped) = tokio::sync::oneshot::channel::<()>();
+    let keeper = ctx.config.agent.clone().map(|spec| {
+        tokio::spawn(crate::agent_daemonset::keep(
+            ctx.client.clone(),
+            spec,
+            async move {
+                let _ = keeper_stopped.await;
+            },
+        ))
+    });
+
     let controller = Controller::new(prefetches, watcher::Config::default());
     let all_prefetches = controller.store();
     info!(namespace = ?ctx.config.namespace, "image-prefetch controller starting");
@@ -125,6 +139,10 @@ pub async fn run(
         })
         .await;
     info!("image-prefetch controller stopped");
+    let _ = keeper_stop.send(());
+    if let Some(k) = keeper {
+        let _ = k.await;
+    }
     drop(leadership);
     ctx
 }

@@ -716,3 +716,64 @@ async fn idle_controller_makes_no_writes() {
         "it did write while converging"
     );
 }
+
+#[tokio::test]
+async fn keeps_the_agent_daemonset() {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use kube::api::{Patch, PatchParams};
+
+    let client = client().await;
+    let ns = namespace(&client, "manage-agent").await;
+    let image = "registry.example.com/image-prefetch-agent:0.1.0";
+    let _controller = Running::start(
+        &client,
+        controller::Config {
+            agent: Some(controller::agent_daemonset::AgentSpec::new(&ns, image)),
+            ..config(&ns)
+        },
+    );
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
+    let image_of = |ds: &DaemonSet| {
+        ds.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    let first = poll("DaemonSet created", || async {
+        api.get_opt("image-prefetch-agent").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(image_of(&first), image);
+
+    // Deleted: created again.
+    api.delete("image-prefetch-agent", &DeleteParams::default())
+        .await
+        .unwrap();
+    poll("DaemonSet re-created", || async {
+        let ds = api.get_opt("image-prefetch-agent").await.ok().flatten()?;
+        (ds.uid() != first.uid()).then_some(())
+    })
+    .await;
+
+    // Changed by someone else: changed back.
+    let change = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "agent", "image": "elsewhere/agent:9"}]}}}});
+    api.patch(
+        "image-prefetch-agent",
+        &PatchParams::default(),
+        &Patch::Strategic(change),
+    )
+    .await
+    .unwrap();
+    poll("image restored", || async {
+        let ds = api.get_opt("image-prefetch-agent").await.ok().flatten()?;
+        (image_of(&ds) == image).then_some(())
+    })
+    .await;
+}

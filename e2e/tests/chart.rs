@@ -61,11 +61,16 @@ fn unknown_values_are_rejected() {
         "template",
         "x",
         chart.to_str().unwrap(),
+        "--kube-version",
+        "1.35.4",
         "--set",
         "controller.replica=3",
     ]);
     assert!(!ok, "a misspelt value was accepted");
-    assert!(out.contains("replica"), "{out}");
+    assert!(
+        out.contains("replica") && out.contains("additional properties"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -157,4 +162,83 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
         "image-prefetch-system",
     ]);
     assert!(ok, "helm uninstall failed:\n{out}");
+}
+
+/// The binaries themselves accept the arguments the chart and the bundle give them.
+#[test]
+fn shipped_arguments_are_accepted_by_the_binaries() {
+    let chart = chart();
+    let (ok, rendered) = helm(&[
+        "template",
+        "x",
+        chart.to_str().unwrap(),
+        "--kube-version",
+        "1.35.4",
+        "--set",
+        "allowedRegistries={registry.example.com}",
+    ]);
+    assert!(ok, "{rendered}");
+    let csv = std::fs::read_to_string(
+        chart.join("../../bundle/manifests/image-prefetch.clusterserviceversion.yaml"),
+    )
+    .unwrap();
+    let mut checked = 0;
+    let docs = rendered
+        .split("\n---")
+        .chain(std::iter::once(csv.as_str()))
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    for doc in &docs {
+        let Ok(value) = serde_yaml::from_str::<serde_json::Value>(doc) else {
+            continue;
+        };
+        let mut containers = Vec::new();
+        collect_containers(&value, &mut containers);
+        for c in containers {
+            let binary = match c["name"].as_str() {
+                Some("controller") => "image-prefetch-controller",
+                Some("agent") => "image-prefetch-agent",
+                _ => continue,
+            };
+            let args: Vec<String> = c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect();
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/debug")
+                .join(binary);
+            let out = Command::new(&path)
+                .args(&args)
+                .arg("--help")
+                .output()
+                .expect("the binaries are built by cargo test --workspace");
+            assert!(
+                out.status.success(),
+                "{binary} refuses {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked, 3,
+        "the chart's controller and agent, the bundle's controller"
+    );
+}
+
+fn collect_containers(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Array(cs)) = map.get("containers") {
+                out.extend(cs.iter().cloned());
+            }
+            for child in map.values() {
+                collect_containers(child, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| collect_containers(i, out)),
+        _ => {}
+    }
 }

@@ -1,0 +1,133 @@
+//! The agent DaemonSet, created and kept by the controller (`--manage-agent`).
+//! An OLM bundle cannot ship a DaemonSet, so with OLM this is the only way
+//! the agents get installed; the Helm chart ships the DaemonSet itself.
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher;
+use serde_json::json;
+use tracing::{info, warn};
+
+/// Field manager for the DaemonSet.
+const MANAGER: &str = "image-prefetch-controller/agent";
+
+/// What the agent DaemonSet looks like.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    pub namespace: String,
+    pub name: String,
+    pub image: String,
+    pub service_account: String,
+    pub containerd_socket: String,
+    pub registry_config_dir: String,
+    pub mirror_config_dir: String,
+    pub priority_class: String,
+}
+
+impl AgentSpec {
+    pub fn new(namespace: &str, image: &str) -> Self {
+        AgentSpec {
+            namespace: namespace.to_string(),
+            name: "image-prefetch-agent".into(),
+            image: image.to_string(),
+            service_account: "image-prefetch-agent".into(),
+            containerd_socket: "/run/containerd/containerd.sock".into(),
+            registry_config_dir: "/etc/containerd/certs.d".into(),
+            mirror_config_dir: "/var/lib/image-prefetch/hosts".into(),
+            priority_class: "system-node-critical".into(),
+        }
+    }
+
+    /// The DaemonSet, in the same shape as the Helm chart's.
+    pub fn daemonset(&self) -> serde_json::Value {
+        let labels = json!({"app.kubernetes.io/name": "image-prefetch", "app.kubernetes.io/component": "agent"});
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": self.name, "namespace": self.namespace, "labels": labels},
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": self.service_account,
+                        "priorityClassName": self.priority_class,
+                        "tolerations": [{"operator": "Exists"}],
+                        "containers": [{
+                            "name": "agent",
+                            "image": self.image,
+                            "args": [
+                                format!("--containerd-socket={}", self.containerd_socket),
+                                format!("--registry-config-dir={}", self.registry_config_dir),
+                                format!("--mirror-config-dir={}", self.mirror_config_dir),
+                            ],
+                            "env": [
+                                {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                                {"name": "LOG_FORMAT", "value": "json"},
+                            ],
+                            "securityContext": {
+                                "runAsUser": 0,
+                                "allowPrivilegeEscalation": false,
+                                "readOnlyRootFilesystem": true,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "resources": {"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+                            // Same paths inside as on the host: containerd reads them as host_dir.
+                            "volumeMounts": [
+                                {"name": "containerd-socket", "mountPath": self.containerd_socket},
+                                {"name": "registry-config", "mountPath": self.registry_config_dir, "readOnly": true},
+                                {"name": "mirror-config", "mountPath": self.mirror_config_dir},
+                            ],
+                        }],
+                        "volumes": [
+                            {"name": "containerd-socket", "hostPath": {"path": self.containerd_socket, "type": "Socket"}},
+                            {"name": "registry-config", "hostPath": {"path": self.registry_config_dir, "type": "DirectoryOrCreate"}},
+                            {"name": "mirror-config", "hostPath": {"path": self.mirror_config_dir, "type": "DirectoryOrCreate"}},
+                        ],
+                    },
+                },
+            },
+        })
+    }
+}
+
+/// Applies the DaemonSet, then applies it again whenever it changes or is
+/// deleted, until `shutdown`. An unchanged apply writes nothing, so this does
+/// not feed itself.
+pub async fn keep(
+    client: kube::Client,
+    spec: AgentSpec,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let api: Api<DaemonSet> = Api::namespaced(client, &spec.namespace);
+    let params = PatchParams::apply(MANAGER).force();
+    let desired = spec.daemonset();
+    let wc = watcher::Config::default().fields(&format!("metadata.name={}", spec.name));
+    let mut events = watcher(api.clone(), wc).boxed();
+    tokio::pin!(shutdown);
+    loop {
+        match api
+            .patch(&spec.name, &params, &Patch::Apply(&desired))
+            .await
+        {
+            Ok(_) => info!(daemonset = %spec.name, image = %spec.image, "agent DaemonSet in place"),
+            Err(e) => {
+                warn!(error = %e, "applying the agent DaemonSet failed; retrying on the next change")
+            }
+        }
+        // Wait for a change worth re-applying: anything but our own initial sync.
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                event = events.next() => match event {
+                    Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => break,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => warn!(error = %e, "watching the agent DaemonSet failed; retrying"),
+                    None => return,
+                },
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@ pub mod crds;
 pub mod fixtures;
 pub mod images;
 pub mod nodes;
+pub mod oci;
 pub mod process;
 pub mod registry;
 

@@ -274,12 +274,15 @@ mod tests {
     }
 
     #[test]
-    fn binaries_are_keyed_by_version() {
-        assert!(
-            KUBE_APISERVER
-                .path()
-                .ends_with("bin/kube-apiserver-v1.35.4")
-        );
-        assert!(CONTAINERD.path().ends_with("bin/containerd-v2.2.9"));
+    fn binaries_are_keyed_by_version_and_recipe() {
+        let name = |f: &GoFixture| f.path().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name(&KUBE_APISERVER).starts_with("kube-apiserver-v1.35.4-"));
+        assert!(name(&CONTAINERD).starts_with("containerd-v2.2.9-"));
+        let restamped = GoFixture {
+            ldflags: "-X other=1",
+            ..KUBE_APISERVER
+        };
+        assert_ne!(name(&restamped), name(&KUBE_APISERVER), "a new recipe is a new binary");
     }
+}
 }

@@ -282,7 +282,10 @@ mod tests {
             ldflags: "-X other=1",
             ..KUBE_APISERVER
         };
-        assert_ne!(name(&restamped), name(&KUBE_APISERVER), "a new recipe is a new binary");
+        assert_ne!(
+            name(&restamped),
+            name(&KUBE_APISERVER),
+            "a new recipe is a new binary"
+        );
     }
-}
 }

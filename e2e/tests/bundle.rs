@@ -12,17 +12,7 @@ fn validate(bundle: &Path) -> (bool, String) {
     let tool = testbed::fixtures::BUNDLE_VALIDATE
         .require()
         .expect("bundle-validate (cargo xtask fixtures)");
-    let out = Command::new(tool)
-        .arg(bundle)
-        .arg("1.33")
-        .output()
-        .expect("runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    testbed::process::run(Command::new(tool).arg(bundle).arg("1.33"))
 }
 
 #[test]

@@ -17,21 +17,15 @@ fn helm(args: &[&str]) -> (bool, String) {
         .require()
         .expect("helm (cargo xtask fixtures)");
     let home = std::env::temp_dir().join(format!("image-prefetch-helm-{}", std::process::id()));
-    let out = Command::new(helm)
-        .args(args)
-        .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
-        // helm's own state stays out of $HOME.
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .expect("helm runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    testbed::process::run(
+        Command::new(helm)
+            .args(args)
+            .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
+            // helm's own state stays out of $HOME.
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data")),
+    )
 }
 
 #[test]

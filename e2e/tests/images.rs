@@ -9,19 +9,13 @@ use testbed::registry::Registry;
 use testbed::workdir::Workdir;
 
 fn ctr(node: &Containerd, args: &[&str]) -> (bool, String) {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(&node.socket)
-        .args(["--namespace", "k8s.io"])
-        .args(args)
-        .output()
-        .expect("ctr runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    testbed::process::run(
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&node.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args),
+    )
 }
 
 #[test]

@@ -5,5 +5,6 @@
 pub mod credentials;
 pub mod events;
 pub mod hosts;
+pub mod metrics;
 pub mod pull;
 pub mod work;

@@ -14,6 +14,7 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --concurrency N                pulls at once (default 2)
   --pull-timeout-seconds S       one attempt's limit (default 600)
   --resync-seconds S             how often present images are re-checked (default 300)
+  --metrics-addr ADDR            /metrics, /healthz, /readyz (default 0.0.0.0:8080)
 ";
 
 fn usage(problem: &str) -> ! {
@@ -22,7 +23,10 @@ fn usage(problem: &str) -> ! {
 }
 
 fn parse_args() -> Config {
-    let mut config = Config::new(&std::env::var("NODE_NAME").unwrap_or_default());
+    let mut config = Config {
+        metrics_addr: Some(([0, 0, 0, 0], 8080).into()),
+        ..Config::new(&std::env::var("NODE_NAME").unwrap_or_default())
+    };
     let mut args = telemetry::cli_args().into_iter();
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -44,6 +48,12 @@ fn parse_args() -> Config {
                 config.pull_timeout = Duration::from_secs(number("--pull-timeout-seconds"))
             }
             "--resync-seconds" => config.resync = Duration::from_secs(number("--resync-seconds")),
+            "--metrics-addr" => {
+                let v = value();
+                config.metrics_addr = Some(v.parse().unwrap_or_else(|_| {
+                    usage(&format!("--metrics-addr: {v:?} is not an address:port"))
+                }));
+            }
             "-h" | "--help" => {
                 print!("{USAGE}");
                 std::process::exit(0)

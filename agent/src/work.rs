@@ -27,6 +27,7 @@ use crd::condition::{condition, now};
 use crate::credentials::Keyring;
 use crate::events::{self, Notice};
 use crate::hosts;
+use crate::metrics::{Metrics, PullLabels, SourceLabels};
 use crate::pull::{PullError, Pulled, Runtime};
 
 /// Field manager of the agent's status writes.
@@ -50,6 +51,8 @@ pub struct Config {
     pub backoff_max: Duration,
     /// How often present images are checked to be still there.
     pub resync: Duration,
+    /// Where to serve /metrics, /healthz and /readyz; `None`: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             resync: Duration::from_secs(300),
+            metrics_addr: None,
         }
     }
 }
@@ -97,7 +101,14 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let health = telemetry::serve::Health::default();
+    if let Some(addr) = config.metrics_addr {
+        telemetry::serve::serve(addr, Arc::new(registry), health.clone()).await;
+    }
     let runtime = Runtime::connect(&config.containerd_socket).await?;
+    health.set_ready(true);
     let sets_api: Api<NodeImageSet> = Api::all(client.clone());
     let (store, writer) = reflector::store();
     let wc = watcher::Config::default().labels(&keys::on_node(&config.node_name));
@@ -116,6 +127,7 @@ pub async fn run(
         known: HashSet::new(),
         limit: Arc::new(Semaphore::new(1)),
         tx,
+        metrics,
     };
     agent.limit = Arc::new(Semaphore::new(agent.config.concurrency.max(1)));
     info!(node = %agent.config.node_name, "image-prefetch agent following this node's NodeImageSets");
@@ -165,6 +177,7 @@ struct Agent {
     known: HashSet<Key>,
     limit: Arc<Semaphore>,
     tx: mpsc::Sender<(Key, Outcome)>,
+    metrics: Metrics,
 }
 
 impl Agent {
@@ -222,6 +235,12 @@ impl Agent {
                 self.start(key, w);
             }
         }
+        let present = self
+            .states
+            .values()
+            .filter(|s| s.state == PullState::Available)
+            .count();
+        self.metrics.images_present.set(present as i64);
         for set in &sets {
             self.write_status(set).await;
         }
@@ -259,15 +278,37 @@ impl Agent {
                 error,
                 reason,
             } => {
+                self.metrics.retries.inc();
                 state.attempts = attempts;
                 state.last_error = Some(error);
                 state.reason = Some(reason);
             }
             Outcome::Done(result) => {
                 let policy = self.tasks.remove(&key).map(|t| t.entry.registry_policy);
+                let policy_label = format!("{:?}", policy.unwrap_or(RegistryPolicy::Default));
                 match result {
                     Ok((pulled, attempts)) => {
                         info!(image = %key.1, digest = %pulled.digest, secs = pulled.duration.as_secs_f64(), "image present");
+                        let labels = PullLabels {
+                            policy: policy_label,
+                            result: "success".into(),
+                        };
+                        self.metrics.pulls.get_or_create(&labels).inc();
+                        // A confirmation of an image already there moved no bytes.
+                        if !pulled.duration.is_zero() {
+                            self.metrics
+                                .pull_seconds
+                                .observe(pulled.duration.as_secs_f64());
+                            let source = match policy {
+                                Some(RegistryPolicy::Mirror) => "mirror",
+                                _ => "upstream",
+                            };
+                            let bytes = pulled.size.unwrap_or(0).max(0) as u64;
+                            let labels = SourceLabels {
+                                source: source.into(),
+                            };
+                            self.metrics.bytes.get_or_create(&labels).inc_by(bytes);
+                        }
                         state.state = PullState::Available;
                         state.attempts = attempts;
                         state.digest = Some(pulled.digest);
@@ -282,6 +323,11 @@ impl Agent {
                     }
                     Err((error, reason, attempts)) => {
                         warn!(image = %key.1, %error, %reason, attempts, "giving up on image");
+                        let labels = PullLabels {
+                            policy: policy_label,
+                            result: reason.clone(),
+                        };
+                        self.metrics.pulls.get_or_create(&labels).inc();
                         state.state = PullState::Failed;
                         state.attempts = attempts;
                         state.last_error = Some(error);

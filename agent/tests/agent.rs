@@ -342,3 +342,86 @@ async fn pulls_with_credentials_from_pull_secrets() {
     );
     assert!(!logged.contains(PASSWORD), "the agent logged the password");
 }
+
+// Multi-threaded: the test reads /metrics with a blocking client while the
+// agent's server runs on the same runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_pulls_and_bytes_by_source() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-e2e-metrics");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let mirror = Registry::start(&dir.join("mirror")).unwrap();
+    let work_dir = dir.join("images");
+    let seeded =
+        images::build_and_push(&work_dir, &upstream.host, "team/seeded", "1", &[2 * MB]).unwrap();
+    let mirrored =
+        images::build_and_push(&work_dir, &upstream.host, "team/mirrored", "1", &[3 * MB]).unwrap();
+    images::build_and_push(&work_dir, &mirror.host, "team/mirrored", "1", &[3 * MB]).unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(
+        &upstream.host,
+        &format!("http://{}", upstream.host),
+        &[&format!("http://{}", mirror.host)],
+    )
+    .unwrap();
+    let [port] = testbed::process::free_ports().unwrap();
+    let config = Config {
+        containerd_socket: node.socket.clone(),
+        node_hosts_dir: node.hosts_dir.clone(),
+        mirror_hosts_dir: dir.join("agent-hosts"),
+        metrics_addr: Some(([127, 0, 0, 1], port).into()),
+        ..Config::new("agent-node-metrics")
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(work::run(client.clone(), config, async move {
+        let _ = stopped.await;
+    }));
+    set(
+        &client,
+        "metrics-a",
+        "agent-node-metrics",
+        json!([
+            {"name": seeded.reference, "registryPolicy": "Default"},
+            {"name": mirrored.reference, "registryPolicy": "Mirror", "digest": mirrored.digest},
+        ]),
+        1,
+    )
+    .await;
+    wait_status(&client, "metrics-a", "both present", |s| s.available == 2).await;
+
+    let host = format!("127.0.0.1:{port}");
+    let (code, text) = testbed::process::http_get(&host, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let value = |series: &str| {
+        support::sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(
+        value("image_prefetch_agent_pulls_total{policy=\"Default\",result=\"success\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("image_prefetch_agent_pulls_total{policy=\"Mirror\",result=\"success\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("image_prefetch_agent_pulled_bytes_total{source=\"upstream\"}"),
+        seeded.size as f64
+    );
+    assert_eq!(
+        value("image_prefetch_agent_pulled_bytes_total{source=\"mirror\"}"),
+        mirrored.size as f64
+    );
+    assert_eq!(value("image_prefetch_agent_images_present"), 2.0);
+    assert_eq!(
+        value("image_prefetch_agent_pull_duration_seconds_count"),
+        2.0
+    );
+    assert_eq!(
+        testbed::process::http_get(&host, "/healthz").unwrap().0,
+        200
+    );
+    assert_eq!(testbed::process::http_get(&host, "/readyz").unwrap().0, 200);
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

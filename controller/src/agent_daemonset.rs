@@ -74,6 +74,9 @@ impl AgentSpec {
                                 "capabilities": {"drop": ["ALL"]},
                             },
                             "resources": {"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+                            "ports": [{"name": "metrics", "containerPort": 8080}],
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 20},
+                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10},
                             // Same paths inside as on the host: containerd reads them as host_dir.
                             "volumeMounts": [
                                 {"name": "containerd-socket", "mountPath": self.containerd_socket},

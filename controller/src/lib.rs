@@ -7,6 +7,7 @@
 pub mod agent_daemonset;
 pub mod error;
 pub mod leader;
+pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod registries;

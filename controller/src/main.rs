@@ -19,6 +19,7 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --no-sequencing                every node pulls from the registry at once
                                  (for comparison only: defeats the point)
   --leader-elect                 hold a Lease in $POD_NAMESPACE before reconciling
+  --metrics-addr ADDR            /metrics, /healthz, /readyz (default 0.0.0.0:8080)
   --manage-agent IMAGE           create and keep the agent DaemonSet in $POD_NAMESPACE
                                  with IMAGE (installs that cannot ship one, e.g. OLM)
 ";
@@ -30,6 +31,7 @@ fn usage(problem: &str) -> ! {
 
 fn parse_args() -> Config {
     let mut config = Config {
+        metrics_addr: Some(([0, 0, 0, 0], 8080).into()),
         allowed: AllowList::parse(&std::env::var("ALLOWED_REGISTRIES").unwrap_or_default()),
         ..Config::default()
     };
@@ -61,6 +63,12 @@ fn parse_args() -> Config {
                 let identity = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());
                 config.instance = identity.clone();
                 config.leader = Some(LeaseConfig::new(&namespace, &identity));
+            }
+            "--metrics-addr" => {
+                let v = value();
+                config.metrics_addr = Some(v.parse().unwrap_or_else(|_| {
+                    usage(&format!("--metrics-addr: {v:?} is not an address:port"))
+                }));
             }
             "--manage-agent" => {
                 let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::{StreamExt, TryStreamExt};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,7 @@ use crd::{
     keys, names,
 };
 
+use crate::metrics::{ErrorLabels, Metrics};
 use crate::policy::{ClusterView, Current, SeedBook};
 use crate::run::Config;
 use crate::status::{self, Inputs};
@@ -39,8 +39,7 @@ pub struct Context {
     pub recorder: Recorder,
     /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
     announced: Mutex<HashSet<(String, String, String)>>,
-    /// API writes made (NodeImageSet applies and deletes, status patches).
-    pub writes: AtomicU64,
+    pub metrics: Metrics,
 }
 
 impl Context {
@@ -50,6 +49,7 @@ impl Context {
         sets: Store<NodeImageSet>,
         config: Config,
         recorder: Recorder,
+        metrics: Metrics,
     ) -> Self {
         Context {
             client,
@@ -59,12 +59,12 @@ impl Context {
             seeds: Mutex::default(),
             recorder,
             announced: Mutex::default(),
-            writes: AtomicU64::new(0),
+            metrics,
         }
     }
 
     fn wrote(&self) {
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.writes.inc();
     }
 }
 
@@ -76,14 +76,30 @@ const RESYNC: Duration = Duration::from_secs(300);
 
 #[instrument(skip_all, fields(namespace = prefetch.namespace(), name = %prefetch.name_any()))]
 pub async fn reconcile(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(prefetch, &ctx).await;
+    ctx.metrics.reconciles.inc();
+    ctx.metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        let labels = ErrorLabels {
+            category: e.category().to_string(),
+        };
+        ctx.metrics.errors.get_or_create(&labels).inc();
+    }
+    result
+}
+
+async fn reconcile_inner(prefetch: Arc<ImagePrefetch>, ctx: &Context) -> Result<Action, Error> {
     let namespace = prefetch
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
     let api: Api<ImagePrefetch> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, keys::FINALIZER, prefetch, |event| async {
         match event {
-            Event::Apply(p) => apply(&p, &api, &ctx).await,
-            Event::Cleanup(p) => cleanup(&p, &ctx).await,
+            Event::Apply(p) => apply(&p, &api, ctx).await,
+            Event::Cleanup(p) => cleanup(&p, ctx).await,
         }
     })
     .await
@@ -237,6 +253,7 @@ async fn apply(
         ctx.wrote();
         info!(node = %stale.spec.node_name, set = %stale.name_any(), "deleted NodeImageSet of a node no longer selected");
     }
+    ctx.metrics.seeds_chosen.inc_by(plan.new_seeds.len() as u64);
     for (image, node) in &plan.new_seeds {
         let note = format!(
             "{node} pulls {image} from its registry; other nodes will get it from the in-cluster mirror"

@@ -39,6 +39,8 @@ pub struct Config {
     pub instance: String,
     /// Create and keep the agent DaemonSet (for installs, like OLM's, that cannot ship one).
     pub agent: Option<crate::agent_daemonset::AgentSpec>,
+    /// Where to serve /metrics, /healthz and /readyz; `None`: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -52,6 +54,7 @@ impl Default for Config {
             leader: None,
             instance: "image-prefetch-controller".into(),
             agent: None,
+            metrics_addr: None,
         }
     }
 }
@@ -64,6 +67,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Arc<Context> {
     let shutdown = shutdown.shared();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = crate::metrics::Metrics::register(&mut registry);
+    // Ready means serving its role: leading, or standing by for the lease.
+    let health = telemetry::serve::Health::default();
+    health.set_ready(true);
+    if let Some(addr) = config.metrics_addr {
+        telemetry::serve::serve(addr, std::sync::Arc::new(registry), health).await;
+    }
     let leadership = match config.leader.clone() {
         Some(lease) => tokio::select! {
             held = leader::acquire(client.clone(), lease) => Some(held),
@@ -100,7 +111,7 @@ pub async fn run(
             instance: Some(config.instance.clone()),
         },
     );
-    let ctx = Arc::new(Context::new(client, nodes, sets, config, recorder));
+    let ctx = Arc::new(Context::new(client, nodes, sets, config, recorder, metrics));
     let Some(stop) = stop_signal(shutdown, leadership.as_ref()) else {
         return ctx;
     };

@@ -105,8 +105,9 @@ pub struct Selection {
     pub insufficient: Option<(usize, usize)>,
 }
 
-/// The nodes that get the images: every candidate, or the `replicas`
-/// best-scoring candidates for the ImagePrefetch `uid`.
+/// The nodes that get the images: every candidate, or `replicas` of them —
+/// those that already hold the images first, then the best-scoring for the
+/// ImagePrefetch `uid`.
 pub fn select<'a>(
     uid: &str,
     selector: &BTreeMap<String, String>,
@@ -129,7 +130,9 @@ pub fn select<'a>(
         if k > candidates.len() {
             insufficient = Some((k, candidates.len()));
         }
-        candidates.sort_by_key(|n| std::cmp::Reverse(score(uid, n)));
+        // Nodes that already hold the images keep them: a new node, however
+        // well it scores, never displaces one. Free places go by score.
+        candidates.sort_by_key(|n| (!currently_selected(n), std::cmp::Reverse(score(uid, n))));
         candidates.truncate(k);
     }
     let mut nodes: Vec<String> = candidates.into_iter().map(str::to_string).collect();
@@ -240,6 +243,23 @@ pub(crate) mod tests {
         assert_eq!(within.nodes, ["a", "down"]);
         let past = select("u", &sel(&[]), None, &nodes, &keep, at(900 + 301), GRACE);
         assert_eq!(past.nodes, ["a"]);
+    }
+
+    #[test]
+    fn new_nodes_never_displace_chosen_replicas() {
+        let nodes: Vec<Node> = (0..3).map(|i| node(&format!("n{i}"), &[])).collect();
+        let chosen = pick("uid-3", &sel(&[]), Some(2), &nodes);
+        let holds = |n: &str| chosen.iter().any(|c| c == n);
+        let mut more = nodes.clone();
+        more.extend((0..40).map(|i| node(&format!("new{i}"), &[])));
+        // Some of the new nodes score higher; the chosen ones stay all the same.
+        assert!(
+            more.iter()
+                .any(|n| score("uid-3", n.metadata.name.as_ref().unwrap())
+                    > chosen.iter().map(|c| score("uid-3", c)).min().unwrap())
+        );
+        let again = select("uid-3", &sel(&[]), Some(2), &more, &holds, at(1000), GRACE).nodes;
+        assert_eq!(again, chosen);
     }
 
     #[test]

@@ -483,8 +483,8 @@ async fn two_controllers_one_leader() {
         .holder_identity
         .unwrap();
     let (wa, wb) = (
-        a.stop().await.writes.load(Ordering::Relaxed),
-        b.stop().await.writes.load(Ordering::Relaxed),
+        a.stop().await.metrics.writes.get(),
+        b.stop().await.metrics.writes.get(),
     );
     let (leader, standby) = if holder == "replica-a" {
         (wa, wb)
@@ -712,7 +712,7 @@ async fn idle_controller_makes_no_writes() {
     // Every write (apply, delete, status, Event) changes a resourceVersion or the Event count.
     assert_eq!(start, end, "objects or events changed while idle");
     assert!(
-        controller.stop().await.writes.load(Ordering::Relaxed) > 0,
+        controller.stop().await.metrics.writes.get() > 0,
         "it did write while converging"
     );
 }
@@ -776,4 +776,54 @@ async fn keeps_the_agent_daemonset() {
         (image_of(&ds) == image).then_some(())
     })
     .await;
+}
+
+// Multi-threaded: the test reads /metrics with a blocking client while the
+// controller's server runs on the same runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_metrics_and_health() {
+    let client = client().await;
+    let ns = namespace(&client, "metrics").await;
+    let [port] = testbed::process::free_ports().unwrap();
+    let _controller = Running::start(
+        &client,
+        controller::Config {
+            metrics_addr: Some(([127, 0, 0, 1], port).into()),
+            ..config(&ns)
+        },
+    );
+    nodes(&client, "metrics", 2, &[]).await;
+    let uid = created(
+        &client,
+        &ns,
+        &prefetch("app", json!({"images": ["registry.example.com/metrics/app:1"], "nodeSelector": {"test-group": "metrics"}})),
+    )
+    .await;
+    wait_for_nodes(&client, &uid, &["metrics-0", "metrics-1"]).await;
+    let host = format!("127.0.0.1:{port}");
+    let text = poll("metrics counted the work", || async {
+        let (code, text) = testbed::process::http_get(&host, "/metrics").ok()?;
+        let writes = text
+            .lines()
+            .find(|l| l.starts_with("image_prefetch_controller_api_writes_total"))?
+            .rsplit(' ')
+            .next()?
+            .parse::<f64>()
+            .ok()?;
+        (code == 200 && writes >= 2.0).then_some(text)
+    })
+    .await;
+    assert!(
+        text.contains("image_prefetch_controller_reconciles_total"),
+        "{text}"
+    );
+    assert!(
+        text.contains("image_prefetch_controller_seeds_chosen_total 1"),
+        "{text}"
+    );
+    assert_eq!(
+        testbed::process::http_get(&host, "/healthz").unwrap().0,
+        200
+    );
+    assert_eq!(testbed::process::http_get(&host, "/readyz").unwrap().0, 200);
 }

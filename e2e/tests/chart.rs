@@ -39,6 +39,8 @@ fn lint_is_clean_in_strict_mode() {
             "allowedRegistries={registry.example.com,ghcr.io/team}",
             "--set",
             "otlp.endpoint=http://collector:4317",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
         ],
     ] {
         let mut args = vec!["lint", "--strict", chart];

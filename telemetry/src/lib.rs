@@ -5,6 +5,8 @@
 //! Traces go over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and
 //! nowhere otherwise: no exporter, no connection attempts, no cost.
 
+pub mod serve;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;

@@ -78,6 +78,7 @@ pub fn agent_process(
         .arg("--mirror-config-dir")
         .arg(mirror_dir)
         .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "debug")
         .stderr(log)
         .spawn()
@@ -99,4 +100,13 @@ pub fn ctr(containerd: &testbed::containerd::Containerd, args: &[&str]) -> Strin
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One sample of `/metrics` text: the value of the line starting with `series`.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

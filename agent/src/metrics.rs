@@ -1,0 +1,70 @@
+//! The agent's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PullLabels {
+    /// `Default` or `Mirror`.
+    pub policy: String,
+    /// `success`, or the failure reason (`NotFound`, `Unauthorized`, …).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `upstream` or `mirror`.
+    pub source: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub pulls: Family<PullLabels, Counter>,
+    pub pull_seconds: Histogram,
+    pub bytes: Family<SourceLabels, Counter>,
+    pub retries: Counter,
+    pub images_present: Gauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            pulls: Family::default(),
+            pull_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
+            bytes: Family::default(),
+            retries: Counter::default(),
+            images_present: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("image_prefetch_agent");
+        r.register(
+            "pulls",
+            "Finished pulls (after retries), by policy and result",
+            m.pulls.clone(),
+        );
+        r.register(
+            "pull_duration_seconds",
+            "Duration of successful pulls",
+            m.pull_seconds.clone(),
+        );
+        r.register(
+            "pulled_bytes",
+            "Bytes of pulled images, by where they came from",
+            m.bytes.clone(),
+        );
+        r.register(
+            "retries",
+            "Pull attempts that failed and were retried",
+            m.retries.clone(),
+        );
+        r.register(
+            "images_present",
+            "Prefetched images present on this node",
+            m.images_present.clone(),
+        );
+        m
+    }
+}

@@ -76,21 +76,22 @@ impl PullError {
 
 fn classify(message: &str) -> &'static str {
     let m = message.to_lowercase();
-    if m.contains("not found") || m.contains("manifest unknown") || m.contains("name unknown") {
-        "NotFound"
-    } else if m.contains("unauthorized")
-        || m.contains("401")
-        || m.contains("403")
-        || m.contains("denied")
-    {
-        "Unauthorized"
-    } else if m.contains("connection refused")
-        || m.contains("no such host")
-        || m.contains("dial tcp")
-        || m.contains("timeout")
-        || m.contains("no route")
-    {
+    // Words, not bare status numbers: a message names hosts and ports too
+    // (port 44031 contains "403").
+    let any = |words: &[&str]| words.iter().any(|w| m.contains(w));
+    if any(&[
+        "connection refused",
+        "no such host",
+        "dial tcp",
+        "i/o timeout",
+        "no route",
+        "connection reset",
+    ]) {
         "RegistryUnreachable"
+    } else if any(&["unauthorized", "forbidden", "denied"]) {
+        "Unauthorized"
+    } else if any(&["not found", "manifest unknown", "name unknown"]) {
+        "NotFound"
     } else {
         "PullFailed"
     }
@@ -501,5 +502,16 @@ mod tests {
             "RegistryUnreachable"
         );
         assert_eq!(classify("something else"), "PullFailed");
+        // A port that contains 403 is not an authorisation failure.
+        assert_eq!(
+            classify(
+                "Head \"http://127.0.0.1:44031/v2/x/manifests/1\": dial tcp 127.0.0.1:44031: connect: connection refused"
+            ),
+            "RegistryUnreachable"
+        );
+        assert_eq!(
+            classify("unexpected status from HEAD request: 403 Forbidden"),
+            "Unauthorized"
+        );
     }
 }

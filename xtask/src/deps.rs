@@ -7,7 +7,10 @@ use anyhow::{Result, bail};
 /// (package, why). The build needs protoc (containerd-client's generated
 /// gRPC code); the test bed needs the rest (and Go, for the fixtures).
 const PACKAGES: &[(&str, &str)] = &[
-    ("protobuf-compiler", "protoc, for containerd-client's build"),
+    (
+        "protobuf-compiler",
+        "protoc, for containerd-client's and k8s-cri's builds",
+    ),
     (
         "etcd-server",
         "etcd, the API server's store in the test bed",
@@ -21,6 +24,15 @@ const PACKAGES: &[(&str, &str)] = &[
     (
         "apache2-utils",
         "htpasswd, for the test registry that wants a login",
+    ),
+    (
+        "containerd",
+        "containerd 1.6 for the CRI fallback tests, and ctr",
+    ),
+    ("runc", "runs the built images in the image test"),
+    (
+        "buildah",
+        "builds the container images without a Docker daemon",
     ),
 ];
 

@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use agent::work::{self, Config};
 
 const USAGE: &str = "\
@@ -17,52 +15,28 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --metrics-addr ADDR            /metrics, /healthz, /readyz (default 0.0.0.0:8080)
 ";
 
-fn usage(problem: &str) -> ! {
-    eprintln!("{problem}\n\n{USAGE}");
-    std::process::exit(2)
-}
-
 fn parse_args() -> Config {
     let mut config = Config {
         metrics_addr: Some(([0, 0, 0, 0], 8080).into()),
         ..Config::new(&std::env::var("NODE_NAME").unwrap_or_default())
     };
-    let mut args = telemetry::cli_args().into_iter();
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
-        };
-        let mut number = |what: &str| -> u64 {
-            let v = value();
-            v.parse()
-                .unwrap_or_else(|_| usage(&format!("{what}: {v:?} is not a whole number")))
-        };
-        match arg.as_str() {
-            "--node-name" => config.node_name = value(),
-            "--containerd-socket" => config.containerd_socket = value().into(),
-            "--registry-config-dir" => config.node_hosts_dir = value().into(),
-            "--mirror-config-dir" => config.mirror_hosts_dir = value().into(),
-            "--concurrency" => config.concurrency = number("--concurrency").max(1) as usize,
-            "--pull-timeout-seconds" => {
-                config.pull_timeout = Duration::from_secs(number("--pull-timeout-seconds"))
-            }
-            "--resync-seconds" => config.resync = Duration::from_secs(number("--resync-seconds")),
-            "--metrics-addr" => {
-                let v = value();
-                config.metrics_addr = Some(v.parse().unwrap_or_else(|_| {
-                    usage(&format!("--metrics-addr: {v:?} is not an address:port"))
-                }));
-            }
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0)
-            }
-            other => usage(&format!("unknown option {other}")),
+    let mut args = telemetry::cli::Args::from_env(USAGE);
+    while let Some(flag) = args.next_flag() {
+        match flag.as_str() {
+            "--node-name" => config.node_name = args.value(&flag),
+            "--containerd-socket" => config.containerd_socket = args.value(&flag).into(),
+            "--registry-config-dir" => config.node_hosts_dir = args.value(&flag).into(),
+            "--mirror-config-dir" => config.mirror_hosts_dir = args.value(&flag).into(),
+            "--concurrency" => config.concurrency = args.number(&flag).max(1) as usize,
+            "--pull-timeout-seconds" => config.pull_timeout = args.seconds(&flag),
+            "--resync-seconds" => config.resync = args.seconds(&flag),
+            "--metrics-addr" => config.metrics_addr = Some(args.addr(&flag)),
+            "-h" | "--help" => args.help(),
+            other => args.fail(&format!("unknown option {other}")),
         }
     }
     if config.node_name.is_empty() {
-        usage("no node name: pass --node-name or set NODE_NAME");
+        args.fail("no node name: pass --node-name or set NODE_NAME");
     }
     config
 }

@@ -1,5 +1,3 @@
-use std::time::Duration;
-
 use controller::Config;
 use controller::leader::LeaseConfig;
 use controller::registries::AllowList;
@@ -24,39 +22,21 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
                                  with IMAGE (installs that cannot ship one, e.g. OLM)
 ";
 
-fn usage(problem: &str) -> ! {
-    eprintln!("{problem}\n\n{USAGE}");
-    std::process::exit(2)
-}
-
 fn parse_args() -> Config {
     let mut config = Config {
         metrics_addr: Some(([0, 0, 0, 0], 8080).into()),
         allowed: AllowList::parse(&std::env::var("ALLOWED_REGISTRIES").unwrap_or_default()),
         ..Config::default()
     };
-    let mut args = telemetry::cli_args().into_iter();
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
-        };
-        let mut number = |what: &str| -> u64 {
-            let v = value();
-            v.parse()
-                .unwrap_or_else(|_| usage(&format!("{what}: {v:?} is not a whole number")))
-        };
-        match arg.as_str() {
-            "--namespace" => config.namespace = Some(value()),
-            "--allowed-registries" => config.allowed = AllowList::parse(&value()),
-            "--retry-limit" => config.retry_limit = number("--retry-limit") as i32,
-            "--wave-cap" => config.policy.wave_cap = number("--wave-cap").max(1) as usize,
-            "--seed-deadline-seconds" => {
-                config.policy.seed_deadline = Duration::from_secs(number("--seed-deadline-seconds"))
-            }
-            "--not-ready-grace-seconds" => {
-                config.not_ready_grace = Duration::from_secs(number("--not-ready-grace-seconds"))
-            }
+    let mut args = telemetry::cli::Args::from_env(USAGE);
+    while let Some(flag) = args.next_flag() {
+        match flag.as_str() {
+            "--namespace" => config.namespace = Some(args.value(&flag)),
+            "--allowed-registries" => config.allowed = AllowList::parse(&args.value(&flag)),
+            "--retry-limit" => config.retry_limit = args.number(&flag) as i32,
+            "--wave-cap" => config.policy.wave_cap = args.number(&flag).max(1) as usize,
+            "--seed-deadline-seconds" => config.policy.seed_deadline = args.seconds(&flag),
+            "--not-ready-grace-seconds" => config.not_ready_grace = args.seconds(&flag),
             "--no-sequencing" => config.policy.sequencing = false,
             "--leader-elect" => {
                 let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
@@ -64,24 +44,16 @@ fn parse_args() -> Config {
                 config.instance = identity.clone();
                 config.leader = Some(LeaseConfig::new(&namespace, &identity));
             }
-            "--metrics-addr" => {
-                let v = value();
-                config.metrics_addr = Some(v.parse().unwrap_or_else(|_| {
-                    usage(&format!("--metrics-addr: {v:?} is not an address:port"))
-                }));
-            }
+            "--metrics-addr" => config.metrics_addr = Some(args.addr(&flag)),
             "--manage-agent" => {
                 let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+                let image = args.value(&flag);
                 config.agent = Some(controller::agent_daemonset::AgentSpec::new(
-                    &namespace,
-                    &value(),
+                    &namespace, &image,
                 ));
             }
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0)
-            }
-            other => usage(&format!("unknown option {other}")),
+            "-h" | "--help" => args.help(),
+            other => args.fail(&format!("unknown option {other}")),
         }
     }
     config

@@ -5,6 +5,7 @@
 //! Traces go over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and
 //! nowhere otherwise: no exporter, no connection attempts, no cost.
 
+pub mod cli;
 pub mod serve;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -90,37 +91,5 @@ pub async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-/// The command-line arguments with `--flag=value` split into `--flag`,
-/// `value`, so that both spellings (manifests tend to use the first) parse.
-pub fn cli_args() -> Vec<String> {
-    split_flag_values(std::env::args().skip(1))
-}
-
-fn split_flag_values(args: impl Iterator<Item = String>) -> Vec<String> {
-    let mut out = Vec::new();
-    for arg in args {
-        match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                out.push(flag.to_string());
-                out.push(value.to_string());
-            }
-            _ => out.push(arg),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn flag_values_split_at_the_first_equals_sign() {
-        let args = ["--a=1", "--b", "2", "--c=x=y", "plain=1"].map(String::from);
-        assert_eq!(
-            super::split_flag_values(args.into_iter()),
-            ["--a", "1", "--b", "2", "--c", "x=y", "plain=1"]
-        );
     }
 }

@@ -28,6 +28,19 @@ fn helm(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `helm template` against the Kubernetes version we test on, with one `--set`.
+fn template(chart: &std::path::Path, set: &str) -> (bool, String) {
+    helm(&[
+        "template",
+        "x",
+        chart.to_str().unwrap(),
+        "--kube-version",
+        "1.35.4",
+        "--set",
+        set,
+    ])
+}
+
 #[test]
 fn lint_is_clean_in_strict_mode() {
     let chart = chart();
@@ -53,15 +66,7 @@ fn lint_is_clean_in_strict_mode() {
 #[test]
 fn unknown_values_are_rejected() {
     let chart = chart();
-    let (ok, out) = helm(&[
-        "template",
-        "x",
-        chart.to_str().unwrap(),
-        "--kube-version",
-        "1.35.4",
-        "--set",
-        "controller.replica=3",
-    ]);
+    let (ok, out) = template(&chart, "controller.replica=3");
     assert!(!ok, "a misspelt value was accepted");
     assert!(
         out.contains("replica") && out.contains("additional properties"),
@@ -164,15 +169,7 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
 #[test]
 fn shipped_arguments_are_accepted_by_the_binaries() {
     let chart = chart();
-    let (ok, rendered) = helm(&[
-        "template",
-        "x",
-        chart.to_str().unwrap(),
-        "--kube-version",
-        "1.35.4",
-        "--set",
-        "allowedRegistries={registry.example.com}",
-    ]);
+    let (ok, rendered) = template(&chart, "allowedRegistries={registry.example.com}");
     assert!(ok, "{rendered}");
     let csv = std::fs::read_to_string(
         chart.join("../../bundle/manifests/image-prefetch.clusterserviceversion.yaml"),

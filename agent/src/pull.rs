@@ -29,9 +29,10 @@ use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use tokio::sync::mpsc;
 
 use crate::credentials::{Credential, Keyring};
-use containerd_client::{to_any, with_namespace};
+use containerd_client::to_any;
+use containerd_client::tonic::metadata::{MetadataKey, MetadataValue};
 use futures::StreamExt;
-use tracing::{instrument, warn};
+use tracing::{Instrument as _, Span, info_span, warn};
 
 /// containerd's namespace for Kubernetes.
 pub const K8S_NAMESPACE: &str = "k8s.io";
@@ -137,7 +138,6 @@ impl Runtime {
     /// Credentials, when `keyring` has any for the repository, are answered on
     /// containerd's auth stream host by host, only for hosts the secrets name
     /// (so never to an in-cluster mirror).
-    #[instrument(skip(self, host_dir, keyring), fields(host_dir = %host_dir.display()))]
     pub async fn pull(
         &self,
         source: &str,
@@ -164,6 +164,26 @@ impl Runtime {
         }
         self.cri_pull(source, name, keyring).await?;
         self.pulled(name, started).await
+    }
+
+    /// A request in the Kubernetes namespace, carrying the trace context of
+    /// `span` (the call's own span) so containerd's spans, when it exports
+    /// any, join the pull's trace.
+    fn request<T>(&self, span: &Span, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        let metadata = request.metadata_mut();
+        if let Ok(namespace) = MetadataValue::try_from(self.namespace.as_str()) {
+            metadata.insert("containerd-namespace", namespace);
+        }
+        for (key, value) in telemetry::propagation::headers(span) {
+            if let (Ok(key), Ok(value)) = (
+                MetadataKey::from_bytes(key.as_bytes()),
+                MetadataValue::try_from(value.as_str()),
+            ) {
+                metadata.insert(key, value);
+            }
+        }
+        request
     }
 
     async fn pulled(&self, name: &str, started: Instant) -> Result<Pulled, PullError> {
@@ -216,8 +236,10 @@ impl Runtime {
             destination: Some(to_any(&store)),
             options: None,
         };
+        let span = rpc("Transfer.Transfer");
         let transferred = TransferClient::new(self.channel.clone())
-            .transfer(with_namespace!(request, self.namespace))
+            .transfer(self.request(&span, request))
+            .instrument(span)
             .await;
         drop(auth);
         transferred.map_err(status_error)?;
@@ -256,8 +278,10 @@ impl Runtime {
             auth,
             sandbox_config: None,
         };
+        let span = rpc("ImageService.PullImage");
         ImageServiceClient::new(self.channel.clone())
-            .pull_image(request)
+            .pull_image(self.request(&span, request))
+            .instrument(span)
             .await
             .map_err(status_error)?;
         if source == name {
@@ -267,8 +291,10 @@ impl Runtime {
         let request = GetImageRequest {
             name: source.to_string(),
         };
+        let span = rpc("Images.Get");
         let pulled = images
-            .get(with_namespace!(request, self.namespace))
+            .get(self.request(&span, request))
+            .instrument(span)
             .await
             .map_err(status_error)?
             .into_inner()
@@ -289,15 +315,22 @@ impl Runtime {
             image: Some(image.clone()),
             ..Default::default()
         };
-        match images.create(with_namespace!(create, self.namespace)).await {
+        let span = rpc("Images.Create");
+        let created = images
+            .create(self.request(&span, create))
+            .instrument(span)
+            .await;
+        match created {
             Ok(_) => Ok(()),
             Err(s) if s.code() == containerd_client::tonic::Code::AlreadyExists => {
                 let update = UpdateImageRequest {
                     image: Some(image),
                     ..Default::default()
                 };
+                let span = rpc("Images.Update");
                 images
-                    .update(with_namespace!(update, self.namespace))
+                    .update(self.request(&span, update))
+                    .instrument(span)
                     .await
                     .map_err(status_error)?;
                 Ok(())
@@ -311,8 +344,10 @@ impl Runtime {
         let request = GetImageRequest {
             name: name.to_string(),
         };
+        let span = rpc("Images.Get");
         let response = ImagesClient::new(self.channel.clone())
-            .get(with_namespace!(request, self.namespace))
+            .get(self.request(&span, request))
+            .instrument(span)
             .await;
         let image = match response {
             Ok(r) => r.into_inner().image,
@@ -347,8 +382,10 @@ impl Runtime {
             .map_err(|_| PullError::Containerd("auth stream closed".into()))?;
         let outbound =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        let span = rpc("Streaming.Stream");
         let mut inbound = StreamingClient::new(self.channel.clone())
-            .stream(with_namespace!(outbound, self.namespace))
+            .stream(self.request(&span, outbound))
+            .instrument(span)
             .await
             .map_err(failed)?
             .into_inner();
@@ -387,7 +424,12 @@ impl Runtime {
             name: name.to_string(),
         };
         let mut images = ImagesClient::new(self.channel.clone());
-        let image = match images.get(with_namespace!(request, self.namespace)).await {
+        let span = rpc("Images.Get");
+        let got = images
+            .get(self.request(&span, request))
+            .instrument(span)
+            .await;
+        let image = match got {
             Ok(r) => r.into_inner().image,
             Err(s) if s.code() == containerd_client::tonic::Code::NotFound => return Ok(()),
             Err(s) => return Err(PullError::Containerd(s.message().to_string())),
@@ -405,8 +447,10 @@ impl Runtime {
             }),
             ..Default::default()
         };
+        let span = rpc("Images.Update");
         images
-            .update(with_namespace!(request, self.namespace))
+            .update(self.request(&span, request))
+            .instrument(span)
             .await
             .map_err(|s| PullError::Containerd(s.message().to_string()))?;
         Ok(())
@@ -417,8 +461,10 @@ impl Runtime {
         let request = GetImageRequest {
             name: name.to_string(),
         };
+        let span = rpc("Images.Get");
         let response = ImagesClient::new(self.channel.clone())
-            .get(with_namespace!(request, self.namespace))
+            .get(self.request(&span, request))
+            .instrument(span)
             .await
             .map_err(|s| PullError::Containerd(s.message().to_string()))?;
         Ok(response
@@ -438,8 +484,10 @@ impl Runtime {
             offset: 0,
             size: 0,
         };
+        let span = rpc("Content.Read");
         let mut stream = ContentClient::new(self.channel.clone())
-            .read(with_namespace!(request, self.namespace))
+            .read(self.request(&span, request))
+            .instrument(span)
             .await
             .ok()?
             .into_inner();
@@ -468,6 +516,17 @@ impl Drop for AuthStream {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The span of one call to containerd (or its CRI service).
+fn rpc(method: &'static str) -> Span {
+    info_span!(
+        "containerd",
+        otel.name = method,
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.method = method,
+    )
 }
 
 fn host_platform() -> Platform {

@@ -15,7 +15,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{Instrument as _, field, info, info_span, warn};
 
 use crd::{
     NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullSource, PullState,
@@ -203,6 +203,7 @@ impl Agent {
                         entry: entry.clone(),
                         retry_limit: set.spec.image_download_retry_limit,
                         secrets: set.spec.image_pull_secrets.clone(),
+                        trace: set.annotations().get(keys::TRACEPARENT_ANNOTATION).cloned(),
                     },
                 );
             }
@@ -260,8 +261,10 @@ impl Agent {
             key: key.clone(),
             wanted: wanted.clone(),
         };
+        let span = pull_span(&wanted, &self.config.node_name);
         let handle = tokio::spawn(async move {
-            let outcome = job.pull_with_retries().await;
+            let outcome = job.pull_with_retries().instrument(span.clone()).await;
+            record_outcome(&span, &outcome);
             let _ = job.tx.send((job.key.clone(), Outcome::Done(outcome))).await;
         });
         let entry = wanted.entry;
@@ -496,6 +499,58 @@ struct Wanted {
     entry: NodeImage,
     retry_limit: i32,
     secrets: Vec<SecretReference>,
+    /// The `traceparent` of the controller span that wrote the entry's set.
+    trace: Option<String>,
+}
+
+/// The span of one entry's pull, all attempts included, continuing the
+/// controller's trace when the set names one.
+fn pull_span(wanted: &Wanted, node: &str) -> tracing::Span {
+    let entry = &wanted.entry;
+    let span = info_span!(
+        "pull",
+        image = %entry.name,
+        policy = ?entry.registry_policy,
+        node = %node,
+        digest = entry.digest.as_deref(),
+        attempts = field::Empty,
+        bytes = field::Empty,
+        result = field::Empty,
+        otel.status_code = field::Empty,
+        error = field::Empty,
+    );
+    if let Some(parent) = wanted
+        .trace
+        .as_deref()
+        .and_then(telemetry::propagation::parse)
+    {
+        telemetry::propagation::set_parent(&span, &parent);
+    }
+    span
+}
+
+fn record_outcome(span: &tracing::Span, outcome: &Result<(Pulled, i32), (String, String, i32)>) {
+    match outcome {
+        Ok((pulled, attempts)) => {
+            span.record("digest", pulled.digest.as_str());
+            span.record("attempts", attempts);
+            if let Some(bytes) = pulled.size {
+                span.record("bytes", bytes);
+            }
+            let result = if pulled.duration.is_zero() {
+                "already-present"
+            } else {
+                "success"
+            };
+            span.record("result", result);
+        }
+        Err((error, reason, attempts)) => {
+            span.record("attempts", attempts);
+            span.record("result", reason.as_str());
+            span.record("otel.status_code", "ERROR");
+            span.record("error", error.as_str());
+        }
+    }
 }
 
 /// One entry's pull, with everything it needs.
@@ -528,8 +583,19 @@ impl Job {
         }
         let attempts = std::sync::atomic::AtomicI32::new(0);
         let attempt = || async {
-            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.attempt(&name).await
+            let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let span = info_span!(
+                "attempt",
+                attempt = n,
+                otel.status_code = field::Empty,
+                error = field::Empty
+            );
+            let result = self.attempt(&name).instrument(span.clone()).await;
+            if let Err((error, _)) = &result {
+                span.record("otel.status_code", "ERROR");
+                span.record("error", error.as_str());
+            }
+            result
         };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.config.backoff_min)

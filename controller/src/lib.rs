@@ -14,6 +14,7 @@ pub mod registries;
 pub mod run;
 pub mod select;
 pub mod status;
+pub mod trace;
 pub mod triggers;
 
 pub use error::Error;

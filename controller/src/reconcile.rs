@@ -15,7 +15,7 @@ use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, instrument, warn};
+use tracing::{Instrument as _, Span, field, info, info_span, warn};
 
 use crd::{
     ImagePrefetch, ImagePrefetchStatus, NodeImage, NodeImageSet, NodeImageSetSpec, SecretReference,
@@ -26,6 +26,7 @@ use crate::metrics::{ErrorLabels, Metrics};
 use crate::policy::{ClusterView, Current, SeedBook};
 use crate::run::Config;
 use crate::status::{self, Inputs};
+use crate::trace::Rollouts;
 use crate::{Error, policy, select};
 
 /// What every reconcile shares: the client, the watched state, the settings,
@@ -40,6 +41,7 @@ pub struct Context {
     /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
     announced: Mutex<HashSet<(String, String, String)>>,
     pub metrics: Metrics,
+    rollouts: Rollouts,
 }
 
 impl Context {
@@ -60,6 +62,7 @@ impl Context {
             recorder,
             announced: Mutex::default(),
             metrics,
+            rollouts: Rollouts::default(),
         }
     }
 
@@ -74,10 +77,36 @@ const APPLY_CONCURRENCY: usize = 16;
 /// How often an ImagePrefetch is looked at again even if nothing changed.
 const RESYNC: Duration = Duration::from_secs(300);
 
-#[instrument(skip_all, fields(namespace = prefetch.namespace(), name = %prefetch.name_any()))]
 pub async fn reconcile(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let result = reconcile_inner(prefetch, &ctx).await;
+    let uid = prefetch.uid().unwrap_or_default();
+    let generation = prefetch.metadata.generation.unwrap_or_default();
+    let span = info_span!(
+        "reconcile",
+        namespace = prefetch.namespace(),
+        name = %prefetch.name_any(),
+        generation,
+        selected = field::Empty,
+        otel.status_code = field::Empty,
+        error = field::Empty,
+    );
+    match ctx.rollouts.parent(&uid, generation) {
+        Some(parent) => {
+            telemetry::propagation::set_parent(&span, &parent);
+        }
+        None => {
+            if let Some(root) = telemetry::propagation::span_context(&span) {
+                ctx.rollouts.begin(&uid, generation, root);
+            }
+        }
+    }
+    let result = reconcile_inner(prefetch, &ctx)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &result {
+        span.record("otel.status_code", "ERROR");
+        span.record("error", field::display(e));
+    }
     ctx.metrics.reconciles.inc();
     ctx.metrics
         .reconcile_seconds
@@ -161,15 +190,18 @@ async fn apply(
         .filter(|s| owner.owns(s))
         .collect();
     let holds = |node: &str| owned.iter().any(|s| s.spec.node_name == node);
-    let selection = select::select(
-        owner.uid,
-        &p.spec.node_selector,
-        p.spec.replicas,
-        nodes.iter().map(|n| n.as_ref()),
-        &holds,
-        now.0,
-        ctx.config.not_ready_grace,
-    );
+    let selection = info_span!("select", nodes = nodes.len()).in_scope(|| {
+        select::select(
+            owner.uid,
+            &p.spec.node_selector,
+            p.spec.replicas,
+            nodes.iter().map(|n| n.as_ref()),
+            &holds,
+            now.0,
+            ctx.config.not_ready_grace,
+        )
+    });
+    Span::current().record("selected", selection.nodes.len());
     let (allowed, not_allowed): (Vec<String>, Vec<String>) = p
         .spec
         .images
@@ -197,7 +229,7 @@ async fn apply(
         .copied()
         .filter(|s| selected.contains(&s.spec.node_name))
         .collect();
-    let plan = {
+    let plan = info_span!("plan", images = allowed.len()).in_scope(|| {
         let mut book = ctx.seeds.lock().expect("seed book lock");
         policy::plan(
             &allowed,
@@ -208,7 +240,7 @@ async fn apply(
             &ctx.config.policy,
             Instant::now(),
         )
-    };
+    });
 
     let sets_api: Api<NodeImageSet> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(keys::CONTROLLER_MANAGER).force();
@@ -227,12 +259,25 @@ async fn apply(
     // takes a fraction of the round trips one after another would.
     let writes: Vec<_> = changed
         .into_iter()
-        .map(|desired| {
+        .map(|mut desired| {
             let (api, params) = (sets_api.clone(), params.clone());
+            let span = info_span!(
+                "apply NodeImageSet",
+                node = %desired.spec.node_name,
+                set = %desired.name_any(),
+                images = desired.spec.image_set.len(),
+            );
             async move {
+                // The agent continues the trace from this span.
+                if let Some(traceparent) = telemetry::propagation::traceparent(&Span::current()) {
+                    desired
+                        .annotations_mut()
+                        .insert(keys::TRACEPARENT_ANNOTATION.to_string(), traceparent);
+                }
                 api.patch(&desired.name_any(), &params, &Patch::Apply(&desired))
                     .await
             }
+            .instrument(span)
         })
         .collect();
     let applied: Vec<NodeImageSet> = futures::stream::iter(writes)
@@ -268,6 +313,14 @@ async fn apply(
         not_allowed: &not_allowed,
     };
     let status = status::compute(p, &inputs, &refs, now);
+    let progressing = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Progressing" && c.status == "True");
+    if !progressing {
+        ctx.rollouts
+            .finish(owner.uid, p.metadata.generation.unwrap_or_default());
+    }
     announce(ctx, p, &owner, &refs, &status).await;
     if p.status.as_ref() != Some(&status) {
         let body = json!({
@@ -346,6 +399,7 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
         .lock()
         .expect("announced lock")
         .retain(|(uid, _, _)| uid != owner.uid);
+    ctx.rollouts.forget(owner.uid);
     info!("deleted every NodeImageSet of the ImagePrefetch");
     Ok(Action::await_change())
 }

@@ -21,6 +21,11 @@ pub const NODE: &str = "imageprefetch.io/node";
 /// Annotations carry the unshortened owner name, for people and tools.
 pub const PREFETCH_REF_ANNOTATION: &str = "imageprefetch.io/prefetch";
 
+/// Annotation on a NodeImageSet: the W3C `traceparent` of the controller span
+/// that last wrote it, so the agent's pulls join the same trace. Absent when
+/// the controller exports no traces.
+pub const TRACEPARENT_ANNOTATION: &str = "imageprefetch.io/traceparent";
+
 /// Labels that link a NodeImageSet to its ImagePrefetch and node.
 pub fn node_image_set_labels(
     namespace: &str,

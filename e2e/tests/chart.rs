@@ -199,9 +199,7 @@ fn shipped_arguments_are_accepted_by_the_binaries() {
                 .iter()
                 .map(|a| a.as_str().unwrap().to_string())
                 .collect();
-            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/debug")
-                .join(binary);
+            let path = image_prefetch_e2e::binary(binary);
             let out = Command::new(&path)
                 .args(&args)
                 .arg("--help")

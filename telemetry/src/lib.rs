@@ -6,6 +6,7 @@
 //! nowhere otherwise: no exporter, no connection attempts, no cost.
 
 pub mod cli;
+pub mod propagation;
 pub mod serve;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -45,9 +46,17 @@ pub fn init(service: &str) -> Guard {
                 None
             }
         });
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
+    // kube-runtime wraps each reconcile in a span of its own; exported, it
+    // would be the root of every reconcile's trace and stand alone whenever
+    // a reconcile joins the trace of its rollout (controller::trace). Logs
+    // keep it; traces start at our own spans.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service.to_string()))
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                !(meta.is_span() && meta.target().starts_with("kube_runtime"))
+            }))
+    });
 
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if json {

@@ -79,8 +79,29 @@ pub const BUNDLE_VALIDATE: GoFixture = GoFixture {
     main_go: Some(include_str!("../go/bundle-validate/main.go")),
 };
 
+/// Jaeger v2 (an OpenTelemetry Collector distribution): OTLP in, memory
+/// storage, the query API out. Jaeger's v2 releases are tagged v2.x in git but
+/// published to the module proxy as v1.x of the same module; v1.76.0 is
+/// Jaeger v2.13.0.
+pub const JAEGER: GoFixture = GoFixture {
+    name: "jaeger",
+    module: "github.com/jaegertracing/jaeger",
+    version: "v1.76.0",
+    package: "github.com/jaegertracing/jaeger/cmd/jaeger",
+    tags: "",
+    ldflags: "",
+    extra_go_mod: |_| String::new(),
+    main_go: None,
+};
+
 /// Every fixture, for `cargo xtask fixtures`.
-pub const ALL: &[&GoFixture] = &[&KUBE_APISERVER, &CONTAINERD, &HELM, &BUNDLE_VALIDATE];
+pub const ALL: &[&GoFixture] = &[
+    &KUBE_APISERVER,
+    &CONTAINERD,
+    &HELM,
+    &BUNDLE_VALIDATE,
+    &JAEGER,
+];
 
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/image-prefetch`, or `$IMAGE_PREFETCH_CACHE`.
 pub fn cache_dir() -> PathBuf {
@@ -181,6 +202,16 @@ impl GoFixture {
                     self.package
                 ),
             )?,
+        }
+        // The module's own go.sum holds the checksums its authors verified;
+        // starting from it spares lookups in the checksum database, which
+        // does not answer for every dependency here.
+        if let Some(dir) = json_field(&info, "Dir") {
+            let sum = Path::new(&dir).join("go.sum");
+            if sum.is_file() {
+                let sums = std::fs::read_to_string(&sum).map_err(io_err(&sum))?;
+                write(&work.join("go.sum"), &sums)?;
+            }
         }
         run(
             Command::new(&go).args(["mod", "tidy"]).current_dir(&work),

@@ -6,6 +6,7 @@ pub mod control_plane;
 pub mod crds;
 pub mod fixtures;
 pub mod images;
+pub mod jaeger;
 pub mod nodes;
 pub mod oci;
 pub mod process;

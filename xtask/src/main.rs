@@ -13,7 +13,7 @@ const HELP: &str = "\
 cargo xtask <command>
 
   deps                  install the Debian packages the build and tests need
-  fixtures              build the Go test fixtures (kube-apiserver, containerd, helm) into the cache
+  fixtures              build the Go test fixtures (kube-apiserver, containerd, helm, bundle validators, jaeger) into the cache
   crdgen [--check]      write the CRD YAML into helm/ and bundle/ (or fail if stale)
   testbed up|down|status
                         a local etcd + kube-apiserver; `up` prints the KUBECONFIG

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -10,6 +11,12 @@ use prometheus_client::registry::Registry;
 pub struct ErrorLabels {
     /// `Error::category()`: kube, finalizer, metadata.
     pub category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `pending` (no agent report yet), `pulling`, `ready`, `failed`.
+    pub state: String,
 }
 
 #[derive(Clone)]
@@ -20,6 +27,7 @@ pub struct Metrics {
     /// NodeImageSet applies and deletes, status patches.
     pub writes: Counter,
     pub seeds_chosen: Counter,
+    pub sets: Family<StateLabels, Gauge>,
 }
 
 impl Metrics {
@@ -30,6 +38,7 @@ impl Metrics {
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             writes: Counter::default(),
             seeds_chosen: Counter::default(),
+            sets: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("image_prefetch_controller");
         r.register(
@@ -53,6 +62,94 @@ impl Metrics {
             "Nodes chosen to pull an image from its registry",
             m.seeds_chosen.clone(),
         );
+        r.register(
+            "node_image_sets",
+            "NodeImageSets by state, as their agents report them",
+            m.sets.clone(),
+        );
         m
+    }
+
+    /// Recounts `sets` by state.
+    pub fn count_sets<'a>(&self, sets: impl Iterator<Item = &'a crd::NodeImageSet>) {
+        let mut counts = [("pending", 0), ("pulling", 0), ("ready", 0), ("failed", 0)];
+        for set in sets {
+            let i = match &set.status {
+                None => 0,
+                Some(s) if s.images.iter().any(|i| i.state == crd::PullState::Failed) => 3,
+                Some(s) if s.available == s.total => 2,
+                Some(_) => 1,
+            };
+            counts[i].1 += 1;
+        }
+        for (state, n) in counts {
+            let labels = StateLabels {
+                state: state.to_string(),
+            };
+            self.sets.get_or_create(&labels).set(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crd::{NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus, PullState};
+
+    fn set(status: Option<(i32, i32, PullState)>) -> NodeImageSet {
+        let mut s = NodeImageSet::new(
+            "s",
+            NodeImageSetSpec {
+                node_name: "n".into(),
+                image_set: vec![],
+                image_pull_secrets: vec![],
+                image_download_retry_limit: 3,
+            },
+        );
+        s.status = status.map(|(available, total, state)| NodeImageSetStatus {
+            available,
+            total,
+            images: vec![NodeImageStatus {
+                name: "i".into(),
+                state,
+                attempts: 1,
+                last_error: None,
+                reason: None,
+                digest: None,
+                size_bytes: None,
+                pull_duration_millis: None,
+                source: None,
+            }],
+            conditions: vec![],
+        });
+        s
+    }
+
+    #[test]
+    fn sets_are_counted_by_state() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        let sets = [
+            set(None),
+            set(Some((0, 1, PullState::Pulling))),
+            set(Some((1, 1, PullState::Available))),
+            set(Some((1, 1, PullState::Available))),
+            set(Some((0, 1, PullState::Failed))),
+        ];
+        m.count_sets(sets.iter());
+        let get = |state: &str| {
+            m.sets
+                .get_or_create(&StateLabels {
+                    state: state.into(),
+                })
+                .get()
+        };
+        assert_eq!(
+            [get("pending"), get("pulling"), get("ready"), get("failed")],
+            [1, 1, 2, 1]
+        );
+        // A recount replaces, not adds.
+        m.count_sets(sets[..1].iter());
+        assert_eq!([get("pending"), get("ready")], [1, 0]);
     }
 }

@@ -20,6 +20,10 @@ use crate::reconcile::{Context, error_policy, reconcile};
 use crate::registries::AllowList;
 use crate::triggers;
 
+/// How often NodeImageSets are counted by state for /metrics (a pass over
+/// the cache, not the API).
+const SET_COUNT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Controller settings.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -127,6 +131,18 @@ pub async fn run(
         ))
     });
 
+    let counter = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SET_COUNT_INTERVAL);
+            loop {
+                every.tick().await;
+                let sets = ctx.sets.state();
+                ctx.metrics.count_sets(sets.iter().map(|s| s.as_ref()));
+            }
+        })
+    };
+
     let controller = Controller::new(prefetches, watcher::Config::default());
     let all_prefetches = controller.store();
     info!(namespace = ?ctx.config.namespace, "image-prefetch controller starting");
@@ -150,6 +166,7 @@ pub async fn run(
         })
         .await;
     info!("image-prefetch controller stopped");
+    counter.abort();
     let _ = keeper_stop.send(());
     if let Some(k) = keeper {
         let _ = k.await;

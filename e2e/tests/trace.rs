@@ -282,6 +282,13 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
             "image_prefetch_controller_seeds_chosen_total"
         ) >= 1.0
     );
+    // NodeImageSets by state are recounted every few seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = "image_prefetch_controller_node_image_sets{state=\"ready\"}";
+    while counter(&controller_metrics, ready) != 2.0 {
+        assert!(Instant::now() < deadline, "{ready} is not 2 within 30s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     drop(running);
     drop(runtimes);

@@ -89,7 +89,7 @@ pub const JAEGER: GoFixture = GoFixture {
     version: "v1.76.0",
     package: "github.com/jaegertracing/jaeger/cmd/jaeger",
     tags: "",
-    ldflags: "",
+    ldflags: "-X github.com/jaegertracing/jaeger/internal/version.latestVersion=v2.13.0",
     extra_go_mod: |_| String::new(),
     main_go: None,
 };

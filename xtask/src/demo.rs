@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: the main job on one machine, from nothing — a control
 //! plane, three simulated nodes each with its own containerd and agent, an
 //! "external" registry, the controller, and an ImagePrefetch of two images.
-//! It shows progress live and ends with where every byte came from.
+//! It shows progress live and ends with where every byte came from, and a
+//! link to the rollout's trace in a local Jaeger (every process exports to
+//! it); `--screenshot FILE` renders that trace with headless Chromium.
 //!
 //! spegel, the in-cluster p2p mirror, cannot be built here (its Go module is
 //! refused by the module proxy this machine reaches); the demo's mirror is a
@@ -9,6 +11,7 @@
 //! spegel configures one (mirror first, registry as `server`).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -19,17 +22,39 @@ use serde_json::json;
 
 use crd::{ImagePrefetch, NodeImageSet, PullState, RegistryPolicy};
 use testbed::containerd::Containerd;
+use testbed::jaeger::Jaeger;
+use testbed::process::{Lifetime, free_ports};
 use testbed::registry::Registry;
 
 const NODES: &[&str] = &["demo-worker-1", "demo-worker-2", "demo-worker-3"];
 const MB: usize = 1024 * 1024;
 
-pub async fn run(keep: bool) -> Result<()> {
+/// What `cargo xtask demo` was asked for.
+pub struct Options {
+    /// Keep everything running until Ctrl-C.
+    pub keep: bool,
+    /// Render the rollout's trace into this PNG.
+    pub screenshot: Option<PathBuf>,
+}
+
+pub async fn run(opts: Options) -> Result<()> {
     crate::deps::install()?;
     crate::fixtures()?;
-    step("building the agent");
-    crate::test::cargo(&["build", "--quiet", "-p", "image-prefetch-agent"])?;
+    step("building the agent and the controller");
+    crate::test::cargo(&[
+        "build",
+        "--quiet",
+        "-p",
+        "image-prefetch-agent",
+        "-p",
+        "image-prefetch-controller",
+    ])?;
     let work = testbed::workdir::Workdir::new("demo");
+
+    step("starting Jaeger (OTLP in, traces in memory) on 127.0.0.1");
+    let trace_view = crate::root().join("xtask/assets/trace-view");
+    let jaeger = Jaeger::start_with_ui(&work.join("jaeger"), Some(&trace_view))?;
+    done(&format!("query API at http://{}", jaeger.query));
 
     step("starting etcd and kube-apiserver on 127.0.0.1");
     let plane =
@@ -70,7 +95,6 @@ pub async fn run(keep: bool) -> Result<()> {
     done(&format!("mirror at {}", mirror.host));
 
     step("starting 3 nodes: a containerd, a Node object and an agent each");
-    let agent_bin = crate::root().join("target/debug/image-prefetch-agent");
     let mut nodes: Vec<(Containerd, Child)> = Vec::new();
     for name in NODES {
         let labels = [("pool".to_string(), "general".to_string())].into();
@@ -81,32 +105,25 @@ pub async fn run(keep: bool) -> Result<()> {
             &format!("http://{}", upstream.host),
             &[&format!("http://{}", mirror.host)],
         )?;
-        let log = std::fs::File::create(work.join(format!("{name}-agent.log")))?;
-        let agent = Command::new(&agent_bin)
+        let mut agent = binary("image-prefetch-agent", &plane.kubeconfig, &jaeger)?;
+        agent
             .args(["--node-name", name, "--containerd-socket"])
             .arg(&containerd.socket)
             .arg("--registry-config-dir")
             .arg(&containerd.hosts_dir)
             .arg("--mirror-config-dir")
-            .arg(work.join(format!("{name}-agent-hosts")))
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .stderr(log)
-            .spawn()
-            .with_context(|| agent_bin.display().to_string())?;
+            .arg(work.join(format!("{name}-agent-hosts")));
+        let log = work.join(format!("{name}-agent.log"));
+        let agent = testbed::process::spawn(agent, &log, Lifetime::Owned)?;
         nodes.push((containerd, agent));
     }
     done(&NODES.join(", "));
 
     step("starting the controller");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(controller::run(
-        client.clone(),
-        controller::Config::default(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    done("running in this process");
+    let controller = binary("image-prefetch-controller", &plane.kubeconfig, &jaeger)?;
+    let mut controller =
+        testbed::process::spawn(controller, &work.join("controller.log"), Lifetime::Owned)?;
+    done("running as its own process");
 
     step("applying an ImagePrefetch of both images to every node with pool=general");
     let prefetches: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
@@ -140,7 +157,7 @@ pub async fn run(keep: bool) -> Result<()> {
         }
         if started.elapsed() > Duration::from_secs(300) {
             bail!(
-                "not Ready within 5 minutes; agent logs are in {}",
+                "not Ready within 5 minutes; the controller's and agents' logs are in {}",
                 work.display()
             );
         }
@@ -190,15 +207,24 @@ pub async fn run(keep: bool) -> Result<()> {
     println!();
     print_table(&plane.kubeconfig)?;
 
-    if keep {
+    let (trace_id, spans) = rollout_trace(&jaeger).await?;
+    println!(
+        "\nThe rollout is one trace of {spans} spans (reconcile → NodeImageSet writes → each node's pull → containerd calls):\n  http://{}/trace/{trace_id}\n  http://{}/api/traces/{trace_id}",
+        jaeger.query, jaeger.query
+    );
+    if let Some(path) = &opts.screenshot {
+        screenshot(&jaeger, &trace_id, spans, path)?;
+        println!("  rendered into {}", path.display());
+    }
+
+    if opts.keep {
         println!(
             "\nEverything keeps running until Ctrl-C. In another terminal:\n  export KUBECONFIG={}\n  kubectl get imageprefetch,nodeimageset -A",
             plane.kubeconfig.display()
         );
         telemetry::shutdown_signal().await;
     }
-    let _ = stop_tx.send(());
-    let _ = controller.await;
+    testbed::process::stop(&mut controller);
     for (_, agent) in nodes.iter_mut() {
         let _ = agent.kill();
         let _ = agent.wait();
@@ -207,6 +233,96 @@ pub async fn run(keep: bool) -> Result<()> {
     plane.stop();
     println!("\nEverything is stopped; nothing is left running.");
     Ok(())
+}
+
+/// A workspace binary set up to export its traces to `jaeger`, with its
+/// metrics on a free loopback port.
+fn binary(name: &str, kubeconfig: &Path, jaeger: &Jaeger) -> Result<Command> {
+    let [port] = free_ports()?;
+    let mut cmd = Command::new(crate::root().join("target/debug").join(name));
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("KUBECONFIG", kubeconfig)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &jaeger.otlp_endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200");
+    Ok(cmd)
+}
+
+/// The trace holding the agents' pulls (the spans arrive in batches, so
+/// it is waited for), and how many spans it has.
+async fn rollout_trace(jaeger: &Jaeger) -> Result<(String, usize)> {
+    let started = Instant::now();
+    loop {
+        let found = jaeger.traces("image-prefetch-agent", 20)?;
+        let with_pulls: Vec<&serde_json::Value> = found["data"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|t| {
+                let pulls = t["spans"]
+                    .as_array()
+                    .map(|s| s.iter().filter(|s| s["operationName"] == "pull").count())
+                    .unwrap_or(0);
+                pulls >= NODES.len() * 2
+            })
+            .collect();
+        if let Some(t) = with_pulls.first() {
+            let id = t["traceID"].as_str().unwrap_or_default().to_string();
+            let full = jaeger.trace(&id)?;
+            let spans = full["data"][0]["spans"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0);
+            return Ok((id, spans));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "Jaeger has no trace with every node's pulls after 30s (is OTLP export working?)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Draws the trace with headless Chromium (Debian's, installed if missing).
+fn screenshot(jaeger: &Jaeger, trace_id: &str, spans: usize, path: &Path) -> Result<()> {
+    crate::deps::install_packages(&["chromium"])?;
+    let profile = tempdir("chromium-profile")?;
+    // One row per span, plus the header; the page is drawn at its full height.
+    let height = 110 + 21 * (spans + 1);
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--window-size=1600,{height}"))
+        .arg(format!("--screenshot={}", path.display()))
+        .arg(format!("http://{}/trace/{trace_id}", jaeger.query))
+        .output()
+        .context("running chromium")?;
+    let _ = std::fs::remove_dir_all(&profile);
+    if !out.status.success() || !path.is_file() {
+        bail!(
+            "chromium could not take the screenshot: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn tempdir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("image-prefetch-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 fn short(reference: &str) -> &str {

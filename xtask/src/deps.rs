@@ -45,16 +45,18 @@ fn installed(package: &str) -> bool {
 }
 
 pub fn install() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(p, _)| !installed(p))
-        .map(|(p, _)| *p)
-        .collect();
+    for (p, why) in PACKAGES.iter().filter(|(p, _)| !installed(p)) {
+        eprintln!("deps: installing {p} ({why})");
+    }
+    let names: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+    install_packages(&names)
+}
+
+/// Installs those of `packages` that are missing.
+pub fn install_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
-    }
-    for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
-        eprintln!("deps: installing {p} ({why})");
     }
     let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
     let apt = |args: &[&str]| -> Result<()> {

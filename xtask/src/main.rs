@@ -17,8 +17,10 @@ cargo xtask <command>
   crdgen [--check]      write the CRD YAML into helm/ and bundle/ (or fail if stale)
   testbed up|down|status
                         a local etcd + kube-apiserver; `up` prints the KUBECONFIG
-  demo [--keep]         the main job, locally: control plane, CRDs, controller,
-                        a sample ImagePrefetch, and the resulting table
+  demo [--keep] [--screenshot FILE]
+                        the main job, locally: control plane, CRDs, controller,
+                        three nodes, a sample ImagePrefetch, the resulting table
+                        and the rollout's trace in Jaeger (FILE: a PNG of it)
   bench controller [--nodes N] [--prefetches M]
                         fan-out of the release controller to N Node objects
                         (default 1000), then M ImagePrefetches (default 50)
@@ -38,8 +40,7 @@ fn main() -> Result<()> {
         ["testbed", "up"] => runtime()?.block_on(testbed_up()),
         ["testbed", "down"] => testbed_down(),
         ["testbed", "status"] => testbed_status(),
-        ["demo"] => runtime()?.block_on(demo::run(false)),
-        ["demo", "--keep"] => runtime()?.block_on(demo::run(true)),
+        ["demo", rest @ ..] => runtime()?.block_on(demo::run(demo_options(rest)?)),
         ["bench", "agent"] => runtime()?.block_on(bench::agent(&[128, 64, 32, 8])),
         ["bench", "controller", rest @ ..] => {
             runtime()?.block_on(bench::controller(bench_options(rest)?))
@@ -52,6 +53,25 @@ fn main() -> Result<()> {
         }
         other => bail!("unknown command {other:?}\n\n{HELP}"),
     }
+}
+
+fn demo_options(args: &[&str]) -> Result<demo::Options> {
+    let mut opts = demo::Options {
+        keep: false,
+        screenshot: None,
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match *arg {
+            "--keep" => opts.keep = true,
+            "--screenshot" => {
+                let path = args.next().context("--screenshot needs a file name")?;
+                opts.screenshot = Some(std::path::absolute(path)?);
+            }
+            other => bail!("unknown demo option {other}\n\n{HELP}"),
+        }
+    }
+    Ok(opts)
 }
 
 fn bench_options(args: &[&str]) -> Result<bench::Options> {

@@ -23,6 +23,9 @@ pub struct AgentSpec {
     pub registry_config_dir: String,
     pub mirror_config_dir: String,
     pub priority_class: String,
+    /// Extra environment of the agents: the controller's own `OTEL_*`
+    /// settings, so agents export traces where the controller does.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentSpec {
@@ -36,7 +39,30 @@ impl AgentSpec {
             registry_config_dir: "/etc/containerd/certs.d".into(),
             mirror_config_dir: "/var/lib/image-prefetch/hosts".into(),
             priority_class: "system-node-critical".into(),
+            env: Vec::new(),
         }
+    }
+
+    /// Passes on the `OTEL_*` variables of `vars` (the controller's
+    /// environment), except the service name, which is the agent's own.
+    pub fn with_telemetry_env(mut self, vars: impl Iterator<Item = (String, String)>) -> Self {
+        self.env
+            .extend(vars.filter(|(k, _)| k.starts_with("OTEL_") && k != "OTEL_SERVICE_NAME"));
+        self.env.sort();
+        self
+    }
+
+    fn container_env(&self) -> Vec<serde_json::Value> {
+        let mut env = vec![
+            json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}),
+            json!({"name": "LOG_FORMAT", "value": "json"}),
+        ];
+        env.extend(
+            self.env
+                .iter()
+                .map(|(name, value)| json!({"name": name, "value": value})),
+        );
+        env
     }
 
     /// The DaemonSet, in the same shape as the Helm chart's.
@@ -63,10 +89,7 @@ impl AgentSpec {
                                 format!("--registry-config-dir={}", self.registry_config_dir),
                                 format!("--mirror-config-dir={}", self.mirror_config_dir),
                             ],
-                            "env": [
-                                {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                                {"name": "LOG_FORMAT", "value": "json"},
-                            ],
+                            "env": self.container_env(),
                             "securityContext": {
                                 "runAsUser": 0,
                                 "allowPrivilegeEscalation": false,
@@ -132,5 +155,40 @@ pub async fn keep(
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_export_traces_where_the_controller_does() {
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_SERVICE_NAME", "image-prefetch-controller"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.2"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let spec = AgentSpec::new("ns", "agent:1").with_telemetry_env(vars.into_iter());
+        let ds = spec.daemonset();
+        let env = &ds["spec"]["template"]["spec"]["containers"][0]["env"];
+        let names: Vec<&str> = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "NODE_NAME",
+                "LOG_FORMAT",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_TRACES_SAMPLER_ARG"
+            ]
+        );
+        assert_eq!(env[2]["value"], "http://collector:4317");
     }
 }

@@ -48,9 +48,10 @@ fn parse_args() -> Config {
             "--manage-agent" => {
                 let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
                 let image = args.value(&flag);
-                config.agent = Some(controller::agent_daemonset::AgentSpec::new(
-                    &namespace, &image,
-                ));
+                config.agent = Some(
+                    controller::agent_daemonset::AgentSpec::new(&namespace, &image)
+                        .with_telemetry_env(std::env::vars()),
+                );
             }
             "-h" | "--help" => args.help(),
             other => args.fail(&format!("unknown option {other}")),

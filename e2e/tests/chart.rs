@@ -74,6 +74,31 @@ fn unknown_values_are_rejected() {
     );
 }
 
+#[test]
+fn tracing_settings_reach_both_binaries() {
+    let chart = chart();
+    let (ok, out) = template(
+        &chart,
+        "otlp.endpoint=http://collector:4317,otlp.samplingRatio=0.25",
+    );
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.matches("value: \"http://collector:4317\"").count(),
+        2,
+        "controller and agent export: {out}"
+    );
+    assert_eq!(out.matches("value: \"0.25\"").count(), 2, "{out}");
+    for bad in [
+        "otlp.samplingRatio=2",
+        "otlp.samplingRatio=1.5",
+        "otlp.samplingRatio=half",
+    ] {
+        let (ok, out) = template(&chart, bad);
+        assert!(!ok, "{bad} was accepted");
+        assert!(out.contains("samplingRatio"), "{out}");
+    }
+}
+
 #[tokio::test]
 async fn installs_and_enforces_the_allow_list_at_admission() {
     let client = testbed::shared::client().await;

@@ -288,8 +288,9 @@ async fn rollout_trace(jaeger: &Jaeger) -> Result<(String, usize)> {
 fn screenshot(jaeger: &Jaeger, trace_id: &str, spans: usize, path: &Path) -> Result<()> {
     crate::deps::install_packages(&["chromium"])?;
     let profile = tempdir("chromium-profile")?;
-    // One row per span, plus the header; the page is drawn at its full height.
-    let height = 110 + 21 * (spans + 1);
+    // One row per span, plus the header, and room for spans that arrive
+    // after they were counted (status writes trigger more reconciles).
+    let height = 110 + 21 * (spans + 20);
     let out = Command::new("chromium")
         .args([
             "--headless",

@@ -77,7 +77,8 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         testbed::nodes::register(&client, node, &labels)
             .await
             .unwrap();
-        let containerd = Containerd::start(&work.join(node)).expect("containerd");
+        let containerd =
+            Containerd::start_traced(&work.join(node), &jaeger.otlp_endpoint).expect("containerd");
         containerd
             .configure_registry(
                 &upstream.host,
@@ -145,7 +146,8 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // The spans arrive in batches; wait until both nodes' pulls are in.
+    // The spans arrive in batches; wait until both nodes' pulls and
+    // containerd's side of them are in.
     let deadline = Instant::now() + Duration::from_secs(60);
     let trace = loop {
         let found = jaeger
@@ -168,6 +170,14 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
                     .iter()
                     .any(|p| p.tag("result") == "success")
             }) && !full.named("reconcile").is_empty()
+                // containerd exports on its own schedule.
+                && full
+                    .spans
+                    .iter()
+                    .filter(|s| s.service == "containerd")
+                    .filter(|s| s.operation.ends_with("Transfer/Transfer"))
+                    .count()
+                    >= NODES.len()
         });
         if let Some(t) = complete {
             assert_eq!(
@@ -232,6 +242,27 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
             })
             .unwrap_or_else(|| panic!("no Transfer call under the pull on {node}"));
         assert_eq!(trace.parent_of(transfer).unwrap().operation, "attempt");
+
+        // containerd read the context from the call's gRPC metadata: its own
+        // span of the call is a child of the agent's.
+        let served: Vec<&Span> = trace
+            .spans
+            .iter()
+            .filter(|s| s.service == "containerd")
+            .filter(|s| s.parent.as_deref() == Some(transfer.span_id.as_str()))
+            .collect();
+        assert!(
+            served
+                .iter()
+                .any(|s| s.operation.ends_with("Transfer/Transfer")),
+            "containerd's span of the Transfer call on {node} is not under the agent's; containerd spans: {:?}",
+            trace
+                .spans
+                .iter()
+                .filter(|s| s.service == "containerd")
+                .map(|s| (&s.operation, &s.parent))
+                .collect::<Vec<_>>()
+        );
     }
     policies.sort();
     assert_eq!(policies, ["Default", "Mirror"], "one seed, one mirror pull");

@@ -32,7 +32,25 @@ impl Containerd {
         Self::start_flavor(dir, Flavor::V2)
     }
 
+    /// containerd 2.x exporting its own spans over OTLP/gRPC to `endpoint`
+    /// (`http://host:port`): the server side of each call the agent makes
+    /// joins the agent's trace when the call carries its context.
+    pub fn start_traced(dir: &Path, endpoint: &str) -> Result<Self> {
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
+            ("OTEL_SERVICE_NAME", "containerd"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ];
+        Self::start_with(dir, Flavor::V2, &env)
+    }
+
     pub fn start_flavor(dir: &Path, flavor: Flavor) -> Result<Self> {
+        Self::start_with(dir, flavor, &[])
+    }
+
+    fn start_with(dir: &Path, flavor: Flavor, env: &[(&str, &str)]) -> Result<Self> {
         let bin = match flavor {
             Flavor::V2 => CONTAINERD.require()?,
             Flavor::Debian16 => crate::fixtures::require_tool("containerd")?,
@@ -67,7 +85,7 @@ state = "{state}"
         let _ = std::fs::remove_file(&socket);
         let log = dir.join("containerd.log");
         let mut cmd = Command::new(bin);
-        cmd.arg("--config").arg(&config);
+        cmd.arg("--config").arg(&config).envs(env.iter().copied());
         let child = process::spawn(cmd, &log, Lifetime::Owned)?;
         let mut c = Containerd {
             dir: dir.to_path_buf(),

@@ -99,7 +99,7 @@ pub async fn run(opts: Options) -> Result<()> {
     for name in NODES {
         let labels = [("pool".to_string(), "general".to_string())].into();
         testbed::nodes::register(&client, name, &labels).await?;
-        let containerd = Containerd::start(&work.join(name))?;
+        let containerd = Containerd::start_traced(&work.join(name), &jaeger.otlp_endpoint)?;
         containerd.configure_registry(
             &upstream.host,
             &format!("http://{}", upstream.host),
@@ -213,7 +213,7 @@ pub async fn run(opts: Options) -> Result<()> {
         jaeger.query, jaeger.query
     );
     if let Some(path) = &opts.screenshot {
-        screenshot(&jaeger, &trace_id, spans, path)?;
+        screenshot(&jaeger, &trace_id, path)?;
         println!("  rendered into {}", path.display());
     }
 
@@ -284,13 +284,32 @@ async fn rollout_trace(jaeger: &Jaeger) -> Result<(String, usize)> {
     }
 }
 
-/// Draws the trace with headless Chromium (Debian's, installed if missing).
-fn screenshot(jaeger: &Jaeger, trace_id: &str, spans: usize, path: &Path) -> Result<()> {
+/// Draws the trace with headless Chromium (Debian's, installed if missing):
+/// once to learn how many rows the page has, once at that height.
+fn screenshot(jaeger: &Jaeger, trace_id: &str, path: &Path) -> Result<()> {
     crate::deps::install_packages(&["chromium"])?;
+    let url = format!("http://{}/trace/{trace_id}", jaeger.query);
+    let dom = chromium(&["--dump-dom".to_string(), url.clone()])?;
+    let rows = dom.matches("<tr").count();
+    if !dom.contains("data-ready=\"true\"") {
+        bail!("the trace view did not finish drawing the trace: {dom}");
+    }
+    let height = 110 + 24 * rows;
+    chromium(&[
+        format!("--window-size=1600,{height}"),
+        format!("--screenshot={}", path.display()),
+        url,
+    ])?;
+    if !path.is_file() {
+        bail!("chromium wrote no screenshot to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs headless Chromium with a fresh profile and no background traffic
+/// (this machine's network is closed); returns what it printed.
+fn chromium(args: &[String]) -> Result<String> {
     let profile = tempdir("chromium-profile")?;
-    // One row per span, plus the header, and room for spans that arrive
-    // after they were counted (status writes trigger more reconciles).
-    let height = 110 + 21 * (spans + 20);
     let out = Command::new("chromium")
         .args([
             "--headless",
@@ -305,19 +324,14 @@ fn screenshot(jaeger: &Jaeger, trace_id: &str, spans: usize, path: &Path) -> Res
             "--virtual-time-budget=10000",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("--window-size=1600,{height}"))
-        .arg(format!("--screenshot={}", path.display()))
-        .arg(format!("http://{}/trace/{trace_id}", jaeger.query))
+        .args(args)
         .output()
         .context("running chromium")?;
     let _ = std::fs::remove_dir_all(&profile);
-    if !out.status.success() || !path.is_file() {
-        bail!(
-            "chromium could not take the screenshot: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    if !out.status.success() {
+        bail!("chromium failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn tempdir(name: &str) -> Result<PathBuf> {

@@ -6,6 +6,7 @@
 
 pub mod agent_daemonset;
 pub mod error;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod policy;

@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::index::SetView;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// `Error::category()`: kube, finalizer, metadata.
@@ -71,14 +73,23 @@ impl Metrics {
     }
 
     /// Recounts `sets` by state.
-    pub fn count_sets<'a>(&self, sets: impl Iterator<Item = &'a crd::NodeImageSet>) {
+    pub fn count_sets<'a>(&self, sets: impl Iterator<Item = &'a SetView>) {
         let mut counts = [("pending", 0), ("pulling", 0), ("ready", 0), ("failed", 0)];
         for set in sets {
-            let i = match &set.status {
-                None => 0,
-                Some(s) if s.images.iter().any(|i| i.state == crd::PullState::Failed) => 3,
-                Some(s) if s.available == s.total => 2,
-                Some(_) => 1,
+            let available = |r: &&crd::NodeImageStatus| r.state == crd::PullState::Available;
+            let i = if !set.has_status {
+                0
+            } else if set.reports.iter().any(|r| r.state == crd::PullState::Failed) {
+                3
+            } else if set.spec.image_set.iter().all(|e| {
+                set.reports
+                    .iter()
+                    .filter(available)
+                    .any(|r| r.name == e.name)
+            }) {
+                2
+            } else {
+                1
             };
             counts[i].1 += 1;
         }
@@ -101,7 +112,11 @@ mod tests {
             "s",
             NodeImageSetSpec {
                 node_name: "n".into(),
-                image_set: vec![],
+                image_set: vec![crd::NodeImage {
+                    name: "i".into(),
+                    registry_policy: crd::RegistryPolicy::Default,
+                    digest: None,
+                }],
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,
             },
@@ -136,7 +151,8 @@ mod tests {
             set(Some((1, 1, PullState::Available))),
             set(Some((0, 1, PullState::Failed))),
         ];
-        m.count_sets(sets.iter());
+        let views: Vec<SetView> = sets.iter().map(SetView::of).collect();
+        m.count_sets(views.iter());
         let get = |state: &str| {
             m.sets
                 .get_or_create(&StateLabels {
@@ -149,7 +165,7 @@ mod tests {
             [1, 1, 2, 1]
         );
         // A recount replaces, not adds.
-        m.count_sets(sets[..1].iter());
+        m.count_sets(views[..1].iter());
         assert_eq!([get("pending"), get("ready")], [1, 0]);
     }
 }

@@ -17,7 +17,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crd::{NodeImage, NodeImageSet, PullState, RegistryPolicy, reference};
+use crd::{NodeImage, PullState, RegistryPolicy, reference};
+
+use crate::index::SetFacts;
 
 use crate::select::score;
 
@@ -76,10 +78,10 @@ pub struct ClusterView {
 
 impl ClusterView {
     /// Facts from every NodeImageSet (of every ImagePrefetch).
-    pub fn add_sets<'a>(&mut self, sets: impl IntoIterator<Item = &'a NodeImageSet>) {
+    pub fn add_sets<'a, S: SetFacts + 'a>(&mut self, sets: impl IntoIterator<Item = &'a S>) {
         for set in sets {
-            let node = &set.spec.node_name;
-            for entry in &set.spec.image_set {
+            let node = &set.spec().node_name;
+            for entry in &set.spec().image_set {
                 let report = set.report_on(&entry.name);
                 let facts = self.images.entry(image_key(&entry.name)).or_default();
                 let state = report.map(|r| r.state);
@@ -107,13 +109,13 @@ pub struct Current {
 }
 
 impl Current {
-    pub fn from_sets<'a>(sets: impl IntoIterator<Item = &'a NodeImageSet>) -> Self {
+    pub fn from_sets<'a, S: SetFacts + 'a>(sets: impl IntoIterator<Item = &'a S>) -> Self {
         let mut entries = HashMap::new();
         for set in sets {
-            for entry in &set.spec.image_set {
+            for entry in &set.spec().image_set {
                 let state = set.report_on(&entry.name).map(|r| r.state);
                 entries.insert(
-                    (set.spec.node_name.clone(), image_key(&entry.name)),
+                    (set.spec().node_name.clone(), image_key(&entry.name)),
                     (entry.clone(), state),
                 );
             }
@@ -337,7 +339,7 @@ fn pinned_digest(image: &str, facts: &ImageFacts) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use crd::{NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus};
+    use crd::{NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus};
 
     use super::*;
 

@@ -22,6 +22,7 @@ use crd::{
     keys, names,
 };
 
+use crate::index::{SetIndex, SetView};
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::policy::{ClusterView, Current, SeedBook};
 use crate::run::Config;
@@ -34,7 +35,7 @@ use crate::{Error, policy, select};
 pub struct Context {
     pub client: kube::Client,
     pub nodes: Store<Node>,
-    pub sets: Store<NodeImageSet>,
+    pub sets: SetIndex,
     pub config: Config,
     pub seeds: Mutex<SeedBook>,
     pub recorder: Recorder,
@@ -48,7 +49,7 @@ impl Context {
     pub fn new(
         client: kube::Client,
         nodes: Store<Node>,
-        sets: Store<NodeImageSet>,
+        sets: SetIndex,
         config: Config,
         recorder: Recorder,
         metrics: Metrics,
@@ -165,8 +166,8 @@ impl<'a> Owner<'a> {
         })
     }
 
-    fn owns(&self, set: &NodeImageSet) -> bool {
-        set.labels().get(keys::PREFETCH_UID) == Some(&names::label_value(self.uid))
+    fn owns(&self, set: &SetView) -> bool {
+        set.owner == names::label_value(self.uid)
     }
 }
 
@@ -179,12 +180,12 @@ async fn apply(
     // Before the first full list a partial cache would look like missing
     // nodes, and their NodeImageSets would be deleted.
     let _ = ctx.nodes.wait_until_ready().await;
-    let _ = ctx.sets.wait_until_ready().await;
+    ctx.sets.wait_until_ready().await;
     let now = crd::condition::now();
 
     let nodes = ctx.nodes.state();
     let all_sets = ctx.sets.state();
-    let owned: Vec<&NodeImageSet> = all_sets
+    let owned: Vec<&SetView> = all_sets
         .iter()
         .map(|s| s.as_ref())
         .filter(|s| owner.owns(s))
@@ -224,7 +225,7 @@ async fn apply(
     }
     view.add_sets(all_sets.iter().map(|s| s.as_ref()));
     let selected: HashSet<&String> = selection.nodes.iter().collect();
-    let selected_sets: Vec<&NodeImageSet> = owned
+    let selected_sets: Vec<&SetView> = owned
         .iter()
         .copied()
         .filter(|s| selected.contains(&s.spec.node_name))
@@ -244,13 +245,12 @@ async fn apply(
 
     let sets_api: Api<NodeImageSet> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(keys::CONTROLLER_MANAGER).force();
-    let by_name: HashMap<String, &NodeImageSet> =
-        owned.iter().map(|s| (s.name_any(), *s)).collect();
-    let mut current: Vec<NodeImageSet> = Vec::with_capacity(selection.nodes.len());
+    let by_name: HashMap<&str, &SetView> = owned.iter().map(|s| (s.name.as_str(), *s)).collect();
+    let mut current: Vec<SetView> = Vec::with_capacity(selection.nodes.len());
     let mut changed: Vec<NodeImageSet> = Vec::new();
     for (node, entries) in &plan.entries {
         let desired = desired_set(p, &owner, node, entries.clone(), &ctx.config);
-        match by_name.get(&desired.name_any()) {
+        match by_name.get(desired.name_any().as_str()) {
             Some(existing) if up_to_date(existing, &desired) => current.push((*existing).clone()),
             _ => changed.push(desired),
         }
@@ -288,15 +288,15 @@ async fn apply(
         ctx.wrote();
         info!(node = %set.spec.node_name, set = %set.name_any(), images = set.spec.image_set.len(), "applied NodeImageSet");
     }
-    current.extend(applied);
+    current.extend(applied.iter().map(SetView::of));
     let selected: HashSet<&String> = selection.nodes.iter().collect();
     for stale in owned
         .iter()
         .filter(|s| !selected.contains(&s.spec.node_name))
     {
-        delete_ignoring_missing(&sets_api, &stale.name_any()).await?;
+        delete_ignoring_missing(&sets_api, &stale.name).await?;
         ctx.wrote();
-        info!(node = %stale.spec.node_name, set = %stale.name_any(), "deleted NodeImageSet of a node no longer selected");
+        info!(node = %stale.spec.node_name, set = %stale.name, "deleted NodeImageSet of a node no longer selected");
     }
     ctx.metrics.seeds_chosen.inc_by(plan.new_seeds.len() as u64);
     for (image, node) in &plan.new_seeds {
@@ -306,7 +306,7 @@ async fn apply(
         publish(ctx, p, EventType::Normal, "SeedChosen", note).await;
     }
 
-    let refs: Vec<&NodeImageSet> = current.iter().collect();
+    let refs: Vec<&SetView> = current.iter().collect();
     let inputs = Inputs {
         desired: selection.nodes.len(),
         insufficient: selection.insufficient,
@@ -342,7 +342,7 @@ async fn announce(
     ctx: &Context,
     p: &ImagePrefetch,
     owner: &Owner<'_>,
-    sets: &[&NodeImageSet],
+    sets: &[&SetView],
     status: &ImagePrefetchStatus,
 ) {
     let before = p.status.as_ref();
@@ -443,13 +443,10 @@ fn desired_set(
     set
 }
 
-fn up_to_date(existing: &NodeImageSet, desired: &NodeImageSet) -> bool {
-    let contains = |have: &BTreeMap<String, String>, want: &Option<BTreeMap<String, String>>| {
-        want.iter().flatten().all(|(k, v)| have.get(k) == Some(v))
-    };
+fn up_to_date(existing: &SetView, desired: &NodeImageSet) -> bool {
     existing.spec == desired.spec
-        && contains(existing.labels(), &desired.metadata.labels)
-        && contains(existing.annotations(), &desired.metadata.annotations)
+        && existing.meta
+            == crate::index::managed_meta(&desired.metadata.labels, &desired.metadata.annotations)
 }
 
 async fn delete_ignoring_missing(api: &Api<NodeImageSet>, name: &str) -> Result<(), Error> {

@@ -3,7 +3,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crd::condition::condition;
-use crd::{ImagePrefetch, ImagePrefetchStatus, ImageProgress, NodeImageSet, PullState};
+use crd::{ImagePrefetch, ImagePrefetchStatus, ImageProgress, PullState};
+
+use crate::index::SetFacts;
 
 /// What the reconcile knows beyond the NodeImageSets.
 #[derive(Clone, Debug, Default)]
@@ -26,13 +28,13 @@ pub struct Failure {
 }
 
 /// Failed entries of `sets`, for conditions and events.
-pub fn failures(sets: &[&NodeImageSet]) -> Vec<Failure> {
+pub fn failures<S: SetFacts>(sets: &[&S]) -> Vec<Failure> {
     let mut out = Vec::new();
     for set in sets {
         for r in set.reported() {
             if r.state == PullState::Failed {
                 out.push(Failure {
-                    node: set.spec.node_name.clone(),
+                    node: set.spec().node_name.clone(),
                     image: r.name.clone(),
                     reason: r.reason.clone().unwrap_or_else(|| "PullFailed".into()),
                     message: r.last_error.clone().unwrap_or_default(),
@@ -46,10 +48,10 @@ pub fn failures(sets: &[&NodeImageSet]) -> Vec<Failure> {
 /// The status an ImagePrefetch should have. `sets` are the NodeImageSets of
 /// selected nodes that exist so far; an image a node has no entry for yet
 /// counts as waiting. `now` stamps conditions whose status changes.
-pub fn compute(
+pub fn compute<S: SetFacts>(
     prefetch: &ImagePrefetch,
     inputs: &Inputs<'_>,
-    sets: &[&NodeImageSet],
+    sets: &[&S],
     now: Time,
 ) -> ImagePrefetchStatus {
     let images = &prefetch.spec.images;
@@ -66,7 +68,7 @@ pub fn compute(
     for set in sets {
         let mut all = true;
         for p in progress.iter_mut() {
-            let listed = set.spec.image_set.iter().any(|e| e.name == p.image);
+            let listed = set.spec().image_set.iter().any(|e| e.name == p.image);
             let state = set.report_on(&p.image).map(|r| r.state).filter(|_| listed);
             match state {
                 Some(PullState::Available) => p.available += 1,
@@ -205,7 +207,7 @@ fn describe(failures: &[&Failure]) -> String {
 #[cfg(test)]
 mod tests {
     use crd::{
-        ImagePrefetchSpec, NodeImage, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus,
+        ImagePrefetchSpec, NodeImage, NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus,
         RegistryPolicy,
     };
 
@@ -316,7 +318,7 @@ mod tests {
 
     #[test]
     fn no_nodes_is_degraded() {
-        let st = compute(&prefetch(&["a"]), &inputs(0), &[], time(10));
+        let st = compute(&prefetch(&["a"]), &inputs(0), &[] as &[&NodeImageSet], time(10));
         assert_eq!(cond(&st, "Degraded").reason, "NoMatchingNodes");
         assert_eq!(cond(&st, "Ready").reason, "NoMatchingNodes");
         assert_eq!(st.ready, "0/0");

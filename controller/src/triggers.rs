@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, NodeStatus};
 
-use crd::NodeImageSet;
 use kube::runtime::watcher;
 
 /// Keeps of a Node only what selection reads (labels, deletion, spec,
@@ -27,11 +26,6 @@ pub fn slim_node(node: &mut Node) {
             ..Default::default()
         };
     }
-}
-
-/// Managed fields are most of a NodeImageSet's metadata and nothing here reads them.
-pub fn slim_set(set: &mut NodeImageSet) {
-    set.metadata.managed_fields = None;
 }
 
 /// What about a node can change the selection: labels, schedulability,

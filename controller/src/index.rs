@@ -194,7 +194,10 @@ mod tests {
         s.metadata.labels = Some(keys::node_image_set_labels("ns", "p", "uid-1", node));
         s.metadata.annotations = Some(
             [
-                (keys::PREFETCH_REF_ANNOTATION.to_string(), "ns/p".to_string()),
+                (
+                    keys::PREFETCH_REF_ANNOTATION.to_string(),
+                    "ns/p".to_string(),
+                ),
                 (keys::TRACEPARENT_ANNOTATION.to_string(), "00-x".to_string()),
             ]
             .into(),
@@ -226,7 +229,10 @@ mod tests {
         assert_eq!(v.owner, "uid-1");
         assert_eq!(v.spec, s.spec);
         assert!(v.has_status);
-        assert_eq!(v.report_on("img").map(|r| r.state), Some(PullState::Pulling));
+        assert_eq!(
+            v.report_on("img").map(|r| r.state),
+            Some(PullState::Pulling)
+        );
     }
 
     #[test]

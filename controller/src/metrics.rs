@@ -79,7 +79,11 @@ impl Metrics {
             let available = |r: &&crd::NodeImageStatus| r.state == crd::PullState::Available;
             let i = if !set.has_status {
                 0
-            } else if set.reports.iter().any(|r| r.state == crd::PullState::Failed) {
+            } else if set
+                .reports
+                .iter()
+                .any(|r| r.state == crd::PullState::Failed)
+            {
                 3
             } else if set.spec.image_set.iter().all(|e| {
                 set.reports

@@ -207,8 +207,8 @@ fn describe(failures: &[&Failure]) -> String {
 #[cfg(test)]
 mod tests {
     use crd::{
-        ImagePrefetchSpec, NodeImage, NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus,
-        RegistryPolicy,
+        ImagePrefetchSpec, NodeImage, NodeImageSet, NodeImageSetSpec, NodeImageSetStatus,
+        NodeImageStatus, RegistryPolicy,
     };
 
     use super::*;
@@ -318,7 +318,12 @@ mod tests {
 
     #[test]
     fn no_nodes_is_degraded() {
-        let st = compute(&prefetch(&["a"]), &inputs(0), &[] as &[&NodeImageSet], time(10));
+        let st = compute(
+            &prefetch(&["a"]),
+            &inputs(0),
+            &[] as &[&NodeImageSet],
+            time(10),
+        );
         assert_eq!(cond(&st, "Degraded").reason, "NoMatchingNodes");
         assert_eq!(cond(&st, "Ready").reason, "NoMatchingNodes");
         assert_eq!(st.ready, "0/0");

@@ -6,6 +6,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::api::{Api, Patch, PatchParams, ValidationDirective};
+use serde::Deserialize;
 use serde_json::json;
 
 fn chart() -> PathBuf {
@@ -72,6 +73,57 @@ fn unknown_values_are_rejected() {
         out.contains("replica") && out.contains("additional properties"),
         "{out}"
     );
+}
+
+/// The agent DaemonSet exists twice: in the chart, and in the controller
+/// for installs that cannot ship one (`--manage-agent`, OLM). Whatever
+/// decides how the agent runs on a node must be the same in both.
+#[test]
+fn the_chart_and_the_managed_agent_daemonset_agree() {
+    let (ok, out) = template(&chart(), "image.tag=1.0");
+    assert!(ok, "{out}");
+    let chart_ds = serde_yaml::Deserializer::from_str(&out)
+        .map(|doc| serde_json::Value::deserialize(doc).expect("YAML"))
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("the chart renders a DaemonSet");
+    let managed = controller::agent_daemonset::AgentSpec::new("ns", "agent:1.0").daemonset();
+    let pod = |ds: &serde_json::Value| ds["spec"]["template"]["spec"].clone();
+    let (chart_pod, managed_pod) = (pod(&chart_ds), pod(&managed));
+    for key in ["volumes", "tolerations", "priorityClassName"] {
+        assert_eq!(chart_pod[key], managed_pod[key], "pod {key}");
+    }
+    assert_eq!(
+        chart_ds["spec"]["updateStrategy"],
+        managed["spec"]["updateStrategy"]
+    );
+    let (c, m) = (&chart_pod["containers"][0], &managed_pod["containers"][0]);
+    for key in [
+        "securityContext",
+        "volumeMounts",
+        "ports",
+        "livenessProbe",
+        "readinessProbe",
+        "resources",
+    ] {
+        assert_eq!(c[key], m[key], "agent container {key}");
+    }
+    // The chart passes its tunables too; every argument the controller
+    // gives is among the chart's.
+    let args = |c: &serde_json::Value| -> Vec<String> {
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let chart_args = args(c);
+    for arg in args(m) {
+        assert!(
+            chart_args.contains(&arg),
+            "{arg} not in the chart's {chart_args:?}"
+        );
+    }
 }
 
 #[test]

@@ -34,8 +34,7 @@ async fn pulls_reports_retries_and_repulls() {
     )
     .unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&upstream.host, &format!("http://{}", upstream.host), &[])
-        .unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
 
     let config = Config {
         containerd_socket: node.socket.clone(),
@@ -215,8 +214,7 @@ async fn pulls_with_credentials_from_pull_secrets() {
     let third =
         images::build_and_push_as(&work, &registry.host, "team/third", "1", &[MB], login).unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])
-        .unwrap();
+    node.configure_registry(&registry.host, &[]).unwrap();
 
     let ns = "agent-creds";
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -358,12 +356,8 @@ async fn metrics_count_pulls_and_bytes_by_source() {
         images::build_and_push(&work_dir, &upstream.host, "team/mirrored", "1", &[3 * MB]).unwrap();
     images::build_and_push(&work_dir, &mirror.host, "team/mirrored", "1", &[3 * MB]).unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(
-        &upstream.host,
-        &format!("http://{}", upstream.host),
-        &[&format!("http://{}", mirror.host)],
-    )
-    .unwrap();
+    node.configure_registry(&upstream.host, &[&mirror.host])
+        .unwrap();
     let [port] = testbed::process::free_ports().unwrap();
     let config = Config {
         containerd_socket: node.socket.clone(),

@@ -51,8 +51,7 @@ async fn a_registry_that_comes_back_within_the_budget_is_used() {
     let back = images::build_and_push(&work_dir, &registry.host, "team/back", "1", &[MB]).unwrap();
     let gone = images::build_and_push(&work_dir, &registry.host, "team/gone", "1", &[MB]).unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])
-        .unwrap();
+    node.configure_registry(&registry.host, &[]).unwrap();
     let (stop, running) = run(&client, config("fault-node-down", &node, &dir));
 
     registry.stop();
@@ -124,10 +123,8 @@ async fn a_hung_registry_times_out_and_the_rest_completes() {
     let fine = images::build_and_push(&dir.join("images"), &registry.host, "team/fine", "1", &[MB])
         .unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])
-        .unwrap();
-    node.configure_registry(&hung.host, &format!("http://{}", hung.host), &[])
-        .unwrap();
+    node.configure_registry(&registry.host, &[]).unwrap();
+    node.configure_registry(&hung.host, &[]).unwrap();
     let config = Config {
         pull_timeout: Duration::from_secs(3),
         ..config("fault-node-hung", &node, &dir)
@@ -179,8 +176,7 @@ async fn an_agent_killed_mid_pull_completes_after_restart() {
     )
     .unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])
-        .unwrap();
+    node.configure_registry(&registry.host, &[]).unwrap();
     let log = dir.join("agent.log");
     let hosts = dir.join("agent-hosts");
 

@@ -23,8 +23,7 @@ async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
     )
     .unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&upstream.host, &format!("http://{}", upstream.host), &[])
-        .unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
 
     let runtime = Runtime::connect(&node.socket).await.unwrap();
     let pulled = runtime
@@ -65,12 +64,8 @@ async fn mirror_pull_never_reaches_the_upstream() {
     assert_eq!(image.digest, mirrored.digest);
     let node = Containerd::start(&dir.join("node")).unwrap();
     // As spegel configures a node: the registry as server, the mirror tried first.
-    node.configure_registry(
-        &upstream.host,
-        &format!("http://{}", upstream.host),
-        &[&format!("http://{}", mirror.host)],
-    )
-    .unwrap();
+    node.configure_registry(&upstream.host, &[&mirror.host])
+        .unwrap();
 
     let runtime = Runtime::connect(&node.socket).await.unwrap();
     let pushed = upstream.requests().len();
@@ -123,8 +118,7 @@ async fn containerd_1_6_falls_back_to_cri() {
     )
     .unwrap();
     let node = Containerd::start_flavor(&dir.join("node"), Flavor::Debian16).unwrap();
-    node.configure_registry(&upstream.host, &format!("http://{}", upstream.host), &[])
-        .unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
 
     let runtime = Runtime::connect(&node.socket).await.unwrap();
     // Pinned to the digest, stored under the tag kubelet will ask for.

@@ -80,11 +80,7 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         let containerd =
             Containerd::start_traced(&work.join(node), &jaeger.otlp_endpoint).expect("containerd");
         containerd
-            .configure_registry(
-                &upstream.host,
-                &format!("http://{}", upstream.host),
-                &[&format!("http://{}", mirror.host)],
-            )
+            .configure_registry(&upstream.host, &[&mirror.host])
             .unwrap();
         let [port] = free_ports().unwrap();
         let metrics = format!("127.0.0.1:{port}");

@@ -115,10 +115,18 @@ state = "{state}"
         Ok(c)
     }
 
-    /// Writes `<hosts_dir>/<registry>/hosts.toml`: `server` is the upstream,
-    /// `mirrors` are tried first (as spegel configures a node).
-    pub fn configure_registry(&self, registry: &str, server: &str, mirrors: &[&str]) -> Result<()> {
-        write_hosts(&self.hosts_dir, registry, server, mirrors)
+    /// Writes `<hosts_dir>/<registry>/hosts.toml` for a plain-HTTP loopback
+    /// registry (`127.0.0.1:port`) as its own `server`, with `mirrors`
+    /// (same form) tried first, as spegel configures a node.
+    pub fn configure_registry(&self, registry: &str, mirrors: &[&str]) -> Result<()> {
+        let mirrors: Vec<String> = mirrors.iter().map(|m| format!("http://{m}")).collect();
+        let mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
+        write_hosts(
+            &self.hosts_dir,
+            registry,
+            &format!("http://{registry}"),
+            &mirrors,
+        )
     }
 
     /// Kills containerd (as a crash would); `start` on the same dir brings it back.

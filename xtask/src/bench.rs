@@ -252,7 +252,7 @@ pub async fn agent(layers_mib: &[usize]) -> Result<()> {
 
     // The agent, into another.
     let node = testbed::containerd::Containerd::start(&dir.join("node-agent"))?;
-    node.configure_registry(&registry.host, &format!("http://{}", registry.host), &[])?;
+    node.configure_registry(&registry.host, &[])?;
     let binary = crate::root().join("target/release/image-prefetch-agent");
     let mut child = Command::new(&binary)
         .args(["--node-name", "bench-node", "--containerd-socket"])

@@ -100,11 +100,7 @@ pub async fn run(opts: Options) -> Result<()> {
         let labels = [("pool".to_string(), "general".to_string())].into();
         testbed::nodes::register(&client, name, &labels).await?;
         let containerd = Containerd::start_traced(&work.join(name), &jaeger.otlp_endpoint)?;
-        containerd.configure_registry(
-            &upstream.host,
-            &format!("http://{}", upstream.host),
-            &[&format!("http://{}", mirror.host)],
-        )?;
+        containerd.configure_registry(&upstream.host, &[&mirror.host])?;
         let mut agent = binary("image-prefetch-agent", &plane.kubeconfig, &jaeger)?;
         agent
             .args(["--node-name", name, "--containerd-socket"])

@@ -516,8 +516,9 @@ fn pull_span(wanted: &Wanted, node: &str) -> tracing::Span {
         attempts = field::Empty,
         bytes = field::Empty,
         result = field::Empty,
+        error.r#type = field::Empty,
         otel.status_code = field::Empty,
-        error = field::Empty,
+        otel.status_description = field::Empty,
     );
     if let Some(parent) = wanted
         .trace
@@ -547,8 +548,9 @@ fn record_outcome(span: &tracing::Span, outcome: &Result<(Pulled, i32), (String,
         Err((error, reason, attempts)) => {
             span.record("attempts", attempts);
             span.record("result", reason.as_str());
+            span.record("error.type", reason.as_str());
             span.record("otel.status_code", "ERROR");
-            span.record("error", error.as_str());
+            span.record("otel.status_description", error.as_str());
         }
     }
 }
@@ -588,12 +590,12 @@ impl Job {
                 "attempt",
                 attempt = n,
                 otel.status_code = field::Empty,
-                error = field::Empty
+                otel.status_description = field::Empty
             );
             let result = self.attempt(&name).instrument(span.clone()).await;
             if let Err((error, _)) = &result {
                 span.record("otel.status_code", "ERROR");
-                span.record("error", error.as_str());
+                span.record("otel.status_description", error.as_str());
             }
             result
         };

@@ -89,7 +89,7 @@ pub async fn reconcile(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Resul
         generation,
         selected = field::Empty,
         otel.status_code = field::Empty,
-        error = field::Empty,
+        otel.status_description = field::Empty,
     );
     match ctx.rollouts.parent(&uid, generation) {
         Some(parent) => {
@@ -106,7 +106,7 @@ pub async fn reconcile(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Resul
         .await;
     if let Err(e) = &result {
         span.record("otel.status_code", "ERROR");
-        span.record("error", field::display(e));
+        span.record("otel.status_description", field::display(e));
     }
     ctx.metrics.reconciles.inc();
     ctx.metrics

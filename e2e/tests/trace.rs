@@ -109,7 +109,8 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
     let [port] = free_ports().unwrap();
     let controller_metrics = format!("127.0.0.1:{port}");
     let log = work.join("controller.log");
-    let args = ["--metrics-addr", &controller_metrics];
+    // One retry: the failing rollout below gives up quickly.
+    let args = ["--metrics-addr", &controller_metrics, "--retry-limit", "1"];
     running
         .0
         .push(start(CONTROLLER, &args, &plane.kubeconfig, &jaeger, &log));
@@ -317,6 +318,68 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // A rollout that cannot succeed: the trace says why, on which node,
+    // after how many attempts.
+    let missing = format!("{}/team/missing:1", upstream.host);
+    let broken = json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
+        "metadata": {"name": "broken", "namespace": "default"},
+        "spec": {"images": [missing], "nodeSelector": {"pool": "traced"}},
+    });
+    prefetches
+        .patch(
+            "broken",
+            &PatchParams::apply("e2e-trace").force(),
+            &Patch::Apply(&broken),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let failed_pull = loop {
+        let found = jaeger.traces(AGENT, 100).expect("Jaeger's query API");
+        let failed = found["data"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(Trace::new)
+            .find_map(|t| {
+                let pull = t
+                    .named("pull")
+                    .into_iter()
+                    .find(|p| p.tag("image") == missing && !p.tag("result").is_empty())?;
+                let attempts = t
+                    .spans
+                    .iter()
+                    .filter(|a| {
+                        a.operation == "attempt" && a.parent.as_ref() == Some(&pull.span_id)
+                    })
+                    .count();
+                let parent = t.parent_of(pull).map(|p| p.operation.clone());
+                Some((pull.clone(), attempts, parent))
+            });
+        if let Some(f) = failed {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no finished pull of {missing} in Jaeger within 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (pull, attempt_spans, parent) = failed_pull;
+    assert_eq!(pull.tag("result"), "NotFound", "{pull:#?}");
+    assert_eq!(pull.tag("error.type"), "NotFound", "{pull:#?}");
+    assert_eq!(pull.tag("otel.status_code"), "ERROR", "{pull:#?}");
+    let why = pull.tag("otel.status_description");
+    assert!(
+        why.contains("not found"),
+        "the error names the cause: {why}"
+    );
+    assert_eq!(pull.tag("attempts"), "2", "one try and one retry");
+    assert_eq!(attempt_spans, 2, "a span per attempt");
+    assert_eq!(parent.as_deref(), Some("apply NodeImageSet"));
+
     drop(running);
     drop(runtimes);
 }
@@ -327,7 +390,7 @@ struct Trace {
     spans: Vec<Span>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Span {
     span_id: String,
     parent: Option<String>,

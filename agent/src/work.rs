@@ -250,7 +250,7 @@ impl Agent {
     fn start(&mut self, key: Key, wanted: Wanted) {
         self.states.insert(
             key.clone(),
-            waiting(&wanted.entry.name, PullState::Pulling, 0),
+            NodeImageStatus::new(&wanted.entry.name, PullState::Pulling, 0),
         );
         let job = Job {
             config: self.config.clone(),
@@ -461,20 +461,6 @@ fn reported_available(set: &NodeImageSet, entry: &NodeImage) -> Option<NodeImage
     let reported = set.report_on(&entry.name)?;
     let pinned_ok = entry.digest.is_none() || entry.digest == reported.digest;
     (reported.state == PullState::Available && pinned_ok).then(|| reported.clone())
-}
-
-fn waiting(name: &str, state: PullState, attempts: i32) -> NodeImageStatus {
-    NodeImageStatus {
-        name: name.to_string(),
-        state,
-        attempts,
-        last_error: None,
-        reason: None,
-        digest: None,
-        size_bytes: None,
-        pull_duration_millis: None,
-        source: None,
-    }
 }
 
 /// The name the image is stored under: what kubelet will ask for.

@@ -211,17 +211,7 @@ mod tests {
         s.status = Some(NodeImageSetStatus {
             available: 0,
             total: 0,
-            images: vec![NodeImageStatus {
-                name: "img".into(),
-                state: PullState::Pulling,
-                attempts: 1,
-                last_error: None,
-                reason: None,
-                digest: None,
-                size_bytes: None,
-                pull_duration_millis: None,
-                source: None,
-            }],
+            images: vec![NodeImageStatus::new("img", PullState::Pulling, 1)],
             conditions: vec![],
         });
         let v = SetView::of(&s);

@@ -128,17 +128,7 @@ mod tests {
         s.status = status.map(|(available, total, state)| NodeImageSetStatus {
             available,
             total,
-            images: vec![NodeImageStatus {
-                name: "i".into(),
-                state,
-                attempts: 1,
-                last_error: None,
-                reason: None,
-                digest: None,
-                size_bytes: None,
-                pull_duration_millis: None,
-                source: None,
-            }],
+            images: vec![NodeImageStatus::new("i", state, 1)],
             conditions: vec![],
         });
         s

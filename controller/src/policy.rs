@@ -460,15 +460,8 @@ mod tests {
         let st = set.status.get_or_insert_with(NodeImageSetStatus::default);
         st.images.retain(|r| r.name != image);
         st.images.push(NodeImageStatus {
-            name: image.to_string(),
-            state,
-            attempts: 1,
-            last_error: None,
-            reason: None,
             digest: (state == PullState::Available).then(|| DIGEST.to_string()),
-            size_bytes: None,
-            pull_duration_millis: None,
-            source: None,
+            ..NodeImageStatus::new(image, state, 1)
         });
     }
 

@@ -248,15 +248,9 @@ mod tests {
             images: states
                 .iter()
                 .map(|(n, st, reason)| NodeImageStatus {
-                    name: n.to_string(),
-                    state: *st,
-                    attempts: 1,
                     last_error: reason.map(|r| format!("{r} happened")),
                     reason: reason.map(str::to_string),
-                    digest: None,
-                    size_bytes: None,
-                    pull_duration_millis: None,
-                    source: None,
+                    ..NodeImageStatus::new(n, *st, 1)
                 })
                 .collect(),
             ..Default::default()

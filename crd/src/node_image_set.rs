@@ -145,6 +145,23 @@ pub enum PullSource {
     Mirror,
 }
 
+impl NodeImageStatus {
+    /// A report of `state` after `attempts`, with nothing else known yet.
+    pub fn new(name: &str, state: PullState, attempts: i32) -> Self {
+        NodeImageStatus {
+            name: name.to_string(),
+            state,
+            attempts,
+            last_error: None,
+            reason: None,
+            digest: None,
+            size_bytes: None,
+            pull_duration_millis: None,
+            source: None,
+        }
+    }
+}
+
 impl NodeImageSet {
     /// What the agent has reported, per image.
     pub fn reported(&self) -> &[NodeImageStatus] {

@@ -116,19 +116,7 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         .push(start(CONTROLLER, &args, &plane.kubeconfig, &jaeger, &log));
 
     let prefetches: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
-    let prefetch = json!({
-        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
-        "metadata": {"name": "traced", "namespace": "default"},
-        "spec": {"images": [image.reference], "nodeSelector": {"pool": "traced"}},
-    });
-    prefetches
-        .patch(
-            "traced",
-            &PatchParams::apply("e2e-trace").force(),
-            &Patch::Apply(&prefetch),
-        )
-        .await
-        .unwrap();
+    prefetch(&prefetches, "traced", &image.reference).await;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let status = prefetches.get("traced").await.unwrap().status;
@@ -321,19 +309,7 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
     // A rollout that cannot succeed: the trace says why, on which node,
     // after how many attempts.
     let missing = format!("{}/team/missing:1", upstream.host);
-    let broken = json!({
-        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
-        "metadata": {"name": "broken", "namespace": "default"},
-        "spec": {"images": [missing], "nodeSelector": {"pool": "traced"}},
-    });
-    prefetches
-        .patch(
-            "broken",
-            &PatchParams::apply("e2e-trace").force(),
-            &Patch::Apply(&broken),
-        )
-        .await
-        .unwrap();
+    prefetch(&prefetches, "broken", &missing).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let failed_pull = loop {
         let found = jaeger.traces(AGENT, 100).expect("Jaeger's query API");
@@ -382,6 +358,22 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
 
     drop(running);
     drop(runtimes);
+}
+
+/// Applies an ImagePrefetch of `image` to this test's nodes.
+async fn prefetch(api: &Api<ImagePrefetch>, name: &str, image: &str) {
+    let object = json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"images": [image], "nodeSelector": {"pool": "traced"}},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("e2e-trace").force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .unwrap();
 }
 
 /// A trace in Jaeger's JSON, reduced to what the test asks.

@@ -229,15 +229,10 @@ pub async fn report(client: &Client, set: &str, image: &str, state: PullState) {
     images.retain(|r| r.name != image);
     let failed = state == PullState::Failed;
     images.push(NodeImageStatus {
-        name: image.to_string(),
-        state,
-        attempts: if failed { 4 } else { 1 },
         last_error: failed.then(|| "simulated: registry answered 500".to_string()),
         reason: failed.then(|| "PullFailed".to_string()),
         digest: (state == PullState::Available).then(|| DIGEST.to_string()),
-        size_bytes: None,
-        pull_duration_millis: None,
-        source: None,
+        ..NodeImageStatus::new(image, state, if failed { 4 } else { 1 })
     });
     let available = images
         .iter()

@@ -32,17 +32,12 @@ impl Containerd {
         Self::start_flavor(dir, Flavor::V2)
     }
 
-    /// containerd 2.x exporting its own spans over OTLP/gRPC to `endpoint`
-    /// (`http://host:port`): the server side of each call the agent makes
-    /// joins the agent's trace when the call carries its context.
-    pub fn start_traced(dir: &Path, endpoint: &str) -> Result<Self> {
-        let env = [
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
-            ("OTEL_SERVICE_NAME", "containerd"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-        ];
+    /// containerd 2.x exporting its own spans to `jaeger`: the server side
+    /// of each call the agent makes joins the agent's trace when the call
+    /// carries its context.
+    pub fn start_traced(dir: &Path, jaeger: &crate::jaeger::Jaeger) -> Result<Self> {
+        let mut env: Vec<(&str, String)> = jaeger.exporter_env().into();
+        env.push(("OTEL_SERVICE_NAME", "containerd".into()));
         Self::start_with(dir, Flavor::V2, &env)
     }
 
@@ -50,7 +45,7 @@ impl Containerd {
         Self::start_with(dir, flavor, &[])
     }
 
-    fn start_with(dir: &Path, flavor: Flavor, env: &[(&str, &str)]) -> Result<Self> {
+    fn start_with(dir: &Path, flavor: Flavor, env: &[(&str, String)]) -> Result<Self> {
         let bin = match flavor {
             Flavor::V2 => CONTAINERD.require()?,
             Flavor::Debian16 => crate::fixtures::require_tool("containerd")?,
@@ -85,7 +80,9 @@ state = "{state}"
         let _ = std::fs::remove_file(&socket);
         let log = dir.join("containerd.log");
         let mut cmd = Command::new(bin);
-        cmd.arg("--config").arg(&config).envs(env.iter().copied());
+        cmd.arg("--config")
+            .arg(&config)
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let child = process::spawn(cmd, &log, Lifetime::Owned)?;
         let mut c = Containerd {
             dir: dir.to_path_buf(),

@@ -99,7 +99,7 @@ pub async fn run(opts: Options) -> Result<()> {
     for name in NODES {
         let labels = [("pool".to_string(), "general".to_string())].into();
         testbed::nodes::register(&client, name, &labels).await?;
-        let containerd = Containerd::start_traced(&work.join(name), &jaeger.otlp_endpoint)?;
+        let containerd = Containerd::start_traced(&work.join(name), &jaeger)?;
         containerd.configure_registry(&upstream.host, &[&mirror.host])?;
         let mut agent = binary("image-prefetch-agent", &plane.kubeconfig, &jaeger)?;
         agent
@@ -238,8 +238,7 @@ fn binary(name: &str, kubeconfig: &Path, jaeger: &Jaeger) -> Result<Command> {
     let mut cmd = Command::new(crate::root().join("target/debug").join(name));
     cmd.args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .env("KUBECONFIG", kubeconfig)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &jaeger.otlp_endpoint)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200");
+        .envs(jaeger.exporter_env());
     Ok(cmd)
 }
 
@@ -305,7 +304,7 @@ fn screenshot(jaeger: &Jaeger, trace_id: &str, path: &Path) -> Result<()> {
 /// Runs headless Chromium with a fresh profile and no background traffic
 /// (this machine's network is closed); returns what it printed.
 fn chromium(args: &[String]) -> Result<String> {
-    let profile = tempdir("chromium-profile")?;
+    let profile = testbed::workdir::Workdir::new("chromium-profile");
     let out = Command::new("chromium")
         .args([
             "--headless",
@@ -323,17 +322,11 @@ fn chromium(args: &[String]) -> Result<String> {
         .args(args)
         .output()
         .context("running chromium")?;
-    let _ = std::fs::remove_dir_all(&profile);
+    drop(profile);
     if !out.status.success() {
         bail!("chromium failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn tempdir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("image-prefetch-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 fn short(reference: &str) -> &str {

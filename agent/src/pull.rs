@@ -287,21 +287,9 @@ impl Runtime {
         if source == name {
             return Ok(());
         }
-        let mut images = ImagesClient::new(self.channel.clone());
-        let request = GetImageRequest {
-            name: source.to_string(),
-        };
-        let span = rpc("Images.Get");
-        let pulled = images
-            .get(self.request(&span, request))
-            .instrument(span)
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .image
-            .ok_or_else(|| {
-                PullError::Containerd(format!("{source} is missing right after its pull"))
-            })?;
+        let pulled = self.stored(source).await?.ok_or_else(|| {
+            PullError::Containerd(format!("{source} is missing right after its pull"))
+        })?;
         let image = Image {
             name: name.to_string(),
             labels: [CRI_MANAGED]
@@ -316,31 +304,21 @@ impl Runtime {
             ..Default::default()
         };
         let span = rpc("Images.Create");
-        let created = images
+        let created = ImagesClient::new(self.channel.clone())
             .create(self.request(&span, create))
             .instrument(span)
             .await;
         match created {
             Ok(_) => Ok(()),
             Err(s) if s.code() == containerd_client::tonic::Code::AlreadyExists => {
-                let update = UpdateImageRequest {
-                    image: Some(image),
-                    ..Default::default()
-                };
-                let span = rpc("Images.Update");
-                images
-                    .update(self.request(&span, update))
-                    .instrument(span)
-                    .await
-                    .map_err(status_error)?;
-                Ok(())
+                self.update_image(image, None).await
             }
             Err(s) => Err(status_error(s)),
         }
     }
 
-    /// The stored image `name`: its digest and content size, if present.
-    pub async fn image(&self, name: &str) -> Result<Option<(String, Option<i64>)>, PullError> {
+    /// The stored image `name`, or `None` when containerd has none by that name.
+    async fn stored(&self, name: &str) -> Result<Option<Image>, PullError> {
         let request = GetImageRequest {
             name: name.to_string(),
         };
@@ -349,12 +327,36 @@ impl Runtime {
             .get(self.request(&span, request))
             .instrument(span)
             .await;
-        let image = match response {
-            Ok(r) => r.into_inner().image,
-            Err(s) if s.code() == containerd_client::tonic::Code::NotFound => return Ok(None),
-            Err(s) => return Err(PullError::Containerd(s.message().to_string())),
+        match response {
+            Ok(r) => Ok(r.into_inner().image),
+            Err(s) if s.code() == containerd_client::tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(status_error(s)),
+        }
+    }
+
+    /// Writes `image`: only the fields `paths` name, or all of it.
+    async fn update_image(
+        &self,
+        image: Image,
+        paths: Option<Vec<String>>,
+    ) -> Result<(), PullError> {
+        let request = UpdateImageRequest {
+            image: Some(image),
+            update_mask: paths.map(|paths| prost_types::FieldMask { paths }),
+            ..Default::default()
         };
-        let Some(target) = image.and_then(|i| i.target) else {
+        let span = rpc("Images.Update");
+        ImagesClient::new(self.channel.clone())
+            .update(self.request(&span, request))
+            .instrument(span)
+            .await
+            .map_err(status_error)?;
+        Ok(())
+    }
+
+    /// The stored image `name`: its digest and content size, if present.
+    pub async fn image(&self, name: &str) -> Result<Option<(String, Option<i64>)>, PullError> {
+        let Some(target) = self.stored(name).await?.and_then(|i| i.target) else {
             return Ok(None);
         };
         let size = self.manifest_size(&target.digest, &target.media_type).await;
@@ -420,58 +422,23 @@ impl Runtime {
 
     /// Takes the kubelet-GC pin off `name` (when its ImagePrefetch is gone); the image stays.
     pub async fn unpin(&self, name: &str) -> Result<(), PullError> {
-        let request = GetImageRequest {
-            name: name.to_string(),
-        };
-        let mut images = ImagesClient::new(self.channel.clone());
-        let span = rpc("Images.Get");
-        let got = images
-            .get(self.request(&span, request))
-            .instrument(span)
-            .await;
-        let image = match got {
-            Ok(r) => r.into_inner().image,
-            Err(s) if s.code() == containerd_client::tonic::Code::NotFound => return Ok(()),
-            Err(s) => return Err(PullError::Containerd(s.message().to_string())),
-        };
-        let Some(mut image) = image else {
+        let Some(mut image) = self.stored(name).await? else {
             return Ok(());
         };
         if image.labels.remove(CRI_PINNED.0).is_none() {
             return Ok(());
         }
-        let request = UpdateImageRequest {
-            image: Some(image),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec![format!("labels.{}", CRI_PINNED.0)],
-            }),
-            ..Default::default()
-        };
-        let span = rpc("Images.Update");
-        images
-            .update(self.request(&span, request))
-            .instrument(span)
-            .await
-            .map_err(|s| PullError::Containerd(s.message().to_string()))?;
-        Ok(())
+        let paths = vec![format!("labels.{}", CRI_PINNED.0)];
+        self.update_image(image, Some(paths)).await
     }
 
     /// Labels of the stored image `name`.
     pub async fn labels(&self, name: &str) -> Result<HashMap<String, String>, PullError> {
-        let request = GetImageRequest {
-            name: name.to_string(),
-        };
-        let span = rpc("Images.Get");
-        let response = ImagesClient::new(self.channel.clone())
-            .get(self.request(&span, request))
-            .instrument(span)
-            .await
-            .map_err(|s| PullError::Containerd(s.message().to_string()))?;
-        Ok(response
-            .into_inner()
-            .image
-            .map(|i| i.labels)
-            .unwrap_or_default())
+        let image = self
+            .stored(name)
+            .await?
+            .ok_or_else(|| PullError::Containerd(format!("image {name} not found")))?;
+        Ok(image.labels)
     }
 
     /// Config plus layer bytes of a single manifest; `None` for an index or on any doubt.

@@ -38,9 +38,7 @@ fn start(name: &str, args: &[&str], kubeconfig: &Path, jaeger: &Jaeger, log: &Pa
     let mut cmd = Command::new(binary(name));
     cmd.args(args)
         .env("KUBECONFIG", kubeconfig)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &jaeger.otlp_endpoint)
-        // Export within a fraction of a second, not the default five.
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .envs(jaeger.exporter_env())
         .env("RUST_LOG", "info");
     process::spawn(cmd, log, Lifetime::Owned)
         .unwrap_or_else(|e| panic!("{name} (built by cargo test --workspace): {e}"))
@@ -77,8 +75,7 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         testbed::nodes::register(&client, node, &labels)
             .await
             .unwrap();
-        let containerd =
-            Containerd::start_traced(&work.join(node), &jaeger.otlp_endpoint).expect("containerd");
+        let containerd = Containerd::start_traced(&work.join(node), &jaeger).expect("containerd");
         containerd
             .configure_registry(&upstream.host, &[&mirror.host])
             .unwrap();
@@ -150,12 +147,13 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         let complete = with_pulls.iter().find(|t| {
             let trace = jaeger.trace(&t.id).expect("the trace by id");
             let full = Trace::new(&trace["data"][0]);
+            // Each process exports on its own schedule: wait until every
+            // pull's ancestors, up to the root, have arrived too.
             NODES.iter().all(|n| {
                 full.pulls_on(n)
                     .iter()
-                    .any(|p| p.tag("result") == "success")
+                    .any(|p| p.tag("result") == "success" && full.rooted(p))
             }) && !full.named("reconcile").is_empty()
-                // containerd exports on its own schedule.
                 && full
                     .spans
                     .iter()
@@ -320,10 +318,9 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
             .iter()
             .map(Trace::new)
             .find_map(|t| {
-                let pull = t
-                    .named("pull")
-                    .into_iter()
-                    .find(|p| p.tag("image") == missing && !p.tag("result").is_empty())?;
+                let pull = t.named("pull").into_iter().find(|p| {
+                    p.tag("image") == missing && !p.tag("result").is_empty() && t.rooted(p)
+                })?;
                 let attempts = t
                     .spans
                     .iter()
@@ -450,6 +447,19 @@ impl Trace {
             .into_iter()
             .filter(|s| s.tag("node") == node)
             .collect()
+    }
+
+    /// Whether every ancestor of `span`, up to a root, is in the trace.
+    fn rooted(&self, span: &Span) -> bool {
+        let mut at = span;
+        for _ in 0..self.spans.len() {
+            match (&at.parent, self.parent_of(at)) {
+                (None, _) => return true,
+                (Some(_), Some(parent)) => at = parent,
+                (Some(_), None) => return false,
+            }
+        }
+        false
     }
 
     fn parent_of(&self, span: &Span) -> Option<&Span> {

@@ -27,8 +27,8 @@ use crate::triggers;
 const RECONCILE_CONCURRENCY: u16 = 4;
 
 /// How often NodeImageSets are counted by state for /metrics (a pass over
-/// the cache, not the API).
-const SET_COUNT_INTERVAL: Duration = Duration::from_secs(10);
+/// the cache, not the API) and freed memory is returned.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Controller settings.
 #[derive(Clone, Debug)]
@@ -140,10 +140,12 @@ pub async fn run(
         ))
     });
 
-    let counter = {
+    // Periodic housekeeping: the sets-by-state gauge, and handing memory
+    // freed by the last burst of reconciles back to the system.
+    let housekeeping = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(SET_COUNT_INTERVAL);
+            let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
             loop {
                 every.tick().await;
                 let sets = ctx.sets.state();
@@ -179,7 +181,7 @@ pub async fn run(
         })
         .await;
     info!("image-prefetch controller stopped");
-    counter.abort();
+    housekeeping.abort();
     let _ = keeper_stop.send(());
     if let Some(k) = keeper {
         let _ = k.await;

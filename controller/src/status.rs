@@ -102,7 +102,10 @@ pub fn compute<S: SetFacts>(
             "Ready",
             true,
             "AllImagesPresent",
-            format!("all {} images are on all {desired} nodes", images.len()),
+            match images.len() {
+                1 => format!("the image is on all {desired} nodes"),
+                n => format!("all {n} images are on all {desired} nodes"),
+            },
         )
     } else {
         let (reason, message) = match &degraded {

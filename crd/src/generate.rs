@@ -48,4 +48,35 @@ mod tests {
             }
         }
     }
+
+    /// kubectl expands a category before it looks up a resource: a category
+    /// spelt like any resource's name or short name shadows that resource.
+    #[test]
+    fn no_category_is_a_resource_name() {
+        let crds = [ImagePrefetch::crd(), NodeImageSet::crd()];
+        let names: Vec<String> = crds
+            .iter()
+            .flat_map(|c| {
+                let n = &c.spec.names;
+                [
+                    Some(n.plural.clone()),
+                    n.singular.clone(),
+                    Some(n.kind.to_lowercase()),
+                ]
+                .into_iter()
+                .flatten()
+                .chain(n.short_names.clone().unwrap_or_default())
+            })
+            .collect();
+        for crd in &crds {
+            let categories = crd.spec.names.categories.clone().unwrap_or_default();
+            assert_eq!(categories, [crate::CATEGORY], "{}", crd.spec.names.kind);
+            for category in categories {
+                assert!(
+                    !names.contains(&category),
+                    "category {category} is also a resource name ({names:?})"
+                );
+            }
+        }
+    }
 }

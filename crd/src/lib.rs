@@ -22,3 +22,10 @@ pub use prefetch::{
 pub const GROUP: &str = "imageprefetch.io";
 /// The one served (and stored) version.
 pub const VERSION: &str = "v1alpha1";
+
+/// The kubectl category of both resources: `kubectl get image-prefetch -A`
+/// lists everything the operator keeps. The product's name, because kubectl
+/// expands a category before it looks for a resource of that name: a category
+/// spelt like a resource (`imageprefetch`) makes `kubectl get imageprefetch X`
+/// ambiguous and `kubectl delete imageprefetch --all` delete NodeImageSets too.
+pub const CATEGORY: &str = "image-prefetch";

@@ -22,13 +22,14 @@ pub const MAX_IMAGES: usize = 64;
     plural = "imageprefetches",
     singular = "imageprefetch",
     shortname = "ipf",
-    category = "imageprefetch",
+    category = "image-prefetch",
     namespaced,
     status = "ImagePrefetchStatus",
     derive = "PartialEq",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Nodes with every image / nodes selected"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Images","type":"integer","jsonPath":".status.imageCount","priority":1}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

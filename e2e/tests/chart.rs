@@ -276,7 +276,7 @@ fn shipped_arguments_are_accepted_by_the_binaries() {
                 .iter()
                 .map(|a| a.as_str().unwrap().to_string())
                 .collect();
-            let path = image_prefetch_e2e::binary(binary);
+            let path = testbed::simulated::binary(binary);
             let out = Command::new(&path)
                 .args(&args)
                 .arg("--help")

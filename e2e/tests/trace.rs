@@ -5,44 +5,19 @@
 //! reconcile through the NodeImageSet writes to each node's pull and its
 //! containerd calls. The /metrics endpoints of all three must show the work.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::process::{Child, Command};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use image_prefetch_e2e::binary;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
 use crd::ImagePrefetch;
-use testbed::containerd::Containerd;
 use testbed::jaeger::Jaeger;
-use testbed::process::{self, Lifetime, free_ports};
+use testbed::process::Lifetime;
 use testbed::registry::Registry;
+use testbed::simulated::{AGENT, Binary, CONTROLLER, Registries, SimulatedNode};
 
 const NODES: [&str; 2] = ["trace-node-a", "trace-node-b"];
-const CONTROLLER: &str = "image-prefetch-controller";
-const AGENT: &str = "image-prefetch-agent";
-
-/// Processes stopped when the test ends, however it ends.
-struct Running(Vec<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.iter_mut().for_each(process::stop);
-    }
-}
-
-/// Starts one of the workspace's binaries exporting traces to `jaeger`.
-fn start(name: &str, args: &[&str], kubeconfig: &Path, jaeger: &Jaeger, log: &Path) -> Child {
-    let mut cmd = Command::new(binary(name));
-    cmd.args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .envs(jaeger.exporter_env())
-        .env("RUST_LOG", "info");
-    process::spawn(cmd, log, Lifetime::Owned)
-        .unwrap_or_else(|e| panic!("{name} (built by cargo test --workspace): {e}"))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
@@ -67,50 +42,35 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         Registry::start_mirror_of(&work.join("mirror"), &format!("http://{}", upstream.host))
             .unwrap();
 
-    let mut running = Running(Vec::new());
-    let mut runtimes = Vec::new();
-    let mut agent_metrics = BTreeMap::new();
+    let labels = [("pool".to_string(), "traced".to_string())].into();
+    let registries = Registries {
+        upstream: &upstream.host,
+        mirrors: &[&mirror.host],
+    };
+    let mut nodes = Vec::new();
     for node in NODES {
-        let labels = [("pool".to_string(), "traced".to_string())].into();
-        testbed::nodes::register(&client, node, &labels)
-            .await
-            .unwrap();
-        let containerd = Containerd::start_traced(&work.join(node), &jaeger).expect("containerd");
-        containerd
-            .configure_registry(&upstream.host, &[&mirror.host])
-            .unwrap();
-        let [port] = free_ports().unwrap();
-        let metrics = format!("127.0.0.1:{port}");
-        let socket = containerd.socket.display().to_string();
-        let hosts = containerd.hosts_dir.display().to_string();
-        let own_hosts = work.join(format!("{node}-agent-hosts"));
-        let args = [
-            "--node-name",
+        let started = SimulatedNode::start(
+            &work.join("nodes"),
+            &client,
+            &plane.kubeconfig,
             node,
-            "--containerd-socket",
-            &socket,
-            "--registry-config-dir",
-            &hosts,
-            "--mirror-config-dir",
-            own_hosts.to_str().unwrap(),
-            "--metrics-addr",
-            &metrics,
-        ];
-        let log = work.join(format!("{node}-agent.log"));
-        running
-            .0
-            .push(start(AGENT, &args, &plane.kubeconfig, &jaeger, &log));
-        agent_metrics.insert(node, metrics);
-        runtimes.push(containerd);
+            &labels,
+            &registries,
+            Some(&jaeger),
+        )
+        .await
+        .expect("a simulated node (agent built by cargo test --workspace)");
+        nodes.push(started);
     }
-    let [port] = free_ports().unwrap();
-    let controller_metrics = format!("127.0.0.1:{port}");
-    let log = work.join("controller.log");
     // One retry: the failing rollout below gives up quickly.
-    let args = ["--metrics-addr", &controller_metrics, "--retry-limit", "1"];
-    running
-        .0
-        .push(start(CONTROLLER, &args, &plane.kubeconfig, &jaeger, &log));
+    let controller = Binary::start(
+        CONTROLLER,
+        &["--retry-limit", "1"],
+        &plane.kubeconfig,
+        Some(&jaeger),
+        &work.join("controller.log"),
+    )
+    .expect("controller (built by cargo test --workspace)");
 
     let prefetches: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
     prefetch(&prefetches, "traced", &image.reference).await;
@@ -251,55 +211,25 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
     assert_eq!(policies, ["Default", "Mirror"], "one seed, one mirror pull");
 
     // The metrics saw the same work.
-    let counter = |host: &str, line_start: &str| -> f64 {
-        let (code, body) = process::http_get(host, "/metrics").expect("scrape");
-        assert_eq!(code, 200);
-        body.lines()
-            .filter(|l| l.starts_with(line_start))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    let on_agents = |line_start: &str| -> f64 {
+        nodes
+            .iter()
+            .map(|n| n.agent.metric(line_start).expect("scrape"))
             .sum()
     };
-    let upstream_bytes: f64 = agent_metrics
-        .values()
-        .map(|m| {
-            counter(
-                m,
-                "image_prefetch_agent_pulled_bytes_total{source=\"upstream\"}",
-            )
-        })
-        .sum();
-    let mirror_bytes: f64 = agent_metrics
-        .values()
-        .map(|m| {
-            counter(
-                m,
-                "image_prefetch_agent_pulled_bytes_total{source=\"mirror\"}",
-            )
-        })
-        .sum();
-    let successes: f64 = agent_metrics
-        .values()
-        .map(|m| counter(m, "image_prefetch_agent_pulls_total"))
-        .sum();
+    let on_controller = |line_start: &str| controller.metric(line_start).expect("scrape");
+    let upstream_bytes = on_agents("image_prefetch_agent_pulled_bytes_total{source=\"upstream\"}");
+    let mirror_bytes = on_agents("image_prefetch_agent_pulled_bytes_total{source=\"mirror\"}");
+    let successes = on_agents("image_prefetch_agent_pulls_total");
     assert!(upstream_bytes > 1e6, "upstream bytes {upstream_bytes}");
     assert!(mirror_bytes > 1e6, "mirror bytes {mirror_bytes}");
     assert_eq!(successes, 2.0, "one pull per node");
-    assert!(
-        counter(
-            &controller_metrics,
-            "image_prefetch_controller_reconciles_total"
-        ) >= 2.0
-    );
-    assert!(
-        counter(
-            &controller_metrics,
-            "image_prefetch_controller_seeds_chosen_total"
-        ) >= 1.0
-    );
+    assert!(on_controller("image_prefetch_controller_reconciles_total") >= 2.0);
+    assert!(on_controller("image_prefetch_controller_seeds_chosen_total") >= 1.0);
     // NodeImageSets by state are recounted every few seconds.
     let deadline = Instant::now() + Duration::from_secs(30);
     let ready = "image_prefetch_controller_node_image_sets{state=\"ready\"}";
-    while counter(&controller_metrics, ready) != 2.0 {
+    while on_controller(ready) != 2.0 {
         assert!(Instant::now() < deadline, "{ready} is not 2 within 30s");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -353,8 +283,8 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
     assert_eq!(attempt_spans, 2, "a span per attempt");
     assert_eq!(parent.as_deref(), Some("apply NodeImageSet"));
 
-    drop(running);
-    drop(runtimes);
+    drop(controller);
+    drop(nodes);
 }
 
 /// Applies an ImagePrefetch of `image` to this test's nodes.

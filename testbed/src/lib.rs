@@ -9,8 +9,10 @@ pub mod images;
 pub mod jaeger;
 pub mod nodes;
 pub mod oci;
+pub mod peer_mirror;
 pub mod process;
 pub mod registry;
+pub mod simulated;
 
 pub use control_plane::ControlPlane;
 pub use process::Lifetime;

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -21,10 +21,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 use crd::{ImagePrefetch, NodeImageSet, PullState, RegistryPolicy};
-use testbed::containerd::Containerd;
 use testbed::jaeger::Jaeger;
-use testbed::process::{Lifetime, free_ports};
 use testbed::registry::Registry;
+use testbed::simulated::{Binary, CONTROLLER, Registries, SimulatedNode};
 
 const NODES: &[&str] = &["demo-worker-1", "demo-worker-2", "demo-worker-3"];
 const MB: usize = 1024 * 1024;
@@ -95,30 +94,35 @@ pub async fn run(opts: Options) -> Result<()> {
     done(&format!("mirror at {}", mirror.host));
 
     step("starting 3 nodes: a containerd, a Node object and an agent each");
-    let mut nodes: Vec<(Containerd, Child)> = Vec::new();
+    let labels = [("pool".to_string(), "general".to_string())].into();
+    let registries = Registries {
+        upstream: &upstream.host,
+        mirrors: &[&mirror.host],
+    };
+    let mut nodes = Vec::new();
     for name in NODES {
-        let labels = [("pool".to_string(), "general".to_string())].into();
-        testbed::nodes::register(&client, name, &labels).await?;
-        let containerd = Containerd::start_traced(&work.join(name), &jaeger)?;
-        containerd.configure_registry(&upstream.host, &[&mirror.host])?;
-        let mut agent = binary("image-prefetch-agent", &plane.kubeconfig, &jaeger)?;
-        agent
-            .args(["--node-name", name, "--containerd-socket"])
-            .arg(&containerd.socket)
-            .arg("--registry-config-dir")
-            .arg(&containerd.hosts_dir)
-            .arg("--mirror-config-dir")
-            .arg(work.join(format!("{name}-agent-hosts")));
-        let log = work.join(format!("{name}-agent.log"));
-        let agent = testbed::process::spawn(agent, &log, Lifetime::Owned)?;
-        nodes.push((containerd, agent));
+        let node = SimulatedNode::start(
+            &work.join("nodes"),
+            &client,
+            &plane.kubeconfig,
+            name,
+            &labels,
+            &registries,
+            Some(&jaeger),
+        )
+        .await?;
+        nodes.push(node);
     }
     done(&NODES.join(", "));
 
     step("starting the controller");
-    let controller = binary("image-prefetch-controller", &plane.kubeconfig, &jaeger)?;
-    let mut controller =
-        testbed::process::spawn(controller, &work.join("controller.log"), Lifetime::Owned)?;
+    let controller = Binary::start(
+        CONTROLLER,
+        &[],
+        &plane.kubeconfig,
+        Some(&jaeger),
+        &work.join("controller.log"),
+    )?;
     done("running as its own process");
 
     step("applying an ImagePrefetch of both images to every node with pool=general");
@@ -215,31 +219,16 @@ pub async fn run(opts: Options) -> Result<()> {
 
     if opts.keep {
         println!(
-            "\nEverything keeps running until Ctrl-C. In another terminal:\n  export KUBECONFIG={}\n  kubectl get imageprefetch,nodeimageset -A",
+            "\nEverything keeps running until Ctrl-C. In another terminal:\n  export KUBECONFIG={}\n  kubectl get image-prefetch -A",
             plane.kubeconfig.display()
         );
         telemetry::shutdown_signal().await;
     }
-    testbed::process::stop(&mut controller);
-    for (_, agent) in nodes.iter_mut() {
-        let _ = agent.kill();
-        let _ = agent.wait();
-    }
+    drop(controller);
     drop(nodes);
     plane.stop();
     println!("\nEverything is stopped; nothing is left running.");
     Ok(())
-}
-
-/// A workspace binary set up to export its traces to `jaeger`, with its
-/// metrics on a free loopback port.
-fn binary(name: &str, kubeconfig: &Path, jaeger: &Jaeger) -> Result<Command> {
-    let [port] = free_ports()?;
-    let mut cmd = Command::new(crate::root().join("target/debug").join(name));
-    cmd.args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("KUBECONFIG", kubeconfig)
-        .envs(jaeger.exporter_env());
-    Ok(cmd)
 }
 
 /// The trace holding the agents' pulls (the spans arrive in batches, so
@@ -383,10 +372,10 @@ fn done(what: &str) {
     eprintln!("    {what}");
 }
 
-/// `kubectl get imageprefetch,nodeimageset -A` when kubectl is installed.
+/// `kubectl get image-prefetch -A` when kubectl is installed.
 fn print_table(kubeconfig: &std::path::Path) -> Result<()> {
     let status = Command::new("kubectl")
-        .args(["get", "imageprefetch,nodeimageset", "-A"])
+        .args(["get", crd::CATEGORY, "-A"])
         .env("KUBECONFIG", kubeconfig)
         .status();
     match status {
@@ -394,7 +383,7 @@ fn print_table(kubeconfig: &std::path::Path) -> Result<()> {
         Ok(s) => bail!("kubectl get failed ({s})"),
         Err(_) => {
             println!(
-                "(kubectl is not installed; `KUBECONFIG={} kubectl get imageprefetch,nodeimageset -A` shows the table)",
+                "(kubectl is not installed; `KUBECONFIG={} kubectl get image-prefetch -A` shows the table)",
                 kubeconfig.display()
             );
             Ok(())

@@ -49,7 +49,33 @@ pub fn install() -> Result<()> {
         eprintln!("deps: installing {p} ({why})");
     }
     let names: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
-    install_packages(&names)
+    install_packages(&names)?;
+    check_kubectl()
+}
+
+/// kubectl comes with the machine (Debian's own kubernetes-client, 1.20, is
+/// too old for the test bed's API server to be a fallback); the kubectl
+/// tests are written against what 1.32 prints.
+fn check_kubectl() -> Result<()> {
+    let out = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    let Some(out) = out else {
+        bail!(
+            "kubectl is not on PATH: the end-to-end tests drive it; install kubectl 1.32 or newer"
+        );
+    };
+    let version: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let minor: u32 = version["clientVersion"]["minor"]
+        .as_str()
+        .and_then(|m| m.trim_end_matches('+').parse().ok())
+        .unwrap_or(0);
+    if minor < 32 {
+        bail!("kubectl 1.{minor} is too old for the test bed's API server: install 1.32 or newer");
+    }
+    Ok(())
 }
 
 /// Installs those of `packages` that are missing.

@@ -1,0 +1,154 @@
+//! Simulated nodes and the product's own binaries as processes: what the
+//! demo and the end-to-end tests run a rollout with.
+//!
+//! A simulated node is a Node object (Ready, with the given labels), its own
+//! containerd whose registry configuration puts the in-cluster mirror first,
+//! and the release agent for that node. The controller runs as a process too.
+//! Everything is stopped when dropped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use crate::containerd::Containerd;
+use crate::jaeger::Jaeger;
+use crate::process::{self, Lifetime, free_ports};
+use crate::{Result, io_err};
+
+/// The agent's binary name.
+pub const AGENT: &str = "image-prefetch-agent";
+/// The controller's binary name.
+pub const CONTROLLER: &str = "image-prefetch-controller";
+
+/// A binary of this workspace, as `cargo build` / `cargo test --workspace` leaves it.
+pub fn binary(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name)
+}
+
+/// One of the workspace's binaries running as a process, with its metrics
+/// on a free loopback port; killed when dropped.
+pub struct Binary {
+    pub child: Child,
+    /// `127.0.0.1:port` of its `/metrics` and health endpoints.
+    pub metrics: String,
+    pub log: PathBuf,
+}
+
+impl Binary {
+    /// Starts `name` with `args` against the API server of `kubeconfig`,
+    /// exporting traces to `jaeger` when given.
+    pub fn start(
+        name: &str,
+        args: &[&str],
+        kubeconfig: &Path,
+        jaeger: Option<&Jaeger>,
+        log: &Path,
+    ) -> Result<Self> {
+        let path = binary(name);
+        if !path.exists() {
+            return Err(crate::Error::MissingFixture {
+                what: "a workspace binary (cargo build --workspace)",
+                path: path.display().to_string(),
+            });
+        }
+        let [port] = free_ports()?;
+        let metrics = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(path);
+        cmd.args(["--metrics-addr", &metrics])
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        if let Some(j) = jaeger {
+            cmd.envs(j.exporter_env());
+        }
+        let child = process::spawn(cmd, log, Lifetime::Owned)?;
+        Ok(Binary {
+            child,
+            metrics,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Sum of the samples of every metric line starting with `line_start`.
+    pub fn metric(&self, line_start: &str) -> std::io::Result<f64> {
+        let (code, body) = process::http_get(&self.metrics, "/metrics")?;
+        if code != 200 {
+            return Err(std::io::Error::other(format!("/metrics answered {code}")));
+        }
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(line_start))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        process::stop(&mut self.child);
+    }
+}
+
+/// Where a simulated node's containerd fetches `registry`'s images.
+pub struct Registries<'a> {
+    /// The "external" registry, `127.0.0.1:port`.
+    pub upstream: &'a str,
+    /// In-cluster mirrors tried first, same form.
+    pub mirrors: &'a [&'a str],
+}
+
+/// A Node object, its containerd and its agent.
+pub struct SimulatedNode {
+    pub name: String,
+    // Field order is drop order: the agent stops before its containerd.
+    pub agent: Binary,
+    pub containerd: Containerd,
+}
+
+impl SimulatedNode {
+    /// Registers `name` (Ready, with `labels`), starts its containerd under
+    /// `dir/<name>` (traced when `jaeger` is given) and its agent.
+    pub async fn start(
+        dir: &Path,
+        client: &kube::Client,
+        kubeconfig: &Path,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        registries: &Registries<'_>,
+        jaeger: Option<&Jaeger>,
+    ) -> Result<Self> {
+        crate::nodes::register(client, name, labels).await?;
+        let containerd = match jaeger {
+            Some(j) => Containerd::start_traced(&dir.join(name), j)?,
+            None => Containerd::start(&dir.join(name))?,
+        };
+        containerd.configure_registry(registries.upstream, registries.mirrors)?;
+        let own_hosts = dir.join(format!("{name}-agent-hosts"));
+        std::fs::create_dir_all(&own_hosts).map_err(io_err(&own_hosts))?;
+        let socket = containerd.socket.display().to_string();
+        let hosts = containerd.hosts_dir.display().to_string();
+        let own_hosts = own_hosts.display().to_string();
+        let args = [
+            "--node-name",
+            name,
+            "--containerd-socket",
+            &socket,
+            "--registry-config-dir",
+            &hosts,
+            "--mirror-config-dir",
+            &own_hosts,
+        ];
+        let log = dir.join(format!("{name}-agent.log"));
+        let agent = Binary::start(AGENT, &args, kubeconfig, jaeger, &log)?;
+        Ok(SimulatedNode {
+            name: name.to_string(),
+            agent,
+            containerd,
+        })
+    }
+}

@@ -346,6 +346,20 @@ async fn announce(
     status: &ImagePrefetchStatus,
 ) {
     let before = p.status.as_ref();
+    // A Degraded reason the controller itself decides (not a node's pull,
+    // which has its own PullFailed Event): a Warning when it first appears,
+    // so `kubectl describe` and event-based alerting show it too.
+    let degraded = |s: Option<&ImagePrefetchStatus>| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+            .filter(|c| c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if let Some((reason, message)) = degraded(Some(status))
+        && ["RegistryNotAllowed", "NoMatchingNodes", "InsufficientNodes"].contains(&reason.as_str())
+        && degraded(before).map(|(r, _)| r) != Some(reason.clone())
+    {
+        publish(ctx, p, EventType::Warning, &reason, message).await;
+    }
     for img in &status.images {
         let was = before
             .and_then(|s| s.images.iter().find(|i| i.image == img.image))

@@ -56,11 +56,18 @@ pub fn compute<S: SetFacts>(
 ) -> ImagePrefetchStatus {
     let images = &prefetch.spec.images;
     let desired = inputs.desired as i32;
+    // A refused image is not waiting for anything: it is never pulled, so
+    // it counts on no node and cannot make the rollout look in progress.
+    let refused = |image: &str| inputs.not_allowed.iter().any(|i| i == image);
     let mut progress: Vec<ImageProgress> = images
         .iter()
         .map(|i| ImageProgress {
             image: i.clone(),
-            waiting: desired.saturating_sub(sets.len() as i32),
+            waiting: if refused(i) {
+                0
+            } else {
+                desired.saturating_sub(sets.len() as i32)
+            },
             ..Default::default()
         })
         .collect();
@@ -68,6 +75,10 @@ pub fn compute<S: SetFacts>(
     for set in sets {
         let mut all = true;
         for p in progress.iter_mut() {
+            if refused(&p.image) {
+                all = false;
+                continue;
+            }
             let listed = set.spec().image_set.iter().any(|e| e.name == p.image);
             let state = set.report_on(&p.image).map(|r| r.state).filter(|_| listed);
             match state {
@@ -358,6 +369,20 @@ mod tests {
         );
         assert_eq!(cond(&st, "Degraded").reason, "RegistryNotAllowed");
         assert!(cond(&st, "Degraded").message.contains("evil.example/x:1"));
+        // The refused image waits for nothing: the rollout is not "Pulling".
+        let evil = st
+            .images
+            .iter()
+            .find(|i| i.image == "evil.example/x:1")
+            .unwrap();
+        assert_eq!((evil.waiting, evil.available), (0, 0));
+        assert_eq!(st.ready, "0/1");
+        assert_eq!(cond(&st, "Ready").reason, "RegistryNotAllowed");
+        assert_eq!(cond(&st, "Progressing").reason, "Stalled");
+        let nothing_yet =
+            compute::<NodeImageSet>(&prefetch(&["evil.example/x:1"]), &inp, &[], time(10));
+        assert_eq!(nothing_yet.images[0].waiting, 0);
+        assert_eq!(cond(&nothing_yet, "Ready").reason, "RegistryNotAllowed");
         let inp = Inputs {
             desired: 1,
             insufficient: Some((3, 1)),

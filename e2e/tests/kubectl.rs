@@ -125,6 +125,14 @@ impl Table {
     }
 }
 
+/// Every run of spaces as one.
+fn squeeze(text: &str) -> String {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn prefetch_yaml(ns: &str, name: &str, image: &str) -> String {
     format!(
         "apiVersion: imageprefetch.io/v1alpha1\nkind: ImagePrefetch\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  images: [\"{image}\"]\n  nodeSelector: {{pool: kubectl}}\n"
@@ -207,10 +215,10 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
             .expect("a simulated node (agent built by cargo test --workspace)"),
         );
     }
-    // One retry, so that the broken rollout below reports its failure soon.
+    // Only the test registry is allowed: the "refused" rollout below names another.
     let _controller = Binary::start(
         CONTROLLER,
-        &["--retry-limit", "1"],
+        &["--allowed-registries", &upstream.host],
         &plane.kubeconfig,
         None,
         &work.join("controller.log"),
@@ -222,11 +230,11 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
     }
     let dir = work.join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
-    let missing = format!("{}/team/missing:1", upstream.host);
+    let refused = "registry.example.com/team/web:1";
     for (ns, name, img) in [
         ("team-a", "web", image.reference.as_str()),
         ("team-b", "web", image.reference.as_str()),
-        ("team-b", "broken", missing.as_str()),
+        ("team-b", "refused", refused),
     ] {
         let out = kubectl.apply(&dir, &format!("{ns}-{name}"), &prefetch_yaml(ns, name, img));
         assert!(out.ok, "apply {ns}/{name}: {}", out.stderr);
@@ -240,8 +248,8 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
     let all_ready = |p: &ImagePrefetch| p.status.as_ref().is_some_and(|s| s.ready == "2/2");
     wait_for(&team_a, "web", 180, "Ready 2/2", all_ready).await;
     wait_for(&team_b, "web", 180, "Ready 2/2", all_ready).await;
-    wait_for(&team_b, "broken", 180, "failed", |p| {
-        !["", "Pulling"].contains(&ready_reason(p).as_str())
+    wait_for(&team_b, "refused", 60, "refused", |p| {
+        ready_reason(p) == "RegistryNotAllowed"
     })
     .await;
 
@@ -254,13 +262,17 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
     assert_eq!(table.cell("web", "READY"), "2/2");
     assert_eq!(table.cell("web", "STATUS"), "AllImagesPresent");
 
-    // By name, by short name, and the failing one with its reason.
+    // By name, by short name, and the refused one with its reason.
     let out = kubectl.ok(&["get", "imageprefetch", "web", "-n", "team-a"]);
     assert_eq!(Table::parse(&out).rows.len(), 1, "{out}");
-    let out = kubectl.ok(&["get", "ipf", "broken", "-n", "team-b"]);
+    let out = kubectl.ok(&["get", "ipf", "refused", "-n", "team-b"]);
     let table = Table::parse(&out);
-    assert_eq!(table.cell("broken", "READY"), "0/2");
-    assert_eq!(table.cell("broken", "STATUS"), "NotFound", "{out}");
+    assert_eq!(table.cell("refused", "READY"), "0/2");
+    assert_eq!(
+        table.cell("refused", "STATUS"),
+        "RegistryNotAllowed",
+        "{out}"
+    );
 
     // -o wide adds the image count and the Ready condition's message.
     let out = kubectl.ok(&["get", "imageprefetch", "-n", "team-b", "-o", "wide"]);
@@ -276,34 +288,40 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
         "the image is on all 2 nodes",
         "{out}"
     );
-    let why = table.cell("broken", "MESSAGE");
+    let why = table.cell("refused", "MESSAGE");
     assert!(
-        why.contains(&missing) && NODES.iter().any(|n| why.contains(n)),
-        "the message names the image and a node: {why}"
+        why.contains(refused) && why.contains("not in the allowed registries"),
+        "the message names the image and why: {why}"
     );
 
-    // describe: conditions, per-image counts and the recent Events.
-    let out = kubectl.ok(&["describe", "imageprefetch", "web", "-n", "team-a"]);
+    // describe: conditions, per-image counts and the recent Events (read
+    // with runs of spaces as one: describe aligns each block differently).
+    let out = squeeze(&kubectl.ok(&["describe", "imageprefetch", "web", "-n", "team-a"]));
     for expected in [
         "Conditions:",
-        "Type:                  Ready",
-        "Reason:                AllImagesPresent",
-        "Type:                  Progressing",
-        "Type:                  Degraded",
-        "Available:  2",
-        "Desired Nodes:   2",
-        "Ready:           2/2",
+        "Reason: AllImagesPresent",
+        "Type: Ready",
+        "Type: Progressing",
+        "Type: Degraded",
+        "Available: 2",
+        "Failed: 0",
+        "Desired Nodes: 2",
+        "Ready: 2/2",
         "Events:",
-        "SeedChosen",
-        "ImageReady",
+        "Normal SeedChosen",
+        "Normal ImageReady",
     ] {
         assert!(
             out.contains(expected),
             "describe lacks {expected:?}:\n{out}"
         );
     }
-    let out = kubectl.ok(&["describe", "ipf", "broken", "-n", "team-b"]);
-    for expected in ["Warning  PullFailed", "NotFound", "Failed:     "] {
+    let out = squeeze(&kubectl.ok(&["describe", "ipf", "refused", "-n", "team-b"]));
+    for expected in [
+        "Warning RegistryNotAllowed",
+        refused,
+        "Reason: RegistryNotAllowed",
+    ] {
         assert!(
             out.contains(expected),
             "describe lacks {expected:?}:\n{out}"
@@ -334,14 +352,23 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
         };
         assert_eq!(of("team-a/web")[available], "1");
         assert_eq!(of("team-b/web")[available], "1");
-        assert_eq!(of("team-b/broken")[available], "0");
+        // The refused image is on no node's list.
+        assert_eq!(of("team-b/refused")[table.column("IMAGES")], "0");
     }
 
     // What one node was asked for and what its agent reports (the runbook's step 3).
     let label = format!("imageprefetch.io/node={}", NODES[0]);
     let out = kubectl.ok(&["get", "nodeimageset", "-l", &label, "-o", "yaml"]);
-    for expected in ["registryPolicy:", "state: Available", "digest: sha256:", "sizeBytes:"] {
-        assert!(out.contains(expected), "the node's sets lack {expected:?}:\n{out}");
+    for expected in [
+        "registryPolicy:",
+        "state: Available",
+        "digest: sha256:",
+        "sizeBytes:",
+    ] {
+        assert!(
+            out.contains(expected),
+            "the node's sets lack {expected:?}:\n{out}"
+        );
     }
 
     // The category lists both kinds, and no resource is shadowed by it.

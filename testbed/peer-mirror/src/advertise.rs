@@ -31,7 +31,20 @@ async fn follow(
     advertised: &mut HashSet<String>,
 ) -> Result<(), crate::store::Error> {
     // Subscribe first, then list: nothing committed in between is missed.
-    let mut changes = Box::pin(store.changes().await?);
+    // containerd answers a subscription only with its first event, so the
+    // subscription runs on its own task and hands the events over.
+    let (tx, mut changes) = tokio::sync::mpsc::channel(1024);
+    let subscriber = store.clone();
+    let subscription = tokio::spawn(async move {
+        let mut stream = Box::pin(subscriber.changes().await?);
+        while let Some(change) = stream.next().await {
+            if tx.send(change).await.is_err() {
+                break;
+            }
+        }
+        Ok::<(), crate::store::Error>(())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
     for key in store
         .sourced_content()
         .await?
@@ -42,7 +55,7 @@ async fn follow(
             directory.advertise(key);
         }
     }
-    while let Some(change) = changes.next().await {
+    while let Some(change) = changes.recv().await {
         match change {
             Change::Committed(digest) => {
                 // The source label is set just after the commit: look again briefly.
@@ -91,5 +104,8 @@ async fn follow(
             }
         }
     }
-    Ok(())
+    match subscription.await {
+        Ok(result) => result,
+        Err(e) => Err(crate::store::Error::internal(e.to_string())),
+    }
 }

@@ -7,6 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -51,17 +53,22 @@ fn until_found(host: &str, path: &str) {
 
 /// A peer that advertises `blob`, then answers every request with a 200 and
 /// the full length but only the first half of the bytes, and hangs up.
-fn breaking_peer(directory: &Path, digest: &str, blob: Vec<u8>) -> String {
+/// Returns how many requests it has answered so far.
+fn breaking_peer(directory: &Path, digest: &str, blob: Vec<u8>) -> Arc<AtomicUsize> {
     let listener = TcpListener::bind("127.0.0.19:0").unwrap();
     let host = listener.local_addr().unwrap().to_string();
+    // Listed before the real peers: lookups order equally used peers by address.
     let key_dir = directory.join(format!("{:x}", Sha256::digest(digest.as_bytes())));
     std::fs::create_dir_all(&key_dir).unwrap();
     std::fs::write(key_dir.join("key"), digest).unwrap();
     std::fs::write(key_dir.join("breaking-node"), &host).unwrap();
     let digest = digest.to_string();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { return };
+            count.fetch_add(1, Ordering::SeqCst);
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf);
             let head = format!(
@@ -72,7 +79,7 @@ fn breaking_peer(directory: &Path, digest: &str, blob: Vec<u8>) -> String {
             let _ = s.write_all(&blob[..blob.len() / 2]);
         }
     });
-    host
+    answered
 }
 
 #[test]
@@ -159,12 +166,17 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
         assert_eq!(r.header("accept-ranges"), "bytes");
         assert_eq!(&sha256(&r.body), d, "the bytes of {d}");
     }
-    let big = image
+    let (big_len, big) = image
         .blobs
         .iter()
-        .max_by_key(|d| get(&a.host, &blob("team/web", d), &[]).body.len())
-        .unwrap()
-        .clone();
+        .map(|d| {
+            (
+                get(&a.host, &blob("team/web", d), &[]).body.len(),
+                d.clone(),
+            )
+        })
+        .max()
+        .unwrap();
     let part = get(
         &a.host,
         &blob("team/web", &big),
@@ -174,7 +186,7 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
     assert_eq!(part.body.len(), 10);
     assert_eq!(
         part.header("content-range"),
-        format!("bytes 10-19/{}", 5 << 20)
+        format!("bytes 10-19/{big_len}")
     );
     let past = get(
         &a.host,
@@ -210,7 +222,20 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
     );
 
     // A miss: the OCI JSON error, and the miss is remembered for the lookup TTL.
-    let miss = get(&b.host, &manifest("team/later", &later.digest), &[]);
+    let long_memory = Timing {
+        lookup_cache: Duration::from_secs(60),
+        ..Timing::default()
+    };
+    let e = PeerMirror::start(
+        &work.join("e"),
+        "e",
+        "127.0.0.26",
+        &empty.socket,
+        &directory,
+        &long_memory,
+    )
+    .unwrap();
+    let miss = get(&e.host, &manifest("team/later", &later.digest), &[]);
     assert_eq!(miss.status, 404);
     assert_eq!(miss.header("content-type"), "application/json");
     let error: serde_json::Value = serde_json::from_slice(&miss.body).unwrap();
@@ -236,9 +261,9 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
     .unwrap();
     until_found(&c.host, &manifest("team/later", &later.digest));
     assert_eq!(
-        get(&b.host, &manifest("team/later", &later.digest), &[]).status,
+        get(&e.host, &manifest("team/later", &later.digest), &[]).status,
         404,
-        "b still answers from its cached lookup, as spegel does for ~2.5 s"
+        "e still answers from its cached lookup, as spegel does for ~2.5 s"
     );
 
     // A peer that breaks mid-transfer: the rest comes from another peer with a Range.
@@ -249,7 +274,7 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
         .unwrap()
         .clone();
     let bytes = get(&a.host, &blob("team/web", &small), &[]).body;
-    breaking_peer(&directory, &small, bytes.clone());
+    let broken = breaking_peer(&directory, &small, bytes.clone());
     let fresh = PeerMirror::start(
         &work.join("d"),
         "d",
@@ -263,6 +288,10 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
     assert_eq!(resumed.status, 200);
     assert_eq!(resumed.body.len(), bytes.len(), "the whole blob arrived");
     assert_eq!(sha256(&resumed.body), small);
+    assert!(
+        broken.load(Ordering::SeqCst) >= 1,
+        "the breaking peer was asked first (least used, then by address)"
+    );
 
     // Not one request reached the registry through any mirror.
     assert_eq!(

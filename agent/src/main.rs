@@ -13,6 +13,8 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --pull-timeout-seconds S       one attempt's limit (default 600)
   --resync-seconds S             how often present images are re-checked (default 300)
   --metrics-addr ADDR            /metrics, /healthz, /readyz (default 0.0.0.0:8080)
+  --platform OS/ARCH[/VARIANT]   the platform to pull for (default this machine's); of an
+                                 image index only this platform's content is fetched
 ";
 
 fn parse_args() -> Config {
@@ -31,6 +33,12 @@ fn parse_args() -> Config {
             "--pull-timeout-seconds" => config.pull_timeout = args.seconds(&flag),
             "--resync-seconds" => config.resync = args.seconds(&flag),
             "--metrics-addr" => config.metrics_addr = Some(args.addr(&flag)),
+            "--platform" => {
+                let value = args.value(&flag);
+                config.platform = crd::platform::Platform::parse(&value).unwrap_or_else(|| {
+                    args.fail(&format!("--platform {value}: expected os/arch[/variant]"))
+                });
+            }
             "-h" | "--help" => args.help(),
             other => args.fail(&format!("unknown option {other}")),
         }

@@ -115,6 +115,9 @@ pub struct Runtime {
     snapshotter: String,
     /// Cleared once containerd says it has no Transfer service.
     transfer: Arc<AtomicBool>,
+    /// The one platform fetched and unpacked: an index's other platforms
+    /// would cost their bytes on every node for nothing.
+    platform: crd::platform::Platform,
 }
 
 impl Runtime {
@@ -130,7 +133,15 @@ impl Runtime {
             namespace: K8S_NAMESPACE.to_string(),
             snapshotter: "overlayfs".to_string(),
             transfer: Arc::new(AtomicBool::new(true)),
+            platform: crd::platform::Platform::host(),
         })
+    }
+
+    /// Pulls for `platform` instead of this machine's (a simulated node of
+    /// another architecture; unpacking its layers needs no emulation).
+    pub fn for_platform(mut self, platform: crd::platform::Platform) -> Self {
+        self.platform = platform;
+        self
     }
 
     /// Pulls `source` (a tag or digest reference) and stores it as `name`,
@@ -222,11 +233,19 @@ impl Runtime {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        let platform = Platform {
+            os: self.platform.os.clone(),
+            architecture: self.platform.architecture.clone(),
+            variant: self.platform.variant.clone(),
+            ..Default::default()
+        };
         let store = ImageStore {
             name: name.to_string(),
             labels,
+            // Without platforms containerd fetches every platform of an index.
+            platforms: vec![platform.clone()],
             unpacks: vec![UnpackConfiguration {
-                platform: Some(host_platform()),
+                platform: Some(platform),
                 snapshotter: self.snapshotter.clone(),
             }],
             ..Default::default()
@@ -442,10 +461,24 @@ impl Runtime {
     }
 
     /// Config plus layer bytes of a single manifest; `None` for an index or on any doubt.
+    /// Bytes of config and layers of the node's platform: for an index,
+    /// of the manifest it lists for that platform.
     async fn manifest_size(&self, digest: &str, media_type: &str) -> Option<i64> {
+        let mut manifest = self.read_json(digest).await?;
         if media_type.contains("index") || media_type.contains("manifest.list") {
-            return None;
+            let chosen = self.platform.select(&manifest)?.to_string();
+            manifest = self.read_json(&chosen).await?;
         }
+        let config = manifest["config"]["size"].as_i64()?;
+        let layers: i64 = manifest["layers"]
+            .as_array()?
+            .iter()
+            .filter_map(|l| l["size"].as_i64())
+            .sum();
+        Some(config + layers)
+    }
+
+    async fn read_json(&self, digest: &str) -> Option<serde_json::Value> {
         let request = ReadContentRequest {
             digest: digest.to_string(),
             offset: 0,
@@ -462,14 +495,7 @@ impl Runtime {
         while let Some(chunk) = stream.next().await {
             bytes.extend(chunk.ok()?.data);
         }
-        let manifest: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        let config = manifest["config"]["size"].as_i64()?;
-        let layers: i64 = manifest["layers"]
-            .as_array()?
-            .iter()
-            .filter_map(|l| l["size"].as_i64())
-            .sum();
-        Some(config + layers)
+        serde_json::from_slice(&bytes).ok()
     }
 }
 
@@ -494,19 +520,6 @@ fn rpc(method: &'static str) -> Span {
         rpc.system = "grpc",
         rpc.method = method,
     )
-}
-
-fn host_platform() -> Platform {
-    let architecture = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    Platform {
-        os: "linux".into(),
-        architecture: architecture.into(),
-        ..Default::default()
-    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,8 @@ pub struct Config {
     pub resync: Duration,
     /// Where to serve /metrics, /healthz and /readyz; `None`: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The platform pulled for: the node's own.
+    pub platform: crd::platform::Platform,
 }
 
 impl Config {
@@ -68,6 +70,7 @@ impl Config {
             backoff_max: Duration::from_secs(60),
             resync: Duration::from_secs(300),
             metrics_addr: None,
+            platform: crd::platform::Platform::host(),
         }
     }
 }
@@ -107,7 +110,9 @@ pub async fn run(
     if let Some(addr) = config.metrics_addr {
         telemetry::serve::serve(addr, Arc::new(registry), health.clone()).await;
     }
-    let runtime = Runtime::connect(&config.containerd_socket).await?;
+    let runtime = Runtime::connect(&config.containerd_socket)
+        .await?
+        .for_platform(config.platform.clone());
     health.set_ready(true);
     let sets_api: Api<NodeImageSet> = Api::all(client.clone());
     let (store, writer) = reflector::store();

@@ -1,7 +1,9 @@
 //! Registry-policy sequencing: which selected node gets which image, with
 //! which policy, and when. Pure: no I/O; time comes in as an argument.
 //!
-//! Per image and topology zone:
+//! Per image and sequencing group — a topology zone and a platform, since a
+//! node of one architecture holds none of another's layers (see
+//! [`crate::select::sequencing_group`]):
 //! - while no node of the zone has the image, exactly one **seed** node has a
 //!   `Default` entry (it may reach the external registry); every other node
 //!   has no entry at all for that image: *waiting is absence*, so an agent can
@@ -70,8 +72,9 @@ pub struct ImageFacts {
 pub struct ClusterView {
     /// By [`image_key`].
     pub images: HashMap<String, ImageFacts>,
-    /// Zone of each node ("" without a zone label).
-    pub zones: HashMap<String, String>,
+    /// Sequencing group of each node: its zone and platform
+    /// ([`crate::select::sequencing_group`]); "" when unknown.
+    pub groups: HashMap<String, String>,
     /// Nodes that are Ready and not being deleted or cordoned.
     pub usable: HashSet<String>,
 }
@@ -97,8 +100,8 @@ impl ClusterView {
         }
     }
 
-    fn zone(&self, node: &str) -> &str {
-        self.zones.get(node).map(String::as_str).unwrap_or("")
+    fn group(&self, node: &str) -> &str {
+        self.groups.get(node).map(String::as_str).unwrap_or("")
     }
 }
 
@@ -178,7 +181,7 @@ impl SeedBook {
         }
         let eligible = |node: &String| {
             view.usable.contains(node)
-                && view.zone(node) == zone
+                && view.group(node) == zone
                 && !self.excluded.contains(&(key.to_string(), node.clone()))
                 && facts.seeding.get(node) != Some(&Some(PullState::Failed))
         };
@@ -240,9 +243,9 @@ pub fn plan(
     let mut entries: BTreeMap<String, Vec<NodeImage>> =
         nodes.iter().map(|n| (n.clone(), Vec::new())).collect();
     let mut new_seeds = Vec::new();
-    let mut zones: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+    let mut groups: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
     for n in nodes {
-        zones.entry(view.zone(n)).or_default().push(n);
+        groups.entry(view.group(n)).or_default().push(n);
     }
     let no_facts = ImageFacts::default();
     for image in images {
@@ -261,11 +264,11 @@ pub fn plan(
             continue;
         }
         let pinned = pinned_digest(image, facts);
-        for (zone, ours) in &zones {
+        for (zone, ours) in &groups {
             let sources = facts
                 .available
                 .keys()
-                .filter(|n| view.zone(n) == *zone)
+                .filter(|n| view.group(n) == *zone)
                 .count();
             if sources > 0 {
                 book.settle(&key, zone);
@@ -349,7 +352,7 @@ mod tests {
     /// A simulated cluster: one ImagePrefetch's sets plus other prefetches' sets.
     struct Sim {
         nodes: Vec<String>,
-        zones: HashMap<String, String>,
+        groups: HashMap<String, String>,
         usable: HashSet<String>,
         ours: BTreeMap<String, NodeImageSet>,
         others: Vec<NodeImageSet>,
@@ -364,7 +367,7 @@ mod tests {
             let nodes: Vec<String> = (0..n).map(|i| format!("node-{i:02}")).collect();
             Sim {
                 usable: nodes.iter().cloned().collect(),
-                zones: HashMap::new(),
+                groups: HashMap::new(),
                 nodes,
                 ours: BTreeMap::new(),
                 others: Vec::new(),
@@ -377,7 +380,7 @@ mod tests {
 
         fn view(&self) -> ClusterView {
             let mut v = ClusterView {
-                zones: self.zones.clone(),
+                groups: self.groups.clone(),
                 usable: self.usable.clone(),
                 ..Default::default()
             };
@@ -634,13 +637,46 @@ mod tests {
     fn one_seed_per_zone() {
         let mut sim = Sim::new(6);
         for (i, n) in sim.nodes.clone().iter().enumerate() {
-            sim.zones
+            sim.groups
                 .insert(n.clone(), if i % 2 == 0 { "a" } else { "b" }.into());
         }
         sim.step(&[IMG]);
         let seeds = sim.with_policy(IMG, RegistryPolicy::Default);
         assert_eq!(seeds.len(), 2);
-        assert_ne!(sim.zones[&seeds[0]], sim.zones[&seeds[1]]);
+        assert_ne!(sim.groups[&seeds[0]], sim.groups[&seeds[1]]);
+    }
+
+    #[test]
+    fn one_seed_per_platform_and_no_release_before_the_platform_has_it() {
+        let mut sim = Sim::new(4);
+        for (i, n) in sim.nodes.clone().iter().enumerate() {
+            let arch = if i < 2 { "amd64" } else { "arm64" };
+            sim.groups.insert(n.clone(), format!(" linux/{arch}"));
+        }
+        sim.step(&[IMG]);
+        let seeds = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(seeds.len(), 2, "one seed per platform");
+        assert_ne!(sim.groups[&seeds[0]], sim.groups[&seeds[1]]);
+        // The amd64 seed finishes: the other amd64 node is released, the
+        // arm64 node is not (it could only get the index from the mirror).
+        let amd_seed = seeds
+            .iter()
+            .find(|n| sim.groups[*n].ends_with("amd64"))
+            .unwrap()
+            .clone();
+        let arm_seed = seeds
+            .iter()
+            .find(|n| sim.groups[*n].ends_with("arm64"))
+            .unwrap()
+            .clone();
+        sim.report(&amd_seed, IMG, PullState::Available);
+        sim.step(&[IMG]);
+        let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
+        assert_eq!(mirrors.len(), 1);
+        assert!(sim.groups[&mirrors[0]].ends_with("amd64"), "{mirrors:?}");
+        sim.report(&arm_seed, IMG, PullState::Available);
+        sim.step(&[IMG]);
+        assert_eq!(sim.with_policy(IMG, RegistryPolicy::Mirror).len(), 2);
     }
 
     #[test]

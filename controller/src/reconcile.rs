@@ -213,7 +213,8 @@ async fn apply(
     let mut view = ClusterView::default();
     for n in &nodes {
         let name = n.name_any();
-        view.zones.insert(name.clone(), select::zone(n).to_string());
+        view.groups
+            .insert(name.clone(), select::sequencing_group(n));
         let cordoned = n
             .spec
             .as_ref()

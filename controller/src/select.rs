@@ -48,6 +48,19 @@ pub fn zone(node: &Node) -> &str {
         .unwrap_or("")
 }
 
+/// The nodes that share one seed per image: same topology zone (the mirror
+/// is cheapest within a zone) and same platform (a node holds only its own
+/// platform's layers of a multi-platform image, so it can serve only nodes
+/// of that platform).
+pub fn sequencing_group(node: &Node) -> String {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    format!(
+        "{} {}",
+        zone(node),
+        crd::platform::Platform::of_node(&labels)
+    )
+}
+
 /// Whether `node` carries every label of `selector`.
 pub fn matches(selector: &BTreeMap<String, String>, node: &Node) -> bool {
     let labels = node.metadata.labels.as_ref();
@@ -195,6 +208,17 @@ pub(crate) mod tests {
         nodes: &[Node],
     ) -> Vec<String> {
         select(uid, s, replicas, nodes, &|_| false, at(1000), GRACE).nodes
+    }
+
+    #[test]
+    fn nodes_are_grouped_by_zone_and_platform() {
+        let z = "topology.kubernetes.io/zone";
+        let arm = node("a", &[(z, "z1"), ("kubernetes.io/arch", "arm64")]);
+        let amd = node("b", &[(z, "z1"), ("kubernetes.io/arch", "amd64")]);
+        let bare = node("c", &[]);
+        assert_eq!(sequencing_group(&arm), "z1 linux/arm64");
+        assert_eq!(sequencing_group(&amd), "z1 linux/amd64");
+        assert_eq!(sequencing_group(&bare), " linux/amd64");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod keys;
 pub mod names;
 pub mod node_image_set;
+pub mod platform;
 pub mod prefetch;
 pub mod reference;
 

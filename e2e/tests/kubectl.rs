@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams};
 use crd::{ImagePrefetch, NodeImageSet};
 use testbed::process::Lifetime;
 use testbed::registry::Registry;
-use testbed::simulated::{Binary, CONTROLLER, Registries, SimulatedNode};
+use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
 
 const NODES: [&str; 2] = ["kubectl-node-a", "kubectl-node-b"];
 
@@ -194,11 +194,8 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
     let mirror =
         Registry::start_mirror_of(&work.join("mirror"), &format!("http://{}", upstream.host))
             .unwrap();
-    let labels = [("pool".to_string(), "kubectl".to_string())].into();
-    let registries = Registries {
-        upstream: &upstream.host,
-        mirrors: &[&mirror.host],
-    };
+    let labels: std::collections::BTreeMap<String, String> =
+        [("pool".to_string(), "kubectl".to_string())].into();
     let mut nodes = Vec::new();
     for node in NODES {
         nodes.push(
@@ -206,10 +203,16 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
                 &work.join("nodes"),
                 &client,
                 &plane.kubeconfig,
-                node,
-                &labels,
-                &registries,
-                None,
+                NodeSetup {
+                    name: node,
+                    labels: labels.clone(),
+                    mirror: Mirror::Registries(Registries {
+                        upstream: &upstream.host,
+                        mirrors: &[&mirror.host],
+                    }),
+                    platform: None,
+                    jaeger: None,
+                },
             )
             .await
             .expect("a simulated node (agent built by cargo test --workspace)"),

@@ -94,15 +94,19 @@ impl PeerMirror {
         Ok(PeerMirror { host, log, child })
     }
 
-    /// Writes the node's `hosts.toml` as spegel's chart does: `_default`,
-    /// this mirror as the one target.
-    pub fn configure_node(&self, hosts_dir: &Path) -> Result<()> {
-        let (ok, out) = process::run(
-            Command::new(crate::simulated::binary(BINARY))
-                .args(["configuration", "--containerd-registry-config-path"])
-                .arg(hosts_dir)
-                .args(["--mirror-targets", &format!("http://{}", self.host)]),
-        );
+    /// Writes the node's `hosts.toml` as spegel's chart does, with this
+    /// mirror as the one target: for `registries` (`http://host:port`) when
+    /// listed, else `_default`. The test bed lists its plain-HTTP loopback
+    /// registry, so that the file names it as `server` with its scheme.
+    pub fn configure_node(&self, hosts_dir: &Path, registries: &[&str]) -> Result<()> {
+        let mut cmd = Command::new(crate::simulated::binary(BINARY));
+        cmd.args(["configuration", "--containerd-registry-config-path"])
+            .arg(hosts_dir)
+            .args(["--mirror-targets", &format!("http://{}", self.host)]);
+        if !registries.is_empty() {
+            cmd.args(["--mirrored-registries", &registries.join(",")]);
+        }
+        let (ok, out) = process::run(&mut cmd);
         if ok {
             Ok(())
         } else {

@@ -12,6 +12,7 @@ use std::process::{Child, Command};
 
 use crate::containerd::Containerd;
 use crate::jaeger::Jaeger;
+use crate::peer_mirror::{PeerMirror, Timing};
 use crate::process::{self, Lifetime, free_ports};
 use crate::{Result, io_err};
 
@@ -102,38 +103,87 @@ pub struct Registries<'a> {
     pub mirrors: &'a [&'a str],
 }
 
-/// A Node object, its containerd and its agent.
+/// The node's in-cluster mirror.
+pub enum Mirror<'a> {
+    /// Shared mirror registries (e.g. a pull-through cache), written into the
+    /// node's configuration as spegel would list its own endpoints.
+    Registries(Registries<'a>),
+    /// The node's own peer mirror (the stand-in for spegel) on `ip`, finding
+    /// its peers in `directory`; it writes the node's configuration for
+    /// `upstream` itself, as spegel's chart does.
+    Peer {
+        upstream: &'a str,
+        ip: &'a str,
+        directory: &'a Path,
+        timing: &'a Timing,
+    },
+}
+
+/// What one simulated node is made of.
+pub struct NodeSetup<'a> {
+    pub name: &'a str,
+    pub labels: BTreeMap<String, String>,
+    pub mirror: Mirror<'a>,
+    /// `os/arch` the agent pulls for; this machine's when `None`.
+    pub platform: Option<&'a str>,
+    /// Where the agent and containerd export traces, if anywhere.
+    pub jaeger: Option<&'a Jaeger>,
+}
+
+/// A Node object, its containerd, its mirror and its agent.
 pub struct SimulatedNode {
     pub name: String,
-    // Field order is drop order: the agent stops before its containerd.
+    // Field order is drop order: the agent stops first, containerd last.
     pub agent: Binary,
+    pub peer_mirror: Option<PeerMirror>,
     pub containerd: Containerd,
 }
 
 impl SimulatedNode {
-    /// Registers `name` (Ready, with `labels`), starts its containerd under
-    /// `dir/<name>` (traced when `jaeger` is given) and its agent.
+    /// Registers the node (Ready, with its labels), starts its containerd
+    /// under `dir/<name>` (traced when a Jaeger is given), its mirror set-up
+    /// and its agent.
     pub async fn start(
         dir: &Path,
         client: &kube::Client,
         kubeconfig: &Path,
-        name: &str,
-        labels: &BTreeMap<String, String>,
-        registries: &Registries<'_>,
-        jaeger: Option<&Jaeger>,
+        setup: NodeSetup<'_>,
     ) -> Result<Self> {
-        crate::nodes::register(client, name, labels).await?;
-        let containerd = match jaeger {
+        let name = setup.name;
+        crate::nodes::register(client, name, &setup.labels).await?;
+        let containerd = match setup.jaeger {
             Some(j) => Containerd::start_traced(&dir.join(name), j)?,
             None => Containerd::start(&dir.join(name))?,
         };
-        containerd.configure_registry(registries.upstream, registries.mirrors)?;
+        let peer_mirror = match setup.mirror {
+            Mirror::Registries(r) => {
+                containerd.configure_registry(r.upstream, r.mirrors)?;
+                None
+            }
+            Mirror::Peer {
+                upstream,
+                ip,
+                directory,
+                timing,
+            } => {
+                let mirror = PeerMirror::start(
+                    &dir.join(name),
+                    name,
+                    ip,
+                    &containerd.socket,
+                    directory,
+                    timing,
+                )?;
+                mirror.configure_node(&containerd.hosts_dir, &[&format!("http://{upstream}")])?;
+                Some(mirror)
+            }
+        };
         let own_hosts = dir.join(format!("{name}-agent-hosts"));
         std::fs::create_dir_all(&own_hosts).map_err(io_err(&own_hosts))?;
         let socket = containerd.socket.display().to_string();
         let hosts = containerd.hosts_dir.display().to_string();
         let own_hosts = own_hosts.display().to_string();
-        let args = [
+        let mut args = vec![
             "--node-name",
             name,
             "--containerd-socket",
@@ -143,11 +193,15 @@ impl SimulatedNode {
             "--mirror-config-dir",
             &own_hosts,
         ];
+        if let Some(p) = setup.platform {
+            args.extend(["--platform", p]);
+        }
         let log = dir.join(format!("{name}-agent.log"));
-        let agent = Binary::start(AGENT, &args, kubeconfig, jaeger, &log)?;
+        let agent = Binary::start(AGENT, &args, kubeconfig, setup.jaeger, &log)?;
         Ok(SimulatedNode {
             name: name.to_string(),
             agent,
+            peer_mirror,
             containerd,
         })
     }

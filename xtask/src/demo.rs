@@ -23,7 +23,7 @@ use serde_json::json;
 use crd::{ImagePrefetch, NodeImageSet, PullState, RegistryPolicy};
 use testbed::jaeger::Jaeger;
 use testbed::registry::Registry;
-use testbed::simulated::{Binary, CONTROLLER, Registries, SimulatedNode};
+use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
 
 const NODES: &[&str] = &["demo-worker-1", "demo-worker-2", "demo-worker-3"];
 const MB: usize = 1024 * 1024;
@@ -94,21 +94,24 @@ pub async fn run(opts: Options) -> Result<()> {
     done(&format!("mirror at {}", mirror.host));
 
     step("starting 3 nodes: a containerd, a Node object and an agent each");
-    let labels = [("pool".to_string(), "general".to_string())].into();
-    let registries = Registries {
-        upstream: &upstream.host,
-        mirrors: &[&mirror.host],
-    };
+    let labels: std::collections::BTreeMap<String, String> =
+        [("pool".to_string(), "general".to_string())].into();
     let mut nodes = Vec::new();
     for name in NODES {
         let node = SimulatedNode::start(
             &work.join("nodes"),
             &client,
             &plane.kubeconfig,
-            name,
-            &labels,
-            &registries,
-            Some(&jaeger),
+            NodeSetup {
+                name: name,
+                labels: labels.clone(),
+                mirror: Mirror::Registries(Registries {
+                    upstream: &upstream.host,
+                    mirrors: &[&mirror.host],
+                }),
+                platform: None,
+                jaeger: Some(&jaeger),
+            },
         )
         .await?;
         nodes.push(node);

@@ -103,7 +103,7 @@ pub async fn run(opts: Options) -> Result<()> {
             &client,
             &plane.kubeconfig,
             NodeSetup {
-                name: name,
+                name,
                 labels: labels.clone(),
                 mirror: Mirror::Registries(Registries {
                     upstream: &upstream.host,

@@ -137,8 +137,11 @@ struct Claim {
     since: Instant,
 }
 
-/// The seeds of the whole cluster: one per (image, zone), shared by every
-/// ImagePrefetch, and the nodes that failed or stalled as a seed.
+/// The seeds of the whole cluster: one per (image, sequencing group), shared
+/// by every ImagePrefetch, and the nodes that failed or stalled as a seed.
+/// Within a zone, one platform seeds at a time: the next starts once the
+/// first has the image, pulling through the mirror first, so that only its
+/// own platform's blobs come from the registry.
 #[derive(Debug, Default)]
 pub struct SeedBook {
     claims: HashMap<(String, String), Claim>,
@@ -205,6 +208,15 @@ impl SeedBook {
             },
         );
         Some((node, new))
+    }
+
+    /// Whether a seed of `key` is claimed in another group of `group`'s
+    /// zone (another platform there): seeds of one zone go one at a time.
+    fn seeding_elsewhere_in_zone(&self, key: &str, group: &str) -> bool {
+        let zone = crate::select::group_zone(group);
+        self.claims
+            .keys()
+            .any(|(k, g)| k == key && g != group && crate::select::group_zone(g) == zone)
     }
 
     /// The image is on some node of the zone: no seed is needed any more.
@@ -305,6 +317,17 @@ pub fn plan(
                     let out = entries.get_mut(n).expect("selected");
                     out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
                 }
+            } else if book.seeding_elsewhere_in_zone(&key, zone) {
+                // Another platform of this zone is seeding the image: wait
+                // for it, then seed this platform through the mirror first,
+                // so the index and any shared layer cross the uplink once.
+                for n in ours {
+                    if let Some((e, _)) = current.get(n, &key)
+                        && e.registry_policy == RegistryPolicy::Mirror
+                    {
+                        entries.get_mut(*n).expect("selected").push(e.clone());
+                    }
+                }
             } else {
                 let seed = book.seed(&key, zone, ours, facts, view, settings.seed_deadline, now);
                 if let Some((node, true)) = &seed {
@@ -319,8 +342,9 @@ pub fn plan(
                         }
                         // A replaced seed loses its entry (its agent stops) and waits.
                         Some((e, _)) if seed.as_deref() == Some(n.as_str()) => out.push(e.clone()),
+                        // Pinned when another platform resolved the tag already.
                         _ if seed.as_deref() == Some(n.as_str()) => {
-                            out.push(entry(RegistryPolicy::Default, None))
+                            out.push(entry(RegistryPolicy::Default, pinned.clone()))
                         }
                         _ => {}
                     }
@@ -647,36 +671,37 @@ mod tests {
     }
 
     #[test]
-    fn one_seed_per_platform_and_no_release_before_the_platform_has_it() {
+    fn one_platform_seeds_at_a_time_and_no_release_before_the_platform_has_it() {
         let mut sim = Sim::new(4);
         for (i, n) in sim.nodes.clone().iter().enumerate() {
             let arch = if i < 2 { "amd64" } else { "arm64" };
             sim.groups.insert(n.clone(), format!(" linux/{arch}"));
         }
+        let of = |sim: &Sim, policy, arch: &str| -> Vec<String> {
+            sim.with_policy(IMG, policy)
+                .into_iter()
+                .filter(|n| sim.groups[n].ends_with(arch))
+                .collect()
+        };
         sim.step(&[IMG]);
-        let seeds = sim.with_policy(IMG, RegistryPolicy::Default);
-        assert_eq!(seeds.len(), 2, "one seed per platform");
-        assert_ne!(sim.groups[&seeds[0]], sim.groups[&seeds[1]]);
-        // The amd64 seed finishes: the other amd64 node is released, the
-        // arm64 node is not (it could only get the index from the mirror).
-        let amd_seed = seeds
-            .iter()
-            .find(|n| sim.groups[*n].ends_with("amd64"))
-            .unwrap()
-            .clone();
-        let arm_seed = seeds
-            .iter()
-            .find(|n| sim.groups[*n].ends_with("arm64"))
-            .unwrap()
-            .clone();
+        // One platform seeds first; the other waits, so that what the
+        // platforms share (the index, common layers) is fetched once.
+        assert_eq!(sim.with_policy(IMG, RegistryPolicy::Default).len(), 1);
+        let amd_seed = of(&sim, RegistryPolicy::Default, "amd64")[0].clone();
+        // The amd64 seed finishes: the other amd64 node is released; the
+        // arm64 platform gets its seed, pinned to the digest resolved, and
+        // no arm64 Mirror pull yet: the peers hold no arm64 layer.
         sim.report(&amd_seed, IMG, PullState::Available);
         sim.step(&[IMG]);
-        let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
-        assert_eq!(mirrors.len(), 1);
-        assert!(sim.groups[&mirrors[0]].ends_with("amd64"), "{mirrors:?}");
-        sim.report(&arm_seed, IMG, PullState::Available);
+        assert_eq!(of(&sim, RegistryPolicy::Mirror, "amd64").len(), 1);
+        assert!(of(&sim, RegistryPolicy::Mirror, "arm64").is_empty());
+        let arm_seeds = of(&sim, RegistryPolicy::Default, "arm64");
+        assert_eq!(arm_seeds.len(), 1);
+        let arm_entry = sim.ours[&arm_seeds[0]].spec.image_set[0].clone();
+        assert_eq!(arm_entry.digest.as_deref(), Some(DIGEST), "pinned");
+        sim.report(&arm_seeds[0], IMG, PullState::Available);
         sim.step(&[IMG]);
-        assert_eq!(sim.with_policy(IMG, RegistryPolicy::Mirror).len(), 2);
+        assert_eq!(of(&sim, RegistryPolicy::Mirror, "arm64").len(), 1);
     }
 
     #[test]

@@ -61,6 +61,14 @@ pub fn sequencing_group(node: &Node) -> String {
     )
 }
 
+/// The zone part of a [`sequencing_group`].
+pub fn group_zone(group: &str) -> &str {
+    group
+        .rsplit_once(' ')
+        .map(|(zone, _)| zone)
+        .unwrap_or(group)
+}
+
 /// Whether `node` carries every label of `selector`.
 pub fn matches(selector: &BTreeMap<String, String>, node: &Node) -> bool {
     let labels = node.metadata.labels.as_ref();
@@ -219,6 +227,8 @@ pub(crate) mod tests {
         assert_eq!(sequencing_group(&arm), "z1 linux/arm64");
         assert_eq!(sequencing_group(&amd), "z1 linux/amd64");
         assert_eq!(sequencing_group(&bare), " linux/amd64");
+        assert_eq!(group_zone(&sequencing_group(&arm)), "z1");
+        assert_eq!(group_zone(&sequencing_group(&bare)), "");
     }
 
     #[test]

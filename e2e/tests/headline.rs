@@ -228,7 +228,10 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
         peer_bytes >= platform_bytes,
         "the amd64 Mirror node's bytes came from a peer: {peer_bytes} < {platform_bytes}"
     );
-    let upstream_bytes = web.size * 1 + multi.platforms.values().map(|i| i.size).sum::<u64>();
+    // Each platform's image once: nothing more crossed the uplink.
+    let upstream_bytes = bed.upstream.blob_bytes_served();
+    let once = web.size + multi.platforms.values().map(|i| i.size).sum::<u64>();
+    assert_eq!(upstream_bytes, once, "upstream blob bytes");
     eprintln!(
         "headline: sequenced rollout of 2 images (one 2-platform) to 3 nodes in {:.1}s; \
          upstream blob GETs: 1 per blob; upstream blob bytes {upstream_bytes}; \

@@ -136,6 +136,25 @@ impl Registry {
             .count()
     }
 
+    /// Bytes of blob bodies the registry sent (GET answers, from the size
+    /// field of its access log), over all repositories.
+    pub fn blob_bytes_served(&self) -> u64 {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| {
+                // `... "GET /v2/app/blobs/sha256:... HTTP/1.1" 200 1234 "..." "..."`
+                let (request, rest) = l.split_once("\" ")?;
+                if !request.contains("\"GET /v2/") || !request.contains("/blobs/") {
+                    return None;
+                }
+                let mut fields = rest.split_whitespace();
+                let status = fields.next()?;
+                let size: u64 = fields.next()?.parse().ok()?;
+                status.starts_with('2').then_some(size)
+            })
+            .sum()
+    }
+
     /// How many times each blob of `repository` was fetched (GET, not HEAD).
     pub fn blob_gets(&self, repository: &str) -> std::collections::BTreeMap<String, usize> {
         let prefix = format!("GET /v2/{repository}/blobs/");

@@ -9,61 +9,18 @@
 //! comparison (spegel alone: simultaneous first pulls all go upstream).
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use serde_json::json;
+use kube::api::{Api, ListParams};
 
-use crd::{ImagePrefetch, NodeImageSet, RegistryPolicy};
-use testbed::peer_mirror::Timing;
-use testbed::process::Lifetime;
+use crd::{NodeImageSet, RegistryPolicy};
+use testbed::peer_cluster::PeerCluster;
 use testbed::registry::Registry;
-use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
 
-/// (name, architecture, loopback address of its mirror)
-const NODES: [(&str, &str, &str); 3] = [
-    ("amd-0", "amd64", "127.0.0.31"),
-    ("amd-1", "amd64", "127.0.0.32"),
-    ("arm-0", "arm64", "127.0.0.33"),
-];
+/// (name, architecture)
+const NODES: [(&str, &str); 3] = [("amd-0", "amd64"), ("amd-1", "amd64"), ("arm-0", "arm64")];
 const MB: usize = 1 << 20;
-
-struct Bed {
-    client: kube::Client,
-    kubeconfig: std::path::PathBuf,
-    upstream: Registry,
-    nodes: Vec<SimulatedNode>,
-}
-
-async fn rollout(bed: &Bed, name: &str, images: &[&str]) -> Duration {
-    let api: Api<ImagePrefetch> = Api::namespaced(bed.client.clone(), "default");
-    let object = json!({
-        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"images": images, "nodeSelector": {"pool": "headline"}},
-    });
-    let started = Instant::now();
-    api.patch(
-        name,
-        &PatchParams::apply("e2e-headline").force(),
-        &Patch::Apply(&object),
-    )
-    .await
-    .unwrap();
-    let deadline = started + Duration::from_secs(240);
-    loop {
-        let status = api.get(name).await.unwrap().status;
-        if status.as_ref().is_some_and(|s| s.ready == "3/3") {
-            return started.elapsed();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} not Ready within 4 minutes: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+const WITHIN: Duration = Duration::from_secs(240);
 
 /// Upstream GETs of each of `blobs` (of `repository`).
 fn gets(upstream: &Registry, repository: &str, blobs: &[String]) -> BTreeMap<String, usize> {
@@ -74,66 +31,13 @@ fn gets(upstream: &Registry, repository: &str, blobs: &[String]) -> BTreeMap<Str
         .collect()
 }
 
-async fn start_bed(work: &Path, controller_args: &[&str]) -> (Bed, Binary, testbed::ControlPlane) {
-    let plane = testbed::ControlPlane::start(&work.join("cluster"), Lifetime::Owned)
-        .await
-        .expect("control plane");
-    let client = plane.client().await.unwrap();
-    testbed::crds::install(&client).await.unwrap();
-    let upstream = Registry::start(&work.join("upstream")).unwrap();
-    let directory = work.join("directory");
-    let timing = Timing::default();
-    let mut nodes = Vec::new();
-    for (name, arch, ip) in NODES {
-        let labels = [
-            ("pool".to_string(), "headline".to_string()),
-            (crd::platform::ARCH_LABEL.to_string(), arch.to_string()),
-        ]
-        .into();
-        let platform = format!("linux/{arch}");
-        nodes.push(
-            SimulatedNode::start(
-                &work.join("nodes"),
-                &client,
-                &plane.kubeconfig,
-                NodeSetup {
-                    name,
-                    labels,
-                    mirror: Mirror::Peer {
-                        upstream: &upstream.host,
-                        ip,
-                        directory: &directory,
-                        timing: &timing,
-                    },
-                    platform: Some(&platform),
-                    jaeger: None,
-                },
-            )
-            .await
-            .expect("a simulated node (agent and peer-mirror built by cargo test --workspace)"),
-        );
-    }
-    let controller = Binary::start(
-        CONTROLLER,
-        controller_args,
-        &plane.kubeconfig,
-        None,
-        &work.join("controller.log"),
-    )
-    .expect("controller (built by cargo test --workspace)");
-    let bed = Bed {
-        client,
-        kubeconfig: plane.kubeconfig.clone(),
-        upstream,
-        nodes,
-    };
-    (bed, controller, plane)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
     let work = testbed::workdir::Workdir::new("e2e-headline");
-    let (bed, controller, _plane) = start_bed(&work, &[]).await;
+    let mut bed = PeerCluster::start(&work, &NODES)
+        .await
+        .expect("the peer-mirror bed (agent and peer-mirror built by cargo test --workspace)");
+    bed.start_controller(&[], "controller.log").unwrap();
     let images_dir = work.join("images");
     let host = bed.upstream.host.clone();
     let web = testbed::images::build_and_push(
@@ -154,7 +58,10 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
     )
     .unwrap();
 
-    let took = rollout(&bed, "headline", &[&web.reference, &multi.reference]).await;
+    let took = bed
+        .rollout("headline", &[&web.reference, &multi.reference], WITHIN)
+        .await
+        .unwrap();
 
     // From the external registry's own access log.
     let web_gets = gets(&bed.upstream, &web.repository, &web.blobs);
@@ -217,12 +124,7 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
             );
         }
     }
-    let peer_bytes: u64 = bed
-        .nodes
-        .iter()
-        .filter_map(|n| n.peer_mirror.as_ref())
-        .map(|m| m.counter("peer_mirror_peer_bytes_total"))
-        .sum();
+    let peer_bytes = bed.peer_bytes();
     let platform_bytes = web.size + multi.platforms["amd64"].size;
     assert!(
         peer_bytes >= platform_bytes,
@@ -241,15 +143,8 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
 
     // The same rollout with sequencing off, on fresh images: every node
     // starts at once, the peers have nothing yet, and the uplink pays.
-    drop(controller);
-    let _unsequenced = Binary::start(
-        CONTROLLER,
-        &["--no-sequencing"],
-        &bed.kubeconfig,
-        None,
-        &work.join("controller-unsequenced.log"),
-    )
-    .unwrap();
+    bed.start_controller(&["--no-sequencing"], "controller-unsequenced.log")
+        .unwrap();
     let web2 = testbed::images::build_and_push(
         &images_dir,
         &host,
@@ -258,7 +153,10 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
         &[3 * MB, MB, MB / 2],
     )
     .unwrap();
-    let took = rollout(&bed, "unsequenced", &[&web2.reference]).await;
+    let took = bed
+        .rollout("unsequenced", &[&web2.reference], WITHIN)
+        .await
+        .unwrap();
     let counts = gets(&bed.upstream, &web2.repository, &web2.blobs);
     let total: usize = counts.values().sum();
     assert!(counts.values().all(|&n| (1..=3).contains(&n)), "{counts:?}");

@@ -128,6 +128,11 @@ state = "{state}"
 
     /// Kills containerd (as a crash would); `start` on the same dir brings it back.
     pub fn kill(mut self) {
+        self.crash();
+    }
+
+    /// Kills containerd where it stands (a node whose runtime died).
+    pub fn crash(&mut self) {
         process::stop(&mut self.child);
     }
 }

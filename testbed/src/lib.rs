@@ -9,10 +9,12 @@ pub mod images;
 pub mod jaeger;
 pub mod nodes;
 pub mod oci;
+pub mod peer_cluster;
 pub mod peer_mirror;
 pub mod process;
 pub mod registry;
 pub mod simulated;
+pub mod slow_link;
 
 pub use control_plane::ControlPlane;
 pub use process::Lifetime;

@@ -6,9 +6,10 @@
 //! it); `--screenshot FILE` renders that trace with headless Chromium.
 //!
 //! spegel, the in-cluster p2p mirror, cannot be built here (its Go module is
-//! refused by the module proxy this machine reaches); the demo's mirror is a
-//! pull-through cache registry in its place, configured on each node the way
-//! spegel configures one (mirror first, registry as `server`).
+//! refused by the module proxy this machine reaches); each node runs the test
+//! bed's stand-in with spegel's data-path behaviour instead (`peer-mirror`:
+//! it serves the node's containerd content to its peers, never contacts the
+//! registry, and writes the node's hosts.toml as spegel's chart does).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,10 +23,13 @@ use serde_json::json;
 
 use crd::{ImagePrefetch, NodeImageSet, PullState, RegistryPolicy};
 use testbed::jaeger::Jaeger;
+use testbed::peer_mirror::Timing;
 use testbed::registry::Registry;
-use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
+use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
 
 const NODES: &[&str] = &["demo-worker-1", "demo-worker-2", "demo-worker-3"];
+/// Each node's peer mirror listens on a loopback address of its own.
+const MIRROR_IPS: [&str; 3] = ["127.0.0.41", "127.0.0.42", "127.0.0.43"];
 const MB: usize = 1024 * 1024;
 
 /// What `cargo xtask demo` was asked for.
@@ -88,16 +92,15 @@ pub async fn run(opts: Options) -> Result<()> {
         web.reference, worker.reference, upstream.host
     ));
 
-    step("starting the in-cluster mirror (a pull-through cache standing in for spegel)");
-    let mirror =
-        Registry::start_mirror_of(&work.join("mirror"), &format!("http://{}", upstream.host))?;
-    done(&format!("mirror at {}", mirror.host));
-
-    step("starting 3 nodes: a containerd, a Node object and an agent each");
+    step(
+        "starting 3 nodes: a Node object, a containerd, a peer mirror (stand-in for spegel) and an agent each",
+    );
+    let directory = work.join("peer-directory");
+    let timing = Timing::default();
     let labels: std::collections::BTreeMap<String, String> =
         [("pool".to_string(), "general".to_string())].into();
     let mut nodes = Vec::new();
-    for name in NODES {
+    for (name, ip) in NODES.iter().zip(MIRROR_IPS) {
         let node = SimulatedNode::start(
             &work.join("nodes"),
             &client,
@@ -105,10 +108,12 @@ pub async fn run(opts: Options) -> Result<()> {
             NodeSetup {
                 name,
                 labels: labels.clone(),
-                mirror: Mirror::Registries(Registries {
+                mirror: Mirror::Peer {
                     upstream: &upstream.host,
-                    mirrors: &[&mirror.host],
-                }),
+                    ip,
+                    directory: &directory,
+                    timing: &timing,
+                },
                 platform: None,
                 jaeger: Some(&jaeger),
             },
@@ -191,20 +196,26 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     let blobs = web.blobs.len() + worker.blobs.len();
-    let from_nodes = upstream.requests_from("containerd/");
-    let mirror_gets: usize = [&web, &worker]
-        .iter()
-        .map(|i| mirror.blob_gets(&i.repository).values().sum::<usize>())
-        .sum();
     let upstream_gets: usize = [&web, &worker]
         .iter()
         .map(|i| upstream.blob_gets(&i.repository).values().sum::<usize>())
         .sum();
+    let upstream_bytes = upstream.blob_bytes_served();
+    let peer_bytes: u64 = nodes
+        .iter()
+        .filter_map(|n| n.peer_mirror.as_ref())
+        .map(|m| m.counter("peer_mirror_peer_bytes_total"))
+        .sum();
+    let image_bytes = web.size + worker.size;
     println!(
-        "  Nodes fetched {mirror_gets} blobs from the mirror ({blobs} blobs x 3 nodes) and sent {from_nodes} requests to the \
-         external registry themselves.\n  The external registry served {upstream_gets} blob downloads, all to the mirror \
-         (the stand-in cache fetches each blob twice: to serve it and to store it; spegel serves from the nodes instead).\n  \
-         Without the operator every node would pull from the external registry: {} blob downloads.",
+        "  The external registry served {upstream_gets} blob downloads for {blobs} blobs, {:.1} MB \
+         (its access log); the images are {:.1} MB.\n  Nodes got {:.1} MB from their peers' mirrors \
+         (the mirrors' own counters).\n  Without sequencing, spegel alone serves only what some node \
+         has committed: 3 nodes pulling at once would each fetch from the registry, up to {} blob \
+         downloads (an estimate of the worst case; `cargo xtask bench rollout` measures it).",
+        upstream_bytes as f64 / 1e6,
+        image_bytes as f64 / 1e6,
+        peer_bytes as f64 / 1e6,
         3 * blobs
     );
     println!();
@@ -344,7 +355,7 @@ fn progress(sets: &[NodeImageSet], images: &[String]) -> String {
                 (Some(e), state) => {
                     let how = match e.registry_policy {
                         RegistryPolicy::Default => "seed, registry",
-                        RegistryPolicy::Mirror => "mirror only",
+                        RegistryPolicy::Mirror => "from peers",
                     };
                     let what = match state {
                         Some(PullState::Available) => "present",

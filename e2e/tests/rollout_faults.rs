@@ -1,0 +1,158 @@
+//! Faults an administrator meets during a rollout, on the peer-mirror bed,
+//! each counted at the external registry: a node that joins mid-rollout, a
+//! node removed mid-rollout, and a seed whose containerd dies mid-pull. The
+//! uplink is slowed so that the pulls last long enough to act during them.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams};
+
+use crd::{NodeImageSet, PullState, RegistryPolicy};
+use testbed::images::Image;
+use testbed::peer_cluster::PeerCluster;
+
+const MB: usize = 1 << 20;
+/// 16 MB/s: the 8 MB image below takes about half a second upstream.
+const UPLINK: u64 = 16 << 20;
+const WITHIN: Duration = Duration::from_secs(180);
+
+async fn bed(work: &std::path::Path, nodes: &[(&str, &str)], controller: &[&str]) -> PeerCluster {
+    let mut bed = PeerCluster::start_with_uplink(work, nodes, Some(UPLINK))
+        .await
+        .expect("the peer-mirror bed (agent and peer-mirror built by cargo test --workspace)");
+    bed.start_controller(controller, "controller.log").unwrap();
+    bed
+}
+
+fn image(bed: &PeerCluster, work: &std::path::Path, repository: &str, layers: &[usize]) -> Image {
+    testbed::images::build_and_push(
+        &work.join("images"),
+        &bed.registry_host(),
+        repository,
+        "1.0",
+        layers,
+    )
+    .unwrap()
+}
+
+/// Upstream GETs per blob of `image`.
+fn gets(bed: &PeerCluster, image: &Image) -> BTreeMap<String, usize> {
+    let served = bed.upstream.blob_gets(&image.repository);
+    image
+        .blobs
+        .iter()
+        .map(|b| (b.clone(), served.get(b).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// The node whose set has a `Default` entry reported `state`, once one does.
+async fn seed_in(bed: &PeerCluster, state: PullState) -> String {
+    let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for set in sets.list(&ListParams::default()).await.unwrap().items {
+            let seeding = set.spec.image_set.iter().any(|e| {
+                e.registry_policy == RegistryPolicy::Default
+                    && set.report_on(&e.name).map(|r| r.state) == Some(state)
+            });
+            if seeding {
+                return set.spec.node_name.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "no seed {state:?} within 60s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_joins_mid_rollout_gets_the_images_from_peers() {
+    let work = testbed::workdir::Workdir::new("e2e-fault-join");
+    let mut bed = bed(&work, &[("join-0", "amd64"), ("join-1", "amd64")], &[]).await;
+    let img = image(&bed, &work, "team/joined", &[6 * MB, 2 * MB]);
+    let started = Instant::now();
+    bed.prefetch("joined", &[&img.reference]).await.unwrap();
+    seed_in(&bed, PullState::Pulling).await;
+    bed.add_node("join-late", "amd64").await.unwrap();
+    bed.ready("joined", "3/3", started, WITHIN).await.unwrap();
+    let counts = gets(&bed, &img);
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "the late node got every blob from peers: {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_removed_mid_rollout_loses_its_set_and_disturbs_no_other() {
+    let work = testbed::workdir::Workdir::new("e2e-fault-remove");
+    let nodes = [("rm-0", "amd64"), ("rm-1", "amd64"), ("rm-2", "amd64")];
+    let bed = bed(&work, &nodes, &[]).await;
+    let img = image(&bed, &work, "team/removed", &[6 * MB, 2 * MB]);
+    let started = Instant::now();
+    bed.prefetch("removed", &[&img.reference]).await.unwrap();
+    let seed = seed_in(&bed, PullState::Pulling).await;
+    let gone = nodes.iter().map(|n| n.0).find(|n| *n != seed).unwrap();
+    let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
+    let uids = |list: Vec<NodeImageSet>| -> BTreeMap<String, String> {
+        list.iter()
+            .filter(|s| s.spec.node_name != gone)
+            .map(|s| (s.name_any(), s.uid().unwrap_or_default()))
+            .collect()
+    };
+    let before = uids(sets.list(&ListParams::default()).await.unwrap().items);
+    let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(bed.client.clone());
+    node_api
+        .delete(gone, &DeleteParams::default())
+        .await
+        .unwrap();
+
+    bed.ready("removed", "2/2", started, WITHIN).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = sets.list(&ListParams::default()).await.unwrap().items;
+        if all.iter().all(|s| s.spec.node_name != gone) {
+            assert_eq!(uids(all), before, "the other sets are the same objects");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{gone}'s set remains after 30s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let counts = gets(&bed, &img);
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seed_whose_containerd_dies_mid_pull_is_replaced_and_the_rollout_completes() {
+    let work = testbed::workdir::Workdir::new("e2e-fault-seed");
+    let nodes = [
+        ("seed-0", "amd64"),
+        ("seed-1", "amd64"),
+        ("seed-2", "amd64"),
+    ];
+    // A node that stopped reporting Ready leaves the selection after 5 s.
+    let mut bed = bed(&work, &nodes, &["--not-ready-grace-seconds", "5"]).await;
+    let img = image(&bed, &work, "team/orphaned", &[12 * MB, 4 * MB]);
+    let started = Instant::now();
+    bed.prefetch("orphaned", &[&img.reference]).await.unwrap();
+    let seed = seed_in(&bed, PullState::Pulling).await;
+    // Its runtime dies, and its kubelet's heartbeat with it.
+    let node = bed.nodes.iter_mut().find(|n| n.name == seed).unwrap();
+    node.containerd.crash();
+    testbed::nodes::set_ready(&bed.client, &seed, false)
+        .await
+        .unwrap();
+
+    bed.ready("orphaned", "2/2", started, WITHIN).await.unwrap();
+    let new_seed = seed_in(&bed, PullState::Available).await;
+    assert_ne!(new_seed, seed, "another node became the seed");
+    let counts = gets(&bed, &img);
+    let extra: usize = counts.values().map(|n| n - 1).sum();
+    eprintln!(
+        "rollout faults: the seed's death cost {extra} extra upstream blob downloads ({counts:?})"
+    );
+    assert!(
+        counts.values().all(|&n| (1..=2).contains(&n)),
+        "at most the dead seed's partial download more per blob: {counts:?}"
+    );
+}

@@ -21,10 +21,20 @@ pub const AGENT: &str = "image-prefetch-agent";
 /// The controller's binary name.
 pub const CONTROLLER: &str = "image-prefetch-controller";
 
+static BINARIES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Run the workspace's binaries from `dir` (e.g. `target/release`, for
+/// benchmarks) instead of `target/debug`; once per process, before any starts.
+pub fn use_binaries_from(dir: PathBuf) {
+    let _ = BINARIES.set(dir);
+}
+
 /// A binary of this workspace, as `cargo build` / `cargo test --workspace` leaves it.
 pub fn binary(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/debug")
+    BINARIES
+        .get()
+        .cloned()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"))
         .join(name)
 }
 

@@ -311,3 +311,132 @@ pub async fn agent(layers_mib: &[usize]) -> Result<()> {
     let _ = child.wait();
     result
 }
+
+/// What `cargo xtask bench rollout` was asked for.
+pub struct RolloutOptions {
+    pub nodes: usize,
+    /// The external registry's uplink, in MiB/s.
+    pub uplink_mib: u64,
+}
+
+/// One rollout of one image to every node, as the registry and the nodes saw it.
+struct RolloutRun {
+    ready_in: Duration,
+    /// Upstream GETs of each layer (and the config), in the image's order.
+    gets_per_blob: Vec<usize>,
+    upstream_bytes: u64,
+    /// The seed's pull (upstream) and the median Mirror pull (from peers).
+    seed_pull: Option<Duration>,
+    peer_pull: Option<Duration>,
+}
+
+/// `cargo xtask bench rollout`: N simulated nodes on the peer-mirror bed,
+/// release builds, the registry behind a slowed uplink; one image rolled out
+/// sequenced, then a fresh image of the same sizes with every node `Default`
+/// at once (the controller's `--no-sequencing`, spegel on its own).
+pub async fn rollout(opts: RolloutOptions) -> Result<()> {
+    crate::deps::install()?;
+    crate::fixtures()?;
+    crate::test::cargo(&[
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "image-prefetch-agent",
+        "-p",
+        "image-prefetch-controller",
+        "-p",
+        "image-prefetch-peer-mirror",
+    ])?;
+    testbed::simulated::use_binaries_from(crate::root().join("target/release"));
+    let work = testbed::workdir::Workdir::new("bench-rollout");
+    let names: Vec<String> = (0..opts.nodes).map(|i| format!("bench-{i}")).collect();
+    let nodes: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "amd64")).collect();
+    let mut bed = testbed::peer_cluster::PeerCluster::start_with_uplink(
+        &work,
+        &nodes,
+        Some(opts.uplink_mib << 20),
+    )
+    .await?;
+    const MIB: usize = 1 << 20;
+    let layers = [48 * MIB, 12 * MIB, 4 * MIB];
+    println!(
+        "{} nodes, one image of {} layers ({} MiB), uplink {} MiB/s, peers over loopback",
+        opts.nodes,
+        layers.len(),
+        layers.iter().sum::<usize>() / MIB,
+        opts.uplink_mib
+    );
+    let mut runs = Vec::new();
+    for (name, args) in [
+        ("sequenced", &[][..]),
+        ("all-default", &["--no-sequencing"][..]),
+    ] {
+        bed.start_controller(args, &format!("controller-{name}.log"))?;
+        let image = testbed::images::build_and_push(
+            &work.join("images"),
+            &bed.registry_host(),
+            &format!("bench/{name}"),
+            "1.0",
+            &layers,
+        )?;
+        let bytes_before = bed.upstream.blob_bytes_served();
+        let ready_in = bed
+            .rollout(name, &[&image.reference], Duration::from_secs(600))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let served = bed.upstream.blob_gets(&image.repository);
+        let gets_per_blob = image
+            .blobs
+            .iter()
+            .map(|b| served.get(b).copied().unwrap_or(0))
+            .collect();
+        let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
+        let mut seed_pull = None;
+        let mut peer_pulls = Vec::new();
+        for set in sets.list(&ListParams::default()).await?.items {
+            for e in &set.spec.image_set {
+                if e.name != image.reference {
+                    continue;
+                }
+                let took = set
+                    .report_on(&e.name)
+                    .and_then(|r| r.pull_duration_millis)
+                    .map(|ms| Duration::from_millis(ms as u64));
+                match e.registry_policy {
+                    crd::RegistryPolicy::Default if name == "sequenced" => seed_pull = took,
+                    crd::RegistryPolicy::Mirror => peer_pulls.extend(took),
+                    _ => {}
+                }
+            }
+        }
+        peer_pulls.sort();
+        let run = RolloutRun {
+            ready_in,
+            gets_per_blob,
+            upstream_bytes: bed.upstream.blob_bytes_served() - bytes_before,
+            seed_pull,
+            peer_pull: peer_pulls.get(peer_pulls.len() / 2).copied(),
+        };
+        println!(
+            "{name:<12} all Ready in {:>6.2}s; upstream GETs per blob {:?}; upstream {:.1} MiB ({:.2}x the image)",
+            run.ready_in.as_secs_f64(),
+            run.gets_per_blob,
+            run.upstream_bytes as f64 / MIB as f64,
+            run.upstream_bytes as f64 / image.size as f64,
+        );
+        runs.push(run);
+    }
+    if let (Some(seed), Some(peer)) = (runs[0].seed_pull, runs[0].peer_pull) {
+        let floor = seed + peer;
+        println!(
+            "sequenced: one upstream pull {:.2}s + one peer pull (median) {:.2}s = {:.2}s; all Ready in {:.2}s = {:.2}x that",
+            seed.as_secs_f64(),
+            peer.as_secs_f64(),
+            floor.as_secs_f64(),
+            runs[0].ready_in.as_secs_f64(),
+            runs[0].ready_in.as_secs_f64() / floor.as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -25,6 +25,9 @@ cargo xtask <command>
                         fan-out of the release controller to N Node objects
                         (default 1000), then M ImagePrefetches (default 50)
   bench agent           the release agent's pull vs `ctr images pull`, and its memory
+  bench rollout [--nodes N] [--uplink-mib M]
+                        N nodes (default 5) with peer mirrors, registry behind an
+                        M MiB/s uplink (default 32): sequenced vs all-Default rollout
   test                  everything above that tests need, then every test
   lint                  formatting, stale generated files, clippy (CI runs it before `test`)
 ";
@@ -42,6 +45,9 @@ fn main() -> Result<()> {
         ["testbed", "status"] => testbed_status(),
         ["demo", rest @ ..] => runtime()?.block_on(demo::run(demo_options(rest)?)),
         ["bench", "agent"] => runtime()?.block_on(bench::agent(&[128, 64, 32, 8])),
+        ["bench", "rollout", rest @ ..] => {
+            runtime()?.block_on(bench::rollout(rollout_options(rest)?))
+        }
         ["bench", "controller", rest @ ..] => {
             runtime()?.block_on(bench::controller(bench_options(rest)?))
         }
@@ -74,22 +80,48 @@ fn demo_options(args: &[&str]) -> Result<demo::Options> {
     Ok(opts)
 }
 
+/// `--flag N` pairs.
+fn numeric_flags<'a>(args: &[&'a str]) -> Result<Vec<(&'a str, u64)>> {
+    args.chunks(2)
+        .map(|pair| match pair {
+            [flag, value] => Ok((
+                *flag,
+                value
+                    .parse()
+                    .with_context(|| format!("{flag} needs a number"))?,
+            )),
+            [flag] => bail!("{flag} needs a number"),
+            _ => unreachable!("chunks of two"),
+        })
+        .collect()
+}
+
 fn bench_options(args: &[&str]) -> Result<bench::Options> {
     let mut opts = bench::Options {
         nodes: 1000,
         prefetches: 50,
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value: usize = it
-            .next()
-            .with_context(|| format!("{flag} needs a number"))?
-            .parse()
-            .with_context(|| format!("{flag} needs a number"))?;
-        match *flag {
-            "--nodes" => opts.nodes = value,
-            "--prefetches" => opts.prefetches = value,
+    for (flag, value) in numeric_flags(args)? {
+        match flag {
+            "--nodes" => opts.nodes = value as usize,
+            "--prefetches" => opts.prefetches = value as usize,
             other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(opts)
+}
+
+fn rollout_options(args: &[&str]) -> Result<bench::RolloutOptions> {
+    let mut opts = bench::RolloutOptions {
+        nodes: 5,
+        uplink_mib: 32,
+    };
+    for (flag, value) in numeric_flags(args)? {
+        match flag {
+            "--nodes" if value >= 2 => opts.nodes = value as usize,
+            "--nodes" => bail!("--nodes: at least 2 (a seed and a peer)"),
+            "--uplink-mib" if value >= 1 => opts.uplink_mib = value,
+            other => bail!("unknown option {other}\n\n{HELP}"),
         }
     }
     Ok(opts)

@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams};
 use crd::{ImagePrefetch, NodeImageSet};
 use testbed::process::Lifetime;
 use testbed::registry::Registry;
-use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
+use testbed::simulated::{Binary, CONTROLLER};
 
 const NODES: [&str; 2] = ["kubectl-node-a", "kubectl-node-b"];
 
@@ -194,30 +194,19 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
     let mirror =
         Registry::start_mirror_of(&work.join("mirror"), &format!("http://{}", upstream.host))
             .unwrap();
-    let labels: std::collections::BTreeMap<String, String> =
-        [("pool".to_string(), "kubectl".to_string())].into();
-    let mut nodes = Vec::new();
-    for node in NODES {
-        nodes.push(
-            SimulatedNode::start(
-                &work.join("nodes"),
-                &client,
-                &plane.kubeconfig,
-                NodeSetup {
-                    name: node,
-                    labels: labels.clone(),
-                    mirror: Mirror::Registries(Registries {
-                        upstream: &upstream.host,
-                        mirrors: &[&mirror.host],
-                    }),
-                    platform: None,
-                    jaeger: None,
-                },
-            )
-            .await
-            .expect("a simulated node (agent built by cargo test --workspace)"),
-        );
-    }
+    let labels = [("pool".to_string(), "kubectl".to_string())].into();
+    let nodes = testbed::simulated::nodes_with_registry_mirror(
+        &work.join("nodes"),
+        &client,
+        &plane.kubeconfig,
+        &NODES,
+        &labels,
+        &upstream.host,
+        &mirror.host,
+        None,
+    )
+    .await
+    .expect("simulated nodes (agent built by cargo test --workspace)");
     // Only the test registry is allowed: the "refused" rollout below names another.
     let _controller = Binary::start(
         CONTROLLER,

@@ -15,7 +15,7 @@ use crd::ImagePrefetch;
 use testbed::jaeger::Jaeger;
 use testbed::process::Lifetime;
 use testbed::registry::Registry;
-use testbed::simulated::{AGENT, Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
+use testbed::simulated::{AGENT, Binary, CONTROLLER};
 
 const NODES: [&str; 2] = ["trace-node-a", "trace-node-b"];
 
@@ -42,29 +42,19 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         Registry::start_mirror_of(&work.join("mirror"), &format!("http://{}", upstream.host))
             .unwrap();
 
-    let labels: std::collections::BTreeMap<String, String> =
-        [("pool".to_string(), "traced".to_string())].into();
-    let mut nodes = Vec::new();
-    for node in NODES {
-        let started = SimulatedNode::start(
-            &work.join("nodes"),
-            &client,
-            &plane.kubeconfig,
-            NodeSetup {
-                name: node,
-                labels: labels.clone(),
-                mirror: Mirror::Registries(Registries {
-                    upstream: &upstream.host,
-                    mirrors: &[&mirror.host],
-                }),
-                platform: None,
-                jaeger: Some(&jaeger),
-            },
-        )
-        .await
-        .expect("a simulated node (agent built by cargo test --workspace)");
-        nodes.push(started);
-    }
+    let labels = [("pool".to_string(), "traced".to_string())].into();
+    let nodes = testbed::simulated::nodes_with_registry_mirror(
+        &work.join("nodes"),
+        &client,
+        &plane.kubeconfig,
+        &NODES,
+        &labels,
+        &upstream.host,
+        &mirror.host,
+        Some(&jaeger),
+    )
+    .await
+    .expect("simulated nodes (agent built by cargo test --workspace)");
     // One retry: the failing rollout below gives up quickly.
     let controller = Binary::start(
         CONTROLLER,

@@ -216,3 +216,34 @@ impl SimulatedNode {
         })
     }
 }
+
+/// Simulated nodes `names`, each labelled `labels`, whose containerd tries
+/// the `mirror` registry (`127.0.0.1:port`, e.g. a pull-through cache) before
+/// `upstream`.
+#[allow(clippy::too_many_arguments)]
+pub async fn nodes_with_registry_mirror(
+    dir: &Path,
+    client: &kube::Client,
+    kubeconfig: &Path,
+    names: &[&str],
+    labels: &BTreeMap<String, String>,
+    upstream: &str,
+    mirror: &str,
+    jaeger: Option<&Jaeger>,
+) -> Result<Vec<SimulatedNode>> {
+    let mut nodes = Vec::new();
+    for name in names {
+        let setup = NodeSetup {
+            name,
+            labels: labels.clone(),
+            mirror: Mirror::Registries(Registries {
+                upstream,
+                mirrors: &[mirror],
+            }),
+            platform: None,
+            jaeger,
+        };
+        nodes.push(SimulatedNode::start(dir, client, kubeconfig, setup).await?);
+    }
+    Ok(nodes)
+}

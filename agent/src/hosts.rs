@@ -125,8 +125,12 @@ pub fn prepare_mirror(
     };
     std::fs::create_dir_all(&dir).map_err(write_err)?;
     let path = dir.join("hosts.toml");
-    let tmp = dir.join("hosts.toml.tmp");
     // Written aside and renamed: a concurrent pull never reads half a file.
+    // Each writer has a file of its own, so two concurrent Mirror pulls of
+    // one registry never write, or rename away, each other's.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".hosts.toml.{}.{n}", std::process::id()));
     std::fs::write(&tmp, mirror_only_toml(&hosts)).map_err(write_err)?;
     std::fs::rename(&tmp, &path).map_err(write_err)?;
     Ok(mirror_dir.to_path_buf())
@@ -214,5 +218,29 @@ mod tests {
         let hosts = read(d.path(), "ghcr.io").unwrap();
         assert_eq!(hosts.server, "https://ghcr.io");
         assert_eq!(hosts.mirrors, ["http://127.0.0.1:30020"]);
+    }
+
+    #[test]
+    fn concurrent_mirror_preparations_never_trip_over_each_other() {
+        let d = dir_with(
+            "registry.example.com",
+            "server = 'https://registry.example.com'\n\n[host.'http://127.0.0.1:30020']\ncapabilities = ['pull', 'resolve']\ndial_timeout = '200ms'",
+        );
+        let out = tempdir::Dir::new();
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        prepare_mirror(d.path(), out.path(), "registry.example.com")
+                            .expect("no writer renames another's file away");
+                    }
+                });
+            }
+        });
+        let left: Vec<_> = std::fs::read_dir(out.path().join("registry.example.com"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["hosts.toml"], "no temporary file is left behind");
     }
 }

@@ -5,6 +5,7 @@
 pub mod credentials;
 pub mod events;
 pub mod hosts;
+pub mod ledger;
 pub mod metrics;
 pub mod pull;
 pub mod work;

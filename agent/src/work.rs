@@ -1,10 +1,10 @@
 //! The agent's loop: follow this node's NodeImageSets, run one pull task per
 //! (set, image) entry, report per-image state on change.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument as _, field, info, info_span, warn};
 
 use crd::{
-    NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullSource, PullState,
-    RegistryPolicy, SecretReference, keys, reference,
+    NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullState, RegistryPolicy, keys,
+    reference,
 };
 
 use crd::condition::{condition, now};
@@ -27,6 +27,7 @@ use crd::condition::{condition, now};
 use crate::credentials::Keyring;
 use crate::events::{self, Notice};
 use crate::hosts;
+use crate::ledger::{self, Action, Failure, Key, Ledger, Listed, Present, Want, store_name};
 use crate::metrics::{Metrics, PullLabels, SourceLabels};
 use crate::pull::{PullError, Pulled, Runtime};
 
@@ -81,9 +82,7 @@ pub enum Error {
     Pull(#[from] PullError),
 }
 
-/// (NodeImageSet name, image as listed).
-type Key = (String, String);
-
+/// What a pull task tells the loop.
 enum Outcome {
     Attempt {
         attempts: i32,
@@ -93,10 +92,8 @@ enum Outcome {
     Done(Result<(Pulled, i32), (String, String, i32)>),
 }
 
-struct Task {
-    entry: NodeImage,
-    handle: JoinHandle<()>,
-}
+/// A message from the pull task of `key`, started for `want`.
+type Message = (Key, Want, Outcome);
 
 /// Runs until `shutdown` completes.
 pub async fn run(
@@ -117,10 +114,12 @@ pub async fn run(
     let sets_api: Api<NodeImageSet> = Api::all(client.clone());
     let (store, writer) = reflector::store();
     let wc = watcher::Config::default().labels(&keys::on_node(&config.node_name));
-    let mut events = reflector::reflector(writer, watcher(sets_api.clone(), wc))
-        .applied_objects()
+    // Deletions too: a deleted set's pulls stop at once. The watch backs off
+    // while the API server is away.
+    let mut events = reflector::reflector(writer, watcher(sets_api.clone(), wc).default_backoff())
+        .touched_objects()
         .boxed();
-    let (tx, mut rx) = mpsc::channel::<(Key, Outcome)>(64);
+    let (tx, mut rx) = mpsc::channel::<Message>(64);
     let mut agent = Agent {
         client,
         config: Arc::new(config),
@@ -128,8 +127,7 @@ pub async fn run(
         sets_api,
         store,
         tasks: HashMap::new(),
-        states: HashMap::new(),
-        known: HashSet::new(),
+        ledger: Ledger::new(ledger::Backoff::default()),
         limit: Arc::new(Semaphore::new(1)),
         tx,
         metrics,
@@ -147,17 +145,26 @@ pub async fn run(
                 Some(Err(e)) => warn!(error = %e, "watching NodeImageSets failed; retrying"),
                 None => break,
             },
-            Some((key, outcome)) = rx.recv() => {
-                agent.record(key.clone(), outcome);
+            Some((key, want, outcome)) = rx.recv() => {
+                let actions = agent.record(&key, &want, outcome);
+                agent.apply(actions);
                 agent.sync().await;
             }
+            // A Failed entry's next round is due.
+            _ = sleep_until(agent.ledger.next_retry()) => agent.sync().await,
             _ = resync.tick() => {
                 agent.check_present().await;
                 agent.sync().await;
             }
             Some(notice) = deletions.recv() => {
                 match notice {
-                    Notice::Deleted(name) => agent.forget(&name),
+                    Notice::Deleted(name) => {
+                        let actions = agent.ledger.gone_from_node(&name);
+                        if !actions.is_empty() {
+                            info!(image = %name, "prefetched image was deleted from the node; pulling it again");
+                        }
+                        agent.apply(actions);
+                    }
                     Notice::CheckAll => agent.check_present().await,
                 }
                 agent.sync().await;
@@ -165,9 +172,17 @@ pub async fn run(
         }
     }
     for task in agent.tasks.values() {
-        task.handle.abort();
+        task.abort();
     }
     Ok(())
+}
+
+/// Sleeps until `at`, or for ever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 struct Agent {
@@ -176,87 +191,67 @@ struct Agent {
     runtime: Runtime,
     sets_api: Api<NodeImageSet>,
     store: Store<NodeImageSet>,
-    tasks: HashMap<Key, Task>,
-    states: HashMap<Key, NodeImageStatus>,
-    /// Entries seen since this agent started: a reported status is adopted only once.
-    known: HashSet<Key>,
+    /// The running pull task of each entry that has one.
+    tasks: HashMap<Key, JoinHandle<()>>,
+    /// Every entry's state and what to do about it (pure; see `ledger.rs`).
+    ledger: Ledger,
     limit: Arc<Semaphore>,
-    tx: mpsc::Sender<(Key, Outcome)>,
+    tx: mpsc::Sender<Message>,
     metrics: Metrics,
 }
 
 impl Agent {
-    /// Starts what is listed and not under way, stops what is no longer
-    /// listed, and writes every status that changed.
+    /// Hands the sets as they are to the ledger, carries out what it
+    /// decides, and writes every status that changed.
     async fn sync(&mut self) {
         let sets = self.store.state();
-        let mut wanted: HashMap<Key, Wanted> = HashMap::new();
-        for set in &sets {
-            for entry in &set.spec.image_set {
-                let key = (set.name_any(), entry.name.clone());
-                // After a restart, what the status already says is taken as it
-                // stands; the presence check that follows every subscription
-                // to containerd's events finds what has gone since.
-                if self.known.insert(key.clone())
-                    && let Some(reported) = reported_available(set, entry)
-                {
-                    self.states.insert(key.clone(), reported);
-                }
-                wanted.insert(
-                    key,
-                    Wanted {
+        let listed: Vec<Listed> = sets
+            .iter()
+            .flat_map(|set| {
+                set.spec.image_set.iter().map(|entry| Listed {
+                    key: (set.name_any(), entry.name.clone()),
+                    want: Want {
+                        set_uid: set.uid().unwrap_or_default(),
                         entry: entry.clone(),
                         retry_limit: set.spec.image_download_retry_limit,
                         secrets: set.spec.image_pull_secrets.clone(),
                         trace: set.annotations().get(keys::TRACEPARENT_ANNOTATION).cloned(),
                     },
-                );
-            }
-        }
-        // Entries withdrawn (a replaced seed) or changed (policy, pinned digest) stop.
-        self.tasks.retain(|key, task| {
-            let keep = wanted.get(key).is_some_and(|w| w.entry == task.entry);
-            if !keep {
-                task.handle.abort();
-            }
-            keep
-        });
-        let withdrawn: Vec<Key> = self
-            .states
-            .keys()
-            .filter(|k| !wanted.contains_key(*k))
-            .cloned()
+                    reported: set.report_on(&entry.name).cloned(),
+                })
+            })
             .collect();
-        self.known.retain(|key| wanted.contains_key(key));
-        for key in withdrawn {
-            self.states.remove(&key);
-            self.release(&key.1, &wanted);
-        }
-        for (key, w) in wanted {
-            let done = self
-                .states
-                .get(&key)
-                .is_some_and(|s| matches!(s.state, PullState::Available | PullState::Failed));
-            if !done && !self.tasks.contains_key(&key) {
-                self.start(key, w);
-            }
-        }
-        let present = self
-            .states
-            .values()
-            .filter(|s| s.state == PullState::Available)
-            .count();
-        self.metrics.images_present.set(present as i64);
+        let actions = self.ledger.observe(listed, Instant::now());
+        self.apply(actions);
+        self.metrics
+            .images_present
+            .set(self.ledger.present().len() as i64);
+        // Only sets that exist are written: a deleted set gets no status write.
         for set in &sets {
             self.write_status(set).await;
         }
     }
 
-    fn start(&mut self, key: Key, wanted: Wanted) {
-        self.states.insert(
-            key.clone(),
-            NodeImageStatus::new(&wanted.entry.name, PullState::Pulling, 0),
-        );
+    /// Carries out the ledger's decisions (status writes happen in `sync`).
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Start(key, want) => self.start(key, want),
+                Action::Abort(key) => {
+                    if let Some(task) = self.tasks.remove(&key) {
+                        task.abort();
+                    }
+                }
+                Action::Release(name) => self.release(name),
+                Action::Report(_) => {}
+            }
+        }
+    }
+
+    fn start(&mut self, key: Key, want: Want) {
+        if let Some(old) = self.tasks.remove(&key) {
+            old.abort();
+        }
         let job = Job {
             config: self.config.clone(),
             client: self.client.clone(),
@@ -264,22 +259,22 @@ impl Agent {
             limit: self.limit.clone(),
             tx: self.tx.clone(),
             key: key.clone(),
-            wanted: wanted.clone(),
+            wanted: want.clone(),
         };
-        let span = pull_span(&wanted, &self.config.node_name);
+        let span = pull_span(&want, &self.config.node_name);
         let handle = tokio::spawn(async move {
             let outcome = job.pull_with_retries().instrument(span.clone()).await;
             record_outcome(&span, &outcome);
-            let _ = job.tx.send((job.key.clone(), Outcome::Done(outcome))).await;
+            let message = (job.key.clone(), job.wanted.clone(), Outcome::Done(outcome));
+            let _ = job.tx.send(message).await;
         });
-        let entry = wanted.entry;
-        self.tasks.insert(key, Task { entry, handle });
+        self.tasks.insert(key, handle);
     }
 
-    fn record(&mut self, key: Key, outcome: Outcome) {
-        let Some(state) = self.states.get_mut(&key) else {
-            return;
-        };
+    /// A task's news, into the ledger (and the metrics, for a finished pull
+    /// the ledger still wants).
+    fn record(&mut self, key: &Key, want: &Want, outcome: Outcome) -> Vec<Action> {
+        let now = Instant::now();
         match outcome {
             Outcome::Attempt {
                 attempts,
@@ -287,72 +282,80 @@ impl Agent {
                 reason,
             } => {
                 self.metrics.retries.inc();
-                state.attempts = attempts;
-                state.last_error = Some(error);
-                state.reason = Some(reason);
+                let failure = Failure {
+                    message: error,
+                    reason,
+                };
+                self.ledger.attempt_failed(key, attempts, failure)
             }
             Outcome::Done(result) => {
-                let policy = self.tasks.remove(&key).map(|t| t.entry.registry_policy);
-                let policy_label = format!("{:?}", policy.unwrap_or(RegistryPolicy::Default));
-                match result {
+                let policy = want.entry.registry_policy;
+                let result = match result {
                     Ok((pulled, attempts)) => {
                         info!(image = %key.1, digest = %pulled.digest, secs = pulled.duration.as_secs_f64(), "image present");
-                        let labels = PullLabels {
-                            policy: policy_label,
-                            result: "success".into(),
-                        };
-                        self.metrics.pulls.get_or_create(&labels).inc();
-                        // A confirmation of an image already there moved no bytes.
-                        if !pulled.duration.is_zero() {
-                            self.metrics
-                                .pull_seconds
-                                .observe(pulled.duration.as_secs_f64());
-                            let source = match policy {
-                                Some(RegistryPolicy::Mirror) => "mirror",
-                                _ => "upstream",
-                            };
-                            let bytes = pulled.size.unwrap_or(0).max(0) as u64;
-                            let labels = SourceLabels {
-                                source: source.into(),
-                            };
-                            self.metrics.bytes.get_or_create(&labels).inc_by(bytes);
-                        }
-                        state.state = PullState::Available;
-                        state.attempts = attempts;
-                        state.digest = Some(pulled.digest);
-                        state.size_bytes = pulled.size;
-                        state.pull_duration_millis = Some(pulled.duration.as_millis() as i64);
-                        state.last_error = None;
-                        state.reason = None;
-                        state.source = policy.map(|p| match p {
-                            RegistryPolicy::Default => PullSource::Upstream,
-                            RegistryPolicy::Mirror => PullSource::Mirror,
-                        });
+                        Ok((
+                            Present {
+                                digest: pulled.digest,
+                                size: pulled.size,
+                                duration: pulled.duration,
+                            },
+                            attempts,
+                        ))
                     }
-                    Err((error, reason, attempts)) => {
-                        warn!(image = %key.1, %error, %reason, attempts, "giving up on image");
-                        let labels = PullLabels {
-                            policy: policy_label,
-                            result: reason.clone(),
-                        };
-                        self.metrics.pulls.get_or_create(&labels).inc();
-                        state.state = PullState::Failed;
-                        state.attempts = attempts;
-                        state.last_error = Some(error);
-                        state.reason = Some(reason);
+                    Err((message, reason, attempts)) => {
+                        warn!(image = %key.1, error = %message, %reason, attempts, "giving up on image for now; it will be tried again");
+                        Err((Failure { message, reason }, attempts))
                     }
+                };
+                let counted = result.clone();
+                let actions = self.ledger.finished(key, want, result, now);
+                // The task that sent this is done, unless the entry was
+                // restarted since (then the running task is a newer one).
+                if !actions.is_empty() || self.ledger.state(key).is_none() {
+                    self.tasks.remove(key);
                 }
+                if !actions.is_empty() {
+                    self.count(policy, &counted);
+                }
+                actions
             }
+        }
+    }
+
+    fn count(&self, policy: RegistryPolicy, result: &Result<(Present, i32), (Failure, i32)>) {
+        let result_label = match result {
+            Ok(_) => "success".to_string(),
+            Err((f, _)) => f.reason.clone(),
+        };
+        let labels = PullLabels {
+            policy: format!("{policy:?}"),
+            result: result_label,
+        };
+        self.metrics.pulls.get_or_create(&labels).inc();
+        // A confirmation of an image already there moved no bytes.
+        if let Ok((present, _)) = result
+            && !present.duration.is_zero()
+        {
+            self.metrics
+                .pull_seconds
+                .observe(present.duration.as_secs_f64());
+            let source = match policy {
+                RegistryPolicy::Mirror => "mirror",
+                RegistryPolicy::Default => "upstream",
+            };
+            let labels = SourceLabels {
+                source: source.into(),
+            };
+            self.metrics
+                .bytes
+                .get_or_create(&labels)
+                .inc_by(present.size.unwrap_or(0).max(0) as u64);
         }
     }
 
     /// An image no entry asks for any more loses its GC pin (it stays on the
     /// node; deleting images is not the operator's job).
-    fn release(&self, image: &str, wanted: &HashMap<Key, Wanted>) {
-        let name = store_name(image);
-        if wanted.keys().any(|(_, i)| store_name(i) == name) {
-            return;
-        }
+    fn release(&self, name: String) {
         let runtime = self.runtime.clone();
         tokio::spawn(async move {
             match runtime.unpin(&name).await {
@@ -364,31 +367,14 @@ impl Agent {
         });
     }
 
-    /// containerd deleted `name`: the entries for it are pulled again.
-    fn forget(&mut self, name: &str) {
-        let before = self.states.len();
-        self.states
-            .retain(|key, s| !(s.state == PullState::Available && store_name(&key.1) == name));
-        if self.states.len() != before {
-            info!(image = %name, "prefetched image was deleted from the node; pulling it again");
-        }
-    }
-
-    /// Images reported present that containerd no longer has are pulled again.
+    /// Images the ledger holds as present that containerd no longer has are pulled again.
     async fn check_present(&mut self) {
-        let mut gone = Vec::new();
-        for (key, state) in &self.states {
-            if state.state != PullState::Available {
-                continue;
-            }
-            let name = store_name(&key.1);
+        for name in self.ledger.present() {
             if let Ok(None) = self.runtime.image(&name).await {
-                info!(image = %key.1, "prefetched image was removed from the node; pulling it again");
-                gone.push(key.clone());
+                info!(image = %name, "prefetched image was removed from the node; pulling it again");
+                let actions = self.ledger.gone_from_node(&name);
+                self.apply(actions);
             }
-        }
-        for key in gone {
-            self.states.remove(&key);
         }
     }
 
@@ -398,7 +384,7 @@ impl Agent {
             .spec
             .image_set
             .iter()
-            .filter_map(|e| self.states.get(&(name.clone(), e.name.clone())).cloned())
+            .filter_map(|e| self.ledger.status(&(name.clone(), e.name.clone())))
             .collect();
         let available = images
             .iter()
@@ -461,20 +447,6 @@ impl Agent {
     }
 }
 
-/// The status entry of `entry` if it says the image is present (at the pinned digest, when there is one).
-fn reported_available(set: &NodeImageSet, entry: &NodeImage) -> Option<NodeImageStatus> {
-    let reported = set.report_on(&entry.name)?;
-    let pinned_ok = entry.digest.is_none() || entry.digest == reported.digest;
-    (reported.state == PullState::Available && pinned_ok).then(|| reported.clone())
-}
-
-/// The name the image is stored under: what kubelet will ask for.
-fn store_name(image: &str) -> String {
-    reference::parse(image)
-        .map(|r| r.canonical())
-        .unwrap_or_else(|_| image.to_string())
-}
-
 /// What to pull: the pinned digest when the controller gave one.
 fn source(entry: &NodeImage) -> String {
     match (reference::parse(&entry.name), &entry.digest) {
@@ -484,19 +456,9 @@ fn source(entry: &NodeImage) -> String {
     }
 }
 
-/// What one entry asks for.
-#[derive(Clone, Debug)]
-struct Wanted {
-    entry: NodeImage,
-    retry_limit: i32,
-    secrets: Vec<SecretReference>,
-    /// The `traceparent` of the controller span that wrote the entry's set.
-    trace: Option<String>,
-}
-
 /// The span of one entry's pull, all attempts included, continuing the
 /// controller's trace when the set names one.
-fn pull_span(wanted: &Wanted, node: &str) -> tracing::Span {
+fn pull_span(wanted: &Want, node: &str) -> tracing::Span {
     let entry = &wanted.entry;
     let span = info_span!(
         "pull",
@@ -552,9 +514,9 @@ struct Job {
     client: kube::Client,
     runtime: Runtime,
     limit: Arc<Semaphore>,
-    tx: mpsc::Sender<(Key, Outcome)>,
+    tx: mpsc::Sender<Message>,
     key: Key,
-    wanted: Wanted,
+    wanted: Want,
 }
 
 impl Job {
@@ -605,7 +567,9 @@ impl Job {
                     error: error.clone(),
                     reason: reason.clone(),
                 };
-                let _ = self.tx.try_send((self.key.clone(), progress));
+                let _ = self
+                    .tx
+                    .try_send((self.key.clone(), self.wanted.clone(), progress));
             })
             .await;
         let n = attempts.load(std::sync::atomic::Ordering::SeqCst);

@@ -1,12 +1,13 @@
 //! A slow uplink: a TCP relay to a loopback server that delivers the
-//! server's answers at a set rate, so that a pull lasts long enough for a
-//! test to act while it runs (kill the seed's containerd mid-pull, ...).
-//! Requests go through at full speed. Stopped when dropped.
+//! server's answers at a set rate, shared by every connection as a real
+//! uplink is, so that a pull lasts long enough for a test to act while it
+//! runs (kill the seed's containerd mid-pull, ...) and N nodes pulling at
+//! once share it. Requests go through at full speed. Stopped when dropped.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{Result, io_err};
@@ -31,13 +32,18 @@ impl SlowLink {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let target = target.to_string();
+        let budget = Arc::new(Budget {
+            rate: bytes_per_second,
+            started: Instant::now(),
+            sent: Mutex::new(0),
+        });
         std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
                         if let Ok(server) = TcpStream::connect(&target) {
-                            relay(client, server, bytes_per_second);
+                            relay(client, server, budget.clone());
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -48,7 +54,28 @@ impl SlowLink {
     }
 }
 
-fn relay(client: TcpStream, server: TcpStream, rate: u64) {
+/// The link's capacity, shared by its connections: a chunk may go once the
+/// bytes sent so far, this chunk included, fit in the time elapsed.
+struct Budget {
+    rate: u64,
+    started: Instant,
+    sent: Mutex<u64>,
+}
+
+impl Budget {
+    /// Books `n` bytes; how long to wait before sending them.
+    fn book(&self, n: usize) -> Duration {
+        let mut sent = self.sent.lock().expect("budget lock");
+        // An idle link does not save up capacity for a burst later.
+        let now = self.started.elapsed();
+        let floor = (now.as_secs_f64() * self.rate as f64) as u64;
+        *sent = (*sent).max(floor) + n as u64;
+        let due = Duration::from_secs_f64(*sent as f64 / self.rate as f64);
+        due.saturating_sub(now)
+    }
+}
+
+fn relay(client: TcpStream, server: TcpStream, budget: Arc<Budget>) {
     let (Ok(mut c_in), Ok(mut s_out)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
@@ -57,24 +84,18 @@ fn relay(client: TcpStream, server: TcpStream, rate: u64) {
         let _ = std::io::copy(&mut c_in, &mut s_out);
         let _ = s_out.shutdown(Shutdown::Write);
     });
-    // Answers: in 16 KiB steps, paced to the rate.
+    // Answers: in 16 KiB steps, paced to the link's shared rate.
     std::thread::spawn(move || {
         let (mut server, mut client) = (server, client);
         let mut buf = [0u8; 16 << 10];
-        let started = Instant::now();
-        let mut sent: u64 = 0;
         loop {
             let n = match server.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            std::thread::sleep(budget.book(n));
             if client.write_all(&buf[..n]).is_err() {
                 break;
-            }
-            sent += n as u64;
-            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
             }
         }
         let _ = client.shutdown(Shutdown::Write);
@@ -84,5 +105,31 @@ fn relay(client: TcpStream, server: TcpStream, rate: u64) {
 impl Drop for SlowLink {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_share_the_rate_and_idle_time_is_not_saved_up() {
+        let budget = Budget {
+            rate: 1000,
+            started: Instant::now(),
+            sent: Mutex::new(0),
+        };
+        // Two connections' chunks queue behind each other: 0.5 s, then 1 s.
+        let first = budget.book(500);
+        let second = budget.book(500);
+        assert!(first <= Duration::from_millis(500) && first > Duration::from_millis(400));
+        assert!(second > Duration::from_millis(900), "{second:?}");
+        // A link idle for a while starts again from now, not from a credit.
+        let idle = Budget {
+            rate: 1000,
+            started: Instant::now() - Duration::from_secs(10),
+            sent: Mutex::new(0),
+        };
+        assert!(idle.book(500) > Duration::from_millis(400));
     }
 }

@@ -1,0 +1,678 @@
+//! The agent's per-image ledger: what each (NodeImageSet, image) entry asks
+//! for, where its pull stands, and what to do next. Pure: no I/O, time comes
+//! in as an argument; the loop in `work.rs` carries out the actions.
+//!
+//! No state is terminal. A pull that gave up is `Failed` with a time to try
+//! again (capped exponential backoff), and is started at once when its entry
+//! changes (a seed turned into a Mirror entry, a digest pinned). An entry that
+//! disappears aborts its pull, and nothing is reported for it afterwards.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use crd::{NodeImage, NodeImageStatus, PullSource, PullState, RegistryPolicy, SecretReference};
+
+/// (NodeImageSet name, image as listed).
+pub type Key = (String, String);
+
+/// What one entry of a NodeImageSet asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Want {
+    /// The set's uid: a set deleted and created again under the same name is a new entry.
+    pub set_uid: String,
+    pub entry: NodeImage,
+    pub retry_limit: i32,
+    pub secrets: Vec<SecretReference>,
+    /// The `traceparent` of the controller span that wrote the set.
+    pub trace: Option<String>,
+}
+
+/// One entry as the loop read it from a set: what it asks for, and what the
+/// set's status already says about it (adopted once, after a restart).
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub key: Key,
+    pub want: Want,
+    pub reported: Option<NodeImageStatus>,
+}
+
+/// Why an attempt or a pull failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub message: String,
+    /// Machine-readable cause (`NotFound`, `SecretNotFound`, ...).
+    pub reason: String,
+}
+
+/// A finished pull.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Present {
+    pub digest: String,
+    pub size: Option<i64>,
+    pub duration: Duration,
+}
+
+/// Where an entry stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum State {
+    Pulling {
+        attempts: i32,
+        last: Option<Failure>,
+    },
+    Available {
+        present: Present,
+        attempts: i32,
+        /// The policy it was pulled with.
+        policy: RegistryPolicy,
+    },
+    /// Gave up after the retry limit; started again at `retry_at`.
+    Failed {
+        failure: Failure,
+        attempts: i32,
+        retry_at: Instant,
+    },
+}
+
+/// What the loop must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Start a pull task for the entry (none is running for it).
+    Start(Key, Want),
+    /// Stop the entry's pull task.
+    Abort(Key),
+    /// Drop the GC pin of the image (stored under this name): no entry wants it.
+    Release(String),
+    /// Write this set's status.
+    Report(String),
+}
+
+/// Backoff between a Failed entry's rounds of pulls.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub first: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            first: Duration::from_secs(30),
+            cap: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait after the `n`-th failed round (1-based): first, 2×, 4×, … up to the cap.
+    pub fn after(&self, n: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(n.saturating_sub(1).min(16))
+            .unwrap_or(u32::MAX);
+        self.first.saturating_mul(factor).min(self.cap)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    want: Want,
+    state: State,
+    /// Rounds that ended Failed since the entry last changed.
+    failed_rounds: u32,
+}
+
+/// The ledger of every entry of this node's sets.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    records: HashMap<Key, Record>,
+    backoff: Backoff,
+}
+
+/// The name an image is stored under (what kubelet asks for).
+pub fn store_name(image: &str) -> String {
+    crd::reference::parse(image)
+        .map(|r| r.canonical())
+        .unwrap_or_else(|_| image.to_string())
+}
+
+impl Ledger {
+    pub fn new(backoff: Backoff) -> Self {
+        Ledger {
+            records: HashMap::new(),
+            backoff,
+        }
+    }
+
+    /// The sets as they are now: starts what is new, changed or due for a
+    /// retry; aborts and forgets what is no longer listed.
+    pub fn observe(&mut self, listed: Vec<Listed>, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let wanted: HashMap<Key, &Listed> = listed.iter().map(|l| (l.key.clone(), l)).collect();
+        // Withdrawn entries: their set was deleted, or the entry removed.
+        let mut withdrawn: Vec<Key> = self
+            .records
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        withdrawn.sort();
+        let mut released = BTreeSet::new();
+        for key in withdrawn {
+            let record = self.records.remove(&key).expect("listed above");
+            if matches!(record.state, State::Pulling { .. }) {
+                actions.push(Action::Abort(key.clone()));
+            }
+            released.insert(store_name(&key.1));
+        }
+        // An image stays pinned while any entry, of any set, still wants it.
+        for name in released {
+            if !listed.iter().any(|l| store_name(&l.key.1) == name) {
+                actions.push(Action::Release(name));
+            }
+        }
+        let mut keys: Vec<&Key> = wanted.keys().collect();
+        keys.sort();
+        for key in keys {
+            let l = wanted[key];
+            match self.records.get(key) {
+                None => {
+                    if let Some(r) = adoptable(l) {
+                        self.records.insert(key.clone(), adopted(l, r));
+                        continue;
+                    }
+                    actions.extend(self.start(l));
+                }
+                // Changed (policy, pinned digest, a set re-created): start over.
+                Some(r) if r.want.entry != l.want.entry || r.want.set_uid != l.want.set_uid => {
+                    if matches!(r.state, State::Pulling { .. }) {
+                        actions.push(Action::Abort(key.clone()));
+                    }
+                    actions.extend(self.start(l));
+                }
+                Some(r) => {
+                    let due = matches!(r.state, State::Failed { retry_at, .. } if now >= retry_at);
+                    // Secrets and trace may change without restarting a pull.
+                    let rounds = r.failed_rounds;
+                    if let Some(r) = self.records.get_mut(key) {
+                        r.want = l.want.clone();
+                    }
+                    if due {
+                        actions.extend(self.start(l));
+                        if let Some(r) = self.records.get_mut(key) {
+                            r.failed_rounds = rounds;
+                        }
+                    }
+                }
+            }
+        }
+        actions
+    }
+
+    fn start(&mut self, l: &Listed) -> Vec<Action> {
+        self.records.insert(
+            l.key.clone(),
+            Record {
+                want: l.want.clone(),
+                state: State::Pulling {
+                    attempts: 0,
+                    last: None,
+                },
+                failed_rounds: 0,
+            },
+        );
+        vec![
+            Action::Start(l.key.clone(), l.want.clone()),
+            Action::Report(l.key.0.clone()),
+        ]
+    }
+
+    /// An attempt of the entry's pull failed; it goes on retrying.
+    pub fn attempt_failed(&mut self, key: &Key, attempts: i32, failure: Failure) -> Vec<Action> {
+        match self.records.get_mut(key) {
+            Some(Record {
+                state: State::Pulling { .. },
+                ..
+            }) => {
+                let r = self.records.get_mut(key).expect("matched");
+                r.state = State::Pulling {
+                    attempts,
+                    last: Some(failure),
+                };
+                vec![Action::Report(key.0.clone())]
+            }
+            _ => vec![],
+        }
+    }
+
+    /// The entry's pull task ended. Nothing is reported for an entry that is
+    /// gone or was restarted since (its task was aborted).
+    pub fn finished(
+        &mut self,
+        key: &Key,
+        want: &Want,
+        result: Result<(Present, i32), (Failure, i32)>,
+        now: Instant,
+    ) -> Vec<Action> {
+        let backoff = self.backoff;
+        let Some(r) = self.records.get_mut(key) else {
+            return vec![];
+        };
+        if r.want.entry != want.entry
+            || r.want.set_uid != want.set_uid
+            || !matches!(r.state, State::Pulling { .. })
+        {
+            return vec![];
+        }
+        r.state = match result {
+            Ok((present, attempts)) => {
+                r.failed_rounds = 0;
+                State::Available {
+                    present,
+                    attempts,
+                    policy: want.entry.registry_policy,
+                }
+            }
+            Err((failure, attempts)) => {
+                r.failed_rounds += 1;
+                State::Failed {
+                    failure,
+                    attempts,
+                    retry_at: now + backoff.after(r.failed_rounds),
+                }
+            }
+        };
+        vec![Action::Report(key.0.clone())]
+    }
+
+    /// containerd no longer has the image stored as `name`: the entries
+    /// that had it pull it again.
+    pub fn gone_from_node(&mut self, name: &str) -> Vec<Action> {
+        let mut keys: Vec<Key> = self
+            .records
+            .iter()
+            .filter(|(k, r)| store_name(&k.1) == name && matches!(r.state, State::Available { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        let mut actions = Vec::new();
+        for key in keys {
+            let want = self.records[&key].want.clone();
+            actions.extend(self.start(&Listed {
+                key,
+                want,
+                reported: None,
+            }));
+        }
+        actions
+    }
+
+    /// Names of the images the ledger holds as present.
+    pub fn present(&self) -> BTreeSet<String> {
+        self.records
+            .iter()
+            .filter(|(_, r)| matches!(r.state, State::Available { .. }))
+            .map(|(k, _)| store_name(&k.1))
+            .collect()
+    }
+
+    /// When the next Failed entry is due to be tried again.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.records
+            .values()
+            .filter_map(|r| match r.state {
+                State::Failed { retry_at, .. } => Some(retry_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    pub fn state(&self, key: &Key) -> Option<&State> {
+        self.records.get(key).map(|r| &r.state)
+    }
+
+    /// What the set's status says about `image`, as the agent reports it.
+    pub fn status(&self, key: &Key) -> Option<NodeImageStatus> {
+        let r = self.records.get(key)?;
+        let mut s = NodeImageStatus::new(&key.1, PullState::Pulling, 0);
+        match &r.state {
+            State::Pulling { attempts, last } => {
+                s.attempts = *attempts;
+                if let Some(f) = last {
+                    s.last_error = Some(f.message.clone());
+                    s.reason = Some(f.reason.clone());
+                }
+            }
+            State::Available {
+                present,
+                attempts,
+                policy,
+            } => {
+                s.state = PullState::Available;
+                s.attempts = *attempts;
+                s.digest = Some(present.digest.clone());
+                s.size_bytes = present.size;
+                s.pull_duration_millis = Some(present.duration.as_millis() as i64);
+                s.source = Some(match policy {
+                    RegistryPolicy::Default => PullSource::Upstream,
+                    RegistryPolicy::Mirror => PullSource::Mirror,
+                });
+            }
+            State::Failed {
+                failure, attempts, ..
+            } => {
+                s.state = PullState::Failed;
+                s.attempts = *attempts;
+                s.last_error = Some(failure.message.clone());
+                s.reason = Some(failure.reason.clone());
+            }
+        }
+        Some(s)
+    }
+}
+
+/// The reported status of a listed entry that says the image is present (at
+/// the pinned digest, when there is one): taken as it stands after a restart.
+fn adoptable(l: &Listed) -> Option<&NodeImageStatus> {
+    let r = l.reported.as_ref()?;
+    let pinned_ok = l.want.entry.digest.is_none() || l.want.entry.digest == r.digest;
+    (r.state == PullState::Available && pinned_ok && r.digest.is_some()).then_some(r)
+}
+
+fn adopted(l: &Listed, r: &NodeImageStatus) -> Record {
+    Record {
+        want: l.want.clone(),
+        state: State::Available {
+            present: Present {
+                digest: r.digest.clone().unwrap_or_default(),
+                size: r.size_bytes,
+                duration: Duration::from_millis(r.pull_duration_millis.unwrap_or(0).max(0) as u64),
+            },
+            attempts: r.attempts,
+            policy: match r.source {
+                Some(PullSource::Mirror) => RegistryPolicy::Mirror,
+                _ => l.want.entry.registry_policy,
+            },
+        },
+        failed_rounds: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IMG: &str = "registry.example.com/team/app:1";
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn want(uid: &str, policy: RegistryPolicy, digest: Option<&str>) -> Want {
+        Want {
+            set_uid: uid.into(),
+            entry: NodeImage {
+                name: IMG.into(),
+                registry_policy: policy,
+                digest: digest.map(str::to_string),
+            },
+            retry_limit: 3,
+            secrets: vec![],
+            trace: None,
+        }
+    }
+
+    fn listed(set: &str, w: &Want) -> Listed {
+        Listed {
+            key: (set.into(), IMG.into()),
+            want: w.clone(),
+            reported: None,
+        }
+    }
+
+    fn key(set: &str) -> Key {
+        (set.into(), IMG.into())
+    }
+
+    fn present() -> Present {
+        Present {
+            digest: D.into(),
+            size: Some(10),
+            duration: Duration::from_millis(5),
+        }
+    }
+
+    fn failure(reason: &str) -> Failure {
+        Failure {
+            message: format!("{reason} happened"),
+            reason: reason.into(),
+        }
+    }
+
+    fn starts(actions: &[Action]) -> usize {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Start(..)))
+            .count()
+    }
+
+    #[test]
+    fn a_new_entry_starts_and_reports() {
+        let mut l = Ledger::default();
+        let w = want("u1", RegistryPolicy::Default, None);
+        let now = Instant::now();
+        let a = l.observe(vec![listed("s", &w)], now);
+        assert_eq!(
+            a,
+            [
+                Action::Start(key("s"), w.clone()),
+                Action::Report("s".into())
+            ]
+        );
+        assert!(
+            l.observe(vec![listed("s", &w)], now).is_empty(),
+            "nothing twice"
+        );
+        let a = l.finished(&key("s"), &w, Ok((present(), 1)), now);
+        assert_eq!(a, [Action::Report("s".into())]);
+        let s = l.status(&key("s")).unwrap();
+        assert_eq!(s.state, PullState::Available);
+        assert_eq!(s.source, Some(PullSource::Upstream));
+        assert_eq!(l.present(), [store_name(IMG)].into());
+    }
+
+    #[test]
+    fn failed_is_retried_after_a_capped_backoff() {
+        let mut l = Ledger::new(Backoff {
+            first: Duration::from_secs(30),
+            cap: Duration::from_secs(120),
+        });
+        let w = want("u1", RegistryPolicy::Default, None);
+        let t0 = Instant::now();
+        l.observe(vec![listed("s", &w)], t0);
+        l.finished(&key("s"), &w, Err((failure("NotFound"), 4)), t0);
+        assert_eq!(l.status(&key("s")).unwrap().state, PullState::Failed);
+        assert_eq!(l.next_retry(), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(
+            starts(&l.observe(vec![listed("s", &w)], t0 + Duration::from_secs(29))),
+            0
+        );
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(starts(&l.observe(vec![listed("s", &w)], t1)), 1);
+        // Failing again doubles the wait, up to the cap.
+        l.finished(&key("s"), &w, Err((failure("NotFound"), 4)), t1);
+        assert_eq!(l.next_retry(), Some(t1 + Duration::from_secs(60)));
+        let t2 = t1 + Duration::from_secs(60);
+        l.observe(vec![listed("s", &w)], t2);
+        l.finished(&key("s"), &w, Err((failure("NotFound"), 4)), t2);
+        assert_eq!(l.next_retry(), Some(t2 + Duration::from_secs(120)));
+        let t3 = t2 + Duration::from_secs(120);
+        l.observe(vec![listed("s", &w)], t3);
+        l.finished(&key("s"), &w, Err((failure("NotFound"), 4)), t3);
+        assert_eq!(
+            l.next_retry(),
+            Some(t3 + Duration::from_secs(120)),
+            "capped"
+        );
+        // Then it works: Available, no retry pending.
+        let t4 = t3 + Duration::from_secs(120);
+        l.observe(vec![listed("s", &w)], t4);
+        l.finished(&key("s"), &w, Ok((present(), 1)), t4);
+        assert_eq!(l.next_retry(), None);
+    }
+
+    #[test]
+    fn default_turned_mirror_while_failed_starts_at_once() {
+        let mut l = Ledger::default();
+        let seed = want("u1", RegistryPolicy::Default, None);
+        let now = Instant::now();
+        l.observe(vec![listed("s", &seed)], now);
+        l.finished(
+            &key("s"),
+            &seed,
+            Err((failure("RegistryUnreachable"), 4)),
+            now,
+        );
+        let mirror = want("u1", RegistryPolicy::Mirror, Some(D));
+        let a = l.observe(vec![listed("s", &mirror)], now);
+        assert_eq!(a[0], Action::Start(key("s"), mirror.clone()));
+        assert!(!a.contains(&Action::Abort(key("s"))), "nothing was running");
+        l.finished(&key("s"), &mirror, Ok((present(), 1)), now);
+        assert_eq!(
+            l.status(&key("s")).unwrap().source,
+            Some(PullSource::Mirror)
+        );
+    }
+
+    #[test]
+    fn deleted_mid_pull_aborts_releases_and_reports_nothing_after() {
+        let mut l = Ledger::default();
+        let w = want("u1", RegistryPolicy::Default, None);
+        let now = Instant::now();
+        l.observe(vec![listed("s", &w)], now);
+        let a = l.observe(vec![], now);
+        assert_eq!(
+            a,
+            [Action::Abort(key("s")), Action::Release(store_name(IMG))]
+        );
+        assert!(
+            l.finished(&key("s"), &w, Ok((present(), 1)), now)
+                .is_empty(),
+            "no status write to a deleted set"
+        );
+        assert!(l.status(&key("s")).is_none());
+    }
+
+    #[test]
+    fn recreated_with_a_new_uid_starts_over() {
+        let mut l = Ledger::default();
+        let old = want("u1", RegistryPolicy::Default, None);
+        let now = Instant::now();
+        l.observe(vec![listed("s", &old)], now);
+        let new = want("u2", RegistryPolicy::Default, None);
+        let a = l.observe(vec![listed("s", &new)], now);
+        assert_eq!(a[0], Action::Abort(key("s")));
+        assert_eq!(a[1], Action::Start(key("s"), new.clone()));
+        // The old task's late result is not taken for the new entry.
+        assert!(
+            l.finished(&key("s"), &old, Ok((present(), 1)), now)
+                .is_empty()
+        );
+        assert_eq!(l.status(&key("s")).unwrap().state, PullState::Pulling);
+    }
+
+    #[test]
+    fn digest_pinned_after_the_pull_started_restarts_it() {
+        let mut l = Ledger::default();
+        let now = Instant::now();
+        let tag = want("u1", RegistryPolicy::Mirror, None);
+        l.observe(vec![listed("s", &tag)], now);
+        let pinned = want("u1", RegistryPolicy::Mirror, Some(D));
+        let a = l.observe(vec![listed("s", &pinned)], now);
+        assert_eq!(
+            &a[..2],
+            [Action::Abort(key("s")), Action::Start(key("s"), pinned)]
+        );
+    }
+
+    #[test]
+    fn a_secret_appearing_later_is_picked_up_by_the_retry() {
+        let mut l = Ledger::default();
+        let now = Instant::now();
+        let w = want("u1", RegistryPolicy::Default, None);
+        l.observe(vec![listed("s", &w)], now);
+        l.attempt_failed(&key("s"), 1, failure("SecretNotFound"));
+        let s = l.status(&key("s")).unwrap();
+        assert_eq!(
+            (s.state, s.reason.as_deref()),
+            (PullState::Pulling, Some("SecretNotFound"))
+        );
+        l.finished(&key("s"), &w, Err((failure("SecretNotFound"), 4)), now);
+        // The secret now exists: the next round (read afresh) succeeds.
+        let later = now + Backoff::default().first;
+        assert_eq!(starts(&l.observe(vec![listed("s", &w)], later)), 1);
+        l.finished(&key("s"), &w, Ok((present(), 1)), later);
+        assert_eq!(l.status(&key("s")).unwrap().state, PullState::Available);
+    }
+
+    #[test]
+    fn two_sets_wanting_one_image_release_it_only_when_both_are_gone() {
+        let mut l = Ledger::default();
+        let now = Instant::now();
+        let w = want("u1", RegistryPolicy::Default, None);
+        let w2 = want("u2", RegistryPolicy::Mirror, Some(D));
+        let a = l.observe(vec![listed("a", &w), listed("b", &w2)], now);
+        assert_eq!(starts(&a), 2);
+        l.finished(&key("a"), &w, Ok((present(), 1)), now);
+        l.finished(&key("b"), &w2, Ok((present(), 1)), now);
+        let a = l.observe(vec![listed("b", &w2)], now);
+        assert!(a.is_empty(), "b still wants it: {a:?}");
+        let a = l.observe(vec![], now);
+        assert_eq!(a, [Action::Release(store_name(IMG))]);
+    }
+
+    #[test]
+    fn a_reported_present_image_is_adopted_after_a_restart() {
+        let mut l = Ledger::default();
+        let w = want("u1", RegistryPolicy::Mirror, Some(D));
+        let mut reported = NodeImageStatus::new(IMG, PullState::Available, 1);
+        reported.digest = Some(D.into());
+        reported.source = Some(PullSource::Mirror);
+        let a = l.observe(
+            vec![Listed {
+                key: key("s"),
+                want: w.clone(),
+                reported: Some(reported.clone()),
+            }],
+            Instant::now(),
+        );
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(l.status(&key("s")).unwrap().state, PullState::Available);
+        // Deleted from the node: pulled again.
+        let a = l.gone_from_node(&store_name(IMG));
+        assert_eq!(a[0], Action::Start(key("s"), w));
+    }
+
+    #[test]
+    fn a_report_at_another_digest_is_not_adopted() {
+        let mut l = Ledger::default();
+        let w = want("u1", RegistryPolicy::Mirror, Some(D));
+        let mut reported = NodeImageStatus::new(IMG, PullState::Available, 1);
+        reported.digest = Some("sha256:other".into());
+        let a = l.observe(
+            vec![Listed {
+                key: key("s"),
+                want: w,
+                reported: Some(reported),
+            }],
+            Instant::now(),
+        );
+        assert_eq!(starts(&a), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let b = Backoff {
+            first: Duration::from_secs(30),
+            cap: Duration::from_secs(300),
+        };
+        let waits: Vec<u64> = (1..=6).map(|n| b.after(n).as_secs()).collect();
+        assert_eq!(waits, [30, 60, 120, 240, 300, 300]);
+        assert_eq!(b.after(1000), Duration::from_secs(300));
+    }
+}

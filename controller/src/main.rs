@@ -13,6 +13,8 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --retry-limit N                imageDownloadRetryLimit for nodes (default 3)
   --wave-cap N                   most mirror pulls of one image at once (default 32)
   --seed-deadline-seconds S      replace a seed without the image after S (default 900)
+  --seed-cooldown-seconds S      a node that failed as seed is not chosen again for S,
+                                 doubling at each failure up to 10x (default 30)
   --not-ready-grace-seconds S    keep a NotReady node selected for S (default 300)
   --no-sequencing                every node pulls from the registry at once
                                  (for comparison only: defeats the point)
@@ -36,6 +38,10 @@ fn parse_args() -> Config {
             "--retry-limit" => config.retry_limit = args.number(&flag) as i32,
             "--wave-cap" => config.policy.wave_cap = args.number(&flag).max(1) as usize,
             "--seed-deadline-seconds" => config.policy.seed_deadline = args.seconds(&flag),
+            "--seed-cooldown-seconds" => {
+                config.policy.seed_cooldown = args.seconds(&flag);
+                config.policy.seed_cooldown_cap = config.policy.seed_cooldown * 10;
+            }
             "--not-ready-grace-seconds" => config.not_ready_grace = args.seconds(&flag),
             "--no-sequencing" => config.policy.sequencing = false,
             "--leader-elect" => {

@@ -34,6 +34,10 @@ pub struct Settings {
     pub wave_cap: usize,
     /// A seed that has not made the image Available by then is replaced.
     pub seed_deadline: Duration,
+    /// A node that failed or stalled as seed is not chosen again for this
+    /// long; doubled at each failure, up to `seed_cooldown_cap`.
+    pub seed_cooldown: Duration,
+    pub seed_cooldown_cap: Duration,
 }
 
 impl Default for Settings {
@@ -42,6 +46,8 @@ impl Default for Settings {
             sequencing: true,
             wave_cap: 32,
             seed_deadline: Duration::from_secs(15 * 60),
+            seed_cooldown: Duration::from_secs(30),
+            seed_cooldown_cap: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -145,7 +151,26 @@ struct Claim {
 #[derive(Debug, Default)]
 pub struct SeedBook {
     claims: HashMap<(String, String), Claim>,
-    excluded: HashSet<(String, String)>,
+    /// (image key, node) that failed or stalled as seed: not chosen again
+    /// until the cool-down ends. Never for ever.
+    excluded: HashMap<(String, String), Exclusion>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Exclusion {
+    until: Instant,
+    /// How often the node failed as seed of the image.
+    times: u32,
+}
+
+/// No seed can be chosen for an image in a sequencing group: every
+/// candidate failed recently. Tried again at `retry_at`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Blocked {
+    pub image: String,
+    pub group: String,
+    pub nodes: Vec<String>,
+    pub retry_at: Instant,
 }
 
 impl SeedBook {
@@ -161,9 +186,10 @@ impl SeedBook {
         ours: &[&String],
         facts: &ImageFacts,
         view: &ClusterView,
-        deadline: Duration,
+        settings: &Settings,
         now: Instant,
-    ) -> Option<(String, bool)> {
+    ) -> Result<(String, bool), Option<Blocked>> {
+        let deadline = settings.seed_deadline;
         let slot = (key.to_string(), zone.to_string());
         if let Some(claim) = self.claims.get(&slot).cloned() {
             let failed = facts.seeding.get(&claim.node) == Some(&Some(PullState::Failed));
@@ -174,31 +200,63 @@ impl SeedBook {
                 && !facts.seeding.contains_key(&claim.node)
                 && now.saturating_duration_since(claim.since) > CLAIM_SETTLE;
             if failed || stalled {
-                self.excluded.insert((key.to_string(), claim.node.clone()));
+                let e = self
+                    .excluded
+                    .entry((key.to_string(), claim.node.clone()))
+                    .or_insert(Exclusion {
+                        until: now,
+                        times: 0,
+                    });
+                e.times += 1;
+                let factor = 1u32 << (e.times - 1).min(16);
+                e.until = now
+                    + settings
+                        .seed_cooldown
+                        .saturating_mul(factor)
+                        .min(settings.seed_cooldown_cap);
             }
             if failed || stalled || gone || orphaned {
                 self.claims.remove(&slot);
             } else {
-                return Some((claim.node, false));
+                return Ok((claim.node, false));
             }
         }
+        let cooling = |node: &String| {
+            self.excluded
+                .get(&(key.to_string(), node.clone()))
+                .filter(|e| now < e.until)
+                .map(|e| e.until)
+        };
         let eligible = |node: &String| {
             view.usable.contains(node)
                 && view.group(node) == zone
-                && !self.excluded.contains(&(key.to_string(), node.clone()))
+                && cooling(node).is_none()
                 && facts.seeding.get(node) != Some(&Some(PullState::Failed))
         };
         let adopted = facts.seeding.keys().find(|n| eligible(n)).cloned();
-        let (node, new) = match adopted {
-            Some(n) => (n, false),
-            None => (
-                ours.iter()
-                    .copied()
-                    .filter(|n| eligible(n))
-                    .max_by_key(|n| score(key, n))?
-                    .clone(),
-                true,
-            ),
+        let chosen = match adopted {
+            Some(n) => Some((n, false)),
+            None => ours
+                .iter()
+                .copied()
+                .filter(|n| eligible(n))
+                .max_by_key(|n| score(key, n))
+                .map(|n| (n.clone(), true)),
+        };
+        let Some((node, new)) = chosen else {
+            // Every usable candidate is cooling down: say so, and when.
+            let candidates: Vec<&String> = ours
+                .iter()
+                .copied()
+                .filter(|n| view.usable.contains(*n) && view.group(n) == zone)
+                .collect();
+            let retry_at = candidates.iter().filter_map(|n| cooling(n)).min();
+            return Err(retry_at.map(|retry_at| Blocked {
+                image: key.to_string(),
+                group: zone.to_string(),
+                nodes: candidates.iter().map(|n| n.to_string()).collect(),
+                retry_at,
+            }));
         };
         self.claims.insert(
             slot,
@@ -207,7 +265,7 @@ impl SeedBook {
                 since: now,
             },
         );
-        Some((node, new))
+        Ok((node, new))
     }
 
     /// Whether a seed of `key` is claimed in another group of `group`'s
@@ -222,7 +280,7 @@ impl SeedBook {
     /// The image is on some node of the zone: no seed is needed any more.
     fn settle(&mut self, key: &str, zone: &str) {
         self.claims.remove(&(key.to_string(), zone.to_string()));
-        self.excluded.retain(|(k, _)| k != key);
+        self.excluded.retain(|(k, _), _| k != key);
     }
 
     /// The node currently claimed as seed of `image` in `zone`, if any.
@@ -240,6 +298,8 @@ pub struct Plan {
     pub entries: BTreeMap<String, Vec<NodeImage>>,
     /// (image, node) pairs that became a seed in this plan.
     pub new_seeds: Vec<(String, String)>,
+    /// Images that have no seed in some group until a cool-down ends.
+    pub blocked: Vec<Blocked>,
 }
 
 /// Decides the entries of one ImagePrefetch (`images` onto `nodes`).
@@ -255,6 +315,7 @@ pub fn plan(
     let mut entries: BTreeMap<String, Vec<NodeImage>> =
         nodes.iter().map(|n| (n.clone(), Vec::new())).collect();
     let mut new_seeds = Vec::new();
+    let mut blocked = Vec::new();
     let mut groups: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
     for n in nodes {
         groups.entry(view.group(n)).or_default().push(n);
@@ -329,11 +390,21 @@ pub fn plan(
                     }
                 }
             } else {
-                let seed = book.seed(&key, zone, ours, facts, view, settings.seed_deadline, now);
-                if let Some((node, true)) = &seed {
-                    new_seeds.push((image.clone(), node.clone()));
-                }
-                let seed = seed.map(|(n, _)| n);
+                let seed = match book.seed(&key, zone, ours, facts, view, settings, now) {
+                    Ok((node, new)) => {
+                        if new {
+                            new_seeds.push((image.clone(), node.clone()));
+                        }
+                        Some(node)
+                    }
+                    Err(why) => {
+                        blocked.extend(why.map(|b| Blocked {
+                            image: image.clone(),
+                            ..b
+                        }));
+                        None
+                    }
+                };
                 for n in ours {
                     let out = entries.get_mut(*n).expect("selected");
                     match current.get(n, &key) {
@@ -352,7 +423,11 @@ pub fn plan(
             }
         }
     }
-    Plan { entries, new_seeds }
+    Plan {
+        entries,
+        new_seeds,
+        blocked,
+    }
 }
 
 /// The digest Mirror nodes pull: none when the reference has one already,
@@ -610,6 +685,59 @@ mod tests {
         sim.step(&[IMG]);
         sim.step(&[IMG]);
         assert!(!sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+    }
+
+    #[test]
+    fn a_one_node_pool_whose_seed_failed_says_when_and_tries_again() {
+        let mut sim = Sim::new(1);
+        sim.step(&[IMG]);
+        let node = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.report(&node, IMG, PullState::Failed);
+        let plan = sim.step(&[IMG]);
+        assert_eq!(
+            sim.policy_of(&node, IMG),
+            None,
+            "no seed while it cools down"
+        );
+        let cooldown = sim.settings.seed_cooldown;
+        assert_eq!(
+            plan.blocked,
+            [Blocked {
+                image: IMG.into(),
+                group: "".into(),
+                nodes: vec![node.clone()],
+                retry_at: sim.start + sim.clock + cooldown,
+            }]
+        );
+        // After the cool-down the node is the seed again: nothing is terminal.
+        sim.clock += cooldown;
+        let plan = sim.step(&[IMG]);
+        assert!(plan.blocked.is_empty());
+        assert_eq!(
+            sim.with_policy(IMG, RegistryPolicy::Default),
+            [node.clone()]
+        );
+        // Failing again doubles the cool-down, up to its cap.
+        sim.report(&node, IMG, PullState::Failed);
+        let plan = sim.step(&[IMG]);
+        assert_eq!(
+            plan.blocked[0].retry_at,
+            sim.start + sim.clock + cooldown * 2
+        );
+        for _ in 0..10 {
+            sim.clock = plan_retry(&sim.step(&[IMG])).unwrap_or(sim.start + sim.clock) - sim.start;
+            sim.step(&[IMG]);
+            sim.report(&node, IMG, PullState::Failed);
+        }
+        let plan = sim.step(&[IMG]);
+        assert_eq!(
+            plan.blocked[0].retry_at,
+            sim.start + sim.clock + sim.settings.seed_cooldown_cap
+        );
+    }
+
+    fn plan_retry(plan: &Plan) -> Option<Instant> {
+        plan.blocked.iter().map(|b| b.retry_at).min()
     }
 
     #[test]

@@ -308,10 +308,21 @@ async fn apply(
     }
 
     let refs: Vec<&SetView> = current.iter().collect();
+    let at = Instant::now();
+    let no_seed: Vec<status::NoSeed> = plan
+        .blocked
+        .iter()
+        .map(|b| status::NoSeed {
+            image: b.image.clone(),
+            nodes: b.nodes.clone(),
+            retry_in: b.retry_at.saturating_duration_since(at),
+        })
+        .collect();
     let inputs = Inputs {
         desired: selection.nodes.len(),
         insufficient: selection.insufficient,
         not_allowed: &not_allowed,
+        no_seed: &no_seed,
     };
     let status = status::compute(p, &inputs, &refs, now);
     let progressing = status
@@ -333,8 +344,12 @@ async fn apply(
             .await?;
         ctx.wrote();
     }
+    // Back when the first cool-down ends: a blocked image gets its seed then.
+    let next_seed = no_seed.iter().map(|n| n.retry_in).min();
     Ok(Action::requeue(
-        RESYNC.min(ctx.config.policy.seed_deadline / 2),
+        RESYNC
+            .min(ctx.config.policy.seed_deadline / 2)
+            .min(next_seed.unwrap_or(RESYNC).max(Duration::from_secs(1))),
     ))
 }
 
@@ -356,7 +371,13 @@ async fn announce(
             .map(|c| (c.reason.clone(), c.message.clone()))
     };
     if let Some((reason, message)) = degraded(Some(status))
-        && ["RegistryNotAllowed", "NoMatchingNodes", "InsufficientNodes"].contains(&reason.as_str())
+        && [
+            "RegistryNotAllowed",
+            "NoMatchingNodes",
+            "InsufficientNodes",
+            "NoSeedAvailable",
+        ]
+        .contains(&reason.as_str())
         && degraded(before).map(|(r, _)| r) != Some(reason.clone())
     {
         publish(ctx, p, EventType::Warning, &reason, message).await;

@@ -16,6 +16,17 @@ pub struct Inputs<'a> {
     pub insufficient: Option<(usize, usize)>,
     /// Images the allow-list refuses.
     pub not_allowed: &'a [String],
+    /// Images no node can seed for now (every candidate failed recently).
+    pub no_seed: &'a [NoSeed],
+}
+
+/// An image without a seed until a cool-down ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoSeed {
+    pub image: String,
+    /// The candidates, all cooling down after failing as seed.
+    pub nodes: Vec<String>,
+    pub retry_in: std::time::Duration,
 }
 
 /// A node that gave up on an image.
@@ -107,7 +118,12 @@ pub fn compute<S: SetFacts>(
 
     let degraded = degraded_reason(inputs, &failures);
     let all_ready = desired > 0 && ready_nodes == desired && inputs.not_allowed.is_empty();
-    let moving = progress.iter().any(|p| p.pulling > 0 || p.waiting > 0);
+    // Waiting for a seed that cannot be chosen before a cool-down ends is
+    // not progress.
+    let blocked = |image: &str| inputs.no_seed.iter().any(|n| n.image == image);
+    let moving = progress
+        .iter()
+        .any(|p| p.pulling > 0 || (p.waiting > 0 && !blocked(&p.image)));
     let ready = if all_ready {
         cond(
             "Ready",
@@ -195,6 +211,19 @@ fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(String,
     if !failures.is_empty() {
         let all: Vec<&Failure> = failures.iter().collect();
         return Some(("PullFailed".into(), describe(&all)));
+    }
+    if let Some(first) = inputs.no_seed.first() {
+        let nodes = |n: &NoSeed| n.nodes.join(", ");
+        let mut message = format!(
+            "no node can fetch {} from its registry now: every candidate ({}) failed recently; trying again in {}s",
+            first.image,
+            nodes(first),
+            first.retry_in.as_secs().max(1)
+        );
+        if inputs.no_seed.len() > 1 {
+            message.push_str(&format!(" (and {} more images)", inputs.no_seed.len() - 1));
+        }
+        return Some(("NoSeedAvailable".into(), message));
     }
     if let Some((asked, have)) = inputs.insufficient {
         return Some((
@@ -353,6 +382,34 @@ mod tests {
     }
 
     #[test]
+    fn no_seed_is_degraded_with_the_nodes_and_the_retry_time() {
+        let waiting = set("n1", &[]);
+        let no_seed = [NoSeed {
+            image: "a".into(),
+            nodes: vec!["n1".into()],
+            retry_in: std::time::Duration::from_secs(45),
+        }];
+        let inp = Inputs {
+            desired: 1,
+            no_seed: &no_seed,
+            ..Default::default()
+        };
+        let st = compute(&prefetch(&["a"]), &inp, &[&waiting], time(10));
+        let degraded = cond(&st, "Degraded");
+        assert_eq!(degraded.reason, "NoSeedAvailable");
+        assert!(
+            degraded.message.contains("(n1)") && degraded.message.contains("45s"),
+            "{}",
+            degraded.message
+        );
+        assert_eq!(
+            cond(&st, "Ready").reason,
+            "NoSeedAvailable",
+            "nothing moves"
+        );
+    }
+
+    #[test]
     fn refused_registries_and_too_few_nodes_are_reported() {
         let refused = vec!["evil.example/x:1".to_string()];
         let done = set("n1", &[("a", PullState::Available, None)]);
@@ -360,6 +417,7 @@ mod tests {
             desired: 1,
             insufficient: Some((3, 1)),
             not_allowed: &refused,
+            no_seed: &[],
         };
         let st = compute(
             &prefetch(&["a", "evil.example/x:1"]),
@@ -387,6 +445,7 @@ mod tests {
             desired: 1,
             insufficient: Some((3, 1)),
             not_allowed: &[],
+            no_seed: &[],
         };
         let st = compute(&prefetch(&["a"]), &inp, &[&done], time(10));
         assert_eq!(cond(&st, "Degraded").reason, "InsufficientNodes");

@@ -156,3 +156,46 @@ async fn a_seed_whose_containerd_dies_mid_pull_is_replaced_and_the_rollout_compl
         "at most the dead seed's partial download more per blob: {counts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_node_pool_whose_image_is_pushed_late_becomes_ready_by_itself() {
+    let work = testbed::workdir::Workdir::new("e2e-fault-late");
+    // One attempt per round, and a 5 s cool-down before the node seeds again.
+    let controller = ["--retry-limit", "0", "--seed-cooldown-seconds", "5"];
+    let bed = bed(&work, &[("late-0", "amd64")], &controller).await;
+    let reference = format!("{}/team/late:1.0", bed.registry_host());
+    let started = Instant::now();
+    bed.prefetch("late", &[&reference]).await.unwrap();
+
+    // The tag does not exist yet: the rollout says so, with when it tries again.
+    let api: Api<crd::ImagePrefetch> = Api::namespaced(bed.client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let degraded = loop {
+        let p = api.get("late").await.unwrap();
+        let degraded = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+            .filter(|c| c.reason == "NoSeedAvailable")
+            .cloned();
+        if let Some(c) = degraded {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not Degraded within 60s: {:?}",
+            p.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(degraded.status, "True");
+    assert!(
+        degraded.message.contains("late-0") && degraded.message.contains("trying again in"),
+        "{}",
+        degraded.message
+    );
+
+    // Pushed at last: the next round finds it, with no restart of anything.
+    image(&bed, &work, "team/late", &[MB]);
+    bed.ready("late", "1/1", started, WITHIN).await.unwrap();
+}

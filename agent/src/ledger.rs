@@ -80,7 +80,10 @@ pub enum Action {
     Start(Key, Want),
     /// Stop the entry's pull task.
     Abort(Key),
-    /// Drop the GC pin of the image (stored under this name): no entry wants it.
+    /// Keep the image (stored under this name) from kubelet's garbage
+    /// collection: it is present and an entry wants it.
+    Pin(String),
+    /// Drop the agent's GC pin of the image: no entry wants it.
     Release(String),
     /// Write this set's status.
     Report(String),
@@ -262,9 +265,12 @@ impl Ledger {
         {
             return vec![];
         }
+        let mut actions = vec![Action::Report(key.0.clone())];
         r.state = match result {
             Ok((present, attempts)) => {
                 r.failed_rounds = 0;
+                // Pulled, or found already there: pinned either way.
+                actions.push(Action::Pin(store_name(&key.1)));
                 State::Available {
                     present,
                     attempts,
@@ -280,7 +286,7 @@ impl Ledger {
                 }
             }
         };
-        vec![Action::Report(key.0.clone())]
+        actions
     }
 
     /// containerd no longer has the image stored as `name`: the entries
@@ -469,7 +475,10 @@ mod tests {
             "nothing twice"
         );
         let a = l.finished(&key("s"), &w, Ok((present(), 1)), now);
-        assert_eq!(a, [Action::Report("s".into())]);
+        assert_eq!(
+            a,
+            [Action::Report("s".into()), Action::Pin(store_name(IMG))]
+        );
         let s = l.status(&key("s")).unwrap();
         assert_eq!(s.state, PullState::Available);
         assert_eq!(s.source, Some(PullSource::Upstream));

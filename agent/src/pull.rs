@@ -41,6 +41,9 @@ pub const K8S_NAMESPACE: &str = "k8s.io";
 /// collection from removing it while it is prefetched.
 pub const CRI_MANAGED: (&str, &str) = ("io.cri-containerd.image", "managed");
 pub const CRI_PINNED: (&str, &str) = ("io.cri-containerd.pinned", "pinned");
+/// Set beside CRI's pin when the agent pins: the agent removes only pins it
+/// set (a sandbox image CRI pinned stays pinned when a prefetch ends).
+pub const OWN_PIN: (&str, &str) = ("imageprefetch.io/pinned", "true");
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -229,7 +232,7 @@ impl Runtime {
                 ..Default::default()
             }),
         };
-        let labels: HashMap<String, String> = [CRI_MANAGED, CRI_PINNED]
+        let labels: HashMap<String, String> = [CRI_MANAGED, CRI_PINNED, OWN_PIN]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
@@ -440,14 +443,40 @@ impl Runtime {
     }
 
     /// Takes the kubelet-GC pin off `name` (when its ImagePrefetch is gone); the image stays.
+    /// Removes the pin from `name` if the agent set it; a pin someone else
+    /// set (CRI's, on its sandbox image) stays.
     pub async fn unpin(&self, name: &str) -> Result<(), PullError> {
         let Some(mut image) = self.stored(name).await? else {
             return Ok(());
         };
-        if image.labels.remove(CRI_PINNED.0).is_none() {
+        if image.labels.remove(OWN_PIN.0).is_none() {
             return Ok(());
         }
-        let paths = vec![format!("labels.{}", CRI_PINNED.0)];
+        image.labels.remove(CRI_PINNED.0);
+        let paths = [CRI_PINNED.0, OWN_PIN.0]
+            .iter()
+            .map(|l| format!("labels.{l}"))
+            .collect();
+        self.update_image(image, Some(paths)).await
+    }
+
+    /// Keeps `name` from kubelet's image garbage collection (an image the
+    /// agent found already there, or pulled through CRI), marking the pin as
+    /// the agent's. An image pinned already, by anyone, is left as it is.
+    pub async fn pin(&self, name: &str) -> Result<(), PullError> {
+        let Some(mut image) = self.stored(name).await? else {
+            return Ok(());
+        };
+        if image.labels.contains_key(CRI_PINNED.0) {
+            return Ok(());
+        }
+        for (k, v) in [CRI_PINNED, OWN_PIN] {
+            image.labels.insert(k.to_string(), v.to_string());
+        }
+        let paths = [CRI_PINNED.0, OWN_PIN.0]
+            .iter()
+            .map(|l| format!("labels.{l}"))
+            .collect();
         self.update_image(image, Some(paths)).await
     }
 

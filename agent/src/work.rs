@@ -242,6 +242,7 @@ impl Agent {
                         task.abort();
                     }
                 }
+                Action::Pin(name) => self.pin(name),
                 Action::Release(name) => self.release(name),
                 Action::Report(_) => {}
             }
@@ -351,6 +352,15 @@ impl Agent {
                 .get_or_create(&labels)
                 .inc_by(present.size.unwrap_or(0).max(0) as u64);
         }
+    }
+
+    fn pin(&self, name: String) {
+        let runtime = self.runtime.clone();
+        tokio::spawn(async move {
+            if let Err(e) = runtime.pin(&name).await {
+                warn!(image = %name, error = %e, "could not pin the image against garbage collection");
+            }
+        });
     }
 
     /// An image no entry asks for any more loses its GC pin (it stays on the

@@ -419,3 +419,111 @@ async fn metrics_count_pulls_and_bytes_by_source() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn pins_only_what_it_pinned() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-e2e-pins");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let ours = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "team/ours",
+        "1.0",
+        &[MB],
+    )
+    .unwrap();
+    let theirs = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "team/theirs",
+        "1.0",
+        &[MB],
+    )
+    .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
+    // Both already on the node before any prefetch; "theirs" pinned by
+    // someone else (as CRI pins its sandbox image).
+    for image in [&ours, &theirs] {
+        let hosts = node.hosts_dir.display().to_string();
+        ctr(
+            &node,
+            &[
+                "images",
+                "pull",
+                "--plain-http",
+                "--hosts-dir",
+                &hosts,
+                &image.reference,
+            ],
+        );
+    }
+    ctr(
+        &node,
+        &[
+            "images",
+            "label",
+            &theirs.reference,
+            "io.cri-containerd.pinned=pinned",
+        ],
+    );
+
+    let config = Config {
+        containerd_socket: node.socket.clone(),
+        node_hosts_dir: node.hosts_dir.clone(),
+        mirror_hosts_dir: dir.join("agent-hosts"),
+        ..Config::new("agent-node-pins")
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(work::run(client.clone(), config, async move {
+        let _ = stopped.await;
+    }));
+    let both = json!([
+        {"name": ours.reference, "registryPolicy": "Default"},
+        {"name": theirs.reference, "registryPolicy": "Default"},
+    ]);
+    set(&client, "agent-pins", "agent-node-pins", both, 0).await;
+    wait_status(&client, "agent-pins", "both confirmed", |s| {
+        s.available == 2
+    })
+    .await;
+    let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
+    let pinned = |labels: &std::collections::HashMap<String, String>| {
+        (
+            labels.contains_key("io.cri-containerd.pinned"),
+            labels.contains_key("imageprefetch.io/pinned"),
+        )
+    };
+    // Confirmed images are pinned too, and the agent marks its own pins.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while pinned(&runtime.labels(&ours.reference).await.unwrap()) != (true, true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "confirmed image not pinned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        pinned(&runtime.labels(&theirs.reference).await.unwrap()),
+        (true, false)
+    );
+
+    // Unlisted: the agent's pin comes off; the other pin stays.
+    set(&client, "agent-pins", "agent-node-pins", json!([]), 0).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while pinned(&runtime.labels(&ours.reference).await.unwrap()) != (false, false) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "own pin not released"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        pinned(&runtime.labels(&theirs.reference).await.unwrap()),
+        (true, false),
+        "a pin the agent did not set stays"
+    );
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

@@ -715,7 +715,7 @@ mod tests {
         assert!(plan.blocked.is_empty());
         assert_eq!(
             sim.with_policy(IMG, RegistryPolicy::Default),
-            [node.clone()]
+            std::slice::from_ref(&node)
         );
         // Failing again doubles the cool-down, up to its cap.
         sim.report(&node, IMG, PullState::Failed);

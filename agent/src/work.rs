@@ -82,14 +82,17 @@ pub enum Error {
     Pull(#[from] PullError),
 }
 
+/// How one entry's pull ended: what was pulled, or why not; and the attempts made.
+type PullResult = Result<(Pulled, i32), (Failure, i32)>;
+
 /// What a pull task tells the loop.
 enum Outcome {
+    /// An attempt failed; the task goes on retrying.
     Attempt {
         attempts: i32,
-        error: String,
-        reason: String,
+        failure: Failure,
     },
-    Done(Result<(Pulled, i32), (String, String, i32)>),
+    Done(PullResult),
 }
 
 /// A message from the pull task of `key`, started for `want`.
@@ -277,16 +280,8 @@ impl Agent {
     fn record(&mut self, key: &Key, want: &Want, outcome: Outcome) -> Vec<Action> {
         let now = Instant::now();
         match outcome {
-            Outcome::Attempt {
-                attempts,
-                error,
-                reason,
-            } => {
+            Outcome::Attempt { attempts, failure } => {
                 self.metrics.retries.inc();
-                let failure = Failure {
-                    message: error,
-                    reason,
-                };
                 self.ledger.attempt_failed(key, attempts, failure)
             }
             Outcome::Done(result) => {
@@ -303,9 +298,9 @@ impl Agent {
                             attempts,
                         ))
                     }
-                    Err((message, reason, attempts)) => {
-                        warn!(image = %key.1, error = %message, %reason, attempts, "giving up on image for now; it will be tried again");
-                        Err((Failure { message, reason }, attempts))
+                    Err((failure, attempts)) => {
+                        warn!(image = %key.1, error = %failure.message, reason = %failure.reason, attempts, "giving up on image for now; it will be tried again");
+                        Err((failure, attempts))
                     }
                 };
                 let counted = result.clone();
@@ -493,7 +488,7 @@ fn pull_span(wanted: &Want, node: &str) -> tracing::Span {
     span
 }
 
-fn record_outcome(span: &tracing::Span, outcome: &Result<(Pulled, i32), (String, String, i32)>) {
+fn record_outcome(span: &tracing::Span, outcome: &PullResult) {
     match outcome {
         Ok((pulled, attempts)) => {
             span.record("digest", pulled.digest.as_str());
@@ -508,12 +503,12 @@ fn record_outcome(span: &tracing::Span, outcome: &Result<(Pulled, i32), (String,
             };
             span.record("result", result);
         }
-        Err((error, reason, attempts)) => {
+        Err((failure, attempts)) => {
             span.record("attempts", attempts);
-            span.record("result", reason.as_str());
-            span.record("error.type", reason.as_str());
+            span.record("result", failure.reason.as_str());
+            span.record("error.type", failure.reason.as_str());
             span.record("otel.status_code", "ERROR");
-            span.record("otel.status_description", error.as_str());
+            span.record("otel.status_description", failure.message.as_str());
         }
     }
 }
@@ -530,7 +525,7 @@ struct Job {
 }
 
 impl Job {
-    async fn pull_with_retries(&self) -> Result<(Pulled, i32), (String, String, i32)> {
+    async fn pull_with_retries(&self) -> PullResult {
         let entry = &self.wanted.entry;
         let name = store_name(&entry.name);
         // Already there (kubelet pulled it, or an earlier run of the agent): confirm only.
@@ -556,9 +551,9 @@ impl Job {
                 otel.status_description = field::Empty
             );
             let result = self.attempt(&name).instrument(span.clone()).await;
-            if let Err((error, _)) = &result {
+            if let Err(failure) = &result {
                 span.record("otel.status_code", "ERROR");
-                span.record("otel.status_description", error.as_str());
+                span.record("otel.status_description", failure.message.as_str());
             }
             result
         };
@@ -569,13 +564,12 @@ impl Job {
             .with_max_times(self.wanted.retry_limit.max(0) as usize);
         let result = attempt
             .retry(backoff)
-            .notify(|(error, reason): &(String, String), wait: Duration| {
+            .notify(|failure: &Failure, wait: Duration| {
                 let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
-                warn!(image = %entry.name, %error, retry_in = ?wait, attempt = n, "pull failed; retrying");
+                warn!(image = %entry.name, error = %failure.message, retry_in = ?wait, attempt = n, "pull failed; retrying");
                 let progress = Outcome::Attempt {
                     attempts: n,
-                    error: error.clone(),
-                    reason: reason.clone(),
+                    failure: failure.clone(),
                 };
                 let _ = self
                     .tx
@@ -583,11 +577,10 @@ impl Job {
             })
             .await;
         let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
-        result.map(|p| (p, n)).map_err(|(e, r)| (e, r, n))
+        result.map(|p| (p, n)).map_err(|f| (f, n))
     }
 
-    /// One attempt; the error is (message, reason).
-    async fn attempt(&self, name: &str) -> Result<Pulled, (String, String)> {
+    async fn attempt(&self, name: &str) -> Result<Pulled, Failure> {
         let entry = &self.wanted.entry;
         let parsed = reference::parse(&entry.name).ok();
         let registry = parsed
@@ -602,7 +595,10 @@ impl Job {
                 &self.config.mirror_hosts_dir,
                 &registry,
             )
-            .map_err(|e| (e.to_string(), "NoMirror".to_string()))?,
+            .map_err(|e| Failure {
+                message: e.to_string(),
+                reason: "NoMirror".into(),
+            })?,
         };
         // Read at every attempt: a secret created or fixed after a failure is used on the next try.
         let keyring = if self.wanted.secrets.is_empty() {
@@ -610,28 +606,33 @@ impl Job {
         } else {
             let ring = Keyring::load(&self.client, &self.wanted.secrets)
                 .await
-                .map_err(|e| (e.to_string(), e.reason().to_string()))?;
+                .map_err(|e| Failure {
+                    message: e.to_string(),
+                    reason: e.reason().into(),
+                })?;
             Some((ring, repository))
         };
-        let _permit = self
-            .limit
-            .acquire()
-            .await
-            .map_err(|e| (e.to_string(), "Stopping".to_string()))?;
+        let _permit = self.limit.acquire().await.map_err(|e| Failure {
+            message: e.to_string(),
+            reason: "Stopping".into(),
+        })?;
         let source = source(entry);
         let pull = self.runtime.pull(&source, name, &host_dir, keyring);
         match tokio::time::timeout(self.config.pull_timeout, pull).await {
             Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err((
-                format!("pulling {} from {registry}: {e}", entry.name),
-                e.reason().to_string(),
-            )),
+            Ok(Err(e)) => Err(Failure {
+                message: format!("pulling {} from {registry}: {e}", entry.name),
+                reason: e.reason().into(),
+            }),
             Err(_) => {
                 let e = PullError::Timeout {
                     image: entry.name.clone(),
                     secs: self.config.pull_timeout.as_secs(),
                 };
-                Err((e.to_string(), e.reason().to_string()))
+                Err(Failure {
+                    message: e.to_string(),
+                    reason: e.reason().into(),
+                })
             }
         }
     }

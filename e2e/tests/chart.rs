@@ -215,12 +215,11 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
         message.contains("elsewhere.example/app:1") && message.contains("registry.example.com"),
         "{message}"
     );
+    let mut kept = object("allowed", "registry.example.com/team/app:1");
+    // As the controller's finalizer would hold it.
+    kept["metadata"]["finalizers"] = json!([crd::keys::FINALIZER]);
     prefetches
-        .patch(
-            "allowed",
-            &params,
-            &Patch::Apply(object("allowed", "registry.example.com/team/app:1")),
-        )
+        .patch("allowed", &params, &Patch::Apply(kept))
         .await
         .expect("an allowed image is accepted");
     // Docker Hub shorthand is judged by its canonical name.
@@ -232,6 +231,73 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
         err.to_string().contains("docker.io/library/busybox:1.36"),
         "{err}"
     );
+
+    // The administrator narrows the list: the existing ImagePrefetch, now
+    // naming a refused registry, can still be labelled, deleted and have its
+    // finalizer removed; only a change of its images is judged again.
+    let (ok, out) = helm(&[
+        "upgrade",
+        "image-prefetch",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "image-prefetch-system",
+        "--set",
+        "allowedRegistries={other.example.com}",
+        "--wait=false",
+    ]);
+    assert!(ok, "helm upgrade failed:\n{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let probe = object("probe", "registry.example.com/team/app:1");
+    while prefetches
+        .patch("probe", &params, &Patch::Apply(&probe))
+        .await
+        .is_ok()
+    {
+        let _ = prefetches.delete("probe", &Default::default()).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the narrowed list was never enforced"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let merge = PatchParams::default();
+    prefetches
+        .patch(
+            "allowed",
+            &merge,
+            &Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}})),
+        )
+        .await
+        .expect("an update that keeps the images is not judged");
+    let changed = prefetches
+        .patch(
+            "allowed",
+            &merge,
+            &Patch::Merge(json!({"spec": {"images": ["registry.example.com/team/app:2"]}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        changed.to_string().contains("not from an allowed registry"),
+        "{changed}"
+    );
+    prefetches
+        .delete("allowed", &Default::default())
+        .await
+        .expect("deleting is never blocked");
+    prefetches
+        .patch(
+            "allowed",
+            &merge,
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("the finalizer comes off whatever the allow-list says");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while prefetches.get_opt("allowed").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "still there");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     let (ok, out) = helm(&[
         "uninstall",

@@ -12,6 +12,7 @@ use agent::work::{self, Config};
 use crd::{NodeImageSet, PullSource, PullState, keys};
 use testbed::containerd::Containerd;
 use testbed::images;
+use testbed::poll::eventually;
 use testbed::registry::Registry;
 use testbed::workdir::Workdir;
 
@@ -495,15 +496,16 @@ async fn pins_only_what_it_pinned() {
             labels.contains_key("imageprefetch.io/pinned"),
         )
     };
+    let pins_become = |want: (bool, bool), what: &'static str| {
+        let runtime = &runtime;
+        let name = ours.reference.clone();
+        eventually(what, Duration::from_secs(30), move || {
+            let name = name.clone();
+            async move { (pinned(&runtime.labels(&name).await.unwrap()) == want).then_some(()) }
+        })
+    };
     // Confirmed images are pinned too, and the agent marks its own pins.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while pinned(&runtime.labels(&ours.reference).await.unwrap()) != (true, true) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "confirmed image not pinned"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    pins_become((true, true), "the confirmed image pinned by the agent").await;
     assert_eq!(
         pinned(&runtime.labels(&theirs.reference).await.unwrap()),
         (true, false)
@@ -511,14 +513,7 @@ async fn pins_only_what_it_pinned() {
 
     // Unlisted: the agent's pin comes off; the other pin stays.
     set(&client, "agent-pins", "agent-node-pins", json!([]), 0).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while pinned(&runtime.labels(&ours.reference).await.unwrap()) != (false, false) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "own pin not released"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    pins_become((false, false), "the agent's own pin released").await;
     assert_eq!(
         pinned(&runtime.labels(&theirs.reference).await.unwrap()),
         (true, false),

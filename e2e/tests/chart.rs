@@ -293,11 +293,19 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
         )
         .await
         .expect("the finalizer comes off whatever the allow-list says");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while prefetches.get_opt("allowed").await.unwrap().is_some() {
-        assert!(std::time::Instant::now() < deadline, "still there");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    testbed::poll::eventually(
+        "the ImagePrefetch gone once its finalizer is off",
+        std::time::Duration::from_secs(30),
+        || async {
+            prefetches
+                .get_opt("allowed")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
 
     let (ok, out) = helm(&[
         "uninstall",

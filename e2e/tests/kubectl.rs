@@ -6,12 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
 use crd::{ImagePrefetch, NodeImageSet};
+use testbed::poll::eventually;
 use testbed::process::Lifetime;
 use testbed::registry::Registry;
 use testbed::simulated::{Binary, CONTROLLER};
@@ -139,7 +140,7 @@ fn prefetch_yaml(ns: &str, name: &str, image: &str) -> String {
     )
 }
 
-/// Polls `condition` on the ImagePrefetch until it holds, for at most `secs`.
+/// Waits until the ImagePrefetch `name` satisfies `condition`.
 async fn wait_for(
     api: &Api<ImagePrefetch>,
     name: &str,
@@ -147,19 +148,11 @@ async fn wait_for(
     what: &str,
     condition: impl Fn(&ImagePrefetch) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let p = api.get(name).await.unwrap();
-        if condition(&p) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: not {what} within {secs}s: {:?}",
-            p.status
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let what = format!("{name} {what}");
+    eventually(&what, Duration::from_secs(secs), || async {
+        condition(&api.get(name).await.unwrap()).then_some(())
+    })
+    .await;
 }
 
 fn ready_reason(p: &ImagePrefetch) -> String {
@@ -427,18 +420,16 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
         "imageprefetch.imageprefetch.io \"web\" deleted",
         "only team-a's ImagePrefetch is deleted"
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
     let team_a_sets = "imageprefetch.io/prefetch-namespace=team-a";
-    while !sets
-        .list(&ListParams::default().labels(team_a_sets))
-        .await
-        .unwrap()
-        .items
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "team-a's sets remain after 30s");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    eventually(
+        "team-a's NodeImageSets gone",
+        Duration::from_secs(30),
+        || async {
+            let left = sets.list(&ListParams::default().labels(team_a_sets)).await;
+            left.unwrap().items.is_empty().then_some(())
+        },
+    )
+    .await;
     let after = uids(
         sets.list(&ListParams::default().labels(team_b_sets))
             .await

@@ -12,6 +12,7 @@ use kube::api::{Api, DeleteParams, ListParams};
 use crd::{NodeImageSet, PullState, RegistryPolicy};
 use testbed::images::Image;
 use testbed::peer_cluster::PeerCluster;
+use testbed::poll::eventually;
 
 const MB: usize = 1 << 20;
 /// 16 MB/s: the 8 MB image below takes about half a second upstream.
@@ -50,20 +51,19 @@ fn gets(bed: &PeerCluster, image: &Image) -> BTreeMap<String, usize> {
 /// The node whose set has a `Default` entry reported `state`, once one does.
 async fn seed_in(bed: &PeerCluster, state: PullState) -> String {
     let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        for set in sets.list(&ListParams::default()).await.unwrap().items {
-            let seeding = set.spec.image_set.iter().any(|e| {
-                e.registry_policy == RegistryPolicy::Default
-                    && set.report_on(&e.name).map(|r| r.state) == Some(state)
-            });
-            if seeding {
-                return set.spec.node_name.clone();
-            }
-        }
-        assert!(Instant::now() < deadline, "no seed {state:?} within 60s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("a seed {state:?}");
+    eventually(&what, Duration::from_secs(60), || async {
+        let all = sets.list(&ListParams::default()).await.unwrap().items;
+        all.into_iter()
+            .find(|set| {
+                set.spec.image_set.iter().any(|e| {
+                    e.registry_policy == RegistryPolicy::Default
+                        && set.report_on(&e.name).map(|r| r.state) == Some(state)
+                })
+            })
+            .map(|set| set.spec.node_name)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -108,16 +108,16 @@ async fn a_node_removed_mid_rollout_loses_its_set_and_disturbs_no_other() {
         .unwrap();
 
     bed.ready("removed", "2/2", started, WITHIN).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let all = sets.list(&ListParams::default()).await.unwrap().items;
-        if all.iter().all(|s| s.spec.node_name != gone) {
-            assert_eq!(uids(all), before, "the other sets are the same objects");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{gone}'s set remains after 30s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let all = eventually(
+        "the removed node's set gone",
+        Duration::from_secs(30),
+        || async {
+            let all = sets.list(&ListParams::default()).await.unwrap().items;
+            all.iter().all(|s| s.spec.node_name != gone).then_some(all)
+        },
+    )
+    .await;
+    assert_eq!(uids(all), before, "the other sets are the same objects");
     let counts = gets(&bed, &img);
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
 }
@@ -169,25 +169,18 @@ async fn a_one_node_pool_whose_image_is_pushed_late_becomes_ready_by_itself() {
 
     // The tag does not exist yet: the rollout says so, with when it tries again.
     let api: Api<crd::ImagePrefetch> = Api::namespaced(bed.client.clone(), "default");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let degraded = loop {
-        let p = api.get("late").await.unwrap();
-        let degraded = p
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
-            .filter(|c| c.reason == "NoSeedAvailable")
-            .cloned();
-        if let Some(c) = degraded {
-            break c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not Degraded within 60s: {:?}",
-            p.status
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let degraded = eventually(
+        "Degraded NoSeedAvailable",
+        Duration::from_secs(60),
+        || async {
+            let p = api.get("late").await.unwrap();
+            p.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded" && c.reason == "NoSeedAvailable")
+        },
+    )
+    .await;
     assert_eq!(degraded.status, "True");
     assert!(
         degraded.message.contains("late-0") && degraded.message.contains("trying again in"),

@@ -11,6 +11,7 @@ pub mod nodes;
 pub mod oci;
 pub mod peer_cluster;
 pub mod peer_mirror;
+pub mod poll;
 pub mod process;
 pub mod registry;
 pub mod simulated;

@@ -1,6 +1,8 @@
 //! Leader election on a coordination.k8s.io Lease, so that two controller
-//! replicas never reconcile at once. The leader renews the lease; a replica
-//! that cannot renew before the lease would expire stops reconciling.
+//! replicas never reconcile at once. The leader renews the lease; a leader
+//! that has not renewed within the renew deadline — shorter than the lease,
+//! and enforced by a timer, not by the call that hangs — stops reconciling
+//! before any standby may take the lease over.
 
 use std::time::Duration;
 
@@ -22,6 +24,9 @@ pub struct LeaseConfig {
     pub duration: Duration,
     /// How often the leader renews (well inside `duration`).
     pub renew_every: Duration,
+    /// A leader that has not renewed for this long gives up leadership; less
+    /// than `duration`, so it has stopped before a standby may take over.
+    pub renew_deadline: Duration,
 }
 
 impl LeaseConfig {
@@ -31,7 +36,8 @@ impl LeaseConfig {
             name: "image-prefetch-controller".to_string(),
             identity: identity.to_string(),
             duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(5),
+            renew_every: Duration::from_secs(2),
+            renew_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -80,22 +86,31 @@ pub async fn acquire(client: kube::Client, config: LeaseConfig) -> Leadership {
     info!(lease = %config.name, identity = %config.identity, "became leader");
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(async move {
+        // The renewal written last took effect no earlier than its request
+        // was sent: counted from then, to be on the safe side.
         let mut last_renewed = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(config.renew_every).await;
-            match try_acquire(&api, &config).await {
-                Ok(true) => last_renewed = tokio::time::Instant::now(),
-                Ok(false) => {
+            let sent = tokio::time::Instant::now();
+            let deadline = last_renewed + config.renew_deadline;
+            match tokio::time::timeout_at(deadline, try_acquire(&api, &config)).await {
+                Ok(Ok(true)) => last_renewed = sent,
+                Ok(Ok(false)) => {
                     warn!(lease = %config.name, "leader lease taken by another replica");
                     let _ = tx.send(true);
                     return;
                 }
-                Err(e) => {
-                    warn!(error = %e, "renewing the leader lease failed");
-                    if last_renewed.elapsed() >= config.duration {
-                        let _ = tx.send(true);
-                        return;
-                    }
+                Ok(Err(e)) if tokio::time::Instant::now() < deadline => {
+                    warn!(error = %e, "renewing the leader lease failed; trying again")
+                }
+                Ok(Err(_)) | Err(_) => {
+                    warn!(
+                        lease = %config.name,
+                        deadline = ?config.renew_deadline,
+                        "could not renew the leader lease within the renew deadline; stepping down"
+                    );
+                    let _ = tx.send(true);
+                    return;
                 }
             }
         }

@@ -827,3 +827,56 @@ async fn serves_metrics_and_health() {
     );
     assert_eq!(testbed::process::http_get(&host, "/readyz").unwrap().0, 200);
 }
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_steps_down_before_a_standby_takes_over() {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    use std::time::Instant;
+    let client = client().await;
+    let ns = namespace(&client, "renew").await;
+    // The leader reaches the API server through a link the test cuts.
+    let shared = testbed::shared::get();
+    let server = shared.server.trim_start_matches("https://");
+    let link = testbed::slow_link::SlowLink::start(server, 1 << 40).unwrap();
+    let kubeconfig = Kubeconfig::read_from(&shared.kubeconfig).unwrap();
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+    config.cluster_url = format!("https://{}", link.host).parse().unwrap();
+    let partitioned = Client::try_from(config).unwrap();
+    let lease = |id: &str| LeaseConfig {
+        duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(200),
+        renew_deadline: Duration::from_secs(2),
+        ..LeaseConfig::new(&ns, id)
+    };
+    let leader = controller::leader::acquire(partitioned, lease("cut-off")).await;
+    let standby_lease = lease("standby");
+    let standby = tokio::spawn(async move {
+        let held = controller::leader::acquire(client, standby_lease).await;
+        (Instant::now(), held)
+    });
+
+    link.cut();
+    let cut_at = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), leader.lost())
+        .await
+        .expect("the cut-off leader steps down");
+    let stepped_down = Instant::now();
+    let (took_over, _held) = tokio::time::timeout(Duration::from_secs(20), standby)
+        .await
+        .expect("the standby takes over")
+        .unwrap();
+    assert!(
+        stepped_down < took_over,
+        "the leader stopped {:?} after the cut, the standby took over {:?} after it",
+        stepped_down - cut_at,
+        took_over - cut_at
+    );
+    assert!(
+        stepped_down - cut_at <= Duration::from_millis(2500),
+        "within the renew deadline (2 s) and one renewal period: {:?}",
+        stepped_down - cut_at
+    );
+}

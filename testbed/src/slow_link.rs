@@ -2,7 +2,9 @@
 //! server's answers at a set rate, shared by every connection as a real
 //! uplink is, so that a pull lasts long enough for a test to act while it
 //! runs (kill the seed's containerd mid-pull, ...) and N nodes pulling at
-//! once share it. Requests go through at full speed. Stopped when dropped.
+//! once share it. Requests go through at full speed. It can also be cut, as a
+//! network partition cuts a link: connections under way are reset, new ones
+//! are accepted and never answered. Stopped when dropped.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -16,6 +18,9 @@ pub struct SlowLink {
     /// `127.0.0.1:port` to use in place of the server's address.
     pub host: String,
     stop: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
+    /// The client side of every connection, to reset them when cut.
+    open: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl SlowLink {
@@ -31,6 +36,10 @@ impl SlowLink {
             .map_err(io_err(target.as_ref()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let cut = Arc::new(AtomicBool::new(false));
+        let is_cut = cut.clone();
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let opened = open.clone();
         let target = target.to_string();
         let budget = Arc::new(Budget {
             rate: bytes_per_second,
@@ -42,6 +51,13 @@ impl SlowLink {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
+                        if let Ok(c) = client.try_clone() {
+                            opened.lock().expect("open connections").push(c);
+                        }
+                        // Cut: held open, never answered, as behind a partition.
+                        if is_cut.load(Ordering::Relaxed) {
+                            continue;
+                        }
                         if let Ok(server) = TcpStream::connect(&target) {
                             relay(client, server, budget.clone());
                         }
@@ -50,7 +66,20 @@ impl SlowLink {
                 }
             }
         });
-        Ok(SlowLink { host, stop })
+        Ok(SlowLink {
+            host,
+            stop,
+            cut,
+            open,
+        })
+    }
+
+    /// Cuts the link: connections under way are reset, new ones hang.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+        for c in self.open.lock().expect("open connections").iter() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
     }
 }
 

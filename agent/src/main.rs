@@ -13,6 +13,8 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --pull-timeout-seconds S       one attempt's limit (default 600)
   --resync-seconds S             how often present images are re-checked (default 300)
   --metrics-addr ADDR            /metrics, /healthz, /readyz (default 0.0.0.0:8080)
+  --failed-retry-seconds S       an image that failed is tried again after S, doubling
+                                 at each failure up to 10x (default 30)
   --platform OS/ARCH[/VARIANT]   the platform to pull for (default this machine's); of an
                                  image index only this platform's content is fetched
 ";
@@ -32,6 +34,13 @@ fn parse_args() -> Config {
             "--concurrency" => config.concurrency = args.number(&flag).max(1) as usize,
             "--pull-timeout-seconds" => config.pull_timeout = args.seconds(&flag),
             "--resync-seconds" => config.resync = args.seconds(&flag),
+            "--failed-retry-seconds" => {
+                let first = args.seconds(&flag);
+                config.failed_backoff = agent::ledger::Backoff {
+                    first,
+                    cap: first * 10,
+                };
+            }
             "--metrics-addr" => config.metrics_addr = Some(args.addr(&flag)),
             "--platform" => {
                 let value = args.value(&flag);

@@ -56,6 +56,8 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The platform pulled for: the node's own.
     pub platform: crd::platform::Platform,
+    /// Wait before a Failed entry's next round of attempts, doubling to its cap.
+    pub failed_backoff: ledger::Backoff,
 }
 
 impl Config {
@@ -72,6 +74,7 @@ impl Config {
             resync: Duration::from_secs(300),
             metrics_addr: None,
             platform: crd::platform::Platform::host(),
+            failed_backoff: ledger::Backoff::default(),
         }
     }
 }
@@ -123,6 +126,7 @@ pub async fn run(
         .touched_objects()
         .boxed();
     let (tx, mut rx) = mpsc::channel::<Message>(64);
+    let failed_backoff = config.failed_backoff;
     let mut agent = Agent {
         client,
         config: Arc::new(config),
@@ -130,7 +134,7 @@ pub async fn run(
         sets_api,
         store,
         tasks: HashMap::new(),
-        ledger: Ledger::new(ledger::Backoff::default()),
+        ledger: Ledger::new(failed_backoff),
         limit: Arc::new(Semaphore::new(1)),
         tx,
         metrics,

@@ -301,6 +301,22 @@ async fn pulls_with_credentials_from_pull_secrets() {
             .contains("agent-creds/no-such-secret")
     );
 
+    // The secret is created after the fact: the next round uses it, with no
+    // restart and no change to the set.
+    let mut late = secrets.get("regcred").await.unwrap();
+    late.metadata = kube::api::ObjectMeta {
+        name: Some("no-such-secret".into()),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &late).await.unwrap();
+    wait_status(
+        &client,
+        "creds-missing",
+        "Available once the secret exists",
+        |s| s.available == 1,
+    )
+    .await;
+
     let none = wait_status(&client, "creds-none", "Unauthorized", |s| {
         s.images.iter().any(|i| i.state == PullState::Failed)
     })

@@ -79,6 +79,8 @@ pub fn agent_process(
         .arg(mirror_dir)
         .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
         .args(["--metrics-addr", "127.0.0.1:0"])
+        // A failed image is tried again soon: tests see convergence quickly.
+        .args(["--failed-retry-seconds", "2"])
         .env("RUST_LOG", "debug")
         .stderr(log)
         .spawn()

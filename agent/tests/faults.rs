@@ -208,4 +208,8 @@ async fn an_agent_killed_mid_pull_completes_after_restart() {
     let listed = ctr(&node, &["images", "ls", "-q"]);
     let records: Vec<&str> = listed.lines().filter(|l| *l == big.reference).collect();
     assert_eq!(records, [big.reference.as_str()], "{listed}");
+    // Nothing the killed pull held is left behind: no lease keeps half a
+    // download from containerd's garbage collection.
+    let leases = ctr(&node, &["leases", "ls", "-q"]);
+    assert!(leases.trim().is_empty(), "leases left: {leases}");
 }

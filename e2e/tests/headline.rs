@@ -4,9 +4,11 @@
 //! containerd 2.x, its own peer mirror (the stand-in with spegel's data-path
 //! behaviour, on its own loopback address) and its agent; one controller;
 //! one external registry whose access log is the count. One ImagePrefetch of
-//! two images, one of them a two-platform index, is rolled out; then, with
-//! fresh images, the same rollout with sequencing switched off, for
-//! comparison (spegel alone: simultaneous first pulls all go upstream).
+//! two images, one of them a two-platform index, is rolled out (each
+//! platform's blobs served exactly once); a two-platform image for the amd64
+//! nodes only (its arm64 blobs never served); then, with fresh images, the
+//! same rollout with sequencing switched off, for comparison (spegel alone:
+//! simultaneous first pulls all go upstream).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -139,6 +141,42 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
          upstream blob GETs: 1 per blob; upstream blob bytes {upstream_bytes}; \
          bytes nodes got from peers {peer_bytes}",
         took.as_secs_f64()
+    );
+
+    // A two-platform image for the amd64 nodes only: not one arm64 blob
+    // crosses the uplink.
+    let amd_only = testbed::images::build_and_push_multi_platform(
+        &images_dir,
+        &host,
+        "team/amd-only",
+        "1.0",
+        &["amd64", "arm64"],
+        &[MB, MB / 2],
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    bed.prefetch_to(
+        "amd-only",
+        &[&amd_only.reference],
+        &[(crd::platform::ARCH_LABEL, "amd64")],
+    )
+    .await
+    .unwrap();
+    bed.ready("amd-only", "2/2", started, WITHIN).await.unwrap();
+    let amd = gets(
+        &bed.upstream,
+        &amd_only.repository,
+        &amd_only.platforms["amd64"].blobs,
+    );
+    let arm = gets(
+        &bed.upstream,
+        &amd_only.repository,
+        &amd_only.platforms["arm64"].blobs,
+    );
+    assert!(amd.values().all(|&n| n == 1), "{amd:?}");
+    assert!(
+        arm.values().all(|&n| n == 0),
+        "no arm64 blob for amd64 nodes: {arm:?}"
     );
 
     // The same rollout with sequencing off, on fresh images: every node

@@ -129,11 +129,26 @@ impl PeerCluster {
 
     /// Applies an ImagePrefetch of `images` to every node of the cluster.
     pub async fn prefetch(&self, name: &str, images: &[&str]) -> Result<()> {
+        self.prefetch_to(name, images, &[]).await
+    }
+
+    /// Applies an ImagePrefetch of `images` to the nodes of the cluster that
+    /// also carry the labels `selector`.
+    pub async fn prefetch_to(
+        &self,
+        name: &str,
+        images: &[&str],
+        selector: &[(&str, &str)],
+    ) -> Result<()> {
         let api: Api<crd::ImagePrefetch> = Api::namespaced(self.client.clone(), "default");
+        let mut node_selector = serde_json::Map::new();
+        for (k, v) in std::iter::once(&POOL).chain(selector) {
+            node_selector.insert(k.to_string(), json!(v));
+        }
         let object = json!({
             "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
             "metadata": {"name": name, "namespace": "default"},
-            "spec": {"images": images, "nodeSelector": {POOL.0: POOL.1}},
+            "spec": {"images": images, "nodeSelector": node_selector},
         });
         api.patch(
             name,

@@ -31,6 +31,10 @@ use crate::ledger::{self, Action, Failure, Key, Ledger, Listed, Present, Want, s
 use crate::metrics::{Metrics, PullLabels, SourceLabels};
 use crate::pull::{PullError, Pulled, Runtime};
 
+/// First and longest wait before writing statuses again after a failed write.
+const STATUS_RETRY_MIN: Duration = Duration::from_secs(1);
+const STATUS_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Field manager of the agent's status writes.
 pub const AGENT_MANAGER: &str = "image-prefetch-agent";
 
@@ -135,6 +139,7 @@ pub async fn run(
         store,
         tasks: HashMap::new(),
         ledger: Ledger::new(failed_backoff),
+        write_retry: None,
         limit: Arc::new(Semaphore::new(1)),
         tx,
         metrics,
@@ -159,6 +164,8 @@ pub async fn run(
             }
             // A Failed entry's next round is due.
             _ = sleep_until(agent.ledger.next_retry()) => agent.sync().await,
+            // Statuses that could not be written are tried again.
+            _ = sleep_until(agent.write_retry.map(|(at, _)| at)) => agent.sync().await,
             _ = resync.tick() => {
                 agent.check_present().await;
                 agent.sync().await;
@@ -202,6 +209,8 @@ struct Agent {
     tasks: HashMap<Key, JoinHandle<()>>,
     /// Every entry's state and what to do about it (pure; see `ledger.rs`).
     ledger: Ledger,
+    /// When to write statuses again after a failed write, and the wait used.
+    write_retry: Option<(Instant, Duration)>,
     limit: Arc<Semaphore>,
     tx: mpsc::Sender<Message>,
     metrics: Metrics,
@@ -234,9 +243,21 @@ impl Agent {
             .images_present
             .set(self.ledger.present().len() as i64);
         // Only sets that exist are written: a deleted set gets no status write.
+        let mut failed = false;
         for set in &sets {
-            self.write_status(set).await;
+            failed |= !self.write_status(set).await;
         }
+        // A failed write is tried again, sooner at first, then less often
+        // (the API server may be away), until one round succeeds.
+        self.write_retry = if failed {
+            let wait = self
+                .write_retry
+                .map(|(_, wait)| (wait * 2).min(STATUS_RETRY_MAX))
+                .unwrap_or(STATUS_RETRY_MIN);
+            Some((Instant::now() + wait, wait))
+        } else {
+            None
+        };
     }
 
     /// Carries out the ledger's decisions (status writes happen in `sync`).
@@ -387,7 +408,8 @@ impl Agent {
         }
     }
 
-    async fn write_status(&self, set: &NodeImageSet) {
+    /// Writes the set's status if it changed; `false` when the write failed.
+    async fn write_status(&self, set: &NodeImageSet) -> bool {
         let name = set.name_any();
         let images: Vec<NodeImageStatus> = set
             .spec
@@ -438,7 +460,7 @@ impl Agent {
             conditions: vec![ready],
         };
         if set.status.as_ref() == Some(&status) {
-            return;
+            return true;
         }
         let body = json!({
             "apiVersion": NodeImageSet::api_version(&()),
@@ -446,12 +468,18 @@ impl Agent {
             "status": status,
         });
         let params = PatchParams::apply(AGENT_MANAGER).force();
-        if let Err(e) = self
+        match self
             .sets_api
             .patch_status(&name, &params, &Patch::Apply(&body))
             .await
         {
-            warn!(set = %name, error = %e, "writing NodeImageSet status failed; will retry on the next change");
+            Ok(_) => true,
+            // Gone meanwhile: nothing to write to.
+            Err(kube::Error::Api(e)) if e.code == 404 => true,
+            Err(e) => {
+                warn!(set = %name, error = %e, "writing NodeImageSet status failed; retrying with backoff");
+                false
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -131,7 +131,7 @@ pub async fn keep(
     let params = PatchParams::apply(MANAGER).force();
     let desired = spec.daemonset();
     let wc = watcher::Config::default().fields(&format!("metadata.name={}", spec.name));
-    let mut events = watcher(api.clone(), wc).boxed();
+    let mut events = watcher(api.clone(), wc).default_backoff().boxed();
     tokio::pin!(shutdown);
     loop {
         match api

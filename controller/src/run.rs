@@ -100,7 +100,10 @@ pub async fn run(
     let (nodes, node_writer) = reflector::store();
     let node_events = reflector::reflector(
         node_writer,
+        // Every watch backs off while the API server is away (client-go's
+        // defaults: 0.8 s doubling to 30 s), instead of retrying at once.
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
             .modify(triggers::slim_node),
     );
     let sets = crate::index::SetIndex::default();
@@ -110,6 +113,7 @@ pub async fn run(
             Api::<NodeImageSet>::all(client.clone()),
             watcher::Config::default().labels(keys::PREFETCH_UID),
         )
+        .default_backoff()
         .map_ok(move |event| {
             sets.apply(&event);
             event

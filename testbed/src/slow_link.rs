@@ -3,12 +3,15 @@
 //! uplink is, so that a pull lasts long enough for a test to act while it
 //! runs (kill the seed's containerd mid-pull, ...) and N nodes pulling at
 //! once share it. Requests go through at full speed. It can also be cut, as a
-//! network partition cuts a link: connections under way are reset, new ones
-//! are accepted and never answered. Stopped when dropped.
+//! network partition cuts a link (connections under way are reset, new ones
+//! are accepted and never answered), or refuse, as a stopped server does
+//! (every connection is reset at once), and heal again. It counts the
+//! connections it accepts: each is a request's attempt to get through.
+//! Stopped when dropped.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,10 +21,15 @@ pub struct SlowLink {
     /// `127.0.0.1:port` to use in place of the server's address.
     pub host: String,
     stop: Arc<AtomicBool>,
-    cut: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
+    accepted: Arc<AtomicU64>,
     /// The client side of every connection, to reset them when cut.
     open: Arc<Mutex<Vec<TcpStream>>>,
 }
+
+const OPEN: u8 = 0;
+const CUT: u8 = 1;
+const REFUSING: u8 = 2;
 
 impl SlowLink {
     /// Relays to `target` (`ip:port`), answers at `bytes_per_second`.
@@ -36,8 +44,10 @@ impl SlowLink {
             .map_err(io_err(target.as_ref()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        let cut = Arc::new(AtomicBool::new(false));
-        let is_cut = cut.clone();
+        let state = Arc::new(AtomicU8::new(OPEN));
+        let link_state = state.clone();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counted = accepted.clone();
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let opened = open.clone();
         let target = target.to_string();
@@ -50,13 +60,22 @@ impl SlowLink {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
+                        counted.fetch_add(1, Ordering::Relaxed);
                         let _ = client.set_nonblocking(false);
-                        if let Ok(c) = client.try_clone() {
-                            opened.lock().expect("open connections").push(c);
-                        }
-                        // Cut: held open, never answered, as behind a partition.
-                        if is_cut.load(Ordering::Relaxed) {
-                            continue;
+                        match link_state.load(Ordering::Relaxed) {
+                            REFUSING => {
+                                let _ = client.shutdown(Shutdown::Both);
+                                continue;
+                            }
+                            state => {
+                                if let Ok(c) = client.try_clone() {
+                                    opened.lock().expect("open connections").push(c);
+                                }
+                                // Cut: held open, never answered, as behind a partition.
+                                if state == CUT {
+                                    continue;
+                                }
+                            }
                         }
                         if let Ok(server) = TcpStream::connect(&target) {
                             relay(client, server, budget.clone());
@@ -69,15 +88,35 @@ impl SlowLink {
         Ok(SlowLink {
             host,
             stop,
-            cut,
+            state,
+            accepted,
             open,
         })
     }
 
     /// Cuts the link: connections under way are reset, new ones hang.
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::Relaxed);
-        for c in self.open.lock().expect("open connections").iter() {
+        self.break_with(CUT);
+    }
+
+    /// As if the server stopped: connections under way and new ones are reset.
+    pub fn refuse(&self) {
+        self.break_with(REFUSING);
+    }
+
+    /// Works again, for new connections.
+    pub fn heal(&self) {
+        self.state.store(OPEN, Ordering::Relaxed);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    fn break_with(&self, state: u8) {
+        self.state.store(state, Ordering::Relaxed);
+        for c in self.open.lock().expect("open connections").drain(..) {
             let _ = c.shutdown(Shutdown::Both);
         }
     }

@@ -7,31 +7,23 @@
 
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
+use kube::api::Api;
 
 use crd::ImagePrefetch;
 use testbed::poll::eventually;
-use testbed::process::Lifetime;
 use testbed::registry::Registry;
 use testbed::simulated::{Binary, CONTROLLER};
 use testbed::slow_link::SlowLink;
 
 const OUTAGE: Duration = Duration::from_secs(30);
 
+/// Applies an ImagePrefetch of `image` to this test's nodes.
 async fn prefetch(api: &Api<ImagePrefetch>, name: &str, image: &str) {
-    let object = json!({
-        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"images": [image], "nodeSelector": {"pool": "outage"}},
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("e2e-outage").force(),
-        &Patch::Apply(&object),
-    )
-    .await
-    .unwrap();
+    let ns = api.namespace().unwrap_or("default").to_string();
+    let client = api.clone().into_client();
+    testbed::crds::apply_prefetch(&client, &ns, name, &[image], &[("pool", "outage")])
+        .await
+        .unwrap();
 }
 
 async fn ready(api: &Api<ImagePrefetch>, name: &str) {
@@ -49,11 +41,9 @@ async fn ready(api: &Api<ImagePrefetch>, name: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
     let work = testbed::workdir::Workdir::new("e2e-api-outage");
-    let plane = testbed::ControlPlane::start(&work.join("cluster"), Lifetime::Owned)
+    let (plane, client) = testbed::crds::control_plane(&work.join("cluster"))
         .await
         .expect("control plane");
-    let client = plane.client().await.unwrap();
-    testbed::crds::install(&client).await.unwrap();
     // The product's processes reach the API server only through the link.
     let link = SlowLink::start(plane.server.trim_start_matches("https://"), 1 << 40).unwrap();
     let kubeconfig = work.join("via-link.kubeconfig");

@@ -13,7 +13,6 @@ use kube::api::{Api, ListParams};
 
 use crd::{ImagePrefetch, NodeImageSet};
 use testbed::poll::eventually;
-use testbed::process::Lifetime;
 use testbed::registry::Registry;
 use testbed::simulated::{Binary, CONTROLLER};
 
@@ -166,11 +165,9 @@ fn ready_reason(p: &ImagePrefetch) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
     let work = testbed::workdir::Workdir::new("e2e-kubectl");
-    let plane = testbed::ControlPlane::start(&work.join("cluster"), Lifetime::Owned)
+    let (plane, client) = testbed::crds::control_plane(&work.join("cluster"))
         .await
         .expect("control plane");
-    let client = plane.client().await.unwrap();
-    testbed::crds::install(&client).await.unwrap();
     let kubectl = Kubectl {
         kubeconfig: plane.kubeconfig.clone(),
     };

@@ -8,12 +8,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, Patch, PatchParams};
-use serde_json::{Value, json};
+use kube::api::Api;
+use serde_json::Value;
 
 use crd::ImagePrefetch;
 use testbed::jaeger::Jaeger;
-use testbed::process::Lifetime;
 use testbed::registry::Registry;
 use testbed::simulated::{AGENT, Binary, CONTROLLER};
 
@@ -23,11 +22,9 @@ const NODES: [&str; 2] = ["trace-node-a", "trace-node-b"];
 async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
     let work = testbed::workdir::Workdir::new("e2e-trace");
     let jaeger = Jaeger::start(&work.join("jaeger")).expect("jaeger (cargo xtask fixtures)");
-    let plane = testbed::ControlPlane::start(&work.join("cluster"), Lifetime::Owned)
+    let (plane, client) = testbed::crds::control_plane(&work.join("cluster"))
         .await
         .expect("control plane");
-    let client = plane.client().await.unwrap();
-    testbed::crds::install(&client).await.unwrap();
 
     let upstream = Registry::start(&work.join("upstream")).unwrap();
     let image = testbed::images::build_and_push(
@@ -282,18 +279,11 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
 
 /// Applies an ImagePrefetch of `image` to this test's nodes.
 async fn prefetch(api: &Api<ImagePrefetch>, name: &str, image: &str) {
-    let object = json!({
-        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"images": [image], "nodeSelector": {"pool": "traced"}},
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("e2e-trace").force(),
-        &Patch::Apply(&object),
-    )
-    .await
-    .unwrap();
+    let ns = api.namespace().unwrap_or("default").to_string();
+    let client = api.clone().into_client();
+    testbed::crds::apply_prefetch(&client, &ns, name, &[image], &[("pool", "traced")])
+        .await
+        .unwrap();
 }
 
 /// A trace in Jaeger's JSON, reduced to what the test asks.

@@ -35,3 +35,35 @@ pub async fn install(client: &kube::Client) -> Result<()> {
     }
     Ok(())
 }
+
+/// A control plane of the test's own under `dir`, with the CRDs installed,
+/// and a client for it.
+pub async fn control_plane(dir: &std::path::Path) -> Result<(crate::ControlPlane, kube::Client)> {
+    let plane = crate::ControlPlane::start(dir, crate::Lifetime::Owned).await?;
+    let client = plane.client().await?;
+    install(&client).await?;
+    Ok((plane, client))
+}
+
+/// Applies (server-side) an ImagePrefetch `namespace/name` of `images` onto
+/// the nodes with every label of `node_selector`.
+pub async fn apply_prefetch(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    images: &[&str],
+    node_selector: &[(&str, &str)],
+) -> Result<crd::ImagePrefetch> {
+    let api: Api<crd::ImagePrefetch> = Api::namespaced(client.clone(), namespace);
+    let selector: serde_json::Map<String, serde_json::Value> = node_selector
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    let object = serde_json::json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"images": images, "nodeSelector": selector},
+    });
+    let params = PatchParams::apply("image-prefetch-testbed").force();
+    Ok(api.patch(name, &params, &Patch::Apply(&object)).await?)
+}

@@ -8,14 +8,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
+use kube::api::Api;
 
 use crate::peer_mirror::Timing;
 use crate::registry::Registry;
 use crate::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
 use crate::slow_link::SlowLink;
-use crate::{ControlPlane, Lifetime, Result};
+use crate::{ControlPlane, Result};
 
 /// Label every node of the cluster carries; rollouts select by it.
 pub const POOL: (&str, &str) = ("pool", "peer-cluster");
@@ -49,9 +48,7 @@ impl PeerCluster {
         nodes: &[(&str, &str)],
         bytes_per_second: Option<u64>,
     ) -> Result<Self> {
-        let plane = ControlPlane::start(&dir.join("cluster"), Lifetime::Owned).await?;
-        let client = plane.client().await?;
-        crate::crds::install(&client).await?;
+        let (plane, client) = crate::crds::control_plane(&dir.join("cluster")).await?;
         let upstream = Registry::start(&dir.join("upstream"))?;
         let link = match bytes_per_second {
             Some(rate) => Some(SlowLink::start(&upstream.host, rate)?),
@@ -140,22 +137,10 @@ impl PeerCluster {
         images: &[&str],
         selector: &[(&str, &str)],
     ) -> Result<()> {
-        let api: Api<crd::ImagePrefetch> = Api::namespaced(self.client.clone(), "default");
-        let mut node_selector = serde_json::Map::new();
-        for (k, v) in std::iter::once(&POOL).chain(selector) {
-            node_selector.insert(k.to_string(), json!(v));
-        }
-        let object = json!({
-            "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"images": images, "nodeSelector": node_selector},
-        });
-        api.patch(
-            name,
-            &PatchParams::apply("image-prefetch-testbed").force(),
-            &Patch::Apply(&object),
-        )
-        .await?;
+        let selector: Vec<(&str, &str)> = std::iter::once(POOL)
+            .chain(selector.iter().copied())
+            .collect();
+        crate::crds::apply_prefetch(&self.client, "default", name, images, &selector).await?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Every kubectl command the README and docs show, typed as an administrator
-//! types it, with real kubectl against a rollout on two simulated nodes (the
-//! controller and the agents as processes, each node its own containerd).
+//! types it, with real kubectl against a rollout on two simulated nodes of
+//! the peer-mirror bed (the controller and the agents as processes, each
+//! node its own containerd and peer mirror).
 //! The assertions read what kubectl prints: the columns, the conditions, the
 //! Events, the field a rejected spec names, and what `delete --all` deletes.
 
@@ -12,9 +13,8 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
 use crd::{ImagePrefetch, NodeImageSet};
+use testbed::peer_cluster::{POOL, PeerCluster};
 use testbed::poll::eventually;
-use testbed::registry::Registry;
-use testbed::simulated::{Binary, CONTROLLER};
 
 const NODES: [&str; 2] = ["kubectl-node-a", "kubectl-node-b"];
 
@@ -135,7 +135,8 @@ fn squeeze(text: &str) -> String {
 
 fn prefetch_yaml(ns: &str, name: &str, image: &str) -> String {
     format!(
-        "apiVersion: imageprefetch.io/v1alpha1\nkind: ImagePrefetch\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  images: [\"{image}\"]\n  nodeSelector: {{pool: kubectl}}\n"
+        "apiVersion: imageprefetch.io/v1alpha1\nkind: ImagePrefetch\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  images: [\"{image}\"]\n  nodeSelector: {{{}: {}}}\n",
+        POOL.0, POOL.1
     )
 }
 
@@ -165,47 +166,27 @@ fn ready_reason(p: &ImagePrefetch) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
     let work = testbed::workdir::Workdir::new("e2e-kubectl");
-    let (plane, client) = testbed::crds::control_plane(&work.join("cluster"))
+    // Two nodes of the peer-mirror bed; only its registry is allowed, so the
+    // "refused" rollout below names another.
+    let nodes: Vec<(&str, &str)> = NODES.iter().map(|n| (*n, "amd64")).collect();
+    let mut bed = PeerCluster::start(&work, &nodes)
         .await
-        .expect("control plane");
+        .expect("the peer-mirror bed (agent and peer-mirror built by cargo test --workspace)");
+    let registry = bed.registry_host();
+    bed.start_controller(&["--allowed-registries", &registry], "controller.log")
+        .unwrap();
+    let client = bed.client.clone();
     let kubectl = Kubectl {
-        kubeconfig: plane.kubeconfig.clone(),
+        kubeconfig: bed.plane.kubeconfig.clone(),
     };
-
-    let upstream = Registry::start(&work.join("upstream")).unwrap();
     let image = testbed::images::build_and_push(
         &work.join("images"),
-        &upstream.host,
+        &registry,
         "team/web",
         "1.4.2",
         &[256 << 10],
     )
     .unwrap();
-    let mirror =
-        Registry::start_mirror_of(&work.join("mirror"), &format!("http://{}", upstream.host))
-            .unwrap();
-    let labels = [("pool".to_string(), "kubectl".to_string())].into();
-    let nodes = testbed::simulated::nodes_with_registry_mirror(
-        &work.join("nodes"),
-        &client,
-        &plane.kubeconfig,
-        &NODES,
-        &labels,
-        &upstream.host,
-        &mirror.host,
-        None,
-    )
-    .await
-    .expect("simulated nodes (agent built by cargo test --workspace)");
-    // Only the test registry is allowed: the "refused" rollout below names another.
-    let _controller = Binary::start(
-        CONTROLLER,
-        &["--allowed-registries", &upstream.host],
-        &plane.kubeconfig,
-        None,
-        &work.join("controller.log"),
-    )
-    .expect("controller (built by cargo test --workspace)");
 
     for ns in ["team-a", "team-b"] {
         kubectl.ok(&["create", "namespace", ns]);
@@ -440,5 +421,5 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
         Table::parse(&kubectl.ok(&["get", "imageprefetch", "-n", "team-b"])).cell("web", "READY"),
         "2/2"
     );
-    drop(nodes);
+    drop(bed);
 }

@@ -192,3 +192,70 @@ async fn a_one_node_pool_whose_image_is_pushed_late_becomes_ready_by_itself() {
     image(&bed, &work, "team/late", &[MB]);
     bed.ready("late", "1/1", started, WITHIN).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_down_for_a_minute_mid_rollout_then_back_ends_ready_with_no_restart() {
+    let work = testbed::workdir::Workdir::new("e2e-fault-registry-down");
+    let nodes = [("down-0", "amd64"), ("down-1", "amd64")];
+    // One retry per round and a short cool-down, so the outage is felt at once.
+    let controller = ["--retry-limit", "1", "--seed-cooldown-seconds", "5"];
+    let mut bed = bed(&work, &nodes, &controller).await;
+    let small = image(&bed, &work, "team/first", &[MB]);
+    // Four seconds through the uplink: the outage lands while it is on its way.
+    let large = image(&bed, &work, "team/second", &[64 * MB]);
+    let started = Instant::now();
+    bed.prefetch("outage", &[&small.reference, &large.reference])
+        .await
+        .unwrap();
+    // Mid-rollout: the registry goes away while the large image is on its way.
+    let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
+    eventually(
+        "the large image being pulled",
+        Duration::from_secs(60),
+        || async {
+            let all = sets.list(&ListParams::default()).await.unwrap().items;
+            all.iter()
+                .any(|s| s.report_on(&large.reference).map(|r| r.state) == Some(PullState::Pulling))
+                .then_some(())
+        },
+    )
+    .await;
+    bed.upstream.stop();
+    let down = Instant::now();
+
+    // While it is down the rollout says so: Degraded, with its reason.
+    let api: Api<crd::ImagePrefetch> = Api::namespaced(bed.client.clone(), "default");
+    let degraded = eventually(
+        "Degraded while the registry is down",
+        Duration::from_secs(55),
+        || async {
+            let status = api.get("outage").await.unwrap().status?;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")
+        },
+    )
+    .await;
+    assert!(
+        ["NoSeedAvailable", "PullFailed"].contains(&degraded.reason.as_str()),
+        "{degraded:?}"
+    );
+    eprintln!(
+        "registry down: Degraded {} ({})",
+        degraded.reason, degraded.message
+    );
+    let outage = Duration::from_secs(60);
+    tokio::time::sleep(outage.saturating_sub(down.elapsed())).await;
+    bed.upstream.restart().unwrap();
+    let back = Instant::now();
+
+    // Back: Ready by itself; nothing was restarted.
+    bed.ready("outage", "2/2", started, Duration::from_secs(300))
+        .await
+        .unwrap();
+    eprintln!(
+        "registry down: all Ready {:.0}s after the registry came back",
+        back.elapsed().as_secs_f64()
+    );
+}

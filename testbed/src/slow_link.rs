@@ -65,20 +65,23 @@ impl SlowLink {
                         match link_state.load(Ordering::Relaxed) {
                             REFUSING => {
                                 let _ = client.shutdown(Shutdown::Both);
-                                continue;
                             }
-                            state => {
-                                if let Ok(c) = client.try_clone() {
-                                    opened.lock().expect("open connections").push(c);
-                                }
-                                // Cut: held open, never answered, as behind a partition.
-                                if state == CUT {
-                                    continue;
-                                }
+                            // Cut: held open, never answered, as behind a partition.
+                            CUT => {
+                                opened.lock().expect("open connections").push(client);
                             }
-                        }
-                        if let Ok(server) = TcpStream::connect(&target) {
-                            relay(client, server, budget.clone());
+                            _ => match TcpStream::connect(&target) {
+                                Ok(server) => {
+                                    if let Ok(c) = client.try_clone() {
+                                        opened.lock().expect("open connections").push(c);
+                                    }
+                                    relay(client, server, budget.clone());
+                                }
+                                // The server is down: so is the connection.
+                                Err(_) => {
+                                    let _ = client.shutdown(Shutdown::Both);
+                                }
+                            },
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),

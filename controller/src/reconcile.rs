@@ -41,6 +41,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
     announced: Mutex<HashSet<(String, String, String)>>,
+    /// Reconciles failed in a row, per ImagePrefetch uid: the retry backs off.
+    failed_in_a_row: Mutex<HashMap<String, u32>>,
     pub metrics: Metrics,
     rollouts: Rollouts,
 }
@@ -62,6 +64,7 @@ impl Context {
             seeds: Mutex::default(),
             recorder,
             announced: Mutex::default(),
+            failed_in_a_row: Mutex::default(),
             metrics,
             rollouts: Rollouts::default(),
         }
@@ -117,8 +120,19 @@ pub async fn reconcile(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Resul
             category: e.category().to_string(),
         };
         ctx.metrics.errors.get_or_create(&labels).inc();
+    } else {
+        ctx.failed_in_a_row
+            .lock()
+            .expect("failure counts lock")
+            .remove(&uid);
     }
     result
+}
+
+/// The wait before the `n`-th retry of a reconcile that keeps failing
+/// (1-based): 1 s, doubling, at most 5 minutes.
+pub fn retry_delay(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300))
 }
 
 async fn reconcile_inner(prefetch: Arc<ImagePrefetch>, ctx: &Context) -> Result<Action, Error> {
@@ -136,15 +150,26 @@ async fn reconcile_inner(prefetch: Arc<ImagePrefetch>, ctx: &Context) -> Result<
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-pub fn error_policy(prefetch: Arc<ImagePrefetch>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(prefetch: Arc<ImagePrefetch>, error: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut failed = ctx.failed_in_a_row.lock().expect("failure counts lock");
+        let n = failed
+            .entry(prefetch.uid().unwrap_or_default())
+            .or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = retry_delay(n);
     warn!(
         namespace = prefetch.namespace(),
         name = %prefetch.name_any(),
         category = error.category(),
         %error,
-        "reconcile failed; retrying in 10s"
+        failed_in_a_row = n,
+        retry_in = ?delay,
+        "reconcile failed; retrying with backoff"
     );
-    Action::requeue(Duration::from_secs(10))
+    Action::requeue(delay)
 }
 
 struct Owner<'a> {
@@ -490,5 +515,19 @@ async fn delete_ignoring_missing(api: &Api<NodeImageSet>, name: &str) -> Result<
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay;
+
+    #[test]
+    fn failed_reconciles_back_off_to_five_minutes() {
+        let secs: Vec<u64> = [1, 2, 3, 4, 8, 9, 10, 100]
+            .iter()
+            .map(|n| retry_delay(*n).as_secs())
+            .collect();
+        assert_eq!(secs, [1, 2, 4, 8, 128, 256, 300, 300]);
     }
 }

@@ -9,7 +9,7 @@ use containerd_client::services::v1::StreamInit;
 use containerd_client::services::v1::streaming_client::StreamingClient;
 use containerd_client::services::v1::transfer_client::TransferClient;
 use containerd_client::services::v1::{
-    GetImageRequest, ReadContentRequest, TransferRequest, UpdateImageRequest,
+    GetImageRequest, ListImagesRequest, ReadContentRequest, TransferRequest, UpdateImageRequest,
 };
 use containerd_client::services::v1::{content_client::ContentClient, images_client::ImagesClient};
 use containerd_client::tonic::Request;
@@ -458,6 +458,22 @@ impl Runtime {
             .map(|l| format!("labels.{l}"))
             .collect();
         self.update_image(image, Some(paths)).await
+    }
+
+    /// Names of the images that carry the agent's own pin.
+    pub async fn own_pinned(&self) -> Result<Vec<String>, PullError> {
+        let request = ListImagesRequest {
+            filters: vec![format!("labels.\"{}\"=={}", OWN_PIN.0, OWN_PIN.1)],
+        };
+        let span = rpc("Images.List");
+        let images = ImagesClient::new(self.channel.clone())
+            .list(self.request(&span, request))
+            .instrument(span)
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .images;
+        Ok(images.into_iter().map(|i| i.name).collect())
     }
 
     /// Keeps `name` from kubelet's image garbage collection (an image the

@@ -126,9 +126,8 @@ pub async fn run(
     let wc = watcher::Config::default().labels(&keys::on_node(&config.node_name));
     // Deletions too: a deleted set's pulls stop at once. The watch backs off
     // while the API server is away.
-    let mut events = reflector::reflector(writer, watcher(sets_api.clone(), wc).default_backoff())
-        .touched_objects()
-        .boxed();
+    let mut events =
+        reflector::reflector(writer, watcher(sets_api.clone(), wc).default_backoff()).boxed();
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let failed_backoff = config.failed_backoff;
     let mut agent = Agent {
@@ -140,6 +139,7 @@ pub async fn run(
         tasks: HashMap::new(),
         ledger: Ledger::new(failed_backoff),
         write_retry: None,
+        listed_once: false,
         limit: Arc::new(Semaphore::new(1)),
         tx,
         metrics,
@@ -153,6 +153,14 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             event = events.next() => match event {
+                // The first complete list of this node's sets: pins left by
+                // sets deleted while the agent was away come off now.
+                Some(Ok(watcher::Event::InitDone)) if !agent.listed_once => {
+                    agent.listed_once = true;
+                    agent.sync().await;
+                    agent.release_orphaned_pins().await;
+                }
+                Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
                 Some(Ok(_)) => agent.sync().await,
                 Some(Err(e)) => warn!(error = %e, "watching NodeImageSets failed; retrying"),
                 None => break,
@@ -211,6 +219,8 @@ struct Agent {
     ledger: Ledger,
     /// When to write statuses again after a failed write, and the wait used.
     write_retry: Option<(Instant, Duration)>,
+    /// Whether the watch has listed this node's sets completely once.
+    listed_once: bool,
     limit: Arc<Semaphore>,
     tx: mpsc::Sender<Message>,
     metrics: Metrics,
@@ -395,6 +405,31 @@ impl Agent {
                 Err(e) => warn!(image = %name, error = %e, "could not release the GC pin"),
             }
         });
+    }
+
+    /// Drops the agent's pin from every image no entry wants (sets deleted
+    /// while the agent was down). Images other pins hold are not touched.
+    async fn release_orphaned_pins(&self) {
+        let wanted: std::collections::HashSet<String> = self
+            .store
+            .state()
+            .iter()
+            .flat_map(|set| {
+                set.spec
+                    .image_set
+                    .iter()
+                    .map(|e| store_name(&e.name))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        match self.runtime.own_pinned().await {
+            Ok(pinned) => {
+                for name in pinned.into_iter().filter(|n| !wanted.contains(n)) {
+                    self.release(name);
+                }
+            }
+            Err(e) => warn!(error = %e, "could not list the images the agent pinned"),
+        }
     }
 
     /// Images the ledger holds as present that containerd no longer has are pulled again.

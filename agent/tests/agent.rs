@@ -538,3 +538,64 @@ async fn pins_only_what_it_pinned() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_returns() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-e2e-orphan-pins");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let image = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "team/orphan",
+        "1.0",
+        &[MB],
+    )
+    .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
+    let config = Config {
+        containerd_socket: node.socket.clone(),
+        node_hosts_dir: node.hosts_dir.clone(),
+        mirror_hosts_dir: dir.join("agent-hosts"),
+        ..Config::new("agent-node-orphan")
+    };
+    let start = |config: Config| {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = tokio::spawn(work::run(client.clone(), config, async move {
+            let _ = stopped.await;
+        }));
+        (stop, running)
+    };
+    let (stop, running) = start(config.clone());
+    let entry = json!([{"name": image.reference, "registryPolicy": "Default"}]);
+    set(&client, "agent-orphan", "agent-node-orphan", entry, 0).await;
+    wait_status(&client, "agent-orphan", "Available", |s| s.available == 1).await;
+    let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
+    let own_pin = || async {
+        runtime
+            .labels(&image.reference)
+            .await
+            .unwrap()
+            .contains_key("imageprefetch.io/pinned")
+    };
+    assert!(own_pin().await, "pinned while prefetched");
+
+    // The agent is away while its set is deleted.
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    let api: Api<NodeImageSet> = Api::all(client.clone());
+    api.delete("agent-orphan", &Default::default())
+        .await
+        .unwrap();
+
+    let (stop, running) = start(config);
+    eventually(
+        "the orphaned pin released",
+        Duration::from_secs(30),
+        || async { (!own_pin().await).then_some(()) },
+    )
+    .await;
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

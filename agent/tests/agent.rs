@@ -599,3 +599,79 @@ async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_retu
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_failed_seed_turned_into_a_mirror_entry_is_pulled_at_once() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-e2e-failed-to-mirror");
+    let mut upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let image = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "team/turned",
+        "1.0",
+        &[MB],
+    )
+    .unwrap();
+    // The in-cluster mirror has nothing yet, and the registry is down: the
+    // seed's pull fails.
+    let mirror = Registry::start(&dir.join("mirror")).unwrap();
+    upstream.stop();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[&mirror.host])
+        .unwrap();
+    let config = Config {
+        containerd_socket: node.socket.clone(),
+        node_hosts_dir: node.hosts_dir.clone(),
+        mirror_hosts_dir: dir.join("agent-hosts"),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(100),
+        ..Config::new("agent-node-turned")
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(work::run(client.clone(), config, async move {
+        let _ = stopped.await;
+    }));
+    let seed = json!([{"name": image.reference, "registryPolicy": "Default"}]);
+    set(&client, "agent-turned", "agent-node-turned", seed, 0).await;
+    wait_status(&client, "agent-turned", "Failed", |s| {
+        s.images.iter().any(|i| i.state == PullState::Failed)
+    })
+    .await;
+
+    // Another node got the image into the mirror; the controller turns the
+    // failed seed into a Mirror entry pinned to its digest. The agent starts
+    // it at once, well before the Failed entry's own retry (30 s).
+    images::build_and_push(
+        &dir.join("images"),
+        &mirror.host,
+        "team/turned",
+        "1.0",
+        &[MB],
+    )
+    .unwrap();
+    let turned_at = std::time::Instant::now();
+    let mirror_entry =
+        json!([{"name": image.reference, "registryPolicy": "Mirror", "digest": image.digest}]);
+    set(
+        &client,
+        "agent-turned",
+        "agent-node-turned",
+        mirror_entry,
+        0,
+    )
+    .await;
+    let st = wait_status(&client, "agent-turned", "Available from the mirror", |s| {
+        s.available == 1
+    })
+    .await;
+    assert!(
+        turned_at.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        turned_at.elapsed()
+    );
+    assert_eq!(st.images[0].source, Some(PullSource::Mirror));
+    assert_eq!(st.images[0].digest.as_deref(), Some(image.digest.as_str()));
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

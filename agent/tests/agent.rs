@@ -16,7 +16,7 @@ use testbed::poll::eventually;
 use testbed::registry::Registry;
 use testbed::workdir::Workdir;
 
-use support::{MB, agent_process, ctr, set, wait_status};
+use support::{MB, agent_process, config, ctr, run, set, wait_status};
 
 #[tokio::test]
 async fn pulls_reports_retries_and_repulls() {
@@ -486,16 +486,7 @@ async fn pins_only_what_it_pinned() {
         ],
     );
 
-    let config = Config {
-        containerd_socket: node.socket.clone(),
-        node_hosts_dir: node.hosts_dir.clone(),
-        mirror_hosts_dir: dir.join("agent-hosts"),
-        ..Config::new("agent-node-pins")
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(work::run(client.clone(), config, async move {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = run(&client, config("agent-node-pins", &node, &dir));
     let both = json!([
         {"name": ours.reference, "registryPolicy": "Default"},
         {"name": theirs.reference, "registryPolicy": "Default"},
@@ -554,20 +545,8 @@ async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_retu
     .unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
     node.configure_registry(&upstream.host, &[]).unwrap();
-    let config = Config {
-        containerd_socket: node.socket.clone(),
-        node_hosts_dir: node.hosts_dir.clone(),
-        mirror_hosts_dir: dir.join("agent-hosts"),
-        ..Config::new("agent-node-orphan")
-    };
-    let start = |config: Config| {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let running = tokio::spawn(work::run(client.clone(), config, async move {
-            let _ = stopped.await;
-        }));
-        (stop, running)
-    };
-    let (stop, running) = start(config.clone());
+    let config = config("agent-node-orphan", &node, &dir);
+    let (stop, running) = run(&client, config.clone());
     let entry = json!([{"name": image.reference, "registryPolicy": "Default"}]);
     set(&client, "agent-orphan", "agent-node-orphan", entry, 0).await;
     wait_status(&client, "agent-orphan", "Available", |s| s.available == 1).await;
@@ -589,7 +568,7 @@ async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_retu
         .await
         .unwrap();
 
-    let (stop, running) = start(config);
+    let (stop, running) = run(&client, config);
     eventually(
         "the orphaned pin released",
         Duration::from_secs(30),
@@ -620,18 +599,7 @@ async fn a_failed_seed_turned_into_a_mirror_entry_is_pulled_at_once() {
     let node = Containerd::start(&dir.join("node")).unwrap();
     node.configure_registry(&upstream.host, &[&mirror.host])
         .unwrap();
-    let config = Config {
-        containerd_socket: node.socket.clone(),
-        node_hosts_dir: node.hosts_dir.clone(),
-        mirror_hosts_dir: dir.join("agent-hosts"),
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(100),
-        ..Config::new("agent-node-turned")
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(work::run(client.clone(), config, async move {
-        let _ = stopped.await;
-    }));
+    let (stop, running) = run(&client, config("agent-node-turned", &node, &dir));
     let seed = json!([{"name": image.reference, "registryPolicy": "Default"}]);
     set(&client, "agent-turned", "agent-node-turned", seed, 0).await;
     wait_status(&client, "agent-turned", "Failed", |s| {

@@ -6,41 +6,15 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::oneshot;
 
-use agent::work::{self, Config};
+use agent::work::Config;
 use crd::PullState;
 use testbed::containerd::Containerd;
 use testbed::images;
 use testbed::registry::{HungRegistry, Registry};
 use testbed::workdir::Workdir;
 
-use support::{MB, agent_process, ctr, set, wait_status};
-
-fn config(node: &str, containerd: &Containerd, dir: &Workdir) -> Config {
-    Config {
-        containerd_socket: containerd.socket.clone(),
-        node_hosts_dir: containerd.hosts_dir.clone(),
-        mirror_hosts_dir: dir.join("agent-hosts"),
-        backoff_min: Duration::from_millis(200),
-        backoff_max: Duration::from_millis(400),
-        ..Config::new(node)
-    }
-}
-
-fn run(
-    client: &kube::Client,
-    config: Config,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), work::Error>>,
-) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(work::run(client.clone(), config, async move {
-        let _ = stopped.await;
-    }));
-    (stop, running)
-}
+use support::{MB, agent_process, config, ctr, run, set, wait_status};
 
 #[tokio::test]
 async fn a_registry_that_comes_back_within_the_budget_is_used() {

@@ -112,3 +112,34 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// The agent's settings for a node of the test's own, with quick retries.
+pub fn config(
+    node: &str,
+    containerd: &testbed::containerd::Containerd,
+    dir: &testbed::workdir::Workdir,
+) -> agent::work::Config {
+    agent::work::Config {
+        containerd_socket: containerd.socket.clone(),
+        node_hosts_dir: containerd.hosts_dir.clone(),
+        mirror_hosts_dir: dir.join("agent-hosts"),
+        backoff_min: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(400),
+        ..agent::work::Config::new(node)
+    }
+}
+
+/// The agent in this process until the sender is used.
+pub fn run(
+    client: &kube::Client,
+    config: agent::work::Config,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), agent::work::Error>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent::work::run(client.clone(), config, async move {
+        let _ = stopped.await;
+    }));
+    (stop, running)
+}

@@ -58,6 +58,8 @@ pub enum State {
     Pulling {
         attempts: i32,
         last: Option<Failure>,
+        /// The progress last reported (seeds only).
+        told: Option<Told>,
     },
     Available {
         present: Present,
@@ -71,6 +73,13 @@ pub enum State {
         attempts: i32,
         retry_at: Instant,
     },
+}
+
+/// Progress reported in a set's status: the bytes, and when.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Told {
+    pub bytes: u64,
+    pub at: Instant,
 }
 
 /// What the loop must do.
@@ -128,7 +137,13 @@ struct Record {
 pub struct Ledger {
     records: HashMap<Key, Record>,
     backoff: Backoff,
+    /// Least time between two progress reports of one entry.
+    progress_every: Duration,
 }
+
+/// How often a seed's progress is reported by default: the controller's
+/// seed deadline (minutes) needs no finer grain, and the writes stay few.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
 /// The name an image is stored under (what kubelet asks for).
 pub fn store_name(image: &str) -> String {
@@ -142,7 +157,14 @@ impl Ledger {
         Ledger {
             records: HashMap::new(),
             backoff,
+            progress_every: PROGRESS_EVERY,
         }
+    }
+
+    /// Reports a seed's progress at most once per `every`.
+    pub fn with_progress_every(mut self, every: Duration) -> Self {
+        self.progress_every = every;
+        self
     }
 
     /// The sets as they are now: starts what is new, changed or due for a
@@ -218,6 +240,7 @@ impl Ledger {
                 state: State::Pulling {
                     attempts: 0,
                     last: None,
+                    told: None,
                 },
                 failed_rounds: 0,
             },
@@ -232,18 +255,50 @@ impl Ledger {
     pub fn attempt_failed(&mut self, key: &Key, attempts: i32, failure: Failure) -> Vec<Action> {
         match self.records.get_mut(key) {
             Some(Record {
-                state: State::Pulling { .. },
+                state: State::Pulling { told, .. },
                 ..
             }) => {
+                let told = *told;
                 let r = self.records.get_mut(key).expect("matched");
                 r.state = State::Pulling {
                     attempts,
                     last: Some(failure),
+                    told,
                 };
                 vec![Action::Report(key.0.clone())]
             }
             _ => vec![],
         }
+    }
+
+    /// The entry's pull (started for `want`) has fetched `bytes` so far.
+    /// Reported only for a seed (a `Default` entry: the controller's seed
+    /// deadline runs from its last progress; Mirror pulls are not timed),
+    /// and at most once per progress interval, so a node's status writes
+    /// stay a handful per minute whatever the pull's size.
+    pub fn progressed(&mut self, key: &Key, want: &Want, bytes: u64, now: Instant) -> Vec<Action> {
+        let every = self.progress_every;
+        let Some(r) = self.records.get_mut(key) else {
+            return vec![];
+        };
+        if r.want.entry != want.entry
+            || r.want.set_uid != want.set_uid
+            || r.want.entry.registry_policy != RegistryPolicy::Default
+        {
+            return vec![];
+        }
+        let State::Pulling { told, .. } = &mut r.state else {
+            return vec![];
+        };
+        let due = match told {
+            None => true,
+            Some(t) => bytes > t.bytes && now.saturating_duration_since(t.at) >= every,
+        };
+        if !due || bytes == 0 {
+            return vec![];
+        }
+        *told = Some(Told { bytes, at: now });
+        vec![Action::Report(key.0.clone())]
     }
 
     /// The entry's pull task ended. Nothing is reported for an entry that is
@@ -340,8 +395,13 @@ impl Ledger {
         let r = self.records.get(key)?;
         let mut s = NodeImageStatus::new(&key.1, PullState::Pulling, 0);
         match &r.state {
-            State::Pulling { attempts, last } => {
+            State::Pulling {
+                attempts,
+                last,
+                told,
+            } => {
                 s.attempts = *attempts;
+                s.progress_bytes = told.map(|t| t.bytes as i64);
                 if let Some(f) = last {
                     s.last_error = Some(f.message.clone());
                     s.reason = Some(f.reason.clone());
@@ -683,5 +743,64 @@ mod tests {
         let waits: Vec<u64> = (1..=6).map(|n| b.after(n).as_secs()).collect();
         assert_eq!(waits, [30, 60, 120, 240, 300, 300]);
         assert_eq!(b.after(1000), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_seeds_progress_is_reported_at_most_once_per_interval() {
+        let every = Duration::from_secs(30);
+        let mut l = Ledger::new(Backoff::default()).with_progress_every(every);
+        let t0 = Instant::now();
+        let seed = want("u1", RegistryPolicy::Default, None);
+        l.observe(vec![listed("s", &seed)], t0);
+        let told = |l: &Ledger| l.status(&key("s")).unwrap().progress_bytes;
+        assert_eq!(told(&l), None);
+
+        // The first bytes are reported at once: the controller sees the
+        // seed moving.
+        let a = l.progressed(&key("s"), &seed, 100, t0);
+        assert_eq!(a, [Action::Report("s".into())]);
+        assert_eq!(told(&l), Some(100));
+        // More within the interval: held back, the status keeps 100.
+        assert!(
+            l.progressed(&key("s"), &seed, 500, t0 + every / 2)
+                .is_empty()
+        );
+        assert_eq!(told(&l), Some(100));
+        // After the interval: reported.
+        let a = l.progressed(&key("s"), &seed, 700, t0 + every);
+        assert_eq!(a, [Action::Report("s".into())]);
+        assert_eq!(told(&l), Some(700));
+        // No new bytes: nothing to say, however long it has been.
+        assert!(
+            l.progressed(&key("s"), &seed, 700, t0 + every * 5)
+                .is_empty()
+        );
+        // A failed attempt keeps what was reported.
+        l.attempt_failed(&key("s"), 1, failure("RegistryUnreachable"));
+        assert_eq!(told(&l), Some(700));
+        // Available: progress is over.
+        l.finished(&key("s"), &seed, Ok((present(), 1)), t0 + every * 6);
+        assert_eq!(told(&l), None);
+        assert!(
+            l.progressed(&key("s"), &seed, 900, t0 + every * 7)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn progress_of_mirror_pulls_and_of_stale_tasks_is_not_reported() {
+        let mut l = Ledger::new(Backoff::default());
+        let t0 = Instant::now();
+        let mirror = want("u1", RegistryPolicy::Mirror, Some(D));
+        l.observe(vec![listed("s", &mirror)], t0);
+        assert!(l.progressed(&key("s"), &mirror, 100, t0).is_empty());
+        assert_eq!(l.status(&key("s")).unwrap().progress_bytes, None);
+        // A task of the entry as it was before (a seed since turned into a
+        // Mirror entry) tells nothing either.
+        let seed = want("u1", RegistryPolicy::Default, None);
+        assert!(l.progressed(&key("s"), &seed, 100, t0).is_empty());
+        // Nor does a task of a deleted set.
+        l.observe(vec![], t0);
+        assert!(l.progressed(&key("s"), &mirror, 100, t0).is_empty());
     }
 }

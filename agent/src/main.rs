@@ -15,6 +15,8 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --metrics-addr ADDR            /metrics, /healthz, /readyz (default 0.0.0.0:8080)
   --failed-retry-seconds S       an image that failed is tried again after S, doubling
                                  at each failure up to 10x (default 30)
+  --progress-seconds S           a seed's bytes so far are reported at most every S
+                                 (default 30)
   --platform OS/ARCH[/VARIANT]   the platform to pull for (default this machine's); of an
                                  image index only this platform's content is fetched
 ";
@@ -41,6 +43,7 @@ fn parse_args() -> Config {
                     cap: first * 10,
                 };
             }
+            "--progress-seconds" => config.progress_every = args.seconds(&flag),
             "--metrics-addr" => config.metrics_addr = Some(args.addr(&flag)),
             "--platform" => {
                 let value = args.value(&flag);

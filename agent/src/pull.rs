@@ -9,15 +9,16 @@ use containerd_client::services::v1::StreamInit;
 use containerd_client::services::v1::streaming_client::StreamingClient;
 use containerd_client::services::v1::transfer_client::TransferClient;
 use containerd_client::services::v1::{
-    GetImageRequest, ListImagesRequest, ReadContentRequest, TransferRequest, UpdateImageRequest,
+    GetImageRequest, ListImagesRequest, ReadContentRequest, TransferOptions, TransferRequest,
+    UpdateImageRequest,
 };
 use containerd_client::services::v1::{content_client::ContentClient, images_client::ImagesClient};
 use containerd_client::tonic::Request;
 use containerd_client::tonic::transport::Channel;
 use containerd_client::types::Platform;
 use containerd_client::types::transfer::{
-    AuthRequest, AuthResponse, AuthType, ImageStore, OciRegistry, RegistryResolver,
-    UnpackConfiguration,
+    AuthRequest, AuthResponse, AuthType, ImageStore, OciRegistry, Progress as TransferProgress,
+    RegistryResolver, UnpackConfiguration,
 };
 use prost::Message;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use containerd_client::services::v1::{CreateImageRequest, Image};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::credentials::{Credential, Keyring};
 use containerd_client::to_any;
@@ -151,18 +152,20 @@ impl Runtime {
     /// resolving registries through the hosts.toml files of `host_dir`.
     /// Credentials, when `keyring` has any for the repository, are answered on
     /// containerd's auth stream host by host, only for hosts the secrets name
-    /// (so never to an in-cluster mirror).
+    /// (so never to an in-cluster mirror). The bytes fetched so far go to
+    /// `progress` while the pull runs (not through CRI, which tells nothing).
     pub async fn pull(
         &self,
         source: &str,
         name: &str,
         host_dir: &Path,
         keyring: Option<(Keyring, String)>,
+        progress: Option<watch::Sender<Progress>>,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
         if self.transfer.load(Ordering::Relaxed) {
             match self
-                .transfer_pull(source, name, host_dir, keyring.clone())
+                .transfer_pull(source, name, host_dir, keyring.clone(), progress)
                 .await
             {
                 Err(PullError::Unsupported) => {
@@ -217,12 +220,17 @@ impl Runtime {
         name: &str,
         host_dir: &Path,
         keyring: Option<(Keyring, String)>,
+        progress: Option<watch::Sender<Progress>>,
     ) -> Result<(), PullError> {
         let auth = match keyring {
             Some((ring, repository)) if !ring.is_empty() => {
                 Some(self.auth_stream(ring, repository).await?)
             }
             _ => None,
+        };
+        let told = match progress {
+            Some(bytes) => Some(self.progress_stream(bytes).await?),
+            None => None,
         };
         let registry = OciRegistry {
             reference: source.to_string(),
@@ -256,14 +264,16 @@ impl Runtime {
         let request = TransferRequest {
             source: Some(to_any(&registry)),
             destination: Some(to_any(&store)),
-            options: None,
+            options: told.as_ref().map(|t| TransferOptions {
+                progress_stream: t.id.clone(),
+            }),
         };
         let span = rpc("Transfer.Transfer");
         let transferred = TransferClient::new(self.channel.clone())
             .transfer(self.request(&span, request))
             .instrument(span)
             .await;
-        drop(auth);
+        drop((auth, told));
         transferred.map_err(status_error)?;
         Ok(())
     }
@@ -385,25 +395,33 @@ impl Runtime {
         Ok(Some((target.digest, size)))
     }
 
-    /// Opens a stream containerd asks for credentials on while a transfer runs.
-    async fn auth_stream(
+    /// Opens a named stream with containerd's Streaming service (what the
+    /// Transfer service talks to a client on: credentials asked, progress
+    /// told). Returns the stream's id, its outbound side and its inbound side.
+    async fn open_stream(
         &self,
-        keyring: Keyring,
-        repository: String,
-    ) -> Result<AuthStream, PullError> {
+        purpose: &str,
+    ) -> Result<
+        (
+            String,
+            mpsc::Sender<prost_types::Any>,
+            containerd_client::tonic::Streaming<prost_types::Any>,
+        ),
+        PullError,
+    > {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let id = format!(
-            "image-prefetch-auth-{}-{}",
+            "image-prefetch-{purpose}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let (tx, rx) = mpsc::channel::<prost_types::Any>(4);
         let failed = |s: containerd_client::tonic::Status| {
-            PullError::Containerd(format!("auth stream: {}", s.message()))
+            PullError::Containerd(format!("{purpose} stream: {}", s.message()))
         };
         tx.send(to_any(&StreamInit { id: id.clone() }))
             .await
-            .map_err(|_| PullError::Containerd("auth stream closed".into()))?;
+            .map_err(|_| PullError::Containerd(format!("{purpose} stream closed")))?;
         let outbound =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
         let span = rpc("Streaming.Stream");
@@ -415,6 +433,16 @@ impl Runtime {
             .into_inner();
         // containerd acknowledges once the stream is registered under `id`.
         inbound.message().await.map_err(failed)?;
+        Ok((id, tx, inbound))
+    }
+
+    /// Opens a stream containerd asks for credentials on while a transfer runs.
+    async fn auth_stream(
+        &self,
+        keyring: Keyring,
+        repository: String,
+    ) -> Result<StreamTask, PullError> {
+        let (id, tx, mut inbound) = self.open_stream("auth").await?;
         let task = tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
                 let Ok(request) = AuthRequest::decode(message.value.as_slice()) else {
@@ -439,7 +467,27 @@ impl Runtime {
                 }
             }
         });
-        Ok(AuthStream { id, task })
+        Ok(StreamTask { id, task })
+    }
+
+    /// Opens a stream containerd tells a transfer's progress on; each blob's
+    /// bytes so far go into `progress`.
+    async fn progress_stream(
+        &self,
+        progress: watch::Sender<Progress>,
+    ) -> Result<StreamTask, PullError> {
+        let (id, tx, mut inbound) = self.open_stream("progress").await?;
+        let task = tokio::spawn(async move {
+            // containerd closes the stream when the client side ends.
+            let _keep = tx;
+            while let Ok(Some(message)) = inbound.message().await {
+                let Ok(p) = TransferProgress::decode(message.value.as_slice()) else {
+                    continue;
+                };
+                progress.send_if_modified(|blobs| blobs.update(&p.name, p.progress));
+            }
+        });
+        Ok(StreamTask { id, task })
     }
 
     /// Takes the kubelet-GC pin off `name` (when its ImagePrefetch is gone); the image stays.
@@ -544,13 +592,39 @@ impl Runtime {
     }
 }
 
-/// A registered auth stream; dropping it ends the stream.
-struct AuthStream {
+/// Bytes fetched so far by an entry's pull, over its attempts: the furthest
+/// each blob got (containerd tells each blob's bytes so far, by its name).
+/// It never goes back: a blob fetched again from its start after a failed
+/// attempt counts as progress only past the point it had reached.
+#[derive(Debug, Default)]
+pub struct Progress {
+    blobs: HashMap<String, i64>,
+}
+
+impl Progress {
+    /// Whether the total grew.
+    pub fn update(&mut self, name: &str, progress: i64) -> bool {
+        if name.is_empty() || progress <= 0 {
+            return false;
+        }
+        let b = self.blobs.entry(name.to_string()).or_default();
+        let grew = progress > *b;
+        *b = (*b).max(progress);
+        grew
+    }
+
+    pub fn total(&self) -> u64 {
+        self.blobs.values().map(|b| *b as u64).sum()
+    }
+}
+
+/// A registered stream and the task serving it; dropping it ends both.
+struct StreamTask {
     id: String,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for AuthStream {
+impl Drop for StreamTask {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -570,6 +644,19 @@ fn rpc(method: &'static str) -> Span {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_sums_the_furthest_point_of_each_blob() {
+        let mut p = Progress::default();
+        assert!(p.update("layer-a", 100));
+        assert!(p.update("layer-b", 50));
+        assert!(!p.update("", 10), "events without a blob count nothing");
+        assert!(!p.update("layer-a", 0), "a new attempt starting over");
+        assert!(!p.update("layer-a", 60), "behind the furthest point");
+        assert_eq!(p.total(), 150);
+        assert!(p.update("layer-a", 120));
+        assert_eq!(p.total(), 170);
+    }
 
     #[test]
     fn errors_are_classified_for_status() {

@@ -13,7 +13,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument as _, field, info, info_span, warn};
 
@@ -29,7 +29,7 @@ use crate::events::{self, Notice};
 use crate::hosts;
 use crate::ledger::{self, Action, Failure, Key, Ledger, Listed, Present, Want, store_name};
 use crate::metrics::{Metrics, PullLabels, SourceLabels};
-use crate::pull::{PullError, Pulled, Runtime};
+use crate::pull::{Progress, PullError, Pulled, Runtime};
 
 /// First and longest wait before writing statuses again after a failed write.
 const STATUS_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -62,6 +62,8 @@ pub struct Config {
     pub platform: crd::platform::Platform,
     /// Wait before a Failed entry's next round of attempts, doubling to its cap.
     pub failed_backoff: ledger::Backoff,
+    /// Least time between two progress reports of a seed's pull.
+    pub progress_every: Duration,
 }
 
 impl Config {
@@ -79,6 +81,7 @@ impl Config {
             metrics_addr: None,
             platform: crd::platform::Platform::host(),
             failed_backoff: ledger::Backoff::default(),
+            progress_every: ledger::PROGRESS_EVERY,
         }
     }
 }
@@ -100,6 +103,8 @@ enum Outcome {
         failure: Failure,
     },
     Done(PullResult),
+    /// The pull has fetched this many bytes so far.
+    Progress(u64),
 }
 
 /// A message from the pull task of `key`, started for `want`.
@@ -129,7 +134,7 @@ pub async fn run(
     let mut events =
         reflector::reflector(writer, watcher(sets_api.clone(), wc).default_backoff()).boxed();
     let (tx, mut rx) = mpsc::channel::<Message>(64);
-    let failed_backoff = config.failed_backoff;
+    let (failed_backoff, progress_every) = (config.failed_backoff, config.progress_every);
     let mut agent = Agent {
         client,
         config: Arc::new(config),
@@ -137,7 +142,7 @@ pub async fn run(
         sets_api,
         store,
         tasks: HashMap::new(),
-        ledger: Ledger::new(failed_backoff),
+        ledger: Ledger::new(failed_backoff).with_progress_every(progress_every),
         write_retry: None,
         listed_once: false,
         limit: Arc::new(Semaphore::new(1)),
@@ -291,6 +296,17 @@ impl Agent {
         if let Some(old) = self.tasks.remove(&key) {
             old.abort();
         }
+        // A seed tells its progress (the controller's deadline runs from it).
+        let progress = (want.entry.registry_policy == RegistryPolicy::Default).then(|| {
+            let (progress, told) = watch::channel(Progress::default());
+            tokio::spawn(forward_progress(
+                told,
+                self.tx.clone(),
+                key.clone(),
+                want.clone(),
+            ));
+            progress
+        });
         let job = Job {
             config: self.config.clone(),
             client: self.client.clone(),
@@ -299,6 +315,7 @@ impl Agent {
             tx: self.tx.clone(),
             key: key.clone(),
             wanted: want.clone(),
+            progress,
         };
         let span = pull_span(&want, &self.config.node_name);
         let handle = tokio::spawn(async move {
@@ -319,6 +336,7 @@ impl Agent {
                 self.metrics.retries.inc();
                 self.ledger.attempt_failed(key, attempts, failure)
             }
+            Outcome::Progress(bytes) => self.ledger.progressed(key, want, bytes, now),
             Outcome::Done(result) => {
                 let policy = want.entry.registry_policy;
                 let result = match result {
@@ -519,6 +537,25 @@ impl Agent {
     }
 }
 
+/// Hands a pull's progress to the loop, at most once a second (containerd
+/// tells it far more often); the ledger decides what gets reported. Ends
+/// when the pull's task ends (its sender is dropped).
+async fn forward_progress(
+    mut told: watch::Receiver<Progress>,
+    tx: mpsc::Sender<Message>,
+    key: Key,
+    want: Want,
+) {
+    while told.changed().await.is_ok() {
+        let bytes = told.borrow_and_update().total();
+        let message = (key.clone(), want.clone(), Outcome::Progress(bytes));
+        if tx.try_send(message).is_err() && tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// What to pull: the pinned digest when the controller gave one.
 fn source(entry: &NodeImage) -> String {
     match (reference::parse(&entry.name), &entry.digest) {
@@ -589,6 +626,8 @@ struct Job {
     tx: mpsc::Sender<Message>,
     key: Key,
     wanted: Want,
+    /// Where a seed's pull tells its progress.
+    progress: Option<watch::Sender<Progress>>,
 }
 
 impl Job {
@@ -684,7 +723,9 @@ impl Job {
             reason: "Stopping".into(),
         })?;
         let source = source(entry);
-        let pull = self.runtime.pull(&source, name, &host_dir, keyring);
+        let pull = self
+            .runtime
+            .pull(&source, name, &host_dir, keyring, self.progress.clone());
         match tokio::time::timeout(self.config.pull_timeout, pull).await {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(e)) => Err(Failure {

@@ -187,3 +187,150 @@ async fn an_agent_killed_mid_pull_completes_after_restart() {
     let leases = ctr(&node, &["leases", "ls", "-q"]);
     assert!(leases.trim().is_empty(), "leases left: {leases}");
 }
+
+#[tokio::test]
+async fn a_set_deleted_mid_pull_aborts_the_pull_releases_its_pins_and_gets_no_more_writes() {
+    use agent::pull::Runtime;
+    use testbed::slow_link::SlowLink;
+
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-faults-deleted");
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    // 2 MB/s: the big image takes about 16 s, long enough to delete its set
+    // in the middle.
+    let link = SlowLink::start(&registry.host, 2 * MB as u64).unwrap();
+    let work = dir.join("images");
+    let small = images::build_and_push(&work, &registry.host, "team/small", "1", &[MB]).unwrap();
+    let big = images::build_and_push(&work, &registry.host, "team/big", "1", &[16 * MB, 16 * MB])
+        .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    // Every request of the node's pulls goes through the link.
+    node.configure_registry(&registry.host, &[&link.host])
+        .unwrap();
+    let config = Config {
+        progress_every: Duration::from_secs(1),
+        ..config("fault-node-deleted", &node, &dir)
+    };
+    let (stop, running) = run(&client, config);
+
+    set(
+        &client,
+        "faults-deleted",
+        "fault-node-deleted",
+        json!([{"name": small.reference, "registryPolicy": "Default"},
+               {"name": big.reference, "registryPolicy": "Default"}]),
+        3,
+    )
+    .await;
+    // The seed tells its progress while it pulls, and it grows.
+    let progress = |s: &crd::NodeImageSetStatus| {
+        s.images
+            .iter()
+            .find(|i| i.name == big.reference && i.state == PullState::Pulling)
+            .and_then(|i| i.progress_bytes)
+    };
+    let st = wait_status(
+        &client,
+        "faults-deleted",
+        "small there, big under way",
+        |s| s.available == 1 && progress(s).is_some(),
+    )
+    .await;
+    let first = progress(&st).unwrap();
+    let st = wait_status(&client, "faults-deleted", "more progress told", |s| {
+        progress(s).is_some_and(|p| p > first)
+    })
+    .await;
+    let second = progress(&st).unwrap();
+    assert!(
+        second < big.size as i64,
+        "progress {second} is below the image's {} bytes while it pulls",
+        big.size
+    );
+    let runtime = Runtime::connect(&node.socket).await.unwrap();
+    assert!(
+        runtime
+            .labels(&small.reference)
+            .await
+            .unwrap()
+            .contains_key("imageprefetch.io/pinned"),
+        "the small image is pinned while its set wants it"
+    );
+
+    let missing_writes = || {
+        testbed::api_metrics::count(&client, |r| {
+            r.is("resource", "nodeimagesets")
+                && r.is("subresource", "status")
+                && r.is("code", "404")
+        })
+    };
+    let before = missing_writes().await.unwrap();
+    let api: kube::Api<crd::NodeImageSet> = kube::Api::all(client.clone());
+    api.delete("faults-deleted", &Default::default())
+        .await
+        .unwrap();
+    // The pull stops (its containerd lease goes with it) and the pin comes
+    // off, well before the big image could have finished.
+    testbed::poll::eventually(
+        "the pull aborted and the pin released",
+        Duration::from_secs(10),
+        || async {
+            let leases = ctr(&node, &["leases", "ls", "-q"]);
+            let labels = runtime.labels(&small.reference).await.ok()?;
+            (leases.trim().is_empty() && !labels.contains_key("imageprefetch.io/pinned"))
+                .then_some(())
+        },
+    )
+    .await;
+    let at_abort = missing_writes().await.unwrap();
+    let delivered = link.delivered();
+
+    // A set the agent handles after the deletion: once it is reported, every
+    // event before it has been handled.
+    set(
+        &client,
+        "faults-deleted-after",
+        "fault-node-deleted",
+        json!([{"name": small.reference, "registryPolicy": "Default"}]),
+        3,
+    )
+    .await;
+    wait_status(
+        &client,
+        "faults-deleted-after",
+        "the next set served",
+        |s| s.available == 1,
+    )
+    .await;
+    let after = missing_writes().await.unwrap();
+    eprintln!(
+        "deleted mid-pull: progress told {first} then {second} bytes; {} of {} bytes delivered when aborted; \
+         status writes answered 404: {} during the deletion, {} after it",
+        delivered,
+        big.size,
+        at_abort - before,
+        after - at_abort
+    );
+    // At most a write already in flight when the set went; none afterwards.
+    assert!(
+        at_abort - before <= 1,
+        "{} writes to the deleted set",
+        at_abort - before
+    );
+    assert_eq!(
+        after, at_abort,
+        "status writes to the deleted set after its deletion was seen"
+    );
+    assert!(
+        link.delivered() < big.size as u64,
+        "the link delivered {} bytes: the aborted pull went on",
+        link.delivered()
+    );
+    let listed = ctr(&node, &["images", "ls", "-q"]);
+    assert!(
+        !listed.lines().any(|l| l == big.reference),
+        "the aborted image was stored: {listed}"
+    );
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}

@@ -26,12 +26,27 @@ async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
     node.configure_registry(&upstream.host, &[]).unwrap();
 
     let runtime = Runtime::connect(&node.socket).await.unwrap();
+    let (progress, told) = tokio::sync::watch::channel(agent::pull::Progress::default());
     let pulled = runtime
-        .pull(&image.reference, &image.reference, &node.hosts_dir, None)
+        .pull(
+            &image.reference,
+            &image.reference,
+            &node.hosts_dir,
+            None,
+            Some(progress),
+        )
         .await
         .unwrap();
     assert_eq!(pulled.digest, image.digest);
     assert_eq!(pulled.size, Some(image.size as i64));
+    // containerd's progress stream told every byte: the config and layers
+    // (what `size` counts), and the manifest.
+    let told = told.borrow().total();
+    assert!(
+        told >= image.size as u64 && told < image.size as u64 + 64 * 1024,
+        "progress told {told} bytes of {}",
+        image.size
+    );
     // Every blob crossed once.
     let gets = upstream.blob_gets(&image.repository);
     for blob in &image.blobs {
@@ -73,7 +88,7 @@ async fn mirror_pull_never_reaches_the_upstream() {
         hosts::prepare_mirror(&node.hosts_dir, &dir.join("agent-hosts"), &upstream.host).unwrap();
     let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
     let pulled = runtime
-        .pull(&pinned, &image.reference, &mirror_dir, None)
+        .pull(&pinned, &image.reference, &mirror_dir, None, None)
         .await
         .unwrap();
     assert_eq!(pulled.digest, image.digest);
@@ -94,7 +109,13 @@ async fn mirror_pull_never_reaches_the_upstream() {
         images::build_and_push(&work, &upstream.host, "team/other", "1.0", &[MB]).unwrap();
     let before = upstream.requests().len();
     let err = runtime
-        .pull(&missing.reference, &missing.reference, &mirror_dir, None)
+        .pull(
+            &missing.reference,
+            &missing.reference,
+            &mirror_dir,
+            None,
+            None,
+        )
         .await
         .unwrap_err();
     assert_eq!(
@@ -124,7 +145,7 @@ async fn containerd_1_6_falls_back_to_cri() {
     // Pinned to the digest, stored under the tag kubelet will ask for.
     let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
     let pulled = runtime
-        .pull(&pinned, &image.reference, &node.hosts_dir, None)
+        .pull(&pinned, &image.reference, &node.hosts_dir, None, None)
         .await
         .unwrap();
     assert_eq!(pulled.digest, image.digest);

@@ -12,7 +12,7 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
                                  (env ALLOWED_REGISTRIES; default: allow all)
   --retry-limit N                imageDownloadRetryLimit for nodes (default 3)
   --wave-cap N                   most mirror pulls of one image at once (default 32)
-  --seed-deadline-seconds S      replace a seed without the image after S (default 900)
+  --seed-deadline-seconds S      replace a seed that fetched no more bytes for S (default 900)
   --seed-cooldown-seconds S      a node that failed as seed is not chosen again for S,
                                  doubling at each failure up to 10x (default 30)
   --not-ready-grace-seconds S    keep a NotReady node selected for S (default 300)

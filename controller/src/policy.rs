@@ -12,7 +12,7 @@
 //!   `Mirror` entries pinned to the digest that was resolved, in growing waves:
 //!   at most as many in flight as there are nodes holding the image (each
 //!   finished node is one more source for the mirror), capped by a setting;
-//! - a seed that fails past its retry limit, stalls past a deadline, or whose
+//! - a seed that fails past its retry limit, makes no progress for a deadline, or whose
 //!   node goes away is replaced; seeds are shared by every ImagePrefetch that
 //!   asks for the same image (the [`SeedBook`] lives as long as the controller).
 
@@ -32,7 +32,8 @@ pub struct Settings {
     pub sequencing: bool,
     /// Most Mirror pulls of one image in flight at once, per zone.
     pub wave_cap: usize,
-    /// A seed that has not made the image Available by then is replaced.
+    /// A seed that has shown no progress (more bytes fetched) for this long
+    /// is replaced.
     pub seed_deadline: Duration,
     /// A node that failed or stalled as seed is not chosen again for this
     /// long; doubled at each failure, up to `seed_cooldown_cap`.
@@ -71,6 +72,8 @@ pub struct ImageFacts {
     pub available: BTreeMap<String, Option<String>>,
     /// Nodes with a `Default` entry for the image, and the state each reports.
     pub seeding: BTreeMap<String, Option<PullState>>,
+    /// Bytes each seed's pull under way has fetched so far, as it last told.
+    pub progress: BTreeMap<String, i64>,
 }
 
 /// The cluster as the policy sees it.
@@ -101,6 +104,9 @@ impl ClusterView {
                 }
                 if entry.registry_policy == RegistryPolicy::Default {
                     facts.seeding.insert(node.clone(), state);
+                    if let Some(bytes) = report.and_then(|r| r.progress_bytes) {
+                        facts.progress.insert(node.clone(), bytes);
+                    }
                 }
             }
         }
@@ -140,7 +146,10 @@ impl Current {
 #[derive(Clone, Debug)]
 struct Claim {
     node: String,
-    since: Instant,
+    /// When the seed last showed progress: claimed, or told more bytes.
+    progressed: Instant,
+    /// The most bytes the seed has told.
+    bytes: i64,
 }
 
 /// The seeds of the whole cluster: one per (image, sequencing group), shared
@@ -191,14 +200,25 @@ impl SeedBook {
     ) -> Result<(String, bool), Option<Blocked>> {
         let deadline = settings.seed_deadline;
         let slot = (key.to_string(), zone.to_string());
+        if let Some(claim) = self.claims.get_mut(&slot) {
+            // The deadline runs from the seed's last progress: a large image
+            // on a slow link that keeps moving is never cut off (and fetched
+            // again from the start by another seed).
+            if let Some(&bytes) = facts.progress.get(&claim.node)
+                && bytes > claim.bytes
+            {
+                claim.bytes = bytes;
+                claim.progressed = now;
+            }
+        }
         if let Some(claim) = self.claims.get(&slot).cloned() {
             let failed = facts.seeding.get(&claim.node) == Some(&Some(PullState::Failed));
-            let stalled = now.saturating_duration_since(claim.since) > deadline;
+            let stalled = now.saturating_duration_since(claim.progressed) > deadline;
             let gone = !view.usable.contains(&claim.node);
             // A claim nobody acts on (its ImagePrefetch went away) lapses.
             let orphaned = !ours.contains(&&claim.node)
                 && !facts.seeding.contains_key(&claim.node)
-                && now.saturating_duration_since(claim.since) > CLAIM_SETTLE;
+                && now.saturating_duration_since(claim.progressed) > CLAIM_SETTLE;
             if failed || stalled {
                 let e = self
                     .excluded
@@ -262,7 +282,8 @@ impl SeedBook {
             slot,
             Claim {
                 node: node.clone(),
-                since: now,
+                progressed: now,
+                bytes: facts.progress.get(&node).copied().unwrap_or(0),
             },
         );
         Ok((node, new))
@@ -527,6 +548,14 @@ mod tests {
             report(set, image, state);
         }
 
+        /// The node's seed pull tells `bytes` fetched so far.
+        fn progress(&mut self, node: &str, image: &str, bytes: i64) {
+            let set = self.ours.get_mut(node).expect("node has a set");
+            report(set, image, PullState::Pulling);
+            let st = set.status.as_mut().expect("reported");
+            st.images[0].progress_bytes = Some(bytes);
+        }
+
         fn policy_of(&self, node: &str, image: &str) -> Option<RegistryPolicy> {
             self.ours
                 .get(node)?
@@ -753,6 +782,41 @@ mod tests {
             std::slice::from_ref(&first)
         );
         sim.clock = sim.settings.seed_deadline + Duration::from_secs(1);
+        sim.step(&[IMG]);
+        let now = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0], first);
+    }
+
+    #[test]
+    fn a_seed_making_progress_is_kept_and_one_that_stops_is_replaced() {
+        let mut sim = Sim::new(3);
+        sim.step(&[IMG]);
+        let first = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        let deadline = sim.settings.seed_deadline;
+        // A large image on a slow link: more bytes at every look, for three
+        // deadlines in all.
+        for step in 1..=6i64 {
+            sim.clock = deadline / 2 * step as u32;
+            sim.progress(&first, IMG, step * 1_000_000);
+            sim.step(&[IMG]);
+            assert_eq!(
+                sim.with_policy(IMG, RegistryPolicy::Default),
+                std::slice::from_ref(&first),
+                "moving seed kept at {:?}",
+                sim.clock
+            );
+        }
+        // It stops moving: replaced one deadline after its last progress,
+        // not before.
+        let last = sim.clock;
+        sim.clock = last + deadline - Duration::from_secs(1);
+        sim.step(&[IMG]);
+        assert_eq!(
+            sim.with_policy(IMG, RegistryPolicy::Default),
+            std::slice::from_ref(&first)
+        );
+        sim.clock = last + deadline + Duration::from_secs(1);
         sim.step(&[IMG]);
         let now = sim.with_policy(IMG, RegistryPolicy::Default);
         assert_eq!(now.len(), 1);

@@ -124,6 +124,11 @@ pub struct NodeImageStatus {
     /// Bytes the image occupies (compressed content).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,
+    /// Bytes fetched so far by a seed's pull under way (from containerd's
+    /// Transfer progress), written at most every progress interval: the
+    /// controller replaces a seed only when this stops growing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_bytes: Option<i64>,
     /// How long the successful pull took, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_duration_millis: Option<i64>,
@@ -157,6 +162,7 @@ impl NodeImageStatus {
             reason: None,
             digest: None,
             size_bytes: None,
+            progress_bytes: None,
             pull_duration_millis: None,
             source: None,
         }

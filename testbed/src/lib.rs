@@ -1,6 +1,7 @@
 //! A real local control plane for tests and the demo: etcd and kube-apiserver
 //! on 127.0.0.1, built from their official sources and cached outside the clone.
 
+pub mod api_metrics;
 pub mod containerd;
 pub mod control_plane;
 pub mod crds;

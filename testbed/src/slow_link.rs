@@ -25,6 +25,7 @@ pub struct SlowLink {
     accepted: Arc<AtomicU64>,
     /// The client side of every connection, to reset them when cut.
     open: Arc<Mutex<Vec<TcpStream>>>,
+    budget: Arc<Budget>,
 }
 
 const OPEN: u8 = 0;
@@ -55,7 +56,9 @@ impl SlowLink {
             rate: bytes_per_second,
             started: Instant::now(),
             sent: Mutex::new(0),
+            delivered: AtomicU64::new(0),
         });
+        let shared = budget.clone();
         std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -94,7 +97,13 @@ impl SlowLink {
             state,
             accepted,
             open,
+            budget: shared,
         })
+    }
+
+    /// Bytes of answers delivered to clients so far.
+    pub fn delivered(&self) -> u64 {
+        self.budget.delivered.load(Ordering::Relaxed)
     }
 
     /// Cuts the link: connections under way are reset, new ones hang.
@@ -131,6 +140,7 @@ struct Budget {
     rate: u64,
     started: Instant,
     sent: Mutex<u64>,
+    delivered: AtomicU64,
 }
 
 impl Budget {
@@ -168,6 +178,7 @@ fn relay(client: TcpStream, server: TcpStream, budget: Arc<Budget>) {
             if client.write_all(&buf[..n]).is_err() {
                 break;
             }
+            budget.delivered.fetch_add(n as u64, Ordering::Relaxed);
         }
         let _ = client.shutdown(Shutdown::Write);
     });
@@ -189,6 +200,7 @@ mod tests {
             rate: 1000,
             started: Instant::now(),
             sent: Mutex::new(0),
+            delivered: AtomicU64::new(0),
         };
         // Two connections' chunks queue behind each other: 0.5 s, then 1 s.
         let first = budget.book(500);
@@ -200,6 +212,7 @@ mod tests {
             rate: 1000,
             started: Instant::now() - Duration::from_secs(10),
             sent: Mutex::new(0),
+            delivered: AtomicU64::new(0),
         };
         assert!(idle.book(500) > Duration::from_millis(400));
     }

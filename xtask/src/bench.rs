@@ -159,31 +159,19 @@ async fn wait_for_sets(sets: &Api<NodeImageSet>, want: usize, limit: Duration) -
 
 /// Mutating requests on our two resources, from the API server's own counters.
 async fn api_writes(client: &kube::Client) -> Result<u64> {
-    let req = http::Request::get("/metrics").body(Vec::new())?;
-    let text = client.request_text(req).await?;
-    let mut total = 0u64;
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let ours = line.contains("resource=\"nodeimagesets\"")
-            || line.contains("resource=\"imageprefetches\"");
-        let write = [
-            "APPLY",
-            "PATCH",
-            "POST",
-            "PUT",
-            "DELETE",
-            "DELETECOLLECTION",
-        ]
-        .iter()
-        .any(|v| line.contains(&format!("verb=\"{v}\"")));
-        if ours && write {
-            let value = line.rsplit(' ').next().unwrap_or("0");
-            total += value.parse::<f64>().unwrap_or(0.0) as u64;
-        }
-    }
-    Ok(total)
+    const WRITES: [&str; 6] = [
+        "APPLY",
+        "PATCH",
+        "POST",
+        "PUT",
+        "DELETE",
+        "DELETECOLLECTION",
+    ];
+    Ok(testbed::api_metrics::count(client, |r| {
+        (r.is("resource", "nodeimagesets") || r.is("resource", "imageprefetches"))
+            && WRITES.iter().any(|v| r.is("verb", v))
+    })
+    .await?)
 }
 
 struct Memory {

@@ -45,14 +45,15 @@ pub async fn wait_status<F: Fn(&crd::NodeImageSetStatus) -> bool>(
     let api: Api<NodeImageSet> = Api::all(client.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(st) = api.get_status(name).await.unwrap().status
-            && ok(&st)
+        let st = api.get_status(name).await.unwrap().status;
+        if let Some(st) = &st
+            && ok(st)
         {
-            return st;
+            return st.clone();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{what}: not within 60s"
+            "{what}: not within 60s; the status is {st:#?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -7,6 +7,10 @@
 //! comparing host names (Docker Hub's `docker.io` is served by
 //! `registry-1.docker.io`) — kept only with the `push` capability, so
 //! containerd's resolver can neither resolve nor fetch from it.
+//! `Default` pulls of a tag use another such directory: the mirrors keep only
+//! `pull` (content by digest) and the upstream alone resolves the tag, since
+//! a mirror (spegel) answers a tag with whatever digest some node stored
+//! under it, however old (spegel's own `resolveTags: false`, per pull).
 
 use std::path::{Path, PathBuf};
 
@@ -105,6 +109,37 @@ pub fn mirror_only_toml(hosts: &RegistryHosts) -> String {
     s
 }
 
+/// The hosts.toml for a Default pull of a tag: the upstream resolves the
+/// tag; mirrors may serve content by digest.
+pub fn upstream_resolves_toml(hosts: &RegistryHosts) -> String {
+    let mut s = format!(
+        "# Written by image-prefetch-agent: a tag is resolved at its registry, never by a mirror.\nserver = \"{}\"\n",
+        hosts.server
+    );
+    for m in &hosts.mirrors {
+        s.push_str(&format!("\n[host.\"{m}\"]\n  capabilities = [\"pull\"]\n"));
+    }
+    s
+}
+
+/// Where, under the agent's directory, the configurations for Default pulls
+/// of tags go. `_` cannot start a host name, so no registry's directory is
+/// ever taken for it (containerd's own `_default` uses the same rule).
+const UPSTREAM_RESOLVES: &str = "_upstream-resolves";
+
+/// Writes the configuration for a Default pull of a tag of `registry` under
+/// `own_dir` and returns the directory to pass as `host_dir`.
+pub fn prepare_upstream_resolves(
+    node_dir: &Path,
+    own_dir: &Path,
+    registry: &str,
+) -> Result<PathBuf, HostsError> {
+    let hosts = read(node_dir, registry)?;
+    let dir = own_dir.join(UPSTREAM_RESOLVES);
+    write_atomically(&dir, registry, &upstream_resolves_toml(&hosts))?;
+    Ok(dir)
+}
+
 /// Writes the Mirror configuration for `registry` under `mirror_dir` and returns the directory to pass as `host_dir`.
 pub fn prepare_mirror(
     node_dir: &Path,
@@ -118,7 +153,13 @@ pub fn prepare_mirror(
             dir: node_dir.display().to_string(),
         });
     }
-    let dir = mirror_dir.join(dir_name(registry));
+    write_atomically(mirror_dir, registry, &mirror_only_toml(&hosts))?;
+    Ok(mirror_dir.to_path_buf())
+}
+
+/// Writes `<base>/<registry>/hosts.toml`.
+fn write_atomically(base: &Path, registry: &str, text: &str) -> Result<(), HostsError> {
+    let dir = base.join(dir_name(registry));
     let write_err = |source| HostsError::Write {
         path: dir.display().to_string(),
         source,
@@ -131,9 +172,8 @@ pub fn prepare_mirror(
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".hosts.toml.{}.{n}", std::process::id()));
-    std::fs::write(&tmp, mirror_only_toml(&hosts)).map_err(write_err)?;
-    std::fs::rename(&tmp, &path).map_err(write_err)?;
-    Ok(mirror_dir.to_path_buf())
+    std::fs::write(&tmp, text).map_err(write_err)?;
+    std::fs::rename(&tmp, &path).map_err(write_err)
 }
 
 #[cfg(test)]
@@ -199,6 +239,37 @@ mod tests {
         let parsed: toml::Table = toml::from_str(&mirror_only_toml(&hosts)).unwrap();
         assert_eq!(parsed["capabilities"].as_array().unwrap().len(), 1);
         assert_eq!(parsed["host"].as_table().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_tag_is_resolved_upstream_and_mirrors_serve_only_content() {
+        let hosts = RegistryHosts {
+            server: "https://registry.example.com".into(),
+            mirrors: vec!["http://127.0.0.1:30020".into()],
+        };
+        let parsed: toml::Table = toml::from_str(&upstream_resolves_toml(&hosts)).unwrap();
+        // The upstream keeps containerd's default capabilities (resolve among them).
+        assert_eq!(
+            parsed["server"].as_str(),
+            Some("https://registry.example.com")
+        );
+        assert!(parsed.get("capabilities").is_none());
+        let mirror = &parsed["host"]["http://127.0.0.1:30020"];
+        assert_eq!(
+            mirror["capabilities"].as_array().unwrap(),
+            &vec![toml::Value::from("pull")]
+        );
+        // Written next to, never over, the Mirror configurations.
+        let node = dir_with(
+            "registry.example.com",
+            "server = \"https://registry.example.com\"\n[host.\"http://127.0.0.1:30020\"]\n",
+        );
+        let own = tempdir::Dir::new();
+        let dir =
+            prepare_upstream_resolves(node.path(), own.path(), "registry.example.com").unwrap();
+        assert_ne!(dir, own.path());
+        let written = std::fs::read_to_string(dir.join("registry.example.com/hosts.toml")).unwrap();
+        assert_eq!(written, upstream_resolves_toml(&hosts));
     }
 
     #[test]

@@ -240,10 +240,21 @@ impl Runtime {
                 ..Default::default()
             }),
         };
-        let labels: HashMap<String, String> = [CRI_MANAGED, CRI_PINNED, OWN_PIN]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        // A new image is pinned as it is created (no moment for kubelet's GC
+        // to take it). An image already stored keeps its labels as they are:
+        // the transfer would otherwise replace them, and mark as the agent's
+        // a pin someone else set (pinning it is the ledger's `Pin`, after).
+        let labels: HashMap<String, String> = match self.stored(name).await? {
+            Some(existing) => {
+                let mut labels = existing.labels;
+                labels.insert(CRI_MANAGED.0.to_string(), CRI_MANAGED.1.to_string());
+                labels
+            }
+            None => [CRI_MANAGED, CRI_PINNED, OWN_PIN]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
         let platform = Platform {
             os: self.platform.os.clone(),
             architecture: self.platform.architecture.clone(),

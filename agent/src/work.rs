@@ -556,6 +556,26 @@ async fn forward_progress(
     }
 }
 
+/// Whether the entry names its content by digest (pinned by the controller,
+/// or written so): content by digest never changes.
+fn names_digest(entry: &NodeImage) -> bool {
+    entry.digest.is_some() || reference::parse(&entry.name).is_ok_and(|r| r.digest.is_some())
+}
+
+/// Whether a local copy at `digest` is what the entry asks for without
+/// asking a registry: the digest it names; or, for a Mirror entry naming
+/// only a tag (no registry to ask), any copy.
+fn current(entry: &NodeImage, digest: &str) -> bool {
+    let named = entry
+        .digest
+        .clone()
+        .or_else(|| reference::parse(&entry.name).ok().and_then(|r| r.digest));
+    match named {
+        Some(named) => named == digest,
+        None => entry.registry_policy == RegistryPolicy::Mirror,
+    }
+}
+
 /// What to pull: the pinned digest when the controller gave one.
 fn source(entry: &NodeImage) -> String {
     match (reference::parse(&entry.name), &entry.digest) {
@@ -634,14 +654,18 @@ impl Job {
     async fn pull_with_retries(&self) -> PullResult {
         let entry = &self.wanted.entry;
         let name = store_name(&entry.name);
-        // Already there (kubelet pulled it, or an earlier run of the agent): confirm only.
-        if let Ok(Some((digest, size))) = self.runtime.image(&name).await
-            && entry.digest.as_ref().is_none_or(|d| *d == digest)
+        let local = self.runtime.image(&name).await.ok().flatten();
+        // Already there (kubelet pulled it, or an earlier run of the agent)
+        // and known current: confirm only. A tag is known current only once
+        // its registry says so; the pull below asks it, and moves no bytes
+        // when the local copy is current.
+        if let Some((digest, size)) = &local
+            && current(entry, digest)
         {
             return Ok((
                 Pulled {
-                    digest,
-                    size,
+                    digest: digest.clone(),
+                    size: *size,
                     duration: Duration::ZERO,
                 },
                 0,
@@ -683,7 +707,15 @@ impl Job {
             })
             .await;
         let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
-        result.map(|p| (p, n)).map_err(|f| (f, n))
+        result
+            .map(|mut p| {
+                // The registry confirmed the local copy: nothing was pulled.
+                if local.as_ref().is_some_and(|(d, _)| *d == p.digest) {
+                    p.duration = Duration::ZERO;
+                }
+                (p, n)
+            })
+            .map_err(|f| (f, n))
     }
 
     async fn attempt(&self, name: &str) -> Result<Pulled, Failure> {
@@ -695,7 +727,16 @@ impl Job {
             .unwrap_or_default();
         let repository = parsed.map(|r| r.repository).unwrap_or_default();
         let host_dir = match entry.registry_policy {
-            RegistryPolicy::Default => self.config.node_hosts_dir.clone(),
+            RegistryPolicy::Default if names_digest(entry) => self.config.node_hosts_dir.clone(),
+            RegistryPolicy::Default => hosts::prepare_upstream_resolves(
+                &self.config.node_hosts_dir,
+                &self.config.mirror_hosts_dir,
+                &registry,
+            )
+            .map_err(|e| Failure {
+                message: e.to_string(),
+                reason: "HostsUnreadable".into(),
+            })?,
             RegistryPolicy::Mirror => hosts::prepare_mirror(
                 &self.config.node_hosts_dir,
                 &self.config.mirror_hosts_dir,
@@ -749,4 +790,44 @@ impl Job {
 /// Status entries by image for one set, for tests and tools.
 pub fn by_image(status: &NodeImageSetStatus) -> BTreeMap<&str, &NodeImageStatus> {
     status.images.iter().map(|i| (i.name.as_str(), i)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn entry(name: &str, policy: RegistryPolicy, digest: Option<&str>) -> NodeImage {
+        NodeImage {
+            name: name.into(),
+            registry_policy: policy,
+            digest: digest.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_local_copy_of_a_tag_is_current_only_once_the_registry_says_so() {
+        let tag = "registry.example.com/app:latest";
+        // A seed's tag: the registry is asked, whatever is on the node.
+        let seed = entry(tag, RegistryPolicy::Default, None);
+        assert!(!current(&seed, D1));
+        assert!(!names_digest(&seed));
+        // A digest, pinned or written: the local copy decides.
+        let pinned = entry(tag, RegistryPolicy::Default, Some(D1));
+        assert!(current(&pinned, D1) && !current(&pinned, D2));
+        assert!(names_digest(&pinned));
+        let by_digest = entry(
+            &format!("registry.example.com/app@{D2}"),
+            RegistryPolicy::Default,
+            None,
+        );
+        assert!(current(&by_digest, D2) && !current(&by_digest, D1));
+        assert!(names_digest(&by_digest));
+        // A Mirror entry pinned to a digest: that digest; without one there
+        // is no registry to ask, and the local copy stands.
+        assert!(!current(&entry(tag, RegistryPolicy::Mirror, Some(D1)), D2));
+        assert!(current(&entry(tag, RegistryPolicy::Mirror, None), D2));
+    }
 }

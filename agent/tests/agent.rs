@@ -643,3 +643,88 @@ async fn a_failed_seed_turned_into_a_mirror_entry_is_pulled_at_once() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_seed_resolves_its_tag_at_the_registry_not_on_the_node_or_a_mirror() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-tags");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    // A peer's mirror that stored the tag a week ago: spegel answers a tag
+    // with whatever digest a node keeps under it.
+    let peer = Registry::start(&dir.join("peer")).unwrap();
+    let old = images::build_and_push(&dir.join("v1"), &upstream.host, "team/app", "latest", &[MB])
+        .unwrap();
+    images::build_and_push(&dir.join("v1"), &peer.host, "team/app", "latest", &[MB]).unwrap();
+    let same =
+        images::build_and_push(&dir.join("same"), &upstream.host, "team/same", "1", &[MB]).unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[&peer.host])
+        .unwrap();
+    // The node has both from before: the old `latest`, and `same:1`.
+    let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
+    for image in [&old, &same] {
+        runtime
+            .pull(
+                &image.reference,
+                &image.reference,
+                &node.hosts_dir,
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    // `latest` moves on at the registry.
+    let new = images::build_and_push(
+        &dir.join("v2"),
+        &upstream.host,
+        "team/app",
+        "latest",
+        &[2 * MB],
+    )
+    .unwrap();
+    assert_ne!(new.digest, old.digest);
+    let peer_before = peer.requests().len();
+    let same_gets = upstream.blob_gets(&same.repository);
+
+    let (stop, running) = run(&client, config("tags-node", &node, &dir));
+    set(
+        &client,
+        "tags",
+        "tags-node",
+        json!([{"name": new.reference, "registryPolicy": "Default"},
+               {"name": same.reference, "registryPolicy": "Default"}]),
+        3,
+    )
+    .await;
+    let st = wait_status(&client, "tags", "both Available", |s| s.available == 2).await;
+    let by = work::by_image(&st);
+    // The registry's `latest`, not the node's copy nor the peer's answer.
+    assert_eq!(
+        by[new.reference.as_str()].digest.as_deref(),
+        Some(new.digest.as_str())
+    );
+    // A tag that did not move: confirmed at the registry, no blob moved.
+    let confirmed = by[same.reference.as_str()];
+    assert_eq!(confirmed.digest.as_deref(), Some(same.digest.as_str()));
+    assert_eq!(confirmed.pull_duration_millis, Some(0), "{confirmed:?}");
+    assert_eq!(upstream.blob_gets(&same.repository), same_gets);
+    // Both tags were resolved at the registry; the peer was asked for no tag.
+    let upstream_requests = upstream.requests();
+    for tag in ["team/app/manifests/latest", "team/same/manifests/1"] {
+        assert!(
+            upstream_requests
+                .iter()
+                .any(|r| r.starts_with("HEAD") && r.ends_with(tag)),
+            "{tag} resolved upstream: {upstream_requests:?}"
+        );
+    }
+    let asked: Vec<String> = peer.requests()[peer_before..]
+        .iter()
+        .filter(|r| r.contains("/manifests/latest") || r.contains("/manifests/1"))
+        .cloned()
+        .collect();
+    assert!(asked.is_empty(), "the peer was asked for tags: {asked:?}");
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}

@@ -111,7 +111,7 @@ impl Registry {
         }
     }
 
-    /// Request lines (`GET /v2/...`) the registry has served so far.
+    /// Request lines (`GET /v2/...`, `HEAD /v2/...`) the registry has served so far.
     pub fn requests(&self) -> Vec<String> {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         log.lines()
@@ -120,7 +120,7 @@ impl Registry {
                 let start = l.find('"')? + 1;
                 let rest = &l[start..];
                 let line = &rest[..rest.find('"')?];
-                line.starts_with("GET ")
+                (line.starts_with("GET ") || line.starts_with("HEAD "))
                     .then(|| line.trim_end_matches(" HTTP/1.1").to_string())
             })
             .collect()

@@ -1,15 +1,18 @@
 //! The image-prefetch controller: turns each ImagePrefetch into one
 //! NodeImageSet per selected node and reports progress on the ImagePrefetch.
 //!
-//! `select`, `policy`, `registries` and `status` are pure decisions; `reconcile` does the API I/O;
+//! `select`, `policy`, `registries`, `status` and `decide` (which joins
+//! them into one reconcile's writes) are pure decisions; `reconcile` does the API I/O;
 //! `run` wires watches, stores and the kube-runtime `Controller` together.
 
 pub mod agent_daemonset;
+pub mod decide;
 pub mod error;
 pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
+pub mod pull_secrets;
 pub mod reconcile;
 pub mod registries;
 pub mod run;

@@ -1,5 +1,6 @@
 use controller::Config;
 use controller::leader::LeaseConfig;
+use controller::pull_secrets::Grantee;
 use controller::registries::AllowList;
 
 const USAGE: &str = "\
@@ -21,7 +22,12 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --leader-elect                 hold a Lease in $POD_NAMESPACE before reconciling
   --metrics-addr ADDR            /metrics, /healthz, /readyz (default 0.0.0.0:8080)
   --manage-agent IMAGE           create and keep the agent DaemonSet in $POD_NAMESPACE
-                                 with IMAGE (installs that cannot ship one, e.g. OLM)
+                                 with IMAGE (installs that cannot ship one, e.g. OLM);
+                                 its ServiceAccount gets the pull-secret grants
+  --agent-service-account NS/NAME
+                                 grant the agent's ServiceAccount `get` on exactly the
+                                 pull secrets ImagePrefetches name, per namespace
+                                 (a Role and RoleBinding image-prefetch-pull-secrets)
 ";
 
 fn parse_args() -> Config {
@@ -54,10 +60,21 @@ fn parse_args() -> Config {
             "--manage-agent" => {
                 let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
                 let image = args.value(&flag);
-                config.agent = Some(
-                    controller::agent_daemonset::AgentSpec::new(&namespace, &image)
-                        .with_telemetry_env(std::env::vars()),
-                );
+                let spec = controller::agent_daemonset::AgentSpec::new(&namespace, &image)
+                    .with_telemetry_env(std::env::vars());
+                config.pull_secret_grantee.get_or_insert(Grantee {
+                    namespace: spec.namespace.clone(),
+                    name: spec.service_account.clone(),
+                });
+                config.agent = Some(spec);
+            }
+            "--agent-service-account" => {
+                let value = args.value(&flag);
+                config.pull_secret_grantee = Some(Grantee::parse(&value).unwrap_or_else(|| {
+                    args.fail(&format!(
+                        "--agent-service-account {value}: expected NAMESPACE/NAME"
+                    ))
+                }));
             }
             "-h" | "--help" => args.help(),
             other => args.fail(&format!("unknown option {other}")),

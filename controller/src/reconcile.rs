@@ -1,7 +1,7 @@
-//! The reconcile loop's I/O: read the caches, let `select`, `policy` and
-//! `status` decide, write NodeImageSets, status and Events.
+//! The reconcile loop's I/O: read the caches (observe), let
+//! [`crate::decide`] decide, write NodeImageSets, Events and status (act).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use futures::{StreamExt, TryStreamExt};
 use std::sync::{Arc, Mutex};
@@ -17,18 +17,15 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument as _, Span, field, info, info_span, warn};
 
-use crd::{
-    ImagePrefetch, ImagePrefetchStatus, NodeImage, NodeImageSet, NodeImageSetSpec, SecretReference,
-    keys, names,
-};
+use crd::{ImagePrefetch, NodeImageSet, keys};
 
-use crate::index::{SetIndex, SetView};
+use crate::decide::{Decision, Memory, Observed, Owner, decide};
+use crate::index::SetIndex;
 use crate::metrics::{ErrorLabels, Metrics};
-use crate::policy::{ClusterView, Current, SeedBook};
+use crate::policy::SeedBook;
 use crate::run::Config;
-use crate::status::{self, Inputs};
 use crate::trace::Rollouts;
-use crate::{Error, policy, select};
+use crate::{Error, pull_secrets};
 
 /// What every reconcile shares: the client, the watched state, the settings,
 /// and the seeds of the whole cluster.
@@ -45,6 +42,10 @@ pub struct Context {
     failed_in_a_row: Mutex<HashMap<String, u32>>,
     pub metrics: Metrics,
     rollouts: Rollouts,
+    /// Every ImagePrefetch, as the controller watches them (set once it runs).
+    pub prefetches: std::sync::OnceLock<Store<ImagePrefetch>>,
+    /// The pull secrets last granted to the agent, per namespace.
+    granted: tokio::sync::Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl Context {
@@ -67,6 +68,8 @@ impl Context {
             failed_in_a_row: Mutex::default(),
             metrics,
             rollouts: Rollouts::default(),
+            prefetches: std::sync::OnceLock::new(),
+            granted: tokio::sync::Mutex::default(),
         }
     }
 
@@ -77,9 +80,6 @@ impl Context {
 
 /// NodeImageSet writes in flight at once within one reconcile.
 const APPLY_CONCURRENCY: usize = 16;
-
-/// How often an ImagePrefetch is looked at again even if nothing changed.
-const RESYNC: Duration = Duration::from_secs(300);
 
 pub async fn reconcile(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
@@ -172,119 +172,61 @@ pub fn error_policy(prefetch: Arc<ImagePrefetch>, error: &Error, ctx: Arc<Contex
     Action::requeue(delay)
 }
 
-struct Owner<'a> {
-    namespace: &'a str,
-    name: &'a str,
-    uid: &'a str,
-}
-
-impl<'a> Owner<'a> {
-    fn of(p: &'a ImagePrefetch) -> Result<Self, Error> {
-        let m = &p.metadata;
-        Ok(Owner {
-            namespace: m
-                .namespace
-                .as_deref()
-                .ok_or(Error::MissingMetadata("namespace"))?,
-            name: m.name.as_deref().ok_or(Error::MissingMetadata("name"))?,
-            uid: m.uid.as_deref().ok_or(Error::MissingMetadata("uid"))?,
-        })
-    }
-
-    fn owns(&self, set: &SetView) -> bool {
-        set.owner == names::label_value(self.uid)
-    }
-}
-
+/// Observe, decide, act: the caches are read, `decide` says what to write,
+/// and the writes are made — nothing else.
 async fn apply(
     p: &ImagePrefetch,
     api: &Api<ImagePrefetch>,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    let owner = Owner::of(p)?;
     // Before the first full list a partial cache would look like missing
     // nodes, and their NodeImageSets would be deleted.
     let _ = ctx.nodes.wait_until_ready().await;
     ctx.sets.wait_until_ready().await;
-    let now = crd::condition::now();
-
-    let nodes = ctx.nodes.state();
-    let all_sets = ctx.sets.state();
-    let owned: Vec<&SetView> = all_sets
-        .iter()
-        .map(|s| s.as_ref())
-        .filter(|s| owner.owns(s))
-        .collect();
-    let holds = |node: &str| owned.iter().any(|s| s.spec.node_name == node);
-    let selection = info_span!("select", nodes = nodes.len()).in_scope(|| {
-        select::select(
-            owner.uid,
-            &p.spec.node_selector,
-            p.spec.replicas,
-            nodes.iter().map(|n| n.as_ref()),
-            &holds,
-            now.0,
-            ctx.config.not_ready_grace,
-        )
-    });
-    Span::current().record("selected", selection.nodes.len());
-    let (allowed, not_allowed): (Vec<String>, Vec<String>) = p
-        .spec
-        .images
-        .iter()
-        .cloned()
-        .partition(|i| ctx.config.allowed.allows(i));
-
-    let mut view = ClusterView::default();
-    for n in &nodes {
-        let name = n.name_any();
-        view.groups
-            .insert(name.clone(), select::sequencing_group(n));
-        let cordoned = n
-            .spec
-            .as_ref()
-            .and_then(|s| s.unschedulable)
-            .unwrap_or(false);
-        if select::is_ready(n) && !cordoned && n.metadata.deletion_timestamp.is_none() {
-            view.usable.insert(name);
-        }
+    let (nodes, sets) = (ctx.nodes.state(), ctx.sets.state());
+    let observed = Observed {
+        prefetch: p,
+        nodes: &nodes,
+        sets: &sets,
+        now: crd::condition::now(),
+        at: Instant::now(),
+    };
+    let decision = {
+        let mut seeds = ctx.seeds.lock().expect("seed book lock");
+        let mut announced = ctx.announced.lock().expect("announced lock");
+        let memory = Memory {
+            seeds: &mut seeds,
+            announced: &mut announced,
+        };
+        decide(&observed, &ctx.config, memory)?
+    };
+    act(p, api, ctx, &decision).await?;
+    if !decision.progressing {
+        ctx.rollouts.finish(
+            &p.uid().unwrap_or_default(),
+            p.metadata.generation.unwrap_or_default(),
+        );
     }
-    view.add_sets(all_sets.iter().map(|s| s.as_ref()));
-    let selected: HashSet<&String> = selection.nodes.iter().collect();
-    let selected_sets: Vec<&SetView> = owned
-        .iter()
-        .copied()
-        .filter(|s| selected.contains(&s.spec.node_name))
-        .collect();
-    let plan = info_span!("plan", images = allowed.len()).in_scope(|| {
-        let mut book = ctx.seeds.lock().expect("seed book lock");
-        policy::plan(
-            &allowed,
-            &selection.nodes,
-            &Current::from_sets(selected_sets.iter().copied()),
-            &view,
-            &mut book,
-            &ctx.config.policy,
-            Instant::now(),
-        )
-    });
+    Ok(Action::requeue(decision.requeue))
+}
 
+/// Carries a decision out: NodeImageSets, then Events, then the status.
+async fn act(
+    p: &ImagePrefetch,
+    api: &Api<ImagePrefetch>,
+    ctx: &Context,
+    decision: &Decision,
+) -> Result<(), Error> {
+    // The agent can read the secrets before its sets ask it to.
+    grant_pull_secrets(ctx, &p.namespace().unwrap_or_default()).await?;
     let sets_api: Api<NodeImageSet> = Api::all(ctx.client.clone());
     let params = PatchParams::apply(keys::CONTROLLER_MANAGER).force();
-    let by_name: HashMap<&str, &SetView> = owned.iter().map(|s| (s.name.as_str(), *s)).collect();
-    let mut current: Vec<SetView> = Vec::with_capacity(selection.nodes.len());
-    let mut changed: Vec<NodeImageSet> = Vec::new();
-    for (node, entries) in &plan.entries {
-        let desired = desired_set(p, &owner, node, entries.clone(), &ctx.config);
-        match by_name.get(desired.name_any().as_str()) {
-            Some(existing) if up_to_date(existing, &desired) => current.push((*existing).clone()),
-            _ => changed.push(desired),
-        }
-    }
     // Independent objects: written side by side, so a fan-out to many nodes
     // takes a fraction of the round trips one after another would.
-    let writes: Vec<_> = changed
-        .into_iter()
+    let writes: Vec<_> = decision
+        .apply
+        .iter()
+        .cloned()
         .map(|mut desired| {
             let (api, params) = (sets_api.clone(), params.clone());
             let span = info_span!(
@@ -314,125 +256,26 @@ async fn apply(
         ctx.wrote();
         info!(node = %set.spec.node_name, set = %set.name_any(), images = set.spec.image_set.len(), "applied NodeImageSet");
     }
-    current.extend(applied.iter().map(SetView::of));
-    let selected: HashSet<&String> = selection.nodes.iter().collect();
-    for stale in owned
-        .iter()
-        .filter(|s| !selected.contains(&s.spec.node_name))
-    {
+    for stale in &decision.delete {
         delete_ignoring_missing(&sets_api, &stale.name).await?;
         ctx.wrote();
-        info!(node = %stale.spec.node_name, set = %stale.name, "deleted NodeImageSet of a node no longer selected");
+        info!(node = %stale.node, set = %stale.name, "deleted NodeImageSet of a node no longer selected");
     }
-    ctx.metrics.seeds_chosen.inc_by(plan.new_seeds.len() as u64);
-    for (image, node) in &plan.new_seeds {
-        let note = format!(
-            "{node} pulls {image} from its registry; other nodes will get it from the in-cluster mirror"
-        );
-        publish(ctx, p, EventType::Normal, "SeedChosen", note).await;
+    ctx.metrics.seeds_chosen.inc_by(decision.new_seeds as u64);
+    for event in &decision.events {
+        publish(ctx, p, event.type_, &event.reason, event.note.clone()).await;
     }
-
-    let refs: Vec<&SetView> = current.iter().collect();
-    let at = Instant::now();
-    let no_seed: Vec<status::NoSeed> = plan
-        .blocked
-        .iter()
-        .map(|b| status::NoSeed {
-            image: b.image.clone(),
-            nodes: b.nodes.clone(),
-            retry_in: b.retry_at.saturating_duration_since(at),
-        })
-        .collect();
-    let inputs = Inputs {
-        desired: selection.nodes.len(),
-        insufficient: selection.insufficient,
-        not_allowed: &not_allowed,
-        no_seed: &no_seed,
-    };
-    let status = status::compute(p, &inputs, &refs, now);
-    let progressing = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Progressing" && c.status == "True");
-    if !progressing {
-        ctx.rollouts
-            .finish(owner.uid, p.metadata.generation.unwrap_or_default());
-    }
-    announce(ctx, p, &owner, &refs, &status).await;
-    if p.status.as_ref() != Some(&status) {
+    if let Some(status) = &decision.status {
         let body = json!({
             "apiVersion": ImagePrefetch::api_version(&()),
             "kind": ImagePrefetch::kind(&()),
             "status": status,
         });
-        api.patch_status(owner.name, &params, &Patch::Apply(&body))
+        api.patch_status(&p.name_any(), &params, &Patch::Apply(&body))
             .await?;
         ctx.wrote();
     }
-    // Back when the first cool-down ends: a blocked image gets its seed then.
-    let next_seed = no_seed.iter().map(|n| n.retry_in).min();
-    Ok(Action::requeue(
-        RESYNC
-            .min(ctx.config.policy.seed_deadline / 2)
-            .min(next_seed.unwrap_or(RESYNC).max(Duration::from_secs(1))),
-    ))
-}
-
-/// Events for what changed since the last status: images ready everywhere, new failures.
-async fn announce(
-    ctx: &Context,
-    p: &ImagePrefetch,
-    owner: &Owner<'_>,
-    sets: &[&SetView],
-    status: &ImagePrefetchStatus,
-) {
-    let before = p.status.as_ref();
-    // A Degraded reason the controller itself decides (not a node's pull,
-    // which has its own PullFailed Event): a Warning when it first appears,
-    // so `kubectl describe` and event-based alerting show it too.
-    let degraded = |s: Option<&ImagePrefetchStatus>| {
-        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
-            .filter(|c| c.status == "True")
-            .map(|c| (c.reason.clone(), c.message.clone()))
-    };
-    if let Some((reason, message)) = degraded(Some(status))
-        && [
-            "RegistryNotAllowed",
-            "NoMatchingNodes",
-            "InsufficientNodes",
-            "NoSeedAvailable",
-        ]
-        .contains(&reason.as_str())
-        && degraded(before).map(|(r, _)| r) != Some(reason.clone())
-    {
-        publish(ctx, p, EventType::Warning, &reason, message).await;
-    }
-    for img in &status.images {
-        let was = before
-            .and_then(|s| s.images.iter().find(|i| i.image == img.image))
-            .map(|i| i.available)
-            .unwrap_or(0);
-        if status.desired_nodes > 0 && img.available == status.desired_nodes && was < img.available
-        {
-            let note = format!("{} is on all {} nodes", img.image, status.desired_nodes);
-            publish(ctx, p, EventType::Normal, "ImageReady", note).await;
-        }
-    }
-    let failures = status::failures(sets);
-    let fresh: Vec<status::Failure> = {
-        let mut announced = ctx.announced.lock().expect("announced lock");
-        failures
-            .into_iter()
-            .filter(|f| announced.insert((owner.uid.to_string(), f.node.clone(), f.image.clone())))
-            .collect()
-    };
-    for f in fresh {
-        let note = format!(
-            "{} failed on node {}: {} ({})",
-            f.image, f.node, f.message, f.reason
-        );
-        publish(ctx, p, EventType::Warning, "PullFailed", note).await;
-    }
+    Ok(())
 }
 
 async fn publish(ctx: &Context, p: &ImagePrefetch, type_: EventType, reason: &str, note: String) {
@@ -461,53 +304,28 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
         .expect("announced lock")
         .retain(|(uid, _, _)| uid != owner.uid);
     ctx.rollouts.forget(owner.uid);
+    grant_pull_secrets(ctx, owner.namespace).await?;
     info!("deleted every NodeImageSet of the ImagePrefetch");
     Ok(Action::await_change())
 }
 
-/// The NodeImageSet `node` should have for `p`.
-fn desired_set(
-    p: &ImagePrefetch,
-    owner: &Owner<'_>,
-    node: &str,
-    entries: Vec<NodeImage>,
-    config: &Config,
-) -> NodeImageSet {
-    let name = names::node_image_set_name(owner.name, owner.uid, node);
-    let mut set = NodeImageSet::new(
-        &name,
-        NodeImageSetSpec {
-            node_name: node.to_string(),
-            image_set: entries,
-            image_pull_secrets: p
-                .spec
-                .image_pull_secrets
-                .iter()
-                .map(|s| SecretReference {
-                    namespace: owner.namespace.to_string(),
-                    name: s.name.clone(),
-                })
-                .collect(),
-            image_download_retry_limit: config.retry_limit,
-        },
-    );
-    set.metadata.labels = Some(keys::node_image_set_labels(
-        owner.namespace,
-        owner.name,
-        owner.uid,
-        node,
-    ));
-    set.metadata.annotations = Some(BTreeMap::from([(
-        keys::PREFETCH_REF_ANNOTATION.to_string(),
-        format!("{}/{}", owner.namespace, owner.name),
-    )]));
-    set
-}
-
-fn up_to_date(existing: &SetView, desired: &NodeImageSet) -> bool {
-    existing.spec == desired.spec
-        && existing.meta
-            == crate::index::managed_meta(&desired.metadata.labels, &desired.metadata.annotations)
+/// Keeps `namespace`'s pull-secret grant to the agent in step with the
+/// secrets its ImagePrefetches name; written only when that changes.
+async fn grant_pull_secrets(ctx: &Context, namespace: &str) -> Result<(), Error> {
+    let (Some(agent), Some(store)) = (&ctx.config.pull_secret_grantee, ctx.prefetches.get()) else {
+        return Ok(());
+    };
+    let secrets = pull_secrets::named(namespace, store.state().iter().map(|p| p.as_ref()));
+    // One writer per namespace at a time, so two reconciles never undo each other.
+    let mut granted = ctx.granted.lock().await;
+    if granted.get(namespace) == Some(&secrets) {
+        return Ok(());
+    }
+    pull_secrets::write(&ctx.client, namespace, &secrets, agent).await?;
+    ctx.wrote();
+    info!(namespace, secrets = %secrets.join(","), "pull secrets the agent may read");
+    granted.insert(namespace.to_string(), secrets);
+    Ok(())
 }
 
 async fn delete_ignoring_missing(api: &Api<NodeImageSet>, name: &str) -> Result<(), Error> {

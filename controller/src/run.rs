@@ -10,7 +10,7 @@ use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crd::{ImagePrefetch, NodeImageSet, keys, node_image_set::DEFAULT_RETRY_LIMIT};
 
@@ -51,6 +51,10 @@ pub struct Config {
     pub agent: Option<crate::agent_daemonset::AgentSpec>,
     /// Where to serve /metrics, /healthz and /readyz; `None`: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The agent's ServiceAccount, granted `get` on the pull secrets
+    /// ImagePrefetches name (per namespace); `None`: no grants are kept
+    /// (the agent's access to secrets is then the installer's business).
+    pub pull_secret_grantee: Option<crate::pull_secrets::Grantee>,
 }
 
 impl Default for Config {
@@ -65,6 +69,7 @@ impl Default for Config {
             instance: "image-prefetch-controller".into(),
             agent: None,
             metrics_addr: None,
+            pull_secret_grantee: None,
         }
     }
 }
@@ -164,7 +169,17 @@ pub async fn run(
         kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
     );
     let all_prefetches = controller.store();
+    let _ = ctx.prefetches.set(all_prefetches.clone());
     info!(namespace = ?ctx.config.namespace, "image-prefetch controller starting");
+    if ctx.config.allowed.is_empty() {
+        warn!(
+            "no allowed registries are set (--allowed-registries, ALLOWED_REGISTRIES, the chart's \
+             allowedRegistries): EVERY registry is allowed, and anyone who can create an \
+             ImagePrefetch can make the nodes pull any image"
+        );
+    } else {
+        info!(allowed = %ctx.config.allowed.entries().join(","), "images only from the allowed registries");
+    }
     controller
         // A node change can move any ImagePrefetch's selection.
         .watches_stream(triggers::node_changes(node_events), move |_node| {

@@ -14,6 +14,11 @@ fn chart() -> PathBuf {
 }
 
 fn helm(args: &[&str]) -> (bool, String) {
+    helm_at(&testbed::shared::get().kubeconfig, args)
+}
+
+/// helm against the API server of `kubeconfig`.
+fn helm_at(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
     let helm = testbed::fixtures::HELM
         .require()
         .expect("helm (cargo xtask fixtures)");
@@ -21,7 +26,7 @@ fn helm(args: &[&str]) -> (bool, String) {
     testbed::process::run(
         Command::new(helm)
             .args(args)
-            .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             // helm's own state stays out of $HOME.
             .env("HELM_CACHE_HOME", home.join("cache"))
             .env("HELM_CONFIG_HOME", home.join("config"))
@@ -222,13 +227,15 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
         .patch("allowed", &params, &Patch::Apply(kept))
         .await
         .expect("an allowed image is accepted");
-    // Docker Hub shorthand is judged by its canonical name.
+    // Docker Hub shorthand is judged by its canonical name, and the
+    // message shows both.
     let err = prefetches
         .patch("hub", &params, &Patch::Apply(object("hub", "busybox:1.36")))
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("docker.io/library/busybox:1.36"),
+        err.to_string()
+            .contains("busybox:1.36 (docker.io/library/busybox)"),
         "{err}"
     );
 
@@ -382,5 +389,167 @@ fn collect_containers(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
         }
         serde_json::Value::Array(items) => items.iter().for_each(|i| collect_containers(i, out)),
         _ => {}
+    }
+}
+
+/// The chart's admission policy judges every example of the allow-list table
+/// as the controller does (`controller::registries::examples`, whose unit
+/// test holds the controller to the same table). An API server of its own:
+/// the policy applies to the whole cluster.
+#[tokio::test]
+async fn the_admission_policy_and_the_controller_agree_on_every_allow_list_example() {
+    use controller::registries::examples::{CASES, LIST};
+    let work = testbed::workdir::Workdir::new("e2e-allow-list-table");
+    let (plane, client) = testbed::crds::control_plane(&work.join("cluster"))
+        .await
+        .expect("control plane");
+    let values = work.join("values.yaml");
+    std::fs::write(&values, json!({ "allowedRegistries": LIST }).to_string()).unwrap();
+    let chart = chart();
+    let (ok, out) = helm_at(
+        &plane.kubeconfig,
+        &[
+            "install",
+            "image-prefetch",
+            chart.to_str().unwrap(),
+            "--namespace",
+            "image-prefetch-system",
+            "--create-namespace",
+            "-f",
+            values.to_str().unwrap(),
+            "--wait=false",
+        ],
+    );
+    assert!(ok, "helm install failed:\n{out}");
+
+    let prefetches: Api<crd::ImagePrefetch> = Api::namespaced(client.clone(), "default");
+    let params = PatchParams::apply("test").dry_run();
+    // Ok(()) when admitted; Err(message) when the policy refused it.
+    let judge = |image: &str| {
+        let prefetches = prefetches.clone();
+        let params = params.clone();
+        let object = json!({
+            "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
+            "metadata": {"name": "example"}, "spec": {"images": [image]},
+        });
+        async move {
+            match prefetches
+                .patch("example", &params, &Patch::Apply(object))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.message.contains("not from an allowed registry") => {
+                    Err(e.message)
+                }
+                Err(e) => panic!("neither admitted nor refused by the policy: {e}"),
+            }
+        }
+    };
+    // The binding takes a moment to be enforced.
+    testbed::poll::eventually(
+        "the allow-list enforced",
+        std::time::Duration::from_secs(30),
+        || async { judge("elsewhere.example/app:1").await.err() },
+    )
+    .await;
+    let mut disagreements = Vec::new();
+    for (image, allowed, why) in CASES {
+        let admitted = judge(image).await;
+        if admitted.is_ok() != *allowed {
+            disagreements.push(format!(
+                "{image} ({why}): table says {}, the policy {}",
+                if *allowed { "allowed" } else { "refused" },
+                match &admitted {
+                    Ok(()) => "admitted it".to_string(),
+                    Err(m) => format!("refused it: {m}"),
+                }
+            ));
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "the admission policy disagrees with the table:\n{}",
+        disagreements.join("\n")
+    );
+}
+
+/// A release pushes the images the chart and the CSV pull: the workflow's
+/// own version step (run here for a tag `v<version>`) and its tag templates
+/// give the names; `helm template` and the CSV are compared with them.
+#[test]
+fn a_release_pushes_the_image_tags_the_chart_and_the_csv_pull() {
+    let root = chart().join("../..");
+    let work = testbed::workdir::Workdir::new("e2e-release-tags");
+    let cargo = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let version = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("version = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let step = |tag: &str| {
+        let output = work.join(format!("output-{tag}"));
+        let ok = Command::new("bash")
+            .arg(".github/release-version.sh")
+            .current_dir(&root)
+            .env("GITHUB_REF_NAME", tag)
+            .env("GITHUB_OUTPUT", &output)
+            .status()
+            .unwrap()
+            .success();
+        (ok, std::fs::read_to_string(&output).unwrap_or_default())
+    };
+    let (ok, output) = step(&format!("v{version}"));
+    assert!(ok, "the version step fails on its own tag");
+    let published = output.trim().strip_prefix("version=").unwrap().to_string();
+    assert_eq!(published, version);
+    assert!(
+        !step("v9.9.9-not-this").0,
+        "a tag that is not the workspace version is refused"
+    );
+
+    // The names the workflow pushes, from its tag templates.
+    let workflow = std::fs::read_to_string(root.join(".github/workflows/release.yml")).unwrap();
+    let mut pushed = Vec::new();
+    for template in workflow
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tags: "))
+    {
+        let binaries: &[&str] = if template.contains("${{ matrix.binary }}") {
+            &["controller", "agent"]
+        } else {
+            &[""]
+        };
+        for binary in binaries {
+            pushed.push(
+                template
+                    .replace("${{ env.REGISTRY }}", "ghcr.io/image-prefetch")
+                    .replace("${{ matrix.binary }}", binary)
+                    .replace("${{ steps.version.outputs.version }}", &published),
+            );
+        }
+    }
+    assert!(!pushed.iter().any(|t| t.contains("${{")), "{pushed:?}");
+
+    // Every image of ours that the chart or the CSV pulls is one of them.
+    let (ok, rendered) = template(&chart(), "image.pullPolicy=IfNotPresent");
+    assert!(ok, "{rendered}");
+    let csv = std::fs::read_to_string(
+        root.join("bundle/manifests/image-prefetch.clusterserviceversion.yaml"),
+    )
+    .unwrap();
+    let pulled: Vec<String> = rendered
+        .lines()
+        .chain(csv.lines())
+        .flat_map(|l| l.split([' ', '=', '"']))
+        .filter(|w| w.starts_with("ghcr.io/image-prefetch/"))
+        .map(str::to_string)
+        .collect();
+    assert!(pulled.len() >= 3, "chart and CSV images: {pulled:?}");
+    for image in &pulled {
+        assert!(
+            pushed.contains(image),
+            "{image} is pulled but a release pushes only {pushed:?}"
+        );
     }
 }

@@ -1,0 +1,635 @@
+//! One reconcile's decision, pure: from what the caches hold (the
+//! ImagePrefetch, the nodes, every NodeImageSet) and what the controller
+//! remembers (the seed book, the failures already announced), what to write —
+//! NodeImageSets to apply and to delete, the status, the Events — and when to
+//! look again. `reconcile.rs` reads the caches before and carries the
+//! decision out after; it decides nothing itself.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
+use tracing::{Span, info_span};
+
+use crd::{
+    ImagePrefetch, ImagePrefetchStatus, NodeImage, NodeImageSet, NodeImageSetSpec, SecretReference,
+    keys, names,
+};
+
+use crate::index::SetView;
+use crate::policy::{self, ClusterView, Current, SeedBook};
+use crate::run::Config;
+use crate::status::{self, Inputs};
+use crate::{Error, select};
+
+/// How often an ImagePrefetch is looked at again even if nothing changed.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// What a reconcile reads: the caches as they are, and the time.
+pub struct Observed<'a> {
+    pub prefetch: &'a ImagePrefetch,
+    pub nodes: &'a [Arc<Node>],
+    /// Every NodeImageSet of the cluster (seeds are shared across ImagePrefetches).
+    pub sets: &'a [Arc<SetView>],
+    /// Wall clock, for conditions and node readiness.
+    pub now: Time,
+    /// Monotonic clock, for the seed book's deadlines and cool-downs.
+    pub at: Instant,
+}
+
+/// What the controller remembers between reconciles, changed by a decision.
+pub struct Memory<'a> {
+    pub seeds: &'a mut SeedBook,
+    /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
+    pub announced: &'a mut HashSet<(String, String, String)>,
+}
+
+/// An Event to publish on the ImagePrefetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    pub type_: EventType,
+    pub reason: String,
+    pub note: String,
+}
+
+/// A NodeImageSet to delete: its node is no longer selected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stale {
+    pub name: String,
+    pub node: String,
+}
+
+/// What to write, in the order to write it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// NodeImageSets that are new or differ from what the cache holds.
+    pub apply: Vec<NodeImageSet>,
+    pub delete: Vec<Stale>,
+    /// The new status; `None` when it is unchanged.
+    pub status: Option<ImagePrefetchStatus>,
+    pub events: Vec<Announcement>,
+    /// Seeds chosen by this decision.
+    pub new_seeds: usize,
+    /// Nodes selected.
+    pub selected: usize,
+    /// Whether the rollout is still under way (Progressing=True).
+    pub progressing: bool,
+    /// When to reconcile again if nothing changes before.
+    pub requeue: Duration,
+}
+
+/// The ImagePrefetch's identity, needed for every name and label it owns.
+pub struct Owner<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+}
+
+impl<'a> Owner<'a> {
+    pub fn of(p: &'a ImagePrefetch) -> Result<Self, Error> {
+        let m = &p.metadata;
+        Ok(Owner {
+            namespace: m
+                .namespace
+                .as_deref()
+                .ok_or(Error::MissingMetadata("namespace"))?,
+            name: m.name.as_deref().ok_or(Error::MissingMetadata("name"))?,
+            uid: m.uid.as_deref().ok_or(Error::MissingMetadata("uid"))?,
+        })
+    }
+
+    fn owns(&self, set: &SetView) -> bool {
+        set.owner == names::label_value(self.uid)
+    }
+}
+
+/// The decision for `observed.prefetch`.
+pub fn decide(
+    observed: &Observed<'_>,
+    config: &Config,
+    memory: Memory<'_>,
+) -> Result<Decision, Error> {
+    let p = observed.prefetch;
+    let owner = Owner::of(p)?;
+    let owned: Vec<&SetView> = observed
+        .sets
+        .iter()
+        .map(|s| s.as_ref())
+        .filter(|s| owner.owns(s))
+        .collect();
+    let holds = |node: &str| owned.iter().any(|s| s.spec.node_name == node);
+    let selection = info_span!("select", nodes = observed.nodes.len()).in_scope(|| {
+        select::select(
+            owner.uid,
+            &p.spec.node_selector,
+            p.spec.replicas,
+            observed.nodes.iter().map(|n| n.as_ref()),
+            &holds,
+            observed.now.0,
+            config.not_ready_grace,
+        )
+    });
+    Span::current().record("selected", selection.nodes.len());
+    let (allowed, not_allowed): (Vec<String>, Vec<String>) = p
+        .spec
+        .images
+        .iter()
+        .cloned()
+        .partition(|i| config.allowed.allows(i));
+
+    let view = cluster_view(observed);
+    let selected: HashSet<&String> = selection.nodes.iter().collect();
+    let selected_sets: Vec<&SetView> = owned
+        .iter()
+        .copied()
+        .filter(|s| selected.contains(&s.spec.node_name))
+        .collect();
+    let plan = info_span!("plan", images = allowed.len()).in_scope(|| {
+        policy::plan(
+            &allowed,
+            &selection.nodes,
+            &Current::from_sets(selected_sets.iter().copied()),
+            &view,
+            memory.seeds,
+            &config.policy,
+            observed.at,
+        )
+    });
+
+    // The sets as they will be once the decision is carried out: unchanged
+    // ones as cached, changed ones with the agent's reports they already have.
+    let by_name: HashMap<&str, &SetView> = owned.iter().map(|s| (s.name.as_str(), *s)).collect();
+    let mut apply = Vec::new();
+    let mut after: Vec<SetView> = Vec::with_capacity(plan.entries.len());
+    for (node, entries) in &plan.entries {
+        let desired = desired_set(p, &owner, node, entries.clone(), config);
+        let existing = by_name.get(desired.name_any().as_str()).copied();
+        match existing {
+            Some(e) if up_to_date(e, &desired) => after.push(e.clone()),
+            _ => {
+                let mut view = SetView::of(&desired);
+                if let Some(e) = existing {
+                    view.has_status = e.has_status;
+                    view.reports = e.reports.clone();
+                }
+                after.push(view);
+                apply.push(desired);
+            }
+        }
+    }
+    let delete: Vec<Stale> = owned
+        .iter()
+        .filter(|s| !selected.contains(&s.spec.node_name))
+        .map(|s| Stale {
+            name: s.name.clone(),
+            node: s.spec.node_name.clone(),
+        })
+        .collect();
+
+    let mut events: Vec<Announcement> = plan
+        .new_seeds
+        .iter()
+        .map(|(image, node)| Announcement {
+            type_: EventType::Normal,
+            reason: "SeedChosen".into(),
+            note: format!(
+                "{node} pulls {image} from its registry; other nodes will get it from the in-cluster mirror"
+            ),
+        })
+        .collect();
+    let no_seed: Vec<status::NoSeed> = plan
+        .blocked
+        .iter()
+        .map(|b| status::NoSeed {
+            image: b.image.clone(),
+            nodes: b.nodes.clone(),
+            retry_in: b.retry_at.saturating_duration_since(observed.at),
+        })
+        .collect();
+    let inputs = Inputs {
+        desired: selection.nodes.len(),
+        insufficient: selection.insufficient,
+        not_allowed: &not_allowed,
+        no_seed: &no_seed,
+    };
+    let refs: Vec<&SetView> = after.iter().collect();
+    let status = status::compute(p, &inputs, &refs, observed.now.clone());
+    let progressing = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Progressing" && c.status == "True");
+    events.extend(announcements(p, &owner, &refs, &status, memory.announced));
+
+    // Back when the first cool-down ends: a blocked image gets its seed then.
+    let next_seed = no_seed.iter().map(|n| n.retry_in).min();
+    let requeue = RESYNC
+        .min(config.policy.seed_deadline / 2)
+        .min(next_seed.unwrap_or(RESYNC).max(Duration::from_secs(1)));
+    Ok(Decision {
+        apply,
+        delete,
+        status: (p.status.as_ref() != Some(&status)).then_some(status),
+        events,
+        new_seeds: plan.new_seeds.len(),
+        selected: selection.nodes.len(),
+        progressing,
+        requeue,
+    })
+}
+
+/// The whole cluster as the seed policy sees it: nodes' groups and
+/// usability, and what every NodeImageSet says.
+fn cluster_view(observed: &Observed<'_>) -> ClusterView {
+    let mut view = ClusterView::default();
+    for n in observed.nodes {
+        let name = n.name_any();
+        view.groups
+            .insert(name.clone(), select::sequencing_group(n));
+        let cordoned = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        if select::is_ready(n) && !cordoned && n.metadata.deletion_timestamp.is_none() {
+            view.usable.insert(name);
+        }
+    }
+    view.add_sets(observed.sets.iter().map(|s| s.as_ref()));
+    view
+}
+
+/// Reasons of Degraded the controller itself decides (not a node's pull,
+/// which has its own PullFailed Event).
+const DECIDED_DEGRADED: [&str; 4] = [
+    "RegistryNotAllowed",
+    "NoMatchingNodes",
+    "InsufficientNodes",
+    "NoSeedAvailable",
+];
+
+/// Events for what changed since the last status: a Degraded reason the
+/// controller decides (a Warning when it first appears, so `kubectl
+/// describe` and event-based alerting show it too), images ready
+/// everywhere, failures not announced before.
+fn announcements(
+    p: &ImagePrefetch,
+    owner: &Owner<'_>,
+    sets: &[&SetView],
+    status: &ImagePrefetchStatus,
+    announced: &mut HashSet<(String, String, String)>,
+) -> Vec<Announcement> {
+    let mut out = Vec::new();
+    let before = p.status.as_ref();
+    let degraded = |s: Option<&ImagePrefetchStatus>| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+            .filter(|c| c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if let Some((reason, message)) = degraded(Some(status))
+        && DECIDED_DEGRADED.contains(&reason.as_str())
+        && degraded(before).map(|(r, _)| r) != Some(reason.clone())
+    {
+        out.push(Announcement {
+            type_: EventType::Warning,
+            reason,
+            note: message,
+        });
+    }
+    for img in &status.images {
+        let was = before
+            .and_then(|s| s.images.iter().find(|i| i.image == img.image))
+            .map(|i| i.available)
+            .unwrap_or(0);
+        if status.desired_nodes > 0 && img.available == status.desired_nodes && was < img.available
+        {
+            out.push(Announcement {
+                type_: EventType::Normal,
+                reason: "ImageReady".into(),
+                note: format!("{} is on all {} nodes", img.image, status.desired_nodes),
+            });
+        }
+    }
+    for f in status::failures(sets) {
+        if announced.insert((owner.uid.to_string(), f.node.clone(), f.image.clone())) {
+            out.push(Announcement {
+                type_: EventType::Warning,
+                reason: "PullFailed".into(),
+                note: format!(
+                    "{} failed on node {}: {} ({})",
+                    f.image, f.node, f.message, f.reason
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// The NodeImageSet `node` should have for `p`.
+fn desired_set(
+    p: &ImagePrefetch,
+    owner: &Owner<'_>,
+    node: &str,
+    entries: Vec<NodeImage>,
+    config: &Config,
+) -> NodeImageSet {
+    let name = names::node_image_set_name(owner.name, owner.uid, node);
+    let mut set = NodeImageSet::new(
+        &name,
+        NodeImageSetSpec {
+            node_name: node.to_string(),
+            image_set: entries,
+            image_pull_secrets: p
+                .spec
+                .image_pull_secrets
+                .iter()
+                .map(|s| SecretReference {
+                    namespace: owner.namespace.to_string(),
+                    name: s.name.clone(),
+                })
+                .collect(),
+            image_download_retry_limit: config.retry_limit,
+        },
+    );
+    set.metadata.labels = Some(keys::node_image_set_labels(
+        owner.namespace,
+        owner.name,
+        owner.uid,
+        node,
+    ));
+    set.metadata.annotations = Some(BTreeMap::from([(
+        keys::PREFETCH_REF_ANNOTATION.to_string(),
+        format!("{}/{}", owner.namespace, owner.name),
+    )]));
+    set
+}
+
+fn up_to_date(existing: &SetView, desired: &NodeImageSet) -> bool {
+    existing.spec == desired.spec
+        && existing.meta
+            == crate::index::managed_meta(&desired.metadata.labels, &desired.metadata.annotations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registries::AllowList;
+    use crate::select::tests::node;
+    use crd::{ImagePrefetchSpec, NodeImageSetStatus, NodeImageStatus, PullState, RegistryPolicy};
+
+    const A: &str = "registry.example.com/team/a:1";
+    const B: &str = "other.example.com/team/b:1";
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn prefetch(images: &[&str]) -> ImagePrefetch {
+        let mut p = ImagePrefetch::new(
+            "web",
+            ImagePrefetchSpec {
+                images: images.iter().map(|s| s.to_string()).collect(),
+                node_selector: Default::default(),
+                replicas: None,
+                image_pull_secrets: vec![],
+            },
+        );
+        p.metadata.namespace = Some("team".into());
+        p.metadata.uid = Some("uid-1".into());
+        p.metadata.generation = Some(1);
+        p
+    }
+
+    /// The controller between reconciles, and the cluster it sees.
+    struct World {
+        nodes: Vec<Arc<Node>>,
+        sets: BTreeMap<String, NodeImageSet>,
+        seeds: SeedBook,
+        announced: HashSet<(String, String, String)>,
+        config: Config,
+        start: Instant,
+    }
+
+    impl World {
+        fn new(n: usize) -> Self {
+            World {
+                nodes: (0..n)
+                    .map(|i| Arc::new(node(&format!("node-{i}"), &[])))
+                    .collect(),
+                sets: BTreeMap::new(),
+                seeds: SeedBook::default(),
+                announced: HashSet::new(),
+                config: Config::default(),
+                start: Instant::now(),
+            }
+        }
+
+        fn decide(&mut self, p: &ImagePrefetch, after: Duration) -> Decision {
+            let sets: Vec<Arc<SetView>> = self
+                .sets
+                .values()
+                .map(|s| {
+                    let mut v = SetView::of(s);
+                    // As the API server returns them: labelled with the owner.
+                    v.owner = names::label_value(p.metadata.uid.as_deref().unwrap());
+                    Arc::new(v)
+                })
+                .collect();
+            let observed = Observed {
+                prefetch: p,
+                nodes: &self.nodes,
+                sets: &sets,
+                now: crd::condition::now(),
+                at: self.start + after,
+            };
+            let memory = Memory {
+                seeds: &mut self.seeds,
+                announced: &mut self.announced,
+            };
+            decide(&observed, &self.config, memory).unwrap()
+        }
+
+        /// The writes made: sets applied keep the agent's reports, stale ones go.
+        fn act(&mut self, p: &mut ImagePrefetch, d: &Decision) {
+            for set in &d.apply {
+                let mut status = self
+                    .sets
+                    .get(&set.name_any())
+                    .and_then(|s| s.status.clone());
+                // The agent reports only on the entries the set lists.
+                if let Some(st) = status.as_mut() {
+                    st.images
+                        .retain(|r| set.spec.image_set.iter().any(|e| e.name == r.name));
+                }
+                let mut set = set.clone();
+                set.status = status;
+                self.sets.insert(set.name_any(), set);
+            }
+            for stale in &d.delete {
+                self.sets.remove(&stale.name);
+            }
+            if let Some(status) = &d.status {
+                p.status = Some(status.clone());
+            }
+        }
+
+        fn report(&mut self, node: &str, image: &str, state: PullState) {
+            let set = self
+                .sets
+                .values_mut()
+                .find(|s| s.spec.node_name == node)
+                .expect("the node has a set");
+            let st = set.status.get_or_insert_with(NodeImageSetStatus::default);
+            st.images.retain(|r| r.name != image);
+            st.images.push(NodeImageStatus {
+                digest: (state == PullState::Available).then(|| DIGEST.to_string()),
+                reason: (state == PullState::Failed).then(|| "NotFound".to_string()),
+                ..NodeImageStatus::new(image, state, 1)
+            });
+        }
+
+        fn seeds_of(&self, image: &str) -> Vec<String> {
+            self.sets
+                .values()
+                .filter(|s| {
+                    s.spec
+                        .image_set
+                        .iter()
+                        .any(|e| e.name == image && e.registry_policy == RegistryPolicy::Default)
+                })
+                .map(|s| s.spec.node_name.clone())
+                .collect()
+        }
+    }
+
+    fn reasons(d: &Decision) -> Vec<&str> {
+        d.events.iter().map(|e| e.reason.as_str()).collect()
+    }
+
+    fn condition<'a>(d: &'a Decision, type_: &str) -> (&'a str, &'a str) {
+        let c = d
+            .status
+            .as_ref()
+            .expect("a new status")
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("the condition");
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn a_new_prefetch_gets_a_set_per_node_one_seed_and_says_so() {
+        let mut w = World::new(3);
+        let mut p = prefetch(&[A]);
+        let d = w.decide(&p, Duration::ZERO);
+        assert_eq!(d.apply.len(), 3);
+        assert!(d.delete.is_empty());
+        assert_eq!((d.selected, d.new_seeds), (3, 1));
+        assert_eq!(reasons(&d), ["SeedChosen"]);
+        assert!(d.progressing);
+        assert_eq!(condition(&d, "Ready").0, "False");
+        w.act(&mut p, &d);
+        assert_eq!(w.seeds_of(A).len(), 1);
+    }
+
+    #[test]
+    fn nothing_changed_means_nothing_written() {
+        let mut w = World::new(3);
+        let mut p = prefetch(&[A]);
+        let d = w.decide(&p, Duration::ZERO);
+        w.act(&mut p, &d);
+        let again = w.decide(&p, Duration::from_secs(1));
+        assert!(again.apply.is_empty() && again.delete.is_empty());
+        assert_eq!(again.status, None);
+        assert!(again.events.is_empty(), "{:?}", again.events);
+    }
+
+    #[test]
+    fn the_image_on_every_node_is_ready_once_and_announced_once() {
+        let mut w = World::new(2);
+        let mut p = prefetch(&[A]);
+        let d = w.decide(&p, Duration::ZERO);
+        w.act(&mut p, &d);
+        let seed = w.seeds_of(A)[0].clone();
+        w.report(&seed, A, PullState::Available);
+        // The other node is released with the digest pinned.
+        let d = w.decide(&p, Duration::from_secs(1));
+        assert_eq!(d.apply.len(), 1);
+        let mirror = &d.apply[0].spec.image_set[0];
+        assert_eq!(mirror.registry_policy, RegistryPolicy::Mirror);
+        assert_eq!(mirror.digest.as_deref(), Some(DIGEST));
+        w.act(&mut p, &d);
+        let other = d.apply[0].spec.node_name.clone();
+        w.report(&other, A, PullState::Available);
+        let d = w.decide(&p, Duration::from_secs(2));
+        assert_eq!(condition(&d, "Ready"), ("True", "AllImagesPresent"));
+        assert!(!d.progressing);
+        assert_eq!(reasons(&d), ["ImageReady"]);
+        w.act(&mut p, &d);
+        assert!(w.decide(&p, Duration::from_secs(3)).events.is_empty());
+    }
+
+    #[test]
+    fn a_node_no_longer_selected_loses_its_set() {
+        let mut w = World::new(3);
+        let mut p = prefetch(&[A]);
+        let d = w.decide(&p, Duration::ZERO);
+        w.act(&mut p, &d);
+        let gone = w.nodes.pop().unwrap();
+        let d = w.decide(&p, Duration::from_secs(1));
+        assert_eq!(
+            d.delete.iter().map(|s| s.node.as_str()).collect::<Vec<_>>(),
+            [gone.name_any().as_str()]
+        );
+        assert_eq!(d.selected, 2);
+    }
+
+    #[test]
+    fn a_refused_registry_is_degraded_with_a_warning_and_nothing_for_it() {
+        let mut w = World::new(2);
+        w.config.allowed = AllowList::parse("registry.example.com");
+        let mut p = prefetch(&[A, B]);
+        let d = w.decide(&p, Duration::ZERO);
+        assert_eq!(condition(&d, "Degraded"), ("True", "RegistryNotAllowed"));
+        assert!(reasons(&d).contains(&"RegistryNotAllowed"));
+        assert!(
+            d.apply
+                .iter()
+                .all(|s| s.spec.image_set.iter().all(|e| e.name != B))
+        );
+        // Said once, not at every reconcile.
+        w.act(&mut p, &d);
+        let again = w.decide(&p, Duration::from_secs(1));
+        assert!(!reasons(&again).contains(&"RegistryNotAllowed"));
+    }
+
+    #[test]
+    fn every_candidate_failed_is_degraded_with_when_it_tries_again() {
+        let mut w = World::new(1);
+        let mut p = prefetch(&[A]);
+        let d = w.decide(&p, Duration::ZERO);
+        w.act(&mut p, &d);
+        w.report("node-0", A, PullState::Failed);
+        let d = w.decide(&p, Duration::from_secs(1));
+        // The failure is announced; the only candidate cools down, its
+        // entry is withdrawn, and the controller is back when that ends.
+        assert_eq!(reasons(&d), ["PullFailed"]);
+        assert_eq!(w.seeds_of(A), ["node-0"]);
+        let cooldown = w.config.policy.seed_cooldown;
+        assert_eq!(d.requeue, cooldown, "back when the cool-down ends");
+        w.act(&mut p, &d);
+        assert!(w.seeds_of(A).is_empty());
+        // With the failed entry gone: Degraded says why and when, once.
+        let d = w.decide(&p, Duration::from_secs(2));
+        assert_eq!(reasons(&d), ["NoSeedAvailable"]);
+        let (status, reason) = condition(&d, "Degraded");
+        assert_eq!((status, reason), ("True", "NoSeedAvailable"));
+        w.act(&mut p, &d);
+        let again = w.decide(&p, Duration::from_secs(3));
+        assert!(again.events.is_empty(), "{:?}", again.events);
+        // After the cool-down the node is seed again: no dead end.
+        let later = w.decide(&p, Duration::from_secs(1) + cooldown);
+        assert_eq!(later.new_seeds, 1, "{:?}", later.events);
+    }
+}

@@ -1,0 +1,220 @@
+//! The agent's access to pull secrets, narrowed to the secrets that
+//! ImagePrefetches name: per namespace, a Role that lets the agent `get`
+//! exactly those secrets (by `resourceNames`) and a RoleBinding of it to the
+//! agent's ServiceAccount, kept by the controller as ImagePrefetches come and
+//! go. The agent can list no Secret, and read none that no ImagePrefetch
+//! names. The controller itself reads no Secret: it may write only this Role
+//! and RoleBinding (RBAC `escalate` and `bind` on that one name), and the
+//! chart's admission policy holds what it writes to exactly this shape (see
+//! `docs/decisions.md`, "Pull-secret access").
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+
+use crd::{ImagePrefetch, keys};
+
+/// Name of the Role and RoleBinding in each namespace with pull secrets.
+pub const NAME: &str = "image-prefetch-pull-secrets";
+
+/// The agent's ServiceAccount: who gets the access.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grantee {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Grantee {
+    /// From `namespace/name`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (namespace, name) = s.split_once('/')?;
+        (!namespace.is_empty() && !name.is_empty()).then(|| Grantee {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        })
+    }
+}
+
+/// The secrets of `namespace` that its ImagePrefetches (those not being
+/// deleted) name, sorted.
+pub fn named<'a>(
+    namespace: &str,
+    prefetches: impl IntoIterator<Item = &'a ImagePrefetch>,
+) -> Vec<String> {
+    let names: BTreeSet<String> = prefetches
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .flat_map(|p| p.spec.image_pull_secrets.iter().map(|s| s.name.clone()))
+        .collect();
+    names.into_iter().collect()
+}
+
+fn meta(namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(NAME.to_string()),
+        namespace: Some(namespace.to_string()),
+        labels: Some(
+            [(
+                "app.kubernetes.io/managed-by".to_string(),
+                keys::CONTROLLER_MANAGER.to_string(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// The Role: `get` on exactly `secrets`.
+pub fn role(namespace: &str, secrets: &[String]) -> Role {
+    Role {
+        metadata: meta(namespace),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".into()]),
+            verbs: vec!["get".into()],
+            resource_names: Some(secrets.to_vec()),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// The RoleBinding of the Role to the agent.
+pub fn binding(namespace: &str, agent: &Grantee) -> RoleBinding {
+    RoleBinding {
+        metadata: meta(namespace),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: NAME.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: agent.name.clone(),
+            namespace: Some(agent.namespace.clone()),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// Makes `namespace`'s grant say `secrets`: written when there are any,
+/// removed when there are none.
+pub async fn write(
+    client: &kube::Client,
+    namespace: &str,
+    secrets: &[String],
+    agent: &Grantee,
+) -> Result<(), kube::Error> {
+    let roles: Api<Role> = Api::namespaced(client.clone(), namespace);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), namespace);
+    if secrets.is_empty() {
+        for result in [
+            bindings
+                .delete(NAME, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+            roles
+                .delete(NAME, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ] {
+            match result {
+                Ok(()) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(());
+    }
+    let params = PatchParams::apply(keys::CONTROLLER_MANAGER).force();
+    let mut role = role(namespace, secrets);
+    role.metadata.namespace = None;
+    roles
+        .patch(NAME, &params, &Patch::Apply(typed(role)))
+        .await?;
+    bindings
+        .patch(
+            NAME,
+            &params,
+            &Patch::Apply(typed(binding(namespace, agent))),
+        )
+        .await?;
+    Ok(())
+}
+
+/// An object with its apiVersion and kind, as server-side apply needs.
+fn typed<K: kube::Resource<DynamicType = ()> + serde::Serialize>(object: K) -> serde_json::Value {
+    let mut v = serde_json::to_value(&object).expect("RBAC objects serialise");
+    v["apiVersion"] = K::api_version(&()).into();
+    v["kind"] = K::kind(&()).into();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crd::{ImagePrefetchSpec, LocalSecretReference};
+
+    fn prefetch(namespace: &str, secrets: &[&str], deleting: bool) -> ImagePrefetch {
+        let mut p = ImagePrefetch::new(
+            "p",
+            ImagePrefetchSpec {
+                images: vec!["registry.example.com/app:1".into()],
+                node_selector: Default::default(),
+                replicas: None,
+                image_pull_secrets: secrets
+                    .iter()
+                    .map(|s| LocalSecretReference {
+                        name: s.to_string(),
+                    })
+                    .collect(),
+            },
+        );
+        p.metadata.namespace = Some(namespace.into());
+        if deleting {
+            p.metadata.deletion_timestamp = Some(crd::condition::now());
+        }
+        p
+    }
+
+    #[test]
+    fn only_secrets_live_prefetches_of_the_namespace_name_are_granted() {
+        let all = [
+            prefetch("team-a", &["regcred", "other"], false),
+            prefetch("team-a", &["regcred"], false),
+            prefetch("team-a", &["leaving"], true),
+            prefetch("team-b", &["theirs"], false),
+        ];
+        assert_eq!(named("team-a", &all), ["other", "regcred"]);
+        assert_eq!(named("team-b", &all), ["theirs"]);
+        assert!(named("team-c", &all).is_empty());
+    }
+
+    #[test]
+    fn the_role_grants_get_on_the_named_secrets_only_to_the_agent() {
+        let role = role("team-a", &["regcred".into()]);
+        let rules = role.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].verbs, ["get"]);
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["secrets".to_string()][..])
+        );
+        assert_eq!(
+            rules[0].resource_names.as_deref(),
+            Some(&["regcred".to_string()][..])
+        );
+        let agent = Grantee::parse("image-prefetch-system/image-prefetch-agent").unwrap();
+        let b = binding("team-a", &agent);
+        assert_eq!(b.role_ref.name, NAME);
+        let subjects = b.subjects.unwrap();
+        assert_eq!(subjects.len(), 1);
+        assert_eq!(subjects[0].name, "image-prefetch-agent");
+        assert_eq!(
+            subjects[0].namespace.as_deref(),
+            Some("image-prefetch-system")
+        );
+        assert!(Grantee::parse("no-slash").is_none());
+    }
+}

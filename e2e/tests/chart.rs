@@ -553,3 +553,40 @@ fn a_release_pushes_the_image_tags_the_chart_and_the_csv_pull() {
         );
     }
 }
+
+/// The OLM bundle grants each ServiceAccount exactly what the chart grants
+/// it cluster-wide, so the RBAC end-to-end test (`rbac.rs`, with the chart)
+/// speaks for the bundle too.
+#[test]
+fn the_bundle_grants_what_the_chart_grants() {
+    let (ok, rendered) = template(&chart(), "image.pullPolicy=IfNotPresent");
+    assert!(ok, "{rendered}");
+    let mut chart_rules = std::collections::BTreeMap::new();
+    for doc in serde_yaml::Deserializer::from_str(&rendered) {
+        let v = serde_json::Value::deserialize(doc).unwrap();
+        if v["kind"] == "ClusterRole" {
+            let name = v["metadata"]["name"].as_str().unwrap();
+            let account = format!("image-prefetch-{}", name.trim_start_matches("x-"));
+            chart_rules.insert(account, v["rules"].clone());
+        }
+    }
+    let csv: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            chart().join("../../bundle/manifests/image-prefetch.clusterserviceversion.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut bundle_rules = std::collections::BTreeMap::new();
+    for p in csv["spec"]["install"]["spec"]["clusterPermissions"]
+        .as_array()
+        .unwrap()
+    {
+        bundle_rules.insert(
+            p["serviceAccountName"].as_str().unwrap().to_string(),
+            p["rules"].clone(),
+        );
+    }
+    assert_eq!(chart_rules.len(), 2, "{chart_rules:?}");
+    assert_eq!(bundle_rules, chart_rules);
+}

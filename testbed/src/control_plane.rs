@@ -174,6 +174,13 @@ impl ControlPlane {
     }
 
     /// A client with cluster-admin rights.
+    /// Writes a kubeconfig at `path` that authenticates with `token` (a
+    /// ServiceAccount's, from a TokenRequest) instead of as the admin.
+    pub fn kubeconfig_with_token(&self, token: &str, path: &Path) -> Result<()> {
+        let ca = self.dir.join("certs").join("apiserver.crt");
+        std::fs::write(path, kubeconfig_yaml(&self.server, &ca, token)).map_err(io_err(path))
+    }
+
     pub async fn client(&self) -> Result<kube::Client> {
         client_from_kubeconfig(&self.kubeconfig).await
     }

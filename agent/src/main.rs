@@ -15,6 +15,10 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --metrics-addr ADDR            /metrics, /healthz, /readyz (default 0.0.0.0:8080)
   --failed-retry-seconds S       an image that failed is tried again after S, doubling
                                  at each failure up to 10x (default 30)
+  --image-fs PATH                the node's image filesystem, containerd's root
+                                 (default /var/lib/containerd)
+  --image-fs-high-percent N      start no pull while it is fuller than N% (default 80,
+                                 under kubelet's image GC high threshold of 85; 100: off)
   --progress-seconds S           a seed's bytes so far are reported at most every S
                                  (default 30)
   --platform OS/ARCH[/VARIANT]   the platform to pull for (default this machine's); of an
@@ -42,6 +46,10 @@ fn parse_args() -> Config {
                     first,
                     cap: first * 10,
                 };
+            }
+            "--image-fs" => config.image_fs = args.value(&flag).into(),
+            "--image-fs-high-percent" => {
+                config.image_fs_high_percent = args.number(&flag).min(100) as u8
             }
             "--progress-seconds" => config.progress_every = args.seconds(&flag),
             "--metrics-addr" => config.metrics_addr = Some(args.addr(&flag)),

@@ -64,6 +64,10 @@ pub struct Config {
     pub failed_backoff: ledger::Backoff,
     /// Least time between two progress reports of a seed's pull.
     pub progress_every: Duration,
+    /// The node's image filesystem (containerd's root) and how full it may
+    /// be before no pull starts (100: no limit).
+    pub image_fs: PathBuf,
+    pub image_fs_high_percent: u8,
 }
 
 impl Config {
@@ -82,6 +86,8 @@ impl Config {
             platform: crd::platform::Platform::host(),
             failed_backoff: ledger::Backoff::default(),
             progress_every: ledger::PROGRESS_EVERY,
+            image_fs: "/var/lib/containerd".into(),
+            image_fs_high_percent: crate::disk::DEFAULT_HIGH_PERCENT,
         }
     }
 }
@@ -718,6 +724,23 @@ impl Job {
             .map_err(|f| (f, n))
     }
 
+    /// The disk guard: no pull starts while the image filesystem is over
+    /// its threshold. A filesystem that cannot be read is no reason to stop.
+    fn room_on_disk(&self) -> Result<(), Failure> {
+        let path = &self.config.image_fs;
+        match crate::disk::usage(path) {
+            Ok(usage) => crate::disk::check(path, usage, self.config.image_fs_high_percent)
+                .map_err(|e| Failure {
+                    message: e.to_string(),
+                    reason: "DiskPressure".into(),
+                }),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "image filesystem unreadable; no disk guard");
+                Ok(())
+            }
+        }
+    }
+
     async fn attempt(&self, name: &str) -> Result<Pulled, Failure> {
         let entry = &self.wanted.entry;
         let parsed = reference::parse(&entry.name).ok();
@@ -763,6 +786,7 @@ impl Job {
             message: e.to_string(),
             reason: "Stopping".into(),
         })?;
+        self.room_on_disk()?;
         let source = source(entry);
         let pull = self
             .runtime

@@ -38,15 +38,13 @@ async fn pulls_reports_retries_and_repulls() {
     node.configure_registry(&upstream.host, &[]).unwrap();
 
     let config = Config {
-        containerd_socket: node.socket.clone(),
-        node_hosts_dir: node.hosts_dir.clone(),
-        mirror_hosts_dir: dir.join("agent-hosts"),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
         // Long: re-pulls below must come from containerd's delete events.
         resync: Duration::from_secs(3600),
-        ..Config::new("agent-node-a")
+        ..config("agent-node-a", &node, &dir)
     };
+    support::logs();
     let start = |config: Config| {
         let (stop, stopped) = oneshot::channel::<()>();
         let running = tokio::spawn(work::run(client.clone(), config, async move {
@@ -71,7 +69,7 @@ async fn pulls_reports_retries_and_repulls() {
     assert_eq!(web.digest.as_deref(), Some(image.digest.as_str()));
     assert_eq!(web.size_bytes, Some(image.size as i64));
     assert_eq!(web.source, Some(PullSource::Upstream));
-    assert_eq!((st.total, web.attempts), (1, 1));
+    assert_eq!((st.total, web.attempts), (1, 1), "{web:?}");
     let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
@@ -377,11 +375,8 @@ async fn metrics_count_pulls_and_bytes_by_source() {
         .unwrap();
     let [port] = testbed::process::free_ports().unwrap();
     let config = Config {
-        containerd_socket: node.socket.clone(),
-        node_hosts_dir: node.hosts_dir.clone(),
-        mirror_hosts_dir: dir.join("agent-hosts"),
         metrics_addr: Some(([127, 0, 0, 1], port).into()),
-        ..Config::new("agent-node-metrics")
+        ..config("agent-node-metrics", &node, &dir)
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(work::run(client.clone(), config, async move {
@@ -725,6 +720,63 @@ async fn a_seed_resolves_its_tag_at_the_registry_not_on_the_node_or_a_mirror() {
         .cloned()
         .collect();
     assert!(asked.is_empty(), "the peer was asked for tags: {asked:?}");
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn no_pull_starts_while_the_image_filesystem_is_over_its_threshold() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-disk-guard");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let image = images::build_and_push(&dir.join("images"), &upstream.host, "team/big", "1", &[MB])
+        .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
+    // A threshold just under how full the node's filesystem is now.
+    let usage = agent::disk::usage(&node.dir).unwrap();
+    let percent = usage.percent().floor() as u8;
+    assert!(
+        percent >= 2,
+        "the test needs a filesystem at least 2% full: {usage:?}"
+    );
+    let guarded = Config {
+        image_fs_high_percent: percent - 1,
+        ..config("agent-node-disk", &node, &dir)
+    };
+    let (stop, running) = run(&client, guarded);
+    set(
+        &client,
+        "disk-guard",
+        "agent-node-disk",
+        json!([{"name": image.reference, "registryPolicy": "Default"}]),
+        1,
+    )
+    .await;
+    let st = wait_status(&client, "disk-guard", "refused for disk pressure", |s| {
+        s.images
+            .iter()
+            .any(|i| i.reason.as_deref() == Some("DiskPressure"))
+    })
+    .await;
+    let message = st.images[0].last_error.clone().unwrap_or_default();
+    assert!(
+        message.contains(&format!("over the {}%", percent - 1)),
+        "{message}"
+    );
+    assert!(
+        upstream.blob_gets(&image.repository).is_empty(),
+        "nothing was fetched"
+    );
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+
+    // Room again (here: a higher threshold): the same entry completes.
+    let (stop, running) = run(&client, config("agent-node-disk", &node, &dir));
+    wait_status(&client, "disk-guard", "Available with room", |s| {
+        s.available == 1
+    })
+    .await;
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
 }

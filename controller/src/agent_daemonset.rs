@@ -22,6 +22,8 @@ pub struct AgentSpec {
     pub containerd_socket: String,
     pub registry_config_dir: String,
     pub mirror_config_dir: String,
+    /// An empty directory on containerd's filesystem, for the disk guard.
+    pub image_fs_probe: String,
     pub priority_class: String,
     /// Extra environment of the agents: the controller's own `OTEL_*`
     /// settings, so agents export traces where the controller does.
@@ -38,6 +40,7 @@ impl AgentSpec {
             containerd_socket: "/run/containerd/containerd.sock".into(),
             registry_config_dir: "/etc/containerd/certs.d".into(),
             mirror_config_dir: "/var/lib/image-prefetch/hosts".into(),
+            image_fs_probe: "/var/lib/containerd/.image-prefetch-df".into(),
             priority_class: "system-node-critical".into(),
             env: Vec::new(),
         }
@@ -88,6 +91,7 @@ impl AgentSpec {
                                 format!("--containerd-socket={}", self.containerd_socket),
                                 format!("--registry-config-dir={}", self.registry_config_dir),
                                 format!("--mirror-config-dir={}", self.mirror_config_dir),
+                                format!("--image-fs={}", self.image_fs_probe),
                             ],
                             "env": self.container_env(),
                             "securityContext": {
@@ -95,6 +99,7 @@ impl AgentSpec {
                                 "allowPrivilegeEscalation": false,
                                 "readOnlyRootFilesystem": true,
                                 "capabilities": {"drop": ["ALL"]},
+                                "seccompProfile": {"type": "RuntimeDefault"},
                             },
                             "resources": {"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
                             "ports": [{"name": "metrics", "containerPort": 8080}],
@@ -105,12 +110,14 @@ impl AgentSpec {
                                 {"name": "containerd-socket", "mountPath": self.containerd_socket},
                                 {"name": "registry-config", "mountPath": self.registry_config_dir, "readOnly": true},
                                 {"name": "mirror-config", "mountPath": self.mirror_config_dir},
+                                {"name": "image-fs", "mountPath": self.image_fs_probe, "readOnly": true},
                             ],
                         }],
                         "volumes": [
                             {"name": "containerd-socket", "hostPath": {"path": self.containerd_socket, "type": "Socket"}},
                             {"name": "registry-config", "hostPath": {"path": self.registry_config_dir, "type": "DirectoryOrCreate"}},
                             {"name": "mirror-config", "hostPath": {"path": self.mirror_config_dir, "type": "DirectoryOrCreate"}},
+                            {"name": "image-fs", "hostPath": {"path": self.image_fs_probe, "type": "DirectoryOrCreate"}},
                         ],
                     },
                 },

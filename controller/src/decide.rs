@@ -127,7 +127,11 @@ pub fn decide(
             owner.uid,
             &p.spec.node_selector,
             p.spec.replicas,
-            observed.nodes.iter().map(|n| n.as_ref()),
+            observed
+                .nodes
+                .iter()
+                .map(|n| n.as_ref())
+                .filter(|n| config.node_scope.admits(n)),
             &holds,
             observed.now.0,
             config.not_ready_grace,
@@ -583,6 +587,22 @@ mod tests {
             [gone.name_any().as_str()]
         );
         assert_eq!(d.selected, 2);
+    }
+
+    #[test]
+    fn no_prefetch_reaches_past_the_administrators_scope() {
+        let mut w = World::new(2);
+        w.nodes.push(Arc::new(node(
+            "control-plane",
+            &[("node-role.kubernetes.io/control-plane", "")],
+        )));
+        let p = prefetch(&[A]);
+        let d = w.decide(&p, Duration::ZERO);
+        assert_eq!(d.selected, 2);
+        assert!(d.apply.iter().all(|s| s.spec.node_name != "control-plane"));
+        // Allowed by the administrator: targeted like any node.
+        w.config.node_scope.control_plane = true;
+        assert_eq!(w.decide(&p, Duration::from_secs(1)).selected, 3);
     }
 
     #[test]

@@ -24,6 +24,10 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --manage-agent IMAGE           create and keep the agent DaemonSet in $POD_NAMESPACE
                                  with IMAGE (installs that cannot ship one, e.g. OLM);
                                  its ServiceAccount gets the pull-secret grants
+  --target-nodes K=V[,K=V...]    the nodes ImagePrefetches may target at all: each
+                                 ImagePrefetch's selector is intersected with this
+  --control-plane-nodes          let ImagePrefetches target control-plane nodes too
+                                 (excluded by default)
   --agent-service-account NS/NAME
                                  grant the agent's ServiceAccount `get` on exactly the
                                  pull secrets ImagePrefetches name, per namespace
@@ -68,6 +72,16 @@ fn parse_args() -> Config {
                 });
                 config.agent = Some(spec);
             }
+            "--target-nodes" => {
+                let value = args.value(&flag);
+                config.node_scope.selector = controller::select::NodeScope::parse_selector(&value)
+                    .unwrap_or_else(|| {
+                        args.fail(&format!(
+                            "--target-nodes {value}: expected key=value[,key=value]"
+                        ))
+                    });
+            }
+            "--control-plane-nodes" => config.node_scope.control_plane = true,
             "--agent-service-account" => {
                 let value = args.value(&flag);
                 config.pull_secret_grantee = Some(Grantee::parse(&value).unwrap_or_else(|| {

@@ -55,6 +55,8 @@ pub struct Config {
     /// ImagePrefetches name (per namespace); `None`: no grants are kept
     /// (the agent's access to secrets is then the installer's business).
     pub pull_secret_grantee: Option<crate::pull_secrets::Grantee>,
+    /// The nodes ImagePrefetches may target at all.
+    pub node_scope: crate::select::NodeScope,
 }
 
 impl Default for Config {
@@ -70,6 +72,7 @@ impl Default for Config {
             agent: None,
             metrics_addr: None,
             pull_secret_grantee: None,
+            node_scope: crate::select::NodeScope::default(),
         }
     }
 }

@@ -110,6 +110,45 @@ pub fn is_candidate(
     }
 }
 
+/// Labels that mark a control-plane node (the second is the pre-1.24 name).
+pub const CONTROL_PLANE_LABELS: [&str; 2] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
+
+/// The nodes an administrator lets ImagePrefetches target at all: every
+/// ImagePrefetch's own selector is intersected with this. Control-plane
+/// nodes are out unless allowed: a tenant must not fill their disks with
+/// images kubelet's garbage collection cannot reclaim.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeScope {
+    /// Labels a node must carry to be targeted (empty: any node).
+    pub selector: BTreeMap<String, String>,
+    pub control_plane: bool,
+}
+
+impl NodeScope {
+    /// From `key=value,key=value`; `None` when an item has no `=`.
+    pub fn parse_selector(s: &str) -> Option<BTreeMap<String, String>> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .map(|i| {
+                i.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            })
+            .collect()
+    }
+
+    pub fn admits(&self, node: &Node) -> bool {
+        let labels = node.metadata.labels.as_ref();
+        let control_plane = CONTROL_PLANE_LABELS
+            .iter()
+            .any(|l| labels.is_some_and(|m| m.contains_key(*l)));
+        (self.control_plane || !control_plane) && matches(&self.selector, node)
+    }
+}
+
 /// Rendezvous (highest-random-weight) score of `node` for `key`: the order
 /// it defines depends only on the pair, so a choice of k nodes keeps its
 /// nodes when unrelated nodes come and go, and across controller restarts.
@@ -194,6 +233,33 @@ pub(crate) mod tests {
             }]),
             ..Default::default()
         });
+    }
+
+    #[test]
+    fn the_administrators_scope_bounds_every_prefetch() {
+        let worker = node("w", &[("pool", "tenants")]);
+        let other_pool = node("o", &[("pool", "system")]);
+        let control = node(
+            "cp",
+            &[
+                ("pool", "tenants"),
+                ("node-role.kubernetes.io/control-plane", ""),
+            ],
+        );
+        let legacy = node("m", &[("node-role.kubernetes.io/master", "")]);
+        // By default: every node but the control plane.
+        let default = NodeScope::default();
+        assert!(default.admits(&worker) && default.admits(&other_pool));
+        assert!(!default.admits(&control) && !default.admits(&legacy));
+        // An administrator's selector, and the control plane allowed.
+        let scope = NodeScope {
+            selector: NodeScope::parse_selector("pool=tenants").unwrap(),
+            control_plane: true,
+        };
+        assert!(scope.admits(&worker) && scope.admits(&control));
+        assert!(!scope.admits(&other_pool) && !scope.admits(&legacy));
+        assert_eq!(NodeScope::parse_selector(" a=1, b = 2 ,").unwrap().len(), 2);
+        assert!(NodeScope::parse_selector("a").is_none());
     }
 
     fn sel(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -78,6 +78,8 @@ pub fn agent_process(
         .arg(&containerd.hosts_dir)
         .arg("--mirror-config-dir")
         .arg(mirror_dir)
+        // The machine's disk is no node's image filesystem under pressure.
+        .args(["--image-fs-high-percent", "100"])
         .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
         .args(["--metrics-addr", "127.0.0.1:0"])
         // A failed image is tried again soon: tests see convergence quickly.
@@ -126,8 +128,22 @@ pub fn config(
         mirror_hosts_dir: dir.join("agent-hosts"),
         backoff_min: Duration::from_millis(200),
         backoff_max: Duration::from_millis(400),
+        // The machine's disk is no node's image filesystem under pressure.
+        image_fs: containerd.dir.clone(),
+        image_fs_high_percent: 100,
         ..agent::work::Config::new(node)
     }
+}
+
+/// The agent's log in the test's output (shown when a test fails).
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "agent=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 /// The agent in this process until the sender is used.
@@ -138,6 +154,7 @@ pub fn run(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), agent::work::Error>>,
 ) {
+    logs();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(agent::work::run(client.clone(), config, async move {
         let _ = stopped.await;

@@ -145,18 +145,22 @@ pub fn decide(
         .cloned()
         .partition(|i| config.allowed.allows(i));
 
-    let view = cluster_view(observed);
+    let view = cluster_view(observed, config);
     let selected: HashSet<&String> = selection.nodes.iter().collect();
     let selected_sets: Vec<&SetView> = owned
         .iter()
         .copied()
         .filter(|s| selected.contains(&s.spec.node_name))
         .collect();
+    let mut current = Current::from_sets(selected_sets.iter().copied());
+    if !p.spec.image_pull_secrets.is_empty() {
+        current = current.private_to(owner.namespace);
+    }
     let plan = info_span!("plan", images = allowed.len()).in_scope(|| {
         policy::plan(
             &allowed,
             &selection.nodes,
-            &Current::from_sets(selected_sets.iter().copied()),
+            &current,
             &view,
             memory.seeds,
             &config.policy,
@@ -247,8 +251,11 @@ pub fn decide(
 
 /// The whole cluster as the seed policy sees it: nodes' groups and
 /// usability, and what every NodeImageSet says.
-fn cluster_view(observed: &Observed<'_>) -> ClusterView {
-    let mut view = ClusterView::default();
+fn cluster_view(observed: &Observed<'_>, config: &Config) -> ClusterView {
+    let mut view = ClusterView {
+        isolate_private: config.policy.private_images == policy::PrivateImages::Isolate,
+        ..Default::default()
+    };
     for n in observed.nodes {
         let name = n.name_any();
         view.groups

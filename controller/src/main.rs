@@ -28,6 +28,9 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
                                  ImagePrefetch's selector is intersected with this
   --control-plane-nodes          let ImagePrefetches target control-plane nodes too
                                  (excluded by default)
+  --private-images isolate|share an image pulled with credentials is served from the
+                                 mirror only within its namespace (isolate, default),
+                                 or to everyone (share)
   --agent-service-account NS/NAME
                                  grant the agent's ServiceAccount `get` on exactly the
                                  pull secrets ImagePrefetches name, per namespace
@@ -80,6 +83,12 @@ fn parse_args() -> Config {
                             "--target-nodes {value}: expected key=value[,key=value]"
                         ))
                     });
+            }
+            "--private-images" => {
+                let value = args.value(&flag);
+                config.policy.private_images = value
+                    .parse()
+                    .unwrap_or_else(|e: String| args.fail(&format!("--private-images {e}")));
             }
             "--control-plane-nodes" => config.node_scope.control_plane = true,
             "--agent-service-account" => {

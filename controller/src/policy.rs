@@ -39,6 +39,31 @@ pub struct Settings {
     /// long; doubled at each failure, up to `seed_cooldown_cap`.
     pub seed_cooldown: Duration,
     pub seed_cooldown_cap: Duration,
+    pub private_images: PrivateImages,
+}
+
+/// Whether an image a seed pulled with credentials is served (from the
+/// in-cluster mirror) to ImagePrefetches that name no credentials for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrivateImages {
+    /// Only to ImagePrefetches of the same namespace that name pull secrets;
+    /// everyone else seeds from the registry, which asks for credentials.
+    #[default]
+    Isolate,
+    /// To every ImagePrefetch (spegel's own behaviour): one download, but a
+    /// tenant without credentials gets another tenant's private image.
+    Share,
+}
+
+impl std::str::FromStr for PrivateImages {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "isolate" => Ok(PrivateImages::Isolate),
+            "share" => Ok(PrivateImages::Share),
+            other => Err(format!("{other}: expected isolate or share")),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -49,6 +74,7 @@ impl Default for Settings {
             seed_deadline: Duration::from_secs(15 * 60),
             seed_cooldown: Duration::from_secs(30),
             seed_cooldown_cap: Duration::from_secs(5 * 60),
+            private_images: PrivateImages::default(),
         }
     }
 }
@@ -63,6 +89,17 @@ pub fn image_key(image: &str) -> String {
     reference::parse(image)
         .map(|r| r.canonical())
         .unwrap_or_else(|_| image.to_string())
+}
+
+/// The key under which what seeds fetched is shared: an image pulled with
+/// credentials (a set naming pull secrets, of `namespace`) is shared only
+/// with ImagePrefetches of that namespace that name pull secrets too, when
+/// private images are isolated; otherwise, with everyone.
+pub fn shared_key(key: &str, private_to: Option<&str>) -> String {
+    match private_to {
+        Some(namespace) => format!("{key} private-to={namespace}"),
+        None => key.to_string(),
+    }
 }
 
 /// What every NodeImageSet says about one image.
@@ -86,6 +123,9 @@ pub struct ClusterView {
     pub groups: HashMap<String, String>,
     /// Nodes that are Ready and not being deleted or cordoned.
     pub usable: HashSet<String>,
+    /// Images pulled with credentials are shared within their namespace only
+    /// (see [`shared_key`]).
+    pub isolate_private: bool,
 }
 
 impl ClusterView {
@@ -93,9 +133,15 @@ impl ClusterView {
     pub fn add_sets<'a, S: SetFacts + 'a>(&mut self, sets: impl IntoIterator<Item = &'a S>) {
         for set in sets {
             let node = &set.spec().node_name;
+            let private_to = self
+                .isolate_private
+                .then(|| set.spec().image_pull_secrets.first())
+                .flatten()
+                .map(|s| s.namespace.as_str());
             for entry in &set.spec().image_set {
                 let report = set.report_on(&entry.name);
-                let facts = self.images.entry(image_key(&entry.name)).or_default();
+                let key = shared_key(&image_key(&entry.name), private_to);
+                let facts = self.images.entry(key).or_default();
                 let state = report.map(|r| r.state);
                 if state == Some(PullState::Available) {
                     facts
@@ -117,10 +163,13 @@ impl ClusterView {
     }
 }
 
-/// One ImagePrefetch's current entries, by (node, image key).
+/// One ImagePrefetch's current entries, by (node, image key), and with
+/// whom it shares seeds.
 #[derive(Clone, Debug, Default)]
 pub struct Current {
     entries: HashMap<(String, String), (NodeImage, Option<PullState>)>,
+    /// The namespace, when the ImagePrefetch pulls with credentials.
+    private_to: Option<String>,
 }
 
 impl Current {
@@ -135,7 +184,16 @@ impl Current {
                 );
             }
         }
-        Current { entries }
+        Current {
+            entries,
+            private_to: None,
+        }
+    }
+
+    /// The ImagePrefetch pulls with credentials, in `namespace`.
+    pub fn private_to(mut self, namespace: &str) -> Self {
+        self.private_to = Some(namespace.to_string());
+        self
     }
 
     fn get(&self, node: &str, key: &str) -> Option<&(NodeImage, Option<PullState>)> {
@@ -342,9 +400,15 @@ pub fn plan(
         groups.entry(view.group(n)).or_default().push(n);
     }
     let no_facts = ImageFacts::default();
+    let private_to = current
+        .private_to
+        .as_deref()
+        .filter(|_| view.isolate_private);
     for image in images {
         let key = image_key(image);
-        let facts = view.images.get(&key).unwrap_or(&no_facts);
+        // What seeds fetched, and the seeds themselves, are shared under this key.
+        let shared = shared_key(&key, private_to);
+        let facts = view.images.get(&shared).unwrap_or(&no_facts);
         let entry = |policy, digest: Option<String>| NodeImage {
             name: image.clone(),
             registry_policy: policy,
@@ -365,7 +429,7 @@ pub fn plan(
                 .filter(|n| view.group(n) == *zone)
                 .count();
             if sources > 0 {
-                book.settle(&key, zone);
+                book.settle(&shared, zone);
                 let mut in_flight = 0;
                 let mut waiting: Vec<&String> = Vec::new();
                 for n in ours {
@@ -399,7 +463,7 @@ pub fn plan(
                     let out = entries.get_mut(n).expect("selected");
                     out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
                 }
-            } else if book.seeding_elsewhere_in_zone(&key, zone) {
+            } else if book.seeding_elsewhere_in_zone(&shared, zone) {
                 // Another platform of this zone is seeding the image: wait
                 // for it, then seed this platform through the mirror first,
                 // so the index and any shared layer cross the uplink once.
@@ -411,7 +475,7 @@ pub fn plan(
                     }
                 }
             } else {
-                let seed = match book.seed(&key, zone, ours, facts, view, settings, now) {
+                let seed = match book.seed(&shared, zone, ours, facts, view, settings, now) {
                     Ok((node, new)) => {
                         if new {
                             new_seeds.push((image.clone(), node.clone()));
@@ -480,6 +544,9 @@ mod tests {
         settings: Settings,
         start: Instant,
         clock: Duration,
+        isolate: bool,
+        /// Our ImagePrefetch's namespace, when it names pull secrets.
+        private_to: Option<String>,
     }
 
     impl Sim {
@@ -495,6 +562,8 @@ mod tests {
                 settings: Settings::default(),
                 start: Instant::now(),
                 clock: Duration::ZERO,
+                isolate: true,
+                private_to: None,
             }
         }
 
@@ -502,6 +571,7 @@ mod tests {
             let mut v = ClusterView {
                 groups: self.groups.clone(),
                 usable: self.usable.clone(),
+                isolate_private: self.isolate,
                 ..Default::default()
             };
             v.add_sets(self.ours.values().chain(self.others.iter()));
@@ -512,7 +582,10 @@ mod tests {
         fn step(&mut self, images: &[&str]) -> Plan {
             let images: Vec<String> = images.iter().map(|s| s.to_string()).collect();
             let view = self.view();
-            let current = Current::from_sets(self.ours.values());
+            let mut current = Current::from_sets(self.ours.values());
+            if let Some(ns) = &self.private_to {
+                current = current.private_to(ns);
+            }
             let selected: Vec<String> = self
                 .nodes
                 .iter()
@@ -894,6 +967,57 @@ mod tests {
         sim.report(&arm_seeds[0], IMG, PullState::Available);
         sim.step(&[IMG]);
         assert_eq!(of(&sim, RegistryPolicy::Mirror, "arm64").len(), 1);
+    }
+
+    /// Another tenant's set holding `IMG`, pulled with its credentials.
+    fn private_set(node: &str, namespace: &str) -> NodeImageSet {
+        let mut theirs = set_for(node);
+        theirs.spec.image_set = vec![NodeImage {
+            name: IMG.into(),
+            registry_policy: RegistryPolicy::Default,
+            digest: None,
+        }];
+        theirs.spec.image_pull_secrets = vec![crd::SecretReference {
+            namespace: namespace.into(),
+            name: "regcred".into(),
+        }];
+        report(&mut theirs, IMG, PullState::Available);
+        theirs
+    }
+
+    #[test]
+    fn a_private_image_is_not_mirrored_to_a_tenant_without_its_credentials() {
+        // Tenant A pulled it with credentials onto node-00.
+        let mut sim = Sim::new(3);
+        sim.others.push(private_set("node-00", "team-a"));
+        // Tenant B names no secret: no Mirror entry, a seed of its own, whose
+        // pull without credentials the registry will refuse.
+        sim.step(&[IMG]);
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        assert_eq!(sim.with_policy(IMG, RegistryPolicy::Default).len(), 1);
+
+        // An ImagePrefetch of team-a with pull secrets shares A's seed.
+        let mut same = Sim::new(3);
+        same.others.push(private_set("node-00", "team-a"));
+        same.private_to = Some("team-a".into());
+        same.step(&[IMG]);
+        assert!(same.with_policy(IMG, RegistryPolicy::Default).is_empty());
+        // node-00 confirms the copy it holds; the first wave takes one more.
+        assert_eq!(same.with_policy(IMG, RegistryPolicy::Mirror).len(), 2);
+        // Another namespace with credentials of its own: its own seed.
+        let mut other = Sim::new(3);
+        other.others.push(private_set("node-00", "team-a"));
+        other.private_to = Some("team-b".into());
+        other.step(&[IMG]);
+        assert_eq!(other.with_policy(IMG, RegistryPolicy::Default).len(), 1);
+
+        // Sharing switched on (spegel's own behaviour): everyone gets it.
+        let mut shared = Sim::new(3);
+        shared.isolate = false;
+        shared.others.push(private_set("node-00", "team-a"));
+        shared.step(&[IMG]);
+        assert!(shared.with_policy(IMG, RegistryPolicy::Default).is_empty());
+        assert_eq!(shared.with_policy(IMG, RegistryPolicy::Mirror).len(), 2);
     }
 
     #[test]

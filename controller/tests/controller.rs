@@ -880,3 +880,49 @@ async fn a_leader_that_cannot_renew_steps_down_before_a_standby_takes_over() {
         stepped_down - cut_at
     );
 }
+
+/// The administrator's scope bounds every ImagePrefetch: an ImagePrefetch
+/// selecting every node of its group gets only the nodes of the scope, never
+/// a control-plane node; a node that enters the scope is added.
+#[tokio::test]
+async fn no_prefetch_reaches_past_the_administrators_node_scope() {
+    let client = client().await;
+    let ns = namespace(&client, "scope").await;
+    let config = controller::Config {
+        node_scope: controller::select::NodeScope {
+            selector: [("pool".to_string(), "tenants".to_string())].into(),
+            control_plane: false,
+        },
+        ..support::config(&ns)
+    };
+    let _controller = Running::start(&client, config);
+    node(&client, "scope-worker", "scope", &[("pool", "tenants")]).await;
+    node(&client, "scope-system", "scope", &[("pool", "system")]).await;
+    node(
+        &client,
+        "scope-control-plane",
+        "scope",
+        &[
+            ("pool", "tenants"),
+            ("node-role.kubernetes.io/control-plane", ""),
+        ],
+    )
+    .await;
+    let obj = prefetch(
+        "everywhere",
+        json!({"images": ["registry.example.com/scope/app:1"],
+               "nodeSelector": {"test-group": "scope"}}),
+    );
+    let uid = created(&client, &ns, &obj).await;
+    wait_for_nodes(&client, &uid, &["scope-worker"]).await;
+    let st = poll("status", || async {
+        status(&client, &ns, "everywhere")
+            .await
+            .filter(|s| s.desired_nodes == 1)
+    })
+    .await;
+    assert_eq!(st.ready, "0/1");
+    // A node that joins the tenants' pool is targeted.
+    node(&client, "scope-worker-2", "scope", &[("pool", "tenants")]).await;
+    wait_for_nodes(&client, &uid, &["scope-worker", "scope-worker-2"]).await;
+}

@@ -10,28 +10,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 fn chart() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../helm/image-prefetch")
+    testbed::helm::chart()
 }
 
 fn helm(args: &[&str]) -> (bool, String) {
-    helm_at(&testbed::shared::get().kubeconfig, args)
-}
-
-/// helm against the API server of `kubeconfig`.
-fn helm_at(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let helm = testbed::fixtures::HELM
-        .require()
-        .expect("helm (cargo xtask fixtures)");
-    let home = std::env::temp_dir().join(format!("image-prefetch-helm-{}", std::process::id()));
-    testbed::process::run(
-        Command::new(helm)
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            // helm's own state stays out of $HOME.
-            .env("HELM_CACHE_HOME", home.join("cache"))
-            .env("HELM_CONFIG_HOME", home.join("config"))
-            .env("HELM_DATA_HOME", home.join("data")),
-    )
+    testbed::helm::run(&testbed::shared::get().kubeconfig, args)
 }
 
 /// `helm template` against the Kubernetes version we test on, with one `--set`.
@@ -159,19 +142,11 @@ fn tracing_settings_reach_both_binaries() {
 #[tokio::test]
 async fn installs_and_enforces_the_allow_list_at_admission() {
     let client = testbed::shared::client().await;
+    testbed::helm::install(
+        &testbed::shared::get().kubeconfig,
+        &["--set", "allowedRegistries={registry.example.com}"],
+    );
     let chart = chart();
-    let (ok, out) = helm(&[
-        "install",
-        "image-prefetch",
-        chart.to_str().unwrap(),
-        "--namespace",
-        "image-prefetch-system",
-        "--create-namespace",
-        "--set",
-        "allowedRegistries={registry.example.com}",
-        "--wait=false",
-    ]);
-    assert!(ok, "helm install failed:\n{out}");
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "image-prefetch-system");
     let controller = deployments
@@ -405,22 +380,7 @@ async fn the_admission_policy_and_the_controller_agree_on_every_allow_list_examp
         .expect("control plane");
     let values = work.join("values.yaml");
     std::fs::write(&values, json!({ "allowedRegistries": LIST }).to_string()).unwrap();
-    let chart = chart();
-    let (ok, out) = helm_at(
-        &plane.kubeconfig,
-        &[
-            "install",
-            "image-prefetch",
-            chart.to_str().unwrap(),
-            "--namespace",
-            "image-prefetch-system",
-            "--create-namespace",
-            "-f",
-            values.to_str().unwrap(),
-            "--wait=false",
-        ],
-    );
-    assert!(ok, "helm install failed:\n{out}");
+    testbed::helm::install(&plane.kubeconfig, &["-f", values.to_str().unwrap()]);
 
     let prefetches: Api<crd::ImagePrefetch> = Api::namespaced(client.clone(), "default");
     let params = PatchParams::apply("test").dry_run();

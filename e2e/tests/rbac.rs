@@ -6,8 +6,6 @@
 //! pull secret. Then what they must not do, each refused by the API server
 //! with 403.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
@@ -23,25 +21,9 @@ use testbed::poll::eventually;
 use testbed::registry::Registry;
 use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
 
-const RELEASE_NS: &str = "image-prefetch-system";
+const RELEASE_NS: &str = testbed::helm::NAMESPACE;
 const TEAM: &str = "team-rbac";
 const MB: usize = 1 << 20;
-
-fn helm(kubeconfig: &Path, args: &[&str]) {
-    let helm = testbed::fixtures::HELM
-        .require()
-        .expect("helm (cargo xtask fixtures)");
-    let home = kubeconfig.with_extension("helm");
-    let (ok, out) = testbed::process::run(
-        Command::new(helm)
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("HELM_CACHE_HOME", home.join("cache"))
-            .env("HELM_CONFIG_HOME", home.join("config"))
-            .env("HELM_DATA_HOME", home.join("data")),
-    );
-    assert!(ok, "helm {args:?}:\n{out}");
-}
 
 /// A token of the chart's ServiceAccount `name`, bound to `node` when given
 /// (name and uid), written into a kubeconfig; and a client using it.
@@ -116,19 +98,7 @@ async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
     let (plane, admin) = testbed::crds::control_plane(&work.join("cluster"))
         .await
         .expect("control plane");
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/image-prefetch");
-    helm(
-        &plane.kubeconfig,
-        &[
-            "install",
-            "image-prefetch",
-            chart.to_str().unwrap(),
-            "--namespace",
-            RELEASE_NS,
-            "--create-namespace",
-            "--wait=false",
-        ],
-    );
+    testbed::helm::install(&plane.kubeconfig, &[]);
 
     // A private image, its pull secret, and a secret no ImagePrefetch names.
     let registry = Registry::start_with_login(&work.join("registry"), "puller", "s3cret").unwrap();
@@ -282,15 +252,24 @@ async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
         "status": {"available": 1, "total": 1, "images": [{"name": image.reference,
             "state": "Available", "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}]},
     });
-    let agent_sets: Api<NodeImageSet> = Api::all(agent_a.clone());
-    let refused = agent_sets
-        .patch_status(
-            "rbac-other-node",
-            &PatchParams::apply("image-prefetch-agent").force(),
-            &Patch::Apply(&forged),
-        )
-        .await;
-    assert_eq!(code(refused), 403, "node A's agent writing node B's report");
+    // Node B's report, as written with `client`.
+    let write_report = |client: kube::Client| {
+        let forged = forged.clone();
+        async move {
+            Api::<NodeImageSet>::all(client)
+                .patch_status(
+                    "rbac-other-node",
+                    &PatchParams::apply("image-prefetch-agent").force(),
+                    &Patch::Apply(&forged),
+                )
+                .await
+        }
+    };
+    assert_eq!(
+        code(write_report(agent_a.clone()).await),
+        403,
+        "node A's agent writing node B's report"
+    );
     // The same token of node B's agent may (the policy is no blanket ban).
     let (_, agent_b) = identity(
         &plane,
@@ -299,24 +278,16 @@ async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
         Some(("rbac-node-b", &uid(&node_b))),
     )
     .await;
-    Api::<NodeImageSet>::all(agent_b)
-        .patch_status(
-            "rbac-other-node",
-            &PatchParams::apply("image-prefetch-agent").force(),
-            &Patch::Apply(&forged),
-        )
+    write_report(agent_b)
         .await
         .expect("node B's agent writes node B's report");
     // A token bound to no node is refused outright.
     let (_, unbound) = identity(&plane, &admin, "image-prefetch-agent", None).await;
-    let refused = Api::<NodeImageSet>::all(unbound)
-        .patch_status(
-            "rbac-other-node",
-            &PatchParams::apply("image-prefetch-agent").force(),
-            &Patch::Apply(&forged),
-        )
-        .await;
-    assert_eq!(code(refused), 403, "an agent token bound to no node");
+    assert_eq!(
+        code(write_report(unbound).await),
+        403,
+        "an agent token bound to no node"
+    );
 
     // The controller reads no Secret, and grants nothing but the one grant.
     let controller_secrets: Api<Secret> = Api::namespaced(controller.clone(), TEAM);

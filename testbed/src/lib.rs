@@ -6,6 +6,7 @@ pub mod containerd;
 pub mod control_plane;
 pub mod crds;
 pub mod fixtures;
+pub mod helm;
 pub mod images;
 pub mod jaeger;
 pub mod nodes;

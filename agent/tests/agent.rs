@@ -195,7 +195,6 @@ async fn remove_image(node: &Containerd, name: &str) {
 
 #[tokio::test]
 async fn pulls_with_credentials_from_pull_secrets() {
-    use k8s_openapi::ByteString;
     use k8s_openapi::api::core::v1::{Namespace, Secret};
     use kube::api::PostParams;
 
@@ -225,23 +224,7 @@ async fn pulls_with_credentials_from_pull_secrets() {
         .await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for (name, password) in [("regcred", PASSWORD), ("wrongcred", "not-the-password")] {
-        let config_json =
-            json!({"auths": {registry.host.clone(): {"username": "puller", "password": password}}});
-        let secret = Secret {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            type_: Some("kubernetes.io/dockerconfigjson".into()),
-            data: Some(
-                [(
-                    ".dockerconfigjson".to_string(),
-                    ByteString(config_json.to_string().into_bytes()),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        };
+        let secret = testbed::registry::pull_secret(name, &registry.host, "puller", password);
         let _ = secrets.create(&PostParams::default(), &secret).await;
     }
 

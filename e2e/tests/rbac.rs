@@ -8,17 +8,16 @@
 
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crd::{ImagePrefetch, NodeImageSet};
 use testbed::ControlPlane;
 use testbed::poll::eventually;
-use testbed::registry::Registry;
+use testbed::registry::{Registry, pull_secret};
 use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
 
 const RELEASE_NS: &str = testbed::helm::NAMESPACE;
@@ -73,25 +72,6 @@ fn code<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> u16 {
     }
 }
 
-fn secret(name: &str, registry: &str, user: &str, password: &str) -> Secret {
-    let config = json!({"auths": {registry: {"username": user, "password": password}}});
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/dockerconfigjson".into()),
-        data: Some(
-            [(
-                ".dockerconfigjson".to_string(),
-                ByteString(config.to_string().into_bytes()),
-            )]
-            .into(),
-        ),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
     let work = testbed::workdir::Workdir::new("e2e-rbac");
@@ -120,8 +100,8 @@ async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
         .unwrap();
     let admin_secrets: Api<Secret> = Api::namespaced(admin.clone(), TEAM);
     for s in [
-        secret("regcred", &registry.host, "puller", "s3cret"),
-        secret("unrelated", "elsewhere.example", "someone", "other"),
+        pull_secret("regcred", &registry.host, "puller", "s3cret"),
+        pull_secret("unrelated", "elsewhere.example", "someone", "other"),
     ] {
         admin_secrets
             .create(&PostParams::default(), &s)

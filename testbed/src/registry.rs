@@ -224,3 +224,29 @@ fn get_status(host: &str, path: &str) -> std::io::Result<u16> {
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text}")))
 }
+
+/// A pull secret (`kubernetes.io/dockerconfigjson`) named `name` that logs
+/// in to `registry` (`host:port`) as `user` with `password`.
+pub fn pull_secret(
+    name: &str,
+    registry: &str,
+    user: &str,
+    password: &str,
+) -> k8s_openapi::api::core::v1::Secret {
+    let config = serde_json::json!({"auths": {registry: {"username": user, "password": password}}});
+    k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(
+            [(
+                ".dockerconfigjson".to_string(),
+                k8s_openapi::ByteString(config.to_string().into_bytes()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}

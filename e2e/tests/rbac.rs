@@ -128,6 +128,79 @@ async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
     )
     .await;
 
+    // Node B's NodeImageSet, and a report on it that node A must not be able to write.
+    let admin_sets: Api<NodeImageSet> = Api::all(admin.clone());
+    let other = json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+        "metadata": {"name": "rbac-other-node", "labels": {crd::keys::NODE: "rbac-node-b"}},
+        "spec": {"nodeName": "rbac-node-b", "imageSet": [{"name": image.reference, "registryPolicy": "Default"}]},
+    });
+    admin_sets
+        .patch(
+            "rbac-other-node",
+            &PatchParams::apply("test"),
+            &Patch::Apply(&other),
+        )
+        .await
+        .unwrap();
+    let forged = json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+        "status": {"available": 1, "total": 1, "images": [{"name": image.reference,
+            "state": "Available", "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}]},
+    });
+    // Node B's report, as written with `client`.
+    let write_report = |client: kube::Client| {
+        let forged = forged.clone();
+        async move {
+            Api::<NodeImageSet>::all(client)
+                .patch_status(
+                    "rbac-other-node",
+                    &PatchParams::apply("image-prefetch-agent").force(),
+                    &Patch::Apply(&forged),
+                )
+                .await
+        }
+    };
+    // The chart's admission policies take a moment to be enforced after
+    // install: wait until each refuses what it is there to refuse.
+    let (_, unbound) = identity(&plane, &admin, "image-prefetch-agent", None).await;
+    let probe_ns = "rbac-probe";
+    Api::<Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": probe_ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let widened = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": controller::pull_secrets::NAME},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}],
+    });
+    let probe_roles: Api<Role> = Api::namespaced(controller.clone(), probe_ns);
+    eventually(
+        "the chart's admission policies enforced",
+        Duration::from_secs(30),
+        || async {
+            let node_bound = matches!(
+                write_report(unbound.clone()).await,
+                Err(kube::Error::Api(e)) if e.code == 403
+            );
+            let shaped = matches!(
+                probe_roles
+                    .patch(
+                        controller::pull_secrets::NAME,
+                        &PatchParams::apply("image-prefetch-controller").force(),
+                        &Patch::Apply(&widened),
+                    )
+                    .await,
+                Err(kube::Error::Api(e)) if e.code == 403
+            );
+            (node_bound && shaped).then_some(())
+        },
+    )
+    .await;
+
     // The product, under those identities, with the arguments the chart gives.
     let _controller = Binary::start(
         CONTROLLER,
@@ -213,38 +286,6 @@ async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
     );
 
     // The agent writes its own node's reports only.
-    let admin_sets: Api<NodeImageSet> = Api::all(admin.clone());
-    let other = json!({
-        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
-        "metadata": {"name": "rbac-other-node", "labels": {crd::keys::NODE: "rbac-node-b"}},
-        "spec": {"nodeName": "rbac-node-b", "imageSet": [{"name": image.reference, "registryPolicy": "Default"}]},
-    });
-    admin_sets
-        .patch(
-            "rbac-other-node",
-            &PatchParams::apply("test"),
-            &Patch::Apply(&other),
-        )
-        .await
-        .unwrap();
-    let forged = json!({
-        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
-        "status": {"available": 1, "total": 1, "images": [{"name": image.reference,
-            "state": "Available", "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}]},
-    });
-    // Node B's report, as written with `client`.
-    let write_report = |client: kube::Client| {
-        let forged = forged.clone();
-        async move {
-            Api::<NodeImageSet>::all(client)
-                .patch_status(
-                    "rbac-other-node",
-                    &PatchParams::apply("image-prefetch-agent").force(),
-                    &Patch::Apply(&forged),
-                )
-                .await
-        }
-    };
     assert_eq!(
         code(write_report(agent_a.clone()).await),
         403,
@@ -262,7 +303,6 @@ async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
         .await
         .expect("node B's agent writes node B's report");
     // A token bound to no node is refused outright.
-    let (_, unbound) = identity(&plane, &admin, "image-prefetch-agent", None).await;
     assert_eq!(
         code(write_report(unbound).await),
         403,

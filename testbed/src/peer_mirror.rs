@@ -119,13 +119,7 @@ impl PeerMirror {
 
     /// One of its own counters (`peer_mirror_*_total`).
     pub fn counter(&self, name: &str) -> u64 {
-        process::http_get(&self.host, "/metrics")
-            .ok()
-            .and_then(|(_, body)| {
-                body.lines()
-                    .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
-            })
-            .unwrap_or(0)
+        process::metric_sum(&self.host, &format!("{name} ")).unwrap_or(0.0) as u64
     }
 
     pub fn stop(&mut self) {

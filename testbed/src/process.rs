@@ -155,3 +155,17 @@ pub fn http_request(
         body: raw[split + 4..].to_vec(),
     })
 }
+
+/// The sum of the samples of every line of `host`'s `/metrics` that starts
+/// with `line_start` (a metric name, with labels or a space to be exact).
+pub fn metric_sum(host: &str, line_start: &str) -> std::io::Result<f64> {
+    let (code, body) = http_get(host, "/metrics")?;
+    if code != 200 {
+        return Err(std::io::Error::other(format!("/metrics answered {code}")));
+    }
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}

@@ -87,15 +87,7 @@ impl Binary {
 
     /// Sum of the samples of every metric line starting with `line_start`.
     pub fn metric(&self, line_start: &str) -> std::io::Result<f64> {
-        let (code, body) = process::http_get(&self.metrics, "/metrics")?;
-        if code != 200 {
-            return Err(std::io::Error::other(format!("/metrics answered {code}")));
-        }
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with(line_start))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        process::metric_sum(&self.metrics, line_start)
     }
 }
 

@@ -42,6 +42,28 @@ pub const KUBE_APISERVER: GoFixture = GoFixture {
     main_go: None,
 };
 
+/// A component of a node or of the control plane beside the API server,
+/// from the same module and version as [`KUBE_APISERVER`] (for the kubelet
+/// cluster test bed).
+const fn kubernetes_component(name: &'static str, package: &'static str) -> GoFixture {
+    GoFixture {
+        name,
+        package,
+        ..KUBE_APISERVER
+    }
+}
+
+pub const KUBELET: GoFixture = kubernetes_component("kubelet", "k8s.io/kubernetes/cmd/kubelet");
+pub const KUBE_SCHEDULER: GoFixture =
+    kubernetes_component("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler");
+pub const KUBE_CONTROLLER_MANAGER: GoFixture = kubernetes_component(
+    "kube-controller-manager",
+    "k8s.io/kubernetes/cmd/kube-controller-manager",
+);
+
+/// The kubelet cluster test bed's own fixtures (`cargo xtask fixtures --cluster`).
+pub const CLUSTER: &[&GoFixture] = &[&KUBELET, &KUBE_SCHEDULER, &KUBE_CONTROLLER_MANAGER];
+
 /// containerd 2.x, for the Transfer service; Debian ships only 1.6.
 pub const CONTAINERD: GoFixture = GoFixture {
     name: "containerd",

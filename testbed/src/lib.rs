@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod helm;
 pub mod images;
 pub mod jaeger;
+pub mod netns;
 pub mod nodes;
 pub mod oci;
 pub mod peer_cluster;

@@ -14,6 +14,7 @@ cargo xtask <command>
 
   deps                  install the Debian packages the build and tests need
   fixtures              build the Go test fixtures (kube-apiserver, containerd, helm, bundle validators, jaeger) into the cache
+  fixtures --cluster    build the kubelet cluster test bed's (kubelet, kube-scheduler, kube-controller-manager)
   crdgen [--check]      write the CRD YAML into helm/ and bundle/ (or fail if stale)
   testbed up|down|status
                         a local etcd + kube-apiserver; `up` prints the KUBECONFIG
@@ -38,6 +39,7 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["deps"] => deps::install(),
         ["fixtures"] => fixtures(),
+        ["fixtures", "--cluster"] => build_fixtures(testbed::fixtures::CLUSTER),
         ["crdgen"] => crdgen(false),
         ["crdgen", "--check"] => crdgen(true),
         ["testbed", "up"] => runtime()?.block_on(testbed_up()),
@@ -147,8 +149,12 @@ pub fn testbed_dir() -> PathBuf {
 }
 
 pub fn fixtures() -> Result<()> {
+    build_fixtures(testbed::fixtures::ALL)
+}
+
+fn build_fixtures(list: &[&testbed::fixtures::GoFixture]) -> Result<()> {
     let started = std::time::Instant::now();
-    for fixture in testbed::fixtures::ALL {
+    for fixture in list {
         fixture.build(&mut |line| eprintln!("fixtures: {line}"))?;
     }
     eprintln!("fixtures: ready in {:.0}s", started.elapsed().as_secs_f64());

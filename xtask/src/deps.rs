@@ -34,6 +34,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "buildah",
         "builds the container images without a Docker daemon",
     ),
+    (
+        "iproute2",
+        "ip netns, for the network namespaces of the cluster test bed",
+    ),
+    ("util-linux", "nsenter, to start processes in those namespaces"),
 ];
 
 fn installed(package: &str) -> bool {

@@ -38,14 +38,43 @@ impl Containerd {
     pub fn start_traced(dir: &Path, jaeger: &crate::jaeger::Jaeger) -> Result<Self> {
         let mut env: Vec<(&str, String)> = jaeger.exporter_env().into();
         env.push(("OTEL_SERVICE_NAME", "containerd".into()));
-        Self::start_with(dir, Flavor::V2, &env)
+        Self::start_with(dir, Flavor::V2, &env, "", None)
     }
 
     pub fn start_flavor(dir: &Path, flavor: Flavor) -> Result<Self> {
-        Self::start_with(dir, flavor, &[])
+        Self::start_with(dir, flavor, &[], "", None)
     }
 
-    fn start_with(dir: &Path, flavor: Flavor, env: &[(&str, String)]) -> Result<Self> {
+    /// containerd 2.x as a kubelet node's runtime, inside `netns`: CRI with
+    /// `sandbox_image` as the pause image, pod networks from the CNI
+    /// configuration in `<dir>/cni` (Debian's plugins), and
+    /// `restrict_oom_score_adj` (a process here may not lower its OOM score,
+    /// and runc fails without it).
+    pub fn start_in(dir: &Path, netns: &crate::netns::NetNs, sandbox_image: &str) -> Result<Self> {
+        let extra = format!(
+            r#"[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{sandbox_image}"
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  # Pods' network namespaces under the node's own folder, not the
+  # machine's /var/run/netns: they go with the node.
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "{cni}"
+"#,
+            cni = dir.join("cni").display()
+        );
+        Self::start_with(dir, Flavor::V2, &[], &extra, Some(netns))
+    }
+
+    fn start_with(
+        dir: &Path,
+        flavor: Flavor,
+        env: &[(&str, String)],
+        extra_toml: &str,
+        netns: Option<&crate::netns::NetNs>,
+    ) -> Result<Self> {
         let bin = match flavor {
             Flavor::V2 => CONTAINERD.require()?,
             Flavor::Debian16 => crate::fixtures::require_tool("containerd")?,
@@ -69,7 +98,7 @@ state = "{state}"
 [plugins."{cri}"]
   [plugins."{cri}".registry]
     config_path = "{hosts}"
-"#,
+{extra_toml}"#,
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             socket = socket.display(),
@@ -79,7 +108,10 @@ state = "{state}"
         // A socket left by a killed predecessor would look like readiness.
         let _ = std::fs::remove_file(&socket);
         let log = dir.join("containerd.log");
-        let mut cmd = Command::new(bin);
+        let mut cmd = match netns {
+            Some(ns) => ns.command(&bin),
+            None => Command::new(bin),
+        };
         cmd.arg("--config")
             .arg(&config)
             .envs(env.iter().map(|(k, v)| (k, v)));

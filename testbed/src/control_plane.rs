@@ -32,6 +32,18 @@ const PIDS_FILE: &str = "pids";
 impl ControlPlane {
     /// Starts a fresh control plane whose files live in `dir` (emptied first).
     pub async fn start(dir: &Path, lifetime: Lifetime) -> Result<Self> {
+        Self::start_advertising(dir, lifetime, None).await
+    }
+
+    /// As [`start`](Self::start), publishing `address` (with the secure
+    /// port) as the `kubernetes` Service's endpoint and in the serving
+    /// certificate, for pods of the kubelet cluster bed: inside each node's
+    /// namespace, a relay on that address leads here.
+    pub async fn start_advertising(
+        dir: &Path,
+        lifetime: Lifetime,
+        address: Option<&str>,
+    ) -> Result<Self> {
         let apiserver_bin = KUBE_APISERVER.require()?;
         let etcd_bin = require_tool("etcd")?;
         let openssl = require_tool("openssl")?;
@@ -87,7 +99,11 @@ impl ControlPlane {
         let mut apiserver = Command::new(apiserver_bin);
         apiserver
             .arg(format!("--etcd-servers={etcd_url}"))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!(
+                "--advertise-address={}",
+                address.unwrap_or("127.0.0.1")
+            ))
             .arg(format!("--secure-port={api_port}"))
             .arg(format!("--cert-dir={}", dir.join("certs").display()))
             .arg(format!("--token-auth-file={}", tokens.display()))
@@ -100,8 +116,11 @@ impl ControlPlane {
             .arg("--service-cluster-ip-range=10.0.0.0/24")
             .arg("--authorization-mode=RBAC")
             // The built-in endpoint reconciler would publish 127.0.0.1 for the
-            // `kubernetes` Service, which the API rejects; nothing here needs it.
-            .arg("--endpoint-reconciler-type=none");
+            // `kubernetes` Service, which the API rejects; only pods need it.
+            .arg(format!(
+                "--endpoint-reconciler-type={}",
+                if address.is_some() { "lease" } else { "none" }
+            ));
         plane.spawn(apiserver, "kube-apiserver")?;
         if lifetime == Lifetime::Detached {
             let pids: Vec<String> = plane.children.iter().map(|c| c.id().to_string()).collect();

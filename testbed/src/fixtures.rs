@@ -61,8 +61,17 @@ pub const KUBE_CONTROLLER_MANAGER: GoFixture = kubernetes_component(
     "k8s.io/kubernetes/cmd/kube-controller-manager",
 );
 
-/// The kubelet cluster test bed's own fixtures (`cargo xtask fixtures --cluster`).
-pub const CLUSTER: &[&GoFixture] = &[&KUBELET, &KUBE_SCHEDULER, &KUBE_CONTROLLER_MANAGER];
+pub const KUBE_PROXY: GoFixture =
+    kubernetes_component("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy");
+
+/// The kubelet cluster test bed's own fixtures (`cargo xtask fixtures
+/// --cluster` builds only these; `cargo xtask fixtures` builds them too).
+pub const CLUSTER: &[&GoFixture] = &[
+    &KUBELET,
+    &KUBE_SCHEDULER,
+    &KUBE_CONTROLLER_MANAGER,
+    &KUBE_PROXY,
+];
 
 /// containerd 2.x, for the Transfer service; Debian ships only 1.6.
 pub const CONTAINERD: GoFixture = GoFixture {
@@ -123,6 +132,10 @@ pub const ALL: &[&GoFixture] = &[
     &HELM,
     &BUNDLE_VALIDATE,
     &JAEGER,
+    &KUBELET,
+    &KUBE_SCHEDULER,
+    &KUBE_CONTROLLER_MANAGER,
+    &KUBE_PROXY,
 ];
 
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/image-prefetch`, or `$IMAGE_PREFETCH_CACHE`.

@@ -2,6 +2,7 @@
 //! on 127.0.0.1, built from their official sources and cached outside the clone.
 
 pub mod api_metrics;
+pub mod cluster;
 pub mod containerd;
 pub mod control_plane;
 pub mod crds;

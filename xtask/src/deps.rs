@@ -38,7 +38,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "iproute2",
         "ip netns, for the network namespaces of the cluster test bed",
     ),
-    ("util-linux", "nsenter, to start processes in those namespaces"),
+    (
+        "util-linux",
+        "nsenter, to start processes in those namespaces",
+    ),
 ];
 
 fn installed(package: &str) -> bool {

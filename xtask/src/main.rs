@@ -13,9 +13,12 @@ const HELP: &str = "\
 cargo xtask <command>
 
   deps                  install the Debian packages the build and tests need
-  fixtures              build the Go test fixtures (kube-apiserver, containerd, helm, bundle validators, jaeger) into the cache
-  fixtures --cluster    build the kubelet cluster test bed's (kubelet, kube-scheduler, kube-controller-manager)
+  fixtures              build the Go test fixtures (kube-apiserver, containerd, helm, bundle validators, jaeger,
+                        kubelet, kube-scheduler, kube-controller-manager, kube-proxy) into the cache
+  fixtures --cluster    build the kubelet cluster test bed's (kubelet, kube-scheduler, kube-controller-manager, kube-proxy)
   crdgen [--check]      write the CRD YAML into helm/ and bundle/ (or fail if stale)
+  cluster up [--nodes N] the kubelet cluster test bed (docs/testbed.md) with the CRDs installed,
+                        printing its KUBECONFIG; runs until Ctrl-C, which takes it down
   testbed up|down|status
                         a local etcd + kube-apiserver; `up` prints the KUBECONFIG
   demo [--keep] [--screenshot FILE]
@@ -45,6 +48,7 @@ fn main() -> Result<()> {
         ["testbed", "up"] => runtime()?.block_on(testbed_up()),
         ["testbed", "down"] => testbed_down(),
         ["testbed", "status"] => testbed_status(),
+        ["cluster", "up", rest @ ..] => runtime()?.block_on(cluster_up(rest)),
         ["demo", rest @ ..] => runtime()?.block_on(demo::run(demo_options(rest)?)),
         ["bench", "agent"] => runtime()?.block_on(bench::agent(&[128, 64, 32, 8])),
         ["bench", "rollout", rest @ ..] => {
@@ -207,6 +211,33 @@ async fn testbed_up() -> Result<()> {
         );
     }
     println!("export KUBECONFIG={}", dir.join("kubeconfig").display());
+    Ok(())
+}
+
+/// The kubelet cluster bed, in the foreground: its processes and network
+/// namespaces belong to this process, so Ctrl-C is `down`.
+async fn cluster_up(args: &[&str]) -> Result<()> {
+    let nodes = match args {
+        [] => 1,
+        ["--nodes", n] => n.parse()?,
+        other => anyhow::bail!("cluster up: unknown arguments {other:?}"),
+    };
+    deps::install()?;
+    fixtures()?;
+    let dir = root().join(".testbed").join("kubelet-cluster");
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = testbed::cluster::Cluster::start(&dir, nodes).await?;
+    testbed::crds::install(&cluster.plane.client().await?).await?;
+    eprintln!(
+        "cluster: {nodes} kubelet node(s) Ready; registry at {} (logs in {})",
+        cluster.registry.host,
+        dir.display()
+    );
+    println!("export KUBECONFIG={}", cluster.plane.kubeconfig.display());
+    eprintln!("cluster: Ctrl-C takes it down");
+    tokio::signal::ctrl_c().await?;
+    drop(cluster);
+    eprintln!("cluster: down");
     Ok(())
 }
 

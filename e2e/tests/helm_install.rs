@@ -1,0 +1,219 @@
+//! The administrator's path, for real: the project's images built with
+//! buildah and pushed to the bed's registry, `helm install` onto a kubelet
+//! node (`testbed::cluster`), the chart's pods Ready — two controller
+//! replicas, one leader, and the agent — an ImagePrefetch rolled out through
+//! them and followed with kubectl, then a Deployment of that image with
+//! `imagePullPolicy: Never` Running without a pull: the user story. Then
+//! `helm uninstall` leaves nothing of ours behind.
+
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use serde_json::json;
+
+use testbed::cluster::Cluster;
+use testbed::helm::NAMESPACE;
+use testbed::poll::eventually;
+use testbed::simulated::{AGENT, CONTROLLER, binary};
+
+const WORKLOAD: &str = "team/web:1";
+
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) {
+    let path = kubeconfig.with_extension(format!("{}.json", std::process::id()));
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    kubectl(kubeconfig, &["apply", "-f", path.to_str().unwrap()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() {
+    let work = testbed::workdir::Workdir::new("e2e-helm-install");
+    let cluster = Cluster::start(&work.join("cluster"), 1)
+        .await
+        .expect("the kubelet cluster bed (cargo xtask fixtures --cluster)");
+    let client = cluster.plane.client().await.unwrap();
+    let kubeconfig = cluster.plane.kubeconfig.clone();
+    let registry = &cluster.registry;
+    let node = &cluster.nodes[0];
+
+    // The project's images, as a release would publish them.
+    for name in [CONTROLLER, AGENT] {
+        let bin = binary(name);
+        testbed::images::build_and_push_files(
+            &registry.host,
+            &format!("{name}:dev"),
+            &[(&bin, &format!("/usr/local/bin/{name}"))],
+            &format!("/usr/local/bin/{name}"),
+        )
+        .expect("buildah image of a workspace binary");
+    }
+    testbed::images::push_pause(&work.join("workload"), &registry.host, WORKLOAD).unwrap();
+
+    // helm install, as documented, pointed at this node's runtime.
+    let set = |k: &str, v: &str| format!("{k}={v}");
+    let values = [
+        set("image.registry", &registry.host),
+        set("image.tag", "dev"),
+        set(
+            "agent.containerdSocket",
+            &node.containerd.socket.display().to_string(),
+        ),
+        set(
+            "agent.registryConfigDir",
+            &node.containerd.hosts_dir.display().to_string(),
+        ),
+        set(
+            "agent.mirrorConfigDir",
+            &node.dir.join("agent-hosts").display().to_string(),
+        ),
+        set(
+            "agent.imageFs",
+            &node.dir.join("root").display().to_string(),
+        ),
+    ];
+    let mut extra = Vec::new();
+    for v in &values {
+        extra.extend(["--set", v.as_str()]);
+    }
+    testbed::helm::install(&kubeconfig, &extra);
+
+    // The chart's pods Ready: two controller replicas, the agent on every node.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
+    eventually(
+        "the chart's pods Ready",
+        Duration::from_secs(120),
+        || async {
+            let controller = deployments.get("image-prefetch-controller").await.ok()?;
+            let agent = daemonsets.get("image-prefetch-agent").await.ok()?;
+            let ready = controller.status?.ready_replicas == Some(2)
+                && agent.status?.number_ready == cluster.nodes.len() as i32;
+            ready.then_some(())
+        },
+    )
+    .await;
+    // One leader among the two replicas.
+    let lease = Api::<Lease>::namespaced(client.clone(), NAMESPACE)
+        .get("image-prefetch-controller")
+        .await
+        .expect("the leader's lease");
+    let holder = lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let controllers = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+        .await
+        .unwrap();
+    assert!(
+        controllers
+            .items
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(&holder)),
+        "the lease is held by one of the replicas: {holder}"
+    );
+
+    // An ImagePrefetch, rolled out by the pods, followed with kubectl.
+    kubectl(&kubeconfig, &["create", "namespace", "team"]);
+    let image = format!("{}/{WORKLOAD}", registry.host);
+    apply(
+        &kubeconfig,
+        &json!({"apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
+                "metadata": {"name": "web", "namespace": "team"},
+                "spec": {"images": [image]}}),
+    );
+    let nodes = cluster.nodes.len();
+    eventually(
+        "kubectl shows the ImagePrefetch Ready",
+        Duration::from_secs(120),
+        || async {
+            let table = kubectl(&kubeconfig, &["get", "imageprefetch", "-n", "team", "web"]);
+            table.contains(&format!("{nodes}/{nodes}")).then_some(table)
+        },
+    )
+    .await;
+    let pulled = registry.blob_gets("team/web");
+    assert!(!pulled.is_empty(), "the prefetch pulled the image");
+
+    // The user story: a workload of that image that may not pull, on every node.
+    apply(
+        &kubeconfig,
+        &json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "web", "namespace": "team"},
+                "spec": {"replicas": nodes, "selector": {"matchLabels": {"app": "web"}},
+                         "template": {"metadata": {"labels": {"app": "web"}},
+                                      "spec": {"containers": [{"name": "web", "image": image,
+                                                               "imagePullPolicy": "Never"}]}}}}),
+    );
+    let workloads: Api<Deployment> = Api::namespaced(client.clone(), "team");
+    eventually(
+        "the workload Ready without a pull",
+        Duration::from_secs(60),
+        || async {
+            let d = workloads.get("web").await.ok()?;
+            (d.status?.ready_replicas == Some(nodes as i32)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        registry.blob_gets("team/web"),
+        pulled,
+        "the workload's start fetched nothing"
+    );
+
+    // Uninstall: the ImagePrefetch goes first (its finalizer is the
+    // controller's), then the release; nothing of ours is left.
+    kubectl(&kubeconfig, &["delete", "deployment", "web", "-n", "team"]);
+    kubectl(
+        &kubeconfig,
+        &["delete", "imageprefetch", "web", "-n", "team", "--wait"],
+    );
+    let (ok, out) = testbed::helm::run(
+        &kubeconfig,
+        &[
+            "uninstall",
+            testbed::helm::RELEASE,
+            "--namespace",
+            NAMESPACE,
+            "--wait",
+        ],
+    );
+    assert!(ok, "helm uninstall: {out}");
+    eventually("nothing of the release left", Duration::from_secs(60), || async {
+        let left = kubectl(
+            &kubeconfig,
+            &[
+                "get",
+                "all,roles,rolebindings,clusterroles,clusterrolebindings,serviceaccounts,\
+                 validatingadmissionpolicies,validatingadmissionpolicybindings,leases,nodeimagesets",
+                "-A",
+                "-l",
+                "app.kubernetes.io/instance=image-prefetch",
+                "-o",
+                "name",
+            ],
+        );
+        let pods = kubectl(&kubeconfig, &["get", "pods", "-n", NAMESPACE, "-o", "name"]);
+        let sets = kubectl(&kubeconfig, &["get", "nodeimagesets", "-o", "name"]);
+        (left.trim().is_empty() && pods.trim().is_empty() && sets.trim().is_empty()).then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,329 @@
+//! The kubelet cluster test bed: a control plane with a scheduler and a
+//! controller manager, and kubelet nodes — each a network namespace of the
+//! bed's own with containerd 2.x (CRI), kubelet, kube-proxy and a bridge pod
+//! network — so that the chart runs as pods, as an administrator installs it.
+//!
+//! No address of the machine's own namespace is used but its loopback: the
+//! API server and the registry listen there, and each node reaches them
+//! through relays whose sockets are opened inside the node's namespace
+//! ([`crate::netns`]), at `127.0.0.1:<port>` (kubelet, containerd) and at the
+//! API server's advertised address (pods, through the `kubernetes` Service
+//! and kube-proxy).
+//!
+//! Limits: one node for now (a DaemonSet's hostPath is one path, and the
+//! nodes share the machine's filesystem: more nodes need a mount namespace
+//! each); `kubectl logs`/`exec` cannot reach a kubelet inside its namespace
+//! (pod logs are in `/var/log/pods`); no cluster DNS.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+
+use crate::containerd::Containerd;
+use crate::fixtures::{KUBE_CONTROLLER_MANAGER, KUBE_PROXY, KUBE_SCHEDULER, KUBELET};
+use crate::netns::{NetNs, Relay};
+use crate::registry::Registry;
+use crate::{ControlPlane, Error, Lifetime, Result, io_err, process};
+
+/// The API server's address as the pods see it: inside every node's
+/// namespace, a relay to the real one listens there.
+pub const API_ADDRESS: &str = "10.250.0.1";
+
+/// The pause image the nodes' containerd runs each pod's sandbox from.
+pub const PAUSE: &str = "pause:1";
+
+/// A control plane, a registry and kubelet nodes.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub plane: ControlPlane,
+    pub registry: Registry,
+    // Field order is drop order: nodes first, then the control plane's helpers.
+    pub nodes: Vec<ClusterNode>,
+    helpers: Vec<Child>,
+}
+
+/// One kubelet node.
+pub struct ClusterNode {
+    pub name: String,
+    /// Where its containerd, kubelet and CNI keep their files.
+    pub dir: PathBuf,
+    pub containerd: Containerd,
+    kubelet: Child,
+    proxy: Child,
+    _relays: Vec<Relay>,
+    // Last: the namespace goes after everything in it.
+    pub netns: NetNs,
+}
+
+impl Cluster {
+    /// Starts the bed in `dir` with `nodes` nodes, and waits until they are Ready.
+    pub async fn start(dir: &Path, nodes: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let dir = std::fs::canonicalize(dir).map_err(io_err(dir))?;
+        let plane = ControlPlane::start_advertising(
+            &dir.join("control-plane"),
+            Lifetime::Owned,
+            Some(API_ADDRESS),
+        )
+        .await?;
+        let registry = Registry::start(&dir.join("registry"))?;
+        crate::images::push_pause(&dir.join("pause"), &registry.host, PAUSE)?;
+        let ca = plane.dir.join("certs").join("apiserver.crt");
+        let key = plane.dir.join("service-account.key");
+        let mut helpers = Vec::new();
+        let mut kcm = Command::new(KUBE_CONTROLLER_MANAGER.require()?);
+        kcm.arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
+            .arg(format!("--root-ca-file={}", ca.display()))
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                key.display()
+            ))
+            .args([
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+            ]);
+        helpers.push(process::spawn(
+            kcm,
+            &dir.join("kube-controller-manager.log"),
+            Lifetime::Owned,
+        )?);
+        let mut scheduler = Command::new(KUBE_SCHEDULER.require()?);
+        scheduler
+            .arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
+            .args([
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+            ]);
+        helpers.push(process::spawn(
+            scheduler,
+            &dir.join("kube-scheduler.log"),
+            Lifetime::Owned,
+        )?);
+        let mut cluster = Cluster {
+            dir: dir.clone(),
+            plane,
+            registry,
+            nodes: Vec::new(),
+            helpers,
+        };
+        for i in 0..nodes {
+            let node = cluster.start_node(i)?;
+            cluster.nodes.push(node);
+        }
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    fn start_node(&self, i: usize) -> Result<ClusterNode> {
+        let name = format!("kubelet-node-{i}");
+        let dir = self.dir.join(&name);
+        for sub in ["cni", "static", "kubelet"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(io_err(&dir))?;
+        }
+        // The namespace's name is short (interface and path limits) and
+        // carries the process id, so that parallel runs never share one.
+        let netns = NetNs::create(&format!("ipf-{}-{i}", std::process::id()))?;
+        let ip = format!("10.250.0.{}", 10 + i);
+        // An interface with a real address: kubelet refuses a loopback node
+        // IP. A veth pair inside the namespace, nothing outside it.
+        netns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        for link in ["eth0", "eth0p"] {
+            netns.ip(&["link", "set", link, "up"])?;
+        }
+        netns.ip(&["route", "add", "default", "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &format!("{API_ADDRESS}/32"), "dev", "lo"])?;
+        let api: SocketAddr = self
+            .plane
+            .server
+            .trim_start_matches("https://")
+            .parse()
+            .map_err(|e| Error::Build {
+                what: "the cluster bed",
+                detail: format!("API server address {}: {e}", self.plane.server),
+            })?;
+        let registry: SocketAddr = self.registry.host.parse().map_err(|e| Error::Build {
+            what: "the cluster bed",
+            detail: format!("registry address {}: {e}", self.registry.host),
+        })?;
+        let advertised: SocketAddr = format!("{API_ADDRESS}:{}", api.port())
+            .parse()
+            .expect("an IPv4 address and a port");
+        let relays = vec![
+            netns.relay(api, api)?,
+            netns.relay(advertised, api)?,
+            netns.relay(registry, registry)?,
+        ];
+        // The pod network: a bridge with a /24 of its own, masqueraded.
+        let cni = format!(
+            r#"{{"cniVersion": "1.0.0", "name": "pods", "plugins": [
+  {{"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true,
+   "ipam": {{"type": "host-local", "dataDir": "{data}",
+             "ranges": [[{{"subnet": "10.244.{i}.0/24"}}]], "routes": [{{"dst": "0.0.0.0/0"}}]}}}},
+  {{"type": "portmap", "capabilities": {{"portMappings": true}}}}]}}"#,
+            data = dir.join("cni-state").display()
+        );
+        write(&dir.join("cni").join("10-pods.conflist"), &cni)?;
+        let containerd =
+            Containerd::start_in(&dir, &netns, &format!("{}/{PAUSE}", self.registry.host))?;
+        containerd.configure_registry(&self.registry.host, &[])?;
+        let kubelet_config = format!(
+            "apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# These machines have cgroup v1 and cannot move processes between cgroups
+# the way kubelet's QoS classes want.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+failSwapOn: false
+authentication:
+  anonymous: {{enabled: true}}
+  webhook: {{enabled: false}}
+authorization: {{mode: AlwaysAllow}}
+containerRuntimeEndpoint: unix://{socket}
+staticPodPath: {static_dir}
+address: {ip}
+healthzBindAddress: 127.0.0.1
+readOnlyPort: 0
+resolvConf: \"\"
+podLogsDir: {logs}
+evictionHard: {{}}
+",
+            socket = containerd.socket.display(),
+            static_dir = dir.join("static").display(),
+            logs = dir.join("pod-logs").display(),
+        );
+        let config = dir.join("kubelet.yaml");
+        write(&config, &kubelet_config)?;
+        let mut kubelet = netns.command(&KUBELET.require()?);
+        kubelet
+            .arg(format!("--config={}", config.display()))
+            .arg(format!("--kubeconfig={}", self.plane.kubeconfig.display()))
+            .arg(format!("--root-dir={}", dir.join("kubelet").display()))
+            .arg(format!("--cert-dir={}", dir.join("kubelet-pki").display()))
+            .arg(format!("--node-ip={ip}"))
+            .arg(format!("--hostname-override={name}"));
+        let kubelet = process::spawn(kubelet, &dir.join("kubelet.log"), Lifetime::Owned)?;
+        let mut proxy = netns.command(&KUBE_PROXY.require()?);
+        proxy
+            .arg(format!("--kubeconfig={}", self.plane.kubeconfig.display()))
+            .arg(format!("--hostname-override={name}"))
+            .args([
+                "--cluster-cidr=10.244.0.0/16",
+                "--proxy-mode=iptables",
+                // The namespace's conntrack table is the machine's to size.
+                "--conntrack-max-per-core=0",
+                "--metrics-bind-address=127.0.0.1:10249",
+                "--healthz-bind-address=127.0.0.1:10256",
+            ]);
+        let proxy = process::spawn(proxy, &dir.join("kube-proxy.log"), Lifetime::Owned)?;
+        Ok(ClusterNode {
+            name,
+            dir,
+            containerd,
+            kubelet,
+            proxy,
+            _relays: relays,
+            netns,
+        })
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        let client = self.plane.client().await?;
+        let nodes: Api<Node> = Api::all(client);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut ready = 0;
+            for n in &self.nodes {
+                if let Ok(node) = nodes.get(&n.name).await
+                    && node
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                {
+                    ready += 1;
+                }
+            }
+            if ready == self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    what: "the kubelet nodes",
+                    secs: 90,
+                    log: self.dir.display().to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for h in &mut self.helpers {
+            process::stop(h);
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        process::stop(&mut self.kubelet);
+        process::stop(&mut self.proxy);
+        // containerd's shims outlive it, holding the pods' processes and
+        // mounts: stop them, then unmount what is left under the node.
+        kill_shims(&self.containerd.socket);
+        self.containerd.crash();
+        unmount_under(&self.dir);
+    }
+}
+
+/// Kills the containerd shims (and so the containers) that serve `socket`.
+fn kill_shims(socket: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let wanted = socket.display().to_string();
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("containerd-shim") && cmdline.contains(&wanted) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// Lazily unmounts every mount under `dir` (the pods' root filesystems,
+/// their volumes), deepest first.
+fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").args(["-l", p]).status();
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(io_err(path))
+}

@@ -51,7 +51,6 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
     let client = cluster.plane.client().await.unwrap();
     let kubeconfig = cluster.plane.kubeconfig.clone();
     let registry = &cluster.registry;
-    let node = &cluster.nodes[0];
 
     // The project's images, as a release would publish them.
     for name in [CONTROLLER, AGENT] {
@@ -66,33 +65,12 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
     }
     testbed::images::push_pause(&work.join("workload"), &registry.host, WORKLOAD).unwrap();
 
-    // helm install, as documented, pointed at this node's runtime.
-    let set = |k: &str, v: &str| format!("{k}={v}");
-    let values = [
-        set("image.registry", &registry.host),
-        set("image.tag", "dev"),
-        set(
-            "agent.containerdSocket",
-            &node.containerd.socket.display().to_string(),
-        ),
-        set(
-            "agent.registryConfigDir",
-            &node.containerd.hosts_dir.display().to_string(),
-        ),
-        set(
-            "agent.mirrorConfigDir",
-            &node.dir.join("agent-hosts").display().to_string(),
-        ),
-        set(
-            "agent.imageFs",
-            &node.dir.join("root").display().to_string(),
-        ),
-    ];
-    let mut extra = Vec::new();
-    for v in &values {
-        extra.extend(["--set", v.as_str()]);
-    }
-    testbed::helm::install(&kubeconfig, &extra);
+    // helm install, as documented: the chart's defaults for the node paths.
+    let registry_value = format!("image.registry={}", registry.host);
+    testbed::helm::install(
+        &kubeconfig,
+        &["--set", &registry_value, "--set", "image.tag=dev"],
+    );
 
     // The chart's pods Ready: two controller replicas, the agent on every node.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);

@@ -10,10 +10,15 @@
 //! API server's advertised address (pods, through the `kubernetes` Service
 //! and kube-proxy).
 //!
-//! Limits: one node for now (a DaemonSet's hostPath is one path, and the
-//! nodes share the machine's filesystem: more nodes need a mount namespace
-//! each); `kubectl logs`/`exec` cannot reach a kubelet inside its namespace
-//! (pod logs are in `/var/log/pods`); no cluster DNS.
+//! Each node also has a mount namespace of its own, where the paths a node's
+//! pods expect — `/run/containerd`, `/etc/containerd/certs.d`,
+//! `/var/lib/containerd`, `/var/lib/image-prefetch` — are the node's own
+//! folders: the nodes share the machine's filesystem, and a DaemonSet's
+//! hostPath is one path for every node. So the chart installs with its
+//! defaults.
+//!
+//! Limits: `kubectl logs`/`exec` cannot reach a kubelet inside its
+//! namespace (pod logs are in the node's `pod-logs` folder); no cluster DNS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +49,8 @@ pub struct Cluster {
     // Field order is drop order: nodes first, then the control plane's helpers.
     pub nodes: Vec<ClusterNode>,
     helpers: Vec<Child>,
+    /// The private mount the nodes' mount namespaces are pinned on.
+    pins: PathBuf,
 }
 
 /// One kubelet node.
@@ -55,8 +62,48 @@ pub struct ClusterNode {
     kubelet: Child,
     proxy: Child,
     _relays: Vec<Relay>,
+    /// Where its mount namespace is pinned.
+    mounts: PathBuf,
     // Last: the namespace goes after everything in it.
     pub netns: NetNs,
+}
+
+/// The paths of a node that are its own inside its mount namespace, and the
+/// folder (under the node's) each stands for.
+const NODE_PATHS: [(&str, &str); 4] = [
+    ("/run/containerd", "."),
+    ("/etc/containerd/certs.d", "certs.d"),
+    ("/var/lib/containerd", "root"),
+    ("/var/lib/image-prefetch", "image-prefetch"),
+];
+
+impl ClusterNode {
+    /// `program`, started in the node's network and mount namespaces.
+    pub fn command(&self, program: &Path) -> Command {
+        in_node(&self.netns, &self.mounts, program)
+    }
+}
+
+fn in_node(netns: &NetNs, mounts: &Path, program: &Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.path().display()))
+        .arg(format!("--mount={}", mounts.display()))
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// Runs `program` with `args` to completion; an error with its output if it fails.
+fn run(cmd: &mut Command, what: &'static str) -> Result<()> {
+    let (ok, out) = process::run(cmd);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Build {
+            what,
+            detail: format!("{cmd:?}: {out}"),
+        })
+    }
 }
 
 impl Cluster {
@@ -64,6 +111,18 @@ impl Cluster {
     pub async fn start(dir: &Path, nodes: usize) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let dir = std::fs::canonicalize(dir).map_err(io_err(dir))?;
+        // Mount namespaces are pinned on files of a private mount: the
+        // folder of mount-namespace pins, bound onto itself.
+        let pins = dir.join("mount-namespaces");
+        std::fs::create_dir_all(&pins).map_err(io_err(&pins))?;
+        run(
+            Command::new("mount").arg("--bind").arg(&pins).arg(&pins),
+            "the cluster bed",
+        )?;
+        run(
+            Command::new("mount").arg("--make-private").arg(&pins),
+            "the cluster bed",
+        )?;
         let plane = ControlPlane::start_advertising(
             &dir.join("control-plane"),
             Lifetime::Owned,
@@ -111,6 +170,7 @@ impl Cluster {
             registry,
             nodes: Vec::new(),
             helpers,
+            pins,
         };
         for i in 0..nodes {
             let node = cluster.start_node(i)?;
@@ -141,6 +201,32 @@ impl Cluster {
         }
         netns.ip(&["route", "add", "default", "dev", "eth0"])?;
         netns.ip(&["addr", "add", &format!("{API_ADDRESS}/32"), "dev", "lo"])?;
+        // The node's mount namespace, with its own folders at the paths
+        // every node has.
+        let mounts = self.pins.join(&name);
+        write(&mounts, "")?;
+        run(
+            Command::new("unshare")
+                .arg(format!("--mount={}", mounts.display()))
+                .args(["--propagation", "private", "true"]),
+            "a node's mount namespace",
+        )?;
+        for (path, own) in NODE_PATHS {
+            let own = dir.join(own);
+            std::fs::create_dir_all(&own).map_err(io_err(&own))?;
+            run(
+                Command::new("nsenter")
+                    .arg(format!("--mount={}", mounts.display()))
+                    .arg("--")
+                    .arg("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "mkdir -p {path} && mount --bind {} {path}",
+                        own.display()
+                    )),
+                "a node's own paths",
+            )?;
+        }
         let api: SocketAddr = self
             .plane
             .server
@@ -172,8 +258,9 @@ impl Cluster {
             data = dir.join("cni-state").display()
         );
         write(&dir.join("cni").join("10-pods.conflist"), &cni)?;
+        let launch = |program: &Path| in_node(&netns, &mounts, program);
         let containerd =
-            Containerd::start_in(&dir, &netns, &format!("{}/{PAUSE}", self.registry.host))?;
+            Containerd::start_in(&dir, &launch, &format!("{}/{PAUSE}", self.registry.host))?;
         containerd.configure_registry(&self.registry.host, &[])?;
         let kubelet_config = format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1
@@ -204,7 +291,7 @@ evictionHard: {{}}
         );
         let config = dir.join("kubelet.yaml");
         write(&config, &kubelet_config)?;
-        let mut kubelet = netns.command(&KUBELET.require()?);
+        let mut kubelet = launch(&KUBELET.require()?);
         kubelet
             .arg(format!("--config={}", config.display()))
             .arg(format!("--kubeconfig={}", self.plane.kubeconfig.display()))
@@ -213,7 +300,7 @@ evictionHard: {{}}
             .arg(format!("--node-ip={ip}"))
             .arg(format!("--hostname-override={name}"));
         let kubelet = process::spawn(kubelet, &dir.join("kubelet.log"), Lifetime::Owned)?;
-        let mut proxy = netns.command(&KUBE_PROXY.require()?);
+        let mut proxy = launch(&KUBE_PROXY.require()?);
         proxy
             .arg(format!("--kubeconfig={}", self.plane.kubeconfig.display()))
             .arg(format!("--hostname-override={name}"))
@@ -233,6 +320,7 @@ evictionHard: {{}}
             kubelet,
             proxy,
             _relays: relays,
+            mounts,
             netns,
         })
     }
@@ -275,6 +363,9 @@ impl Drop for Cluster {
         for h in &mut self.helpers {
             process::stop(h);
         }
+        // The nodes are gone (dropped first); so can the pins' mount.
+        self.nodes.clear();
+        let _ = Command::new("umount").arg("-l").arg(&self.pins).status();
     }
 }
 
@@ -287,6 +378,8 @@ impl Drop for ClusterNode {
         kill_shims(&self.containerd.socket);
         self.containerd.crash();
         unmount_under(&self.dir);
+        // The mount namespace ends with its last process and its pin.
+        let _ = Command::new("umount").arg(&self.mounts).status();
     }
 }
 

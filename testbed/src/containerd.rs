@@ -45,12 +45,17 @@ impl Containerd {
         Self::start_with(dir, flavor, &[], "", None)
     }
 
-    /// containerd 2.x as a kubelet node's runtime, inside `netns`: CRI with
+    /// containerd 2.x as a kubelet node's runtime, started by `launch` (in the
+    /// node's namespaces): CRI with
     /// `sandbox_image` as the pause image, pod networks from the CNI
     /// configuration in `<dir>/cni` (Debian's plugins), and
     /// `restrict_oom_score_adj` (a process here may not lower its OOM score,
     /// and runc fails without it).
-    pub fn start_in(dir: &Path, netns: &crate::netns::NetNs, sandbox_image: &str) -> Result<Self> {
+    pub fn start_in(
+        dir: &Path,
+        launch: &dyn Fn(&Path) -> Command,
+        sandbox_image: &str,
+    ) -> Result<Self> {
         let extra = format!(
             r#"[plugins."io.containerd.cri.v1.images".pinned_images]
   sandbox = "{sandbox_image}"
@@ -65,7 +70,7 @@ impl Containerd {
 "#,
             cni = dir.join("cni").display()
         );
-        Self::start_with(dir, Flavor::V2, &[], &extra, Some(netns))
+        Self::start_with(dir, Flavor::V2, &[], &extra, Some(launch))
     }
 
     fn start_with(
@@ -73,7 +78,7 @@ impl Containerd {
         flavor: Flavor,
         env: &[(&str, String)],
         extra_toml: &str,
-        netns: Option<&crate::netns::NetNs>,
+        launch: Option<&dyn Fn(&Path) -> Command>,
     ) -> Result<Self> {
         let bin = match flavor {
             Flavor::V2 => CONTAINERD.require()?,
@@ -108,8 +113,8 @@ state = "{state}"
         // A socket left by a killed predecessor would look like readiness.
         let _ = std::fs::remove_file(&socket);
         let log = dir.join("containerd.log");
-        let mut cmd = match netns {
-            Some(ns) => ns.command(&bin),
+        let mut cmd = match launch {
+            Some(launch) => launch(&bin),
             None => Command::new(bin),
         };
         cmd.arg("--config")

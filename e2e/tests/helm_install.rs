@@ -45,7 +45,7 @@ fn apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() {
     let work = testbed::workdir::Workdir::new("e2e-helm-install");
-    let cluster = Cluster::start(&work.join("cluster"), 1)
+    let cluster = Cluster::start(&work.join("cluster"), 2)
         .await
         .expect("the kubelet cluster bed (cargo xtask fixtures --cluster)");
     let client = cluster.plane.client().await.unwrap();
@@ -128,8 +128,14 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
         },
     )
     .await;
+    // The headline, through the pods: every blob crossed the uplink once,
+    // the other node had it from its peer's mirror.
     let pulled = registry.blob_gets("team/web");
     assert!(!pulled.is_empty(), "the prefetch pulled the image");
+    assert!(
+        pulled.values().all(|n| *n == 1),
+        "each blob fetched from the registry once: {pulled:?}"
+    );
 
     // The user story: a workload of that image that may not pull, on every node.
     apply(
@@ -138,8 +144,14 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
                 "metadata": {"name": "web", "namespace": "team"},
                 "spec": {"replicas": nodes, "selector": {"matchLabels": {"app": "web"}},
                          "template": {"metadata": {"labels": {"app": "web"}},
-                                      "spec": {"containers": [{"name": "web", "image": image,
-                                                               "imagePullPolicy": "Never"}]}}}}),
+                                      "spec": {
+                                          // One on every node.
+                                          "topologySpreadConstraints": [{
+                                              "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                              "whenUnsatisfiable": "DoNotSchedule",
+                                              "labelSelector": {"matchLabels": {"app": "web"}}}],
+                                          "containers": [{"name": "web", "image": image,
+                                                          "imagePullPolicy": "Never"}]}}}}),
     );
     let workloads: Api<Deployment> = Api::namespaced(client.clone(), "team");
     eventually(

@@ -17,6 +17,10 @@
 //! hostPath is one path for every node. So the chart installs with its
 //! defaults.
 //!
+//! The nodes are joined by a bridge in a namespace of its own; each runs the
+//! peer mirror stand-in (spegel's data path, `testbed/peer-mirror`) on its
+//! address, written into its registry configuration as spegel's chart does.
+//!
 //! Limits: `kubectl logs`/`exec` cannot reach a kubelet inside its
 //! namespace (pod logs are in the node's `pod-logs` folder); no cluster DNS.
 
@@ -31,12 +35,16 @@ use kube::Api;
 use crate::containerd::Containerd;
 use crate::fixtures::{KUBE_CONTROLLER_MANAGER, KUBE_PROXY, KUBE_SCHEDULER, KUBELET};
 use crate::netns::{NetNs, Relay};
+use crate::peer_mirror::{PeerMirror, Placement, Timing};
 use crate::registry::Registry;
 use crate::{ControlPlane, Error, Lifetime, Result, io_err, process};
 
 /// The API server's address as the pods see it: inside every node's
 /// namespace, a relay to the real one listens there.
 pub const API_ADDRESS: &str = "10.250.0.1";
+
+/// Where each node's peer mirror listens, on the node's address.
+const PEER_MIRROR_PORT: u16 = 5000;
 
 /// The pause image the nodes' containerd runs each pod's sandbox from.
 pub const PAUSE: &str = "pause:1";
@@ -49,6 +57,8 @@ pub struct Cluster {
     // Field order is drop order: nodes first, then the control plane's helpers.
     pub nodes: Vec<ClusterNode>,
     helpers: Vec<Child>,
+    /// The nodes' network: a bridge in a namespace of its own, one port per node.
+    fabric: NetNs,
     /// The private mount the nodes' mount namespaces are pinned on.
     pins: PathBuf,
 }
@@ -61,6 +71,7 @@ pub struct ClusterNode {
     pub containerd: Containerd,
     kubelet: Child,
     proxy: Child,
+    pub peer_mirror: PeerMirror,
     _relays: Vec<Relay>,
     /// Where its mount namespace is pinned.
     mounts: PathBuf,
@@ -164,12 +175,16 @@ impl Cluster {
             &dir.join("kube-scheduler.log"),
             Lifetime::Owned,
         )?);
+        let fabric = NetNs::create(&format!("ipf-{}-net", std::process::id()))?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
         let mut cluster = Cluster {
             dir: dir.clone(),
             plane,
             registry,
             nodes: Vec::new(),
             helpers,
+            fabric,
             pins,
         };
         for i in 0..nodes {
@@ -190,15 +205,16 @@ impl Cluster {
         // carries the process id, so that parallel runs never share one.
         let netns = NetNs::create(&format!("ipf-{}-{i}", std::process::id()))?;
         let ip = format!("10.250.0.{}", 10 + i);
-        // An interface with a real address: kubelet refuses a loopback node
-        // IP. A veth pair inside the namespace, nothing outside it.
-        netns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
-        ])?;
+        // An interface with a real address (kubelet refuses a loopback node
+        // IP), one end of a veth pair whose other end is a port of the
+        // nodes' bridge: the nodes (their peer mirrors) reach each other.
+        let port = format!("node{i}");
+        netns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", &port])?;
+        netns.ip(&["link", "set", &port, "netns", &self.fabric.name])?;
+        self.fabric.ip(&["link", "set", &port, "master", "br0"])?;
+        self.fabric.ip(&["link", "set", &port, "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        for link in ["eth0", "eth0p"] {
-            netns.ip(&["link", "set", link, "up"])?;
-        }
+        netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", "default", "dev", "eth0"])?;
         netns.ip(&["addr", "add", &format!("{API_ADDRESS}/32"), "dev", "lo"])?;
         // The node's mount namespace, with its own folders at the paths
@@ -261,7 +277,33 @@ impl Cluster {
         let launch = |program: &Path| in_node(&netns, &mounts, program);
         let containerd =
             Containerd::start_in(&dir, &launch, &format!("{}/{PAUSE}", self.registry.host))?;
-        containerd.configure_registry(&self.registry.host, &[])?;
+        // The node's spegel: the peer mirror stand-in, on the node's address,
+        // written into the node's registry configuration as spegel's chart
+        // writes it.
+        let mirror_host = format!("{ip}:{PEER_MIRROR_PORT}");
+        let live = |host: &str| {
+            let (ip, port) = host.split_once(':').unwrap_or((host, ""));
+            launch(Path::new("bash"))
+                .args(["-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let peer_mirror = PeerMirror::start_at(
+            &dir,
+            &name,
+            &Placement {
+                host: mirror_host,
+                launch: &launch,
+                live: &live,
+            },
+            &containerd.socket,
+            &self.dir.join("peer-directory"),
+            &Timing::default(),
+        )?;
+        peer_mirror.configure_node(
+            &containerd.hosts_dir,
+            &[&format!("http://{}", self.registry.host)],
+        )?;
         let kubelet_config = format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -319,6 +361,7 @@ evictionHard: {{}}
             containerd,
             kubelet,
             proxy,
+            peer_mirror,
             _relays: relays,
             mounts,
             netns,

@@ -30,6 +30,14 @@ impl Default for Timing {
     }
 }
 
+/// Where a peer mirror runs: its `ip:port`, how its process is started,
+/// and how to tell it is live.
+pub struct Placement<'a> {
+    pub host: String,
+    pub launch: &'a dyn Fn(&Path) -> Command,
+    pub live: &'a dyn Fn(&str) -> bool,
+}
+
 pub struct PeerMirror {
     /// `ip:port` on its own loopback address.
     pub host: String,
@@ -48,6 +56,28 @@ impl PeerMirror {
         directory: &Path,
         timing: &Timing,
     ) -> Result<Self> {
+        // A port free on 127.0.0.1 is free on every loopback address.
+        let [port] = free_ports()?;
+        let at = Placement {
+            host: format!("{ip}:{port}"),
+            launch: &|program: &Path| Command::new(program),
+            live: &|host: &str| {
+                process::http_get(host, "/livez").is_ok_and(|(code, _)| code == 200)
+            },
+        };
+        Self::start_at(dir, node, &at, containerd_socket, directory, timing)
+    }
+
+    /// Starts the node's mirror listening on `at.host`, started by
+    /// `at.launch` (in a node's namespaces), live when `at.live` says so.
+    pub fn start_at(
+        dir: &Path,
+        node: &str,
+        at: &Placement<'_>,
+        containerd_socket: &Path,
+        directory: &Path,
+        timing: &Timing,
+    ) -> Result<Self> {
         let bin = crate::simulated::binary(BINARY);
         if !bin.exists() {
             return Err(Error::MissingFixture {
@@ -56,11 +86,9 @@ impl PeerMirror {
             });
         }
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        // A port free on 127.0.0.1 is free on every loopback address.
-        let [port] = free_ports()?;
-        let host = format!("{ip}:{port}");
+        let host = at.host.clone();
         let log = dir.join(format!("{node}-peer-mirror.log"));
-        let mut cmd = Command::new(bin);
+        let mut cmd = (at.launch)(&bin);
         cmd.args(["registry", "--addr", &host, "--node", node])
             .arg("--containerd-sock")
             .arg(containerd_socket)
@@ -74,7 +102,7 @@ impl PeerMirror {
             ]);
         let mut child = process::spawn(cmd, &log, Lifetime::Owned)?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !process::http_get(&host, "/livez").is_ok_and(|(code, _)| code == 200) {
+        while !(at.live)(&host) {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(Error::Exited {
                     what: "peer-mirror",

@@ -36,6 +36,39 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The project's images, as a release would publish them, tagged `dev`.
+fn push_product_images(registry: &str) {
+    for name in [CONTROLLER, AGENT] {
+        let bin = binary(name);
+        testbed::images::build_and_push_files(
+            registry,
+            &format!("{name}:dev"),
+            &[(&bin, &format!("/usr/local/bin/{name}"))],
+            &format!("/usr/local/bin/{name}"),
+        )
+        .expect("buildah image of a workspace binary");
+    }
+}
+
+/// Waits until `namespace`'s controller Deployment has two Ready replicas
+/// and the agent DaemonSet is Ready on all `nodes`.
+async fn product_ready(client: &kube::Client, namespace: &str, nodes: usize) {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    eventually(
+        "the product's pods Ready",
+        Duration::from_secs(120),
+        || async {
+            let controller = deployments.get("image-prefetch-controller").await.ok()?;
+            let agent = daemonsets.get("image-prefetch-agent").await.ok()?;
+            let ready = controller.status?.ready_replicas == Some(2)
+                && agent.status?.number_ready == nodes as i32;
+            ready.then_some(())
+        },
+    )
+    .await;
+}
+
 fn apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) {
     let path = kubeconfig.with_extension(format!("{}.json", std::process::id()));
     std::fs::write(&path, manifest.to_string()).unwrap();
@@ -52,17 +85,7 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
     let kubeconfig = cluster.plane.kubeconfig.clone();
     let registry = &cluster.registry;
 
-    // The project's images, as a release would publish them.
-    for name in [CONTROLLER, AGENT] {
-        let bin = binary(name);
-        testbed::images::build_and_push_files(
-            &registry.host,
-            &format!("{name}:dev"),
-            &[(&bin, &format!("/usr/local/bin/{name}"))],
-            &format!("/usr/local/bin/{name}"),
-        )
-        .expect("buildah image of a workspace binary");
-    }
+    push_product_images(&registry.host);
     testbed::images::push_pause(&work.join("workload"), &registry.host, WORKLOAD).unwrap();
 
     // helm install, as documented: the chart's defaults for the node paths.
@@ -73,20 +96,7 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
     );
 
     // The chart's pods Ready: two controller replicas, the agent on every node.
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
-    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
-    eventually(
-        "the chart's pods Ready",
-        Duration::from_secs(120),
-        || async {
-            let controller = deployments.get("image-prefetch-controller").await.ok()?;
-            let agent = daemonsets.get("image-prefetch-agent").await.ok()?;
-            let ready = controller.status?.ready_replicas == Some(2)
-                && agent.status?.number_ready == cluster.nodes.len() as i32;
-            ready.then_some(())
-        },
-    )
-    .await;
+    product_ready(&client, NAMESPACE, cluster.nodes.len()).await;
     // One leader among the two replicas.
     let lease = Api::<Lease>::namespaced(client.clone(), NAMESPACE)
         .get("image-prefetch-controller")
@@ -206,4 +216,78 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
         (left.trim().is_empty() && pods.trim().is_empty() && sets.trim().is_empty()).then_some(())
     })
     .await;
+}
+
+/// The OLM bundle's install, applied the way OLM applies a CSV (OLM's own
+/// modules are not served here): its ServiceAccounts, its permissions as a
+/// Role and its cluster permissions as a ClusterRole (each bound), its
+/// Deployment. The controller, run with `--manage-agent`, brings the agent
+/// DaemonSet up on every node.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
+    let work = testbed::workdir::Workdir::new("e2e-olm-install");
+    let cluster = Cluster::start(&work.join("cluster"), 2)
+        .await
+        .expect("the kubelet cluster bed (cargo xtask fixtures --cluster)");
+    let client = cluster.plane.client().await.unwrap();
+    let kubeconfig = cluster.plane.kubeconfig.clone();
+    let registry = &cluster.registry.host;
+    push_product_images(registry);
+    testbed::crds::install(&client).await.unwrap();
+
+    let csv: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            testbed::helm::chart()
+                .join("../../bundle/manifests/image-prefetch.clusterserviceversion.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let ns = "operators";
+    kubectl(&kubeconfig, &["create", "namespace", ns]);
+    let install = &csv["spec"]["install"]["spec"];
+    let mut accounts = std::collections::BTreeSet::new();
+    for (kind, grants) in [
+        ("Role", &install["permissions"]),
+        ("ClusterRole", &install["clusterPermissions"]),
+    ] {
+        for grant in grants.as_array().unwrap() {
+            let account = grant["serviceAccountName"].as_str().unwrap();
+            accounts.insert(account.to_string());
+            let name = format!("{account}-{}", kind.to_lowercase());
+            let mut role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind,
+                                  "metadata": {"name": name}, "rules": grant["rules"]});
+            let mut binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+                                     "kind": format!("{kind}Binding"), "metadata": {"name": name},
+                                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
+                                     "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}]});
+            if kind == "Role" {
+                role["metadata"]["namespace"] = json!(ns);
+                binding["metadata"]["namespace"] = json!(ns);
+            }
+            apply(&kubeconfig, &role);
+            apply(&kubeconfig, &binding);
+        }
+    }
+    for account in &accounts {
+        apply(
+            &kubeconfig,
+            &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": account, "namespace": ns}}),
+        );
+    }
+    for d in install["deployments"].as_array().unwrap() {
+        // The release's images, from this bed's registry.
+        let spec = d["spec"]
+            .to_string()
+            .replace("ghcr.io/image-prefetch", registry)
+            .replace(&format!(":{}", env!("CARGO_PKG_VERSION")), ":dev");
+        apply(
+            &kubeconfig,
+            &json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {"name": d["name"], "namespace": ns},
+                    "spec": serde_json::from_str::<serde_json::Value>(&spec).unwrap()}),
+        );
+    }
+    product_ready(&client, ns, cluster.nodes.len()).await;
 }

@@ -59,6 +59,8 @@ pub struct Cluster {
     helpers: Vec<Child>,
     /// The nodes' network: a bridge in a namespace of its own, one port per node.
     fabric: NetNs,
+    /// What this bed's namespace names begin with.
+    prefix: String,
     /// The private mount the nodes' mount namespaces are pinned on.
     pins: PathBuf,
 }
@@ -175,7 +177,12 @@ impl Cluster {
             &dir.join("kube-scheduler.log"),
             Lifetime::Owned,
         )?);
-        let fabric = NetNs::create(&format!("ipf-{}-net", std::process::id()))?;
+        // Namespace names carry the process and the bed, so that beds of
+        // one test process, or of two, never share one.
+        static BEDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let bed = BEDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("ipf-{}-{bed}", std::process::id());
+        let fabric = NetNs::create(&format!("{prefix}-net"))?;
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
         let mut cluster = Cluster {
@@ -186,6 +193,7 @@ impl Cluster {
             helpers,
             fabric,
             pins,
+            prefix,
         };
         for i in 0..nodes {
             let node = cluster.start_node(i)?;
@@ -201,9 +209,7 @@ impl Cluster {
         for sub in ["cni", "static", "kubelet"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(io_err(&dir))?;
         }
-        // The namespace's name is short (interface and path limits) and
-        // carries the process id, so that parallel runs never share one.
-        let netns = NetNs::create(&format!("ipf-{}-{i}", std::process::id()))?;
+        let netns = NetNs::create(&format!("{}-{i}", self.prefix))?;
         let ip = format!("10.250.0.{}", 10 + i);
         // An interface with a real address (kubelet refuses a loopback node
         // IP), one end of a veth pair whose other end is a port of the

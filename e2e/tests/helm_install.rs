@@ -36,17 +36,13 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The project's images, as a release would publish them, tagged `dev`.
+/// The project's images, as a release would publish them (`testbed::oci`,
+/// the Dockerfiles' layout), tagged `dev`.
 fn push_product_images(registry: &str) {
     for name in [CONTROLLER, AGENT] {
-        let bin = binary(name);
-        testbed::images::build_and_push_files(
-            registry,
-            &format!("{name}:dev"),
-            &[(&bin, &format!("/usr/local/bin/{name}"))],
-            &format!("/usr/local/bin/{name}"),
-        )
-        .expect("buildah image of a workspace binary");
+        let local = testbed::oci::build(&binary(name), name, "dev", testbed::oci::NONROOT)
+            .expect("buildah image of a workspace binary");
+        testbed::oci::push(&local, &format!("{registry}/{name}:dev")).unwrap();
     }
 }
 

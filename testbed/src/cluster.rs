@@ -146,37 +146,30 @@ impl Cluster {
         crate::images::push_pause(&dir.join("pause"), &registry.host, PAUSE)?;
         let ca = plane.dir.join("certs").join("apiserver.crt");
         let key = plane.dir.join("service-account.key");
-        let mut helpers = Vec::new();
-        let mut kcm = Command::new(KUBE_CONTROLLER_MANAGER.require()?);
-        kcm.arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
-            .arg(format!("--root-ca-file={}", ca.display()))
-            .arg(format!(
-                "--service-account-private-key-file={}",
-                key.display()
-            ))
-            .args([
-                "--leader-elect=false",
-                "--bind-address=127.0.0.1",
-                "--secure-port=0",
-            ]);
-        helpers.push(process::spawn(
-            kcm,
-            &dir.join("kube-controller-manager.log"),
-            Lifetime::Owned,
-        )?);
-        let mut scheduler = Command::new(KUBE_SCHEDULER.require()?);
-        scheduler
-            .arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
-            .args([
-                "--leader-elect=false",
-                "--bind-address=127.0.0.1",
-                "--secure-port=0",
-            ]);
-        helpers.push(process::spawn(
-            scheduler,
-            &dir.join("kube-scheduler.log"),
-            Lifetime::Owned,
-        )?);
+        // The scheduler and the controller manager (ServiceAccounts,
+        // Deployments, DaemonSets, the garbage collector), as an admin.
+        let helper = |program: PathBuf, extra: &[String], name: &str| -> Result<Child> {
+            let mut cmd = Command::new(program);
+            cmd.arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
+                .args(extra)
+                .args([
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                    "--secure-port=0",
+                ]);
+            process::spawn(cmd, &dir.join(format!("{name}.log")), Lifetime::Owned)
+        };
+        let helpers = vec![
+            helper(
+                KUBE_CONTROLLER_MANAGER.require()?,
+                &[
+                    format!("--root-ca-file={}", ca.display()),
+                    format!("--service-account-private-key-file={}", key.display()),
+                ],
+                "kube-controller-manager",
+            )?,
+            helper(KUBE_SCHEDULER.require()?, &[], "kube-scheduler")?,
+        ];
         // Namespace names carry the process and the bed, so that beds of
         // one test process, or of two, never share one.
         static BEDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -1,7 +1,7 @@
 //! Test images built here, not downloaded: an OCI layout with layers of
 //! incompressible bytes, pushed to a test registry with skopeo.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::json;
@@ -305,98 +305,6 @@ impl Layout {
     }
 }
 
-/// Builds a container image with buildah from `files` ((path here, path in
-/// the image)) and `entrypoint`, and pushes it to `registry` (plain HTTP) as
-/// `name`. Binaries are copied without their debug sections, with the
-/// shared libraries they load.
-pub fn build_and_push_files(
-    registry: &str,
-    name: &str,
-    files: &[(&Path, &str)],
-    entrypoint: &str,
-) -> Result<()> {
-    let buildah = require_tool("buildah")?;
-    let run = |args: &[&str]| -> Result<String> {
-        let out = Command::new(&buildah)
-            .args(args)
-            .output()
-            .map_err(|source| Error::Io {
-                path: "buildah".into(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(Error::Build {
-                what: "a container image",
-                detail: format!(
-                    "buildah {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    let container = run(&["from", "scratch"])?;
-    let root = PathBuf::from(run(&["mount", &container])?);
-    let result = (|| -> Result<()> {
-        for (from, to) in files {
-            let dest = root.join(to.trim_start_matches('/'));
-            std::fs::create_dir_all(dest.parent().expect("a path in the image"))
-                .map_err(io_err(&dest))?;
-            let stripped = Command::new("objcopy")
-                .arg("--strip-debug")
-                .arg(from)
-                .arg(&dest)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !stripped {
-                std::fs::copy(from, &dest).map_err(io_err(from))?;
-            }
-            for lib in shared_libraries(from) {
-                let dest = root.join(lib.trim_start_matches('/'));
-                if !dest.exists() {
-                    std::fs::create_dir_all(dest.parent().expect("a library path"))
-                        .map_err(io_err(&dest))?;
-                    std::fs::copy(&lib, &dest).map_err(io_err(Path::new(&lib)))?;
-                }
-            }
-        }
-        Ok(())
-    })();
-    run(&["umount", &container])?;
-    result?;
-    run(&[
-        "config",
-        "--entrypoint",
-        &serde_json::json!([entrypoint]).to_string(),
-        &container,
-    ])?;
-    let local = format!("localhost/{name}");
-    run(&["commit", "--rm", &container, &local])?;
-    run(&[
-        "push",
-        "--tls-verify=false",
-        &local,
-        &format!("docker://{registry}/{name}"),
-    ])?;
-    Ok(())
-}
-
-/// The shared libraries `binary` loads (from `ldd`), none for a static one.
-fn shared_libraries(binary: &Path) -> Vec<String> {
-    let out = Command::new("ldd").arg(binary).output();
-    let Ok(out) = out else { return vec![] };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
-            let path = l.split("=>").last()?.split_whitespace().next()?;
-            path.starts_with('/').then(|| path.to_string())
-        })
-        .collect()
-}
-
 /// The pod sandbox's pause image of the cluster bed, built from
 /// `testbed/go/pause` (static, no C library) and pushed as `name` (the bed
 /// pushes it as [`crate::cluster::PAUSE`]; tests use it as a workload that
@@ -430,5 +338,7 @@ pub fn push_pause(work: &Path, registry: &str, name: &str) -> Result<()> {
         }
         std::fs::rename(&built, &bin).map_err(io_err(&bin))?;
     }
-    build_and_push_files(registry, name, &[(&bin, "/pause")], "/pause")
+    let (repository, tag) = name.rsplit_once(':').unwrap_or((name, "latest"));
+    let local = crate::oci::build(&bin, repository, tag, crate::oci::NONROOT)?;
+    crate::oci::push(&local, &format!("{registry}/{repository}:{tag}"))
 }

@@ -49,6 +49,17 @@ const PEER_MIRROR_PORT: u16 = 5000;
 /// The pause image the nodes' containerd runs each pod's sandbox from.
 pub const PAUSE: &str = "pause:1";
 
+/// How full the nodes' image filesystem looks to kubelet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFs {
+    /// No eviction thresholds: kubelet never reclaims.
+    Roomy,
+    /// Past kubelet's thresholds for good: its garbage collection of
+    /// unused images runs as under disk pressure (the node is tainted
+    /// `disk-pressure`; only pods that tolerate it schedule).
+    UnderPressure,
+}
+
 /// A control plane, a registry and kubelet nodes.
 pub struct Cluster {
     pub dir: PathBuf,
@@ -122,6 +133,11 @@ fn run(cmd: &mut Command, what: &'static str) -> Result<()> {
 impl Cluster {
     /// Starts the bed in `dir` with `nodes` nodes, and waits until they are Ready.
     pub async fn start(dir: &Path, nodes: usize) -> Result<Self> {
+        Self::start_with(dir, nodes, ImageFs::Roomy).await
+    }
+
+    /// As [`start`](Self::start), with the nodes' image filesystem `image_fs`.
+    pub async fn start_with(dir: &Path, nodes: usize, image_fs: ImageFs) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let dir = std::fs::canonicalize(dir).map_err(io_err(dir))?;
         // Mount namespaces are pinned on files of a private mount: the
@@ -189,14 +205,14 @@ impl Cluster {
             prefix,
         };
         for i in 0..nodes {
-            let node = cluster.start_node(i)?;
+            let node = cluster.start_node(i, image_fs)?;
             cluster.nodes.push(node);
         }
         cluster.wait_ready().await?;
         Ok(cluster)
     }
 
-    fn start_node(&self, i: usize) -> Result<ClusterNode> {
+    fn start_node(&self, i: usize, image_fs: ImageFs) -> Result<ClusterNode> {
         let name = format!("kubelet-node-{i}");
         let dir = self.dir.join(&name);
         for sub in ["cni", "static", "kubelet"] {
@@ -324,11 +340,20 @@ healthzBindAddress: 127.0.0.1
 readOnlyPort: 0
 resolvConf: \"\"
 podLogsDir: {logs}
-evictionHard: {{}}
-",
+{pressure}",
             socket = containerd.socket.display(),
             static_dir = dir.join("static").display(),
             logs = dir.join("pod-logs").display(),
+            pressure = match image_fs {
+                ImageFs::Roomy => "evictionHard: {}\n",
+                // Thresholds no disk meets: kubelet reclaims at once and
+                // again every 10 s, deleting every unused image a second
+                // old that is not pinned.
+                ImageFs::UnderPressure => {
+                    "evictionHard: {imagefs.available: \"99%\", nodefs.available: \"99%\"}\n\
+                     imageMinimumGCAge: 1s\n"
+                }
+            },
         );
         let config = dir.join("kubelet.yaml");
         write(&config, &kubelet_config)?;

@@ -115,6 +115,31 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
         "the lease is held by one of the replicas: {holder}"
     );
 
+    // Pod networks reach across nodes: from the first node, the agent pod
+    // of every node answers on its pod address.
+    let agents = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .unwrap();
+    for pod in &agents.items {
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
+        let out = cluster.nodes[0]
+            .command(std::path::Path::new("bash"))
+            .args([
+                "-c",
+                &format!(
+                    "exec 3<>/dev/tcp/{ip}/8080 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && head -n 1 <&3"
+                ),
+            ])
+            .output()
+            .unwrap();
+        let line = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            line.contains(" 200"),
+            "agent pod {ip} from the first node: {line:?}"
+        );
+    }
+
     // An ImagePrefetch, rolled out by the pods, followed with kubectl.
     kubectl(&kubeconfig, &["create", "namespace", "team"]);
     let image = format!("{}/{WORKLOAD}", registry.host);

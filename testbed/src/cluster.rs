@@ -17,7 +17,8 @@
 //! hostPath is one path for every node. So the chart installs with its
 //! defaults.
 //!
-//! The nodes are joined by a bridge in a namespace of its own; each runs the
+//! The nodes are joined by a bridge in a namespace of its own, with a route
+//! to every other node's pod network; each runs the
 //! peer mirror stand-in (spegel's data path, `testbed/peer-mirror`) on its
 //! address, written into its registry configuration as spegel's chart does.
 //!
@@ -207,6 +208,18 @@ impl Cluster {
         for i in 0..nodes {
             let node = cluster.start_node(i, image_fs)?;
             cluster.nodes.push(node);
+        }
+        // Each node's pod network is reached through that node.
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            for j in (0..nodes).filter(|j| *j != i) {
+                node.netns.ip(&[
+                    "route",
+                    "add",
+                    &format!("10.244.{j}.0/24"),
+                    "via",
+                    &format!("10.250.0.{}", 10 + j),
+                ])?;
+            }
         }
         cluster.wait_ready().await?;
         Ok(cluster)

@@ -313,6 +313,7 @@ impl Cluster {
             let (ip, port) = host.split_once(':').unwrap_or((host, ""));
             launch(Path::new("bash"))
                 .args(["-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
+                .stderr(std::process::Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success())
         };

@@ -64,7 +64,11 @@ pub fn build(binary: &Path, name: &str, tag: &str, user: &str) -> Result<String>
         for lib in libraries(binary)? {
             buildah(&["copy", &container, &lib, &lib])?;
         }
-        let dir = std::env::temp_dir().join(format!("image-prefetch-etc-{}", std::process::id()));
+        // One folder per build: builds of one process run side by side.
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("image-prefetch-etc-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(crate::io_err(&dir))?;
         let passwd = dir.join("passwd");
         std::fs::write(&passwd, "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n")

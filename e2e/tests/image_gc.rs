@@ -2,7 +2,6 @@
 //! image filesystem is past kubelet's thresholds: an image the agent
 //! prefetched (pinned) survives, an unused image nobody pinned goes.
 
-use std::process::Command;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
@@ -77,19 +76,7 @@ async fn kubelets_garbage_collection_keeps_prefetched_images_and_takes_the_rest(
     .await;
 
     // Another image, pulled as kubelet would have (CRI-managed), unused and unpinned.
-    let ctr = |args: &[&str]| {
-        let out = Command::new("ctr")
-            .args(["--address", &socket, "--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .expect("ctr runs");
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ctr = |args: &[&str]| node.containerd.ctr(args);
     ctr(&[
         "images",
         "pull",

@@ -163,6 +163,25 @@ state = "{state}"
         )
     }
 
+    /// `ctr` (Debian's containerd client) against this containerd, in the
+    /// Kubernetes namespace: what it prints. Panics with ctr's error when it
+    /// fails (for tests).
+    pub fn ctr(&self, args: &[&str]) -> String {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .expect("ctr runs");
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Kills containerd (as a crash would); `start` on the same dir brings it back.
     pub fn kill(mut self) {
         self.crash();

@@ -92,19 +92,7 @@ pub fn agent_process(
 
 /// `ctr`, Debian's containerd client, against a test node.
 pub fn ctr(containerd: &testbed::containerd::Containerd, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(&containerd.socket)
-        .args(["--namespace", "k8s.io"])
-        .args(args)
-        .output()
-        .expect("ctr runs");
-    assert!(
-        out.status.success(),
-        "ctr {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    containerd.ctr(args)
 }
 
 /// One sample of `/metrics` text: the value of the line starting with `series`.

@@ -107,14 +107,16 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
         "api outage: {attempts} connection attempts from the controller and one agent in {:.0}s",
         started.elapsed().as_secs_f64()
     );
-    // Two processes, four watches, each backing off from 0.8 s to 30 s:
-    // a handful each. Without backoff it is thousands.
+    // Two processes, four watches, each backing off on its own from 0.8 s to
+    // 30 s: about five each. Without backoff it is thousands.
     assert!(attempts <= 60, "{attempts} attempts during a 30 s outage");
 
     prefetch(&api, "after", &images[1].reference).await;
     let healed = Instant::now();
     ready(&api, "after").await;
-    // Bounded by the watches' longest backoff (30 s) plus the rollout.
+    // Bounded by a watch's longest backoff (30 s, up to 60 s jittered) plus
+    // the rollout: the watches back off independently, so no watch waits for
+    // another's rounds (when they did, CI once took over 120 s).
     eprintln!(
         "api outage: recovered {:.0}s after the API server came back",
         healed.elapsed().as_secs_f64()

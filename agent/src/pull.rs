@@ -6,8 +6,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::StreamInit;
+use containerd_client::services::v1::namespaces_client::NamespacesClient;
 use containerd_client::services::v1::streaming_client::StreamingClient;
 use containerd_client::services::v1::transfer_client::TransferClient;
+use containerd_client::services::v1::{CreateNamespaceRequest, Namespace};
 use containerd_client::services::v1::{
     GetImageRequest, ListImagesRequest, ReadContentRequest, TransferOptions, TransferRequest,
     UpdateImageRequest,
@@ -132,13 +134,42 @@ impl Runtime {
                 socket: socket.display().to_string(),
                 message: e.to_string(),
             })?;
-        Ok(Runtime {
+        let runtime = Runtime {
             channel,
             namespace: K8S_NAMESPACE.to_string(),
             snapshotter: "overlayfs".to_string(),
             transfer: Arc::new(AtomicBool::new(true)),
             platform: crd::platform::Platform::host(),
-        })
+        };
+        runtime.ensure_namespace().await?;
+        Ok(runtime)
+    }
+
+    /// Creates the Kubernetes namespace in containerd if it is not there yet
+    /// (a node no image was ever pulled on). A Transfer's progress and auth
+    /// streams are registered in it; containerd's garbage collection keeps a
+    /// stream only while its namespace exists in the metadata store, so a
+    /// collection between registering a stream and the Transfer that uses it
+    /// made that pull fail with a bare "not found" (seen once in a few runs
+    /// on loaded CI; reproduced with a forced collection in between).
+    async fn ensure_namespace(&self) -> Result<(), PullError> {
+        let request = CreateNamespaceRequest {
+            namespace: Some(Namespace {
+                name: self.namespace.clone(),
+                ..Default::default()
+            }),
+        };
+        let span = rpc("Namespaces.Create");
+        match NamespacesClient::new(self.channel.clone())
+            .create(self.request(&span, request))
+            .instrument(span)
+            .await
+        {
+            Err(s) if s.code() != containerd_client::tonic::Code::AlreadyExists => {
+                Err(status_error(s))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Pulls for `platform` instead of this machine's (a simulated node of

@@ -185,3 +185,27 @@ async fn cri_tags(node: &Containerd) -> Vec<String> {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// containerd keeps a Transfer's progress and auth streams through a garbage
+/// collection only when their namespace exists in its metadata store; on a
+/// node where nothing was ever pulled it does not, and a collection between
+/// opening a stream and the Transfer failed the pull with "not found".
+#[tokio::test]
+async fn connecting_to_a_fresh_containerd_creates_the_kubernetes_namespace() {
+    let dir = Workdir::new("agent-pull-namespace");
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    let namespaces = || node.ctr(&["namespaces", "ls", "--quiet"]);
+    assert!(
+        !namespaces().lines().any(|n| n == "k8s.io"),
+        "{}",
+        namespaces()
+    );
+    Runtime::connect(&node.socket).await.unwrap();
+    assert!(
+        namespaces().lines().any(|n| n == "k8s.io"),
+        "{}",
+        namespaces()
+    );
+    // A second agent (a restart) finds it there and is content.
+    Runtime::connect(&node.socket).await.unwrap();
+}

@@ -137,8 +137,11 @@ pub async fn run(
     let wc = watcher::Config::default().labels(&keys::on_node(&config.node_name));
     // Deletions too: a deleted set's pulls stop at once. The watch backs off
     // while the API server is away.
-    let mut events =
-        reflector::reflector(writer, watcher(sets_api.clone(), wc).default_backoff()).boxed();
+    let mut events = reflector::reflector(
+        writer,
+        watcher(sets_api.clone(), wc).backoff(crd::watch_backoff::backoff()),
+    )
+    .boxed();
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let (failed_backoff, progress_every) = (config.failed_backoff, config.progress_every);
     let mut agent = Agent {

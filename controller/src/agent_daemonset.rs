@@ -138,7 +138,9 @@ pub async fn keep(
     let params = PatchParams::apply(MANAGER).force();
     let desired = spec.daemonset();
     let wc = watcher::Config::default().fields(&format!("metadata.name={}", spec.name));
-    let mut events = watcher(api.clone(), wc).default_backoff().boxed();
+    let mut events = watcher(api.clone(), wc)
+        .backoff(crd::watch_backoff::backoff())
+        .boxed();
     tokio::pin!(shutdown);
     loop {
         match api

@@ -109,10 +109,10 @@ pub async fn run(
     let (nodes, node_writer) = reflector::store();
     let node_events = reflector::reflector(
         node_writer,
-        // Every watch backs off while the API server is away (client-go's
-        // defaults: 0.8 s doubling to 30 s), instead of retrying at once.
+        // Every watch backs off while the API server is away (0.8 s doubling
+        // to 10 s, jittered: `crd::watch_backoff`), instead of retrying at once.
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
+            .backoff(crd::watch_backoff::backoff())
             .modify(triggers::slim_node),
     );
     let sets = crate::index::SetIndex::default();
@@ -122,7 +122,7 @@ pub async fn run(
             Api::<NodeImageSet>::all(client.clone()),
             watcher::Config::default().labels(keys::PREFETCH_UID),
         )
-        .default_backoff()
+        .backoff(crd::watch_backoff::backoff())
         .map_ok(move |event| {
             sets.apply(&event);
             event
@@ -171,7 +171,7 @@ pub async fn run(
 
     let (all_prefetches, prefetch_writer) = reflector::store();
     let prefetch_events = watcher(prefetches, watcher::Config::default())
-        .default_backoff()
+        .backoff(crd::watch_backoff::backoff())
         .reflect(prefetch_writer)
         .applied_objects();
     let controller = Controller::for_stream(prefetch_events, all_prefetches.clone())
@@ -238,8 +238,7 @@ fn release_freed_memory() {
 }
 
 /// The controller's backoff over its trigger streams: none, because every
-/// stream brings its own (`default_backoff()`, client-go's 0.8 s doubling to
-/// 30 s, jittered).
+/// stream brings its own (`crd::watch_backoff`).
 struct EachWatchBacksOff;
 
 impl Iterator for EachWatchBacksOff {

@@ -10,6 +10,7 @@ pub mod node_image_set;
 pub mod platform;
 pub mod prefetch;
 pub mod reference;
+pub mod watch_backoff;
 
 pub use node_image_set::{
     NodeImage, NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus, PullSource,

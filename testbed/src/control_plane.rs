@@ -23,8 +23,11 @@ pub struct ControlPlane {
     pub server: String,
     /// From the first process start to `/readyz` answering ok.
     pub startup: Duration,
+    /// etcd, then kube-apiserver.
     children: Vec<Child>,
     lifetime: Lifetime,
+    /// How kube-apiserver is started, to start it again after an outage.
+    apiserver: Vec<String>,
 }
 
 const PIDS_FILE: &str = "pids";
@@ -82,6 +85,7 @@ impl ControlPlane {
             startup: Duration::ZERO,
             children: Vec::new(),
             lifetime,
+            apiserver: Vec::new(),
         };
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -96,31 +100,27 @@ impl ControlPlane {
             .args(["--initial-cluster", &format!("default={peer_url}")]);
         plane.spawn(etcd, "etcd")?;
 
-        let mut apiserver = Command::new(apiserver_bin);
-        apiserver
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg(format!(
-                "--advertise-address={}",
-                address.unwrap_or("127.0.0.1")
-            ))
-            .arg(format!("--secure-port={api_port}"))
-            .arg(format!("--cert-dir={}", dir.join("certs").display()))
-            .arg(format!("--token-auth-file={}", tokens.display()))
-            .arg(format!("--service-account-key-file={}", sa_key.display()))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                sa_key.display()
-            ))
-            .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--authorization-mode=RBAC")
+        plane.apiserver = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--advertise-address={}", address.unwrap_or("127.0.0.1")),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", dir.join("certs").display()),
+            format!("--token-auth-file={}", tokens.display()),
+            format!("--service-account-key-file={}", sa_key.display()),
+            format!("--service-account-signing-key-file={}", sa_key.display()),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--authorization-mode=RBAC".into(),
             // The built-in endpoint reconciler would publish 127.0.0.1 for the
             // `kubernetes` Service, which the API rejects; only pods need it.
-            .arg(format!(
+            format!(
                 "--endpoint-reconciler-type={}",
                 if address.is_some() { "lease" } else { "none" }
-            ));
+            ),
+        ];
+        let mut apiserver = Command::new(&apiserver_bin);
+        apiserver.args(&plane.apiserver);
         plane.spawn(apiserver, "kube-apiserver")?;
         if lifetime == Lifetime::Detached {
             let pids: Vec<String> = plane.children.iter().map(|c| c.id().to_string()).collect();
@@ -202,6 +202,32 @@ impl ControlPlane {
 
     pub async fn client(&self) -> Result<kube::Client> {
         client_from_kubeconfig(&self.kubeconfig).await
+    }
+
+    /// Stops kube-apiserver and leaves etcd running: an API server outage
+    /// (an upgrade, a crash). [`start_apiserver`](Self::start_apiserver)
+    /// brings it back.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(apiserver) = self.children.get_mut(1) {
+            process::stop(apiserver);
+        }
+    }
+
+    /// Starts kube-apiserver again as it was (its port, certificates and
+    /// etcd) after [`stop_apiserver`](Self::stop_apiserver), and waits until
+    /// it is ready. Its request counters start again from zero: what it
+    /// counts is what clients asked of it since it came back.
+    pub async fn start_apiserver(&mut self) -> Result<()> {
+        let mut apiserver = Command::new(KUBE_APISERVER.require()?);
+        apiserver.args(&self.apiserver);
+        let log = self.dir.join("kube-apiserver.log");
+        let child = process::spawn(apiserver, &log, self.lifetime)?;
+        match self.children.get_mut(1) {
+            Some(stopped) => *stopped = child,
+            None => self.children.push(child),
+        }
+        self.wait_ready(&self.dir.join("certs").join("apiserver.crt"))
+            .await
     }
 
     /// Stops both processes (the API server first) and waits for them to exit.

@@ -4,9 +4,10 @@
 //! runs (kill the seed's containerd mid-pull, ...) and N nodes pulling at
 //! once share it. Requests go through at full speed. It can also be cut, as a
 //! network partition cuts a link (connections under way are reset, new ones
-//! are accepted and never answered), or refuse, as a stopped server does
-//! (every connection is reset at once), and heal again. It counts the
-//! connections it accepts: each is a request's attempt to get through.
+//! are accepted and never answered), and heal again. A connection it cannot
+//! pass on (the server is stopped) is closed at once, as the server's refusal
+//! would be. It counts the connections it accepts: each is a request's
+//! attempt to get through.
 //! Stopped when dropped.
 
 use std::io::{Read, Write};
@@ -30,7 +31,6 @@ pub struct SlowLink {
 
 const OPEN: u8 = 0;
 const CUT: u8 = 1;
-const REFUSING: u8 = 2;
 
 impl SlowLink {
     /// Relays to `target` (`ip:port`), answers at `bytes_per_second`.
@@ -66,9 +66,6 @@ impl SlowLink {
                         counted.fetch_add(1, Ordering::Relaxed);
                         let _ = client.set_nonblocking(false);
                         match link_state.load(Ordering::Relaxed) {
-                            REFUSING => {
-                                let _ = client.shutdown(Shutdown::Both);
-                            }
                             // Cut: held open, never answered, as behind a partition.
                             CUT => {
                                 opened.lock().expect("open connections").push(client);
@@ -108,12 +105,10 @@ impl SlowLink {
 
     /// Cuts the link: connections under way are reset, new ones hang.
     pub fn cut(&self) {
-        self.break_with(CUT);
-    }
-
-    /// As if the server stopped: connections under way and new ones are reset.
-    pub fn refuse(&self) {
-        self.break_with(REFUSING);
+        self.state.store(CUT, Ordering::Relaxed);
+        for c in self.open.lock().expect("open connections").drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
     }
 
     /// Works again, for new connections.
@@ -124,13 +119,6 @@ impl SlowLink {
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
-    }
-
-    fn break_with(&self, state: u8) {
-        self.state.store(state, Ordering::Relaxed);
-        for c in self.open.lock().expect("open connections").drain(..) {
-            let _ = c.shutdown(Shutdown::Both);
-        }
     }
 }
 

@@ -146,13 +146,14 @@ impl Runtime {
     }
 
     /// Creates the Kubernetes namespace in containerd if it is not there yet
-    /// (a node no image was ever pulled on). A Transfer's progress and auth
+    /// (a node no image was ever pulled on): when connecting, and again each
+    /// time the agent follows containerd's events anew. A Transfer's progress and auth
     /// streams are registered in it; containerd's garbage collection keeps a
     /// stream only while its namespace exists in the metadata store, so a
     /// collection between registering a stream and the Transfer that uses it
     /// made that pull fail with a bare "not found" (seen once in a few runs
     /// on loaded CI; reproduced with a forced collection in between).
-    async fn ensure_namespace(&self) -> Result<(), PullError> {
+    pub async fn ensure_namespace(&self) -> Result<(), PullError> {
         let request = CreateNamespaceRequest {
             namespace: Some(Namespace {
                 name: self.namespace.clone(),

@@ -461,6 +461,11 @@ impl Agent {
 
     /// Images the ledger holds as present that containerd no longer has are pulled again.
     async fn check_present(&mut self) {
+        // containerd may have come back with its state wiped (a node
+        // re-imaged under a running agent): the namespace again first.
+        if let Err(e) = self.runtime.ensure_namespace().await {
+            warn!(error = %e, "could not create containerd's Kubernetes namespace");
+        }
         for name in self.ledger.present() {
             if let Ok(None) = self.runtime.image(&name).await {
                 info!(image = %name, "prefetched image was removed from the node; pulling it again");

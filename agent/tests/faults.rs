@@ -1,5 +1,7 @@
 //! The agent when things go wrong: a registry that goes away and comes
-//! back, one that hangs, and the agent itself killed in the middle of a pull.
+//! back, one that hangs, the agent itself killed in the middle of a pull, a
+//! set deleted in the middle of one, and the node's containerd coming back
+//! with its state wiped.
 
 mod support;
 
@@ -333,4 +335,62 @@ async fn a_set_deleted_mid_pull_aborts_the_pull_releases_its_pins_and_gets_no_mo
     );
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
+}
+
+/// A node's containerd comes back with its state wiped (a re-imaged disk, a
+/// runtime reinstalled) under a running agent: the agent follows
+/// containerd's events anew, creates the Kubernetes namespace again (a
+/// Transfer's streams need it) and pulls the prefetched image again, with no
+/// restart of its own.
+#[tokio::test]
+async fn a_containerd_that_comes_back_empty_gets_its_images_again() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-faults-wiped");
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let image = images::build_and_push(
+        &dir.join("images"),
+        &registry.host,
+        "team/wiped",
+        "1",
+        &[MB],
+    )
+    .unwrap();
+    let mut node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&registry.host, &[]).unwrap();
+    let log = dir.join("agent.log");
+    let mut agent = agent_process("fault-node-wiped", &node, &dir.join("agent-hosts"), &log);
+    set(
+        &client,
+        "faults-wiped",
+        "fault-node-wiped",
+        json!([{"name": image.reference, "registryPolicy": "Default"}]),
+        1,
+    )
+    .await;
+    wait_status(&client, "faults-wiped", "Available", |s| s.available == 1).await;
+    let fetched_once = registry.blob_gets("team/wiped");
+
+    node.crash();
+    std::fs::remove_dir_all(dir.join("node").join("root")).unwrap();
+    std::fs::remove_dir_all(dir.join("node").join("state")).unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    testbed::poll::eventually(
+        "the image back on the wiped node",
+        Duration::from_secs(60),
+        || async {
+            let namespaces = ctr(&node, &["namespaces", "ls", "-q"]);
+            let images = ctr(&node, &["images", "ls", "-q"]);
+            (namespaces.lines().any(|n| n == "k8s.io")
+                && images.lines().any(|i| i == image.reference))
+            .then_some(())
+        },
+    )
+    .await;
+    // Fetched from the registry a second time, each blob once more.
+    let fetched = registry.blob_gets("team/wiped");
+    for (blob, n) in &fetched_once {
+        assert_eq!(fetched.get(blob), Some(&(n + 1)), "{blob}: {fetched:?}");
+    }
+    agent.kill().unwrap();
+    agent.wait().unwrap();
 }

@@ -122,11 +122,7 @@ impl ControlPlane {
         let mut apiserver = Command::new(&apiserver_bin);
         apiserver.args(&plane.apiserver);
         plane.spawn(apiserver, "kube-apiserver")?;
-        if lifetime == Lifetime::Detached {
-            let pids: Vec<String> = plane.children.iter().map(|c| c.id().to_string()).collect();
-            let path = dir.join(PIDS_FILE);
-            std::fs::write(&path, pids.join("\n")).map_err(io_err(&path))?;
-        }
+        plane.record_pids()?;
 
         let ca = dir.join("certs").join("apiserver.crt");
         let kubeconfig = kubeconfig_yaml(&plane.server, &ca, &token);
@@ -134,6 +130,16 @@ impl ControlPlane {
         plane.wait_ready(&ca).await?;
         plane.startup = started.elapsed();
         Ok(plane)
+    }
+
+    /// A detached plane's process ids, for `stop_detached` from another process.
+    fn record_pids(&self) -> Result<()> {
+        if self.lifetime == Lifetime::Detached {
+            let pids: Vec<String> = self.children.iter().map(|c| c.id().to_string()).collect();
+            let path = self.dir.join(PIDS_FILE);
+            std::fs::write(&path, pids.join("\n")).map_err(io_err(&path))?;
+        }
+        Ok(())
     }
 
     fn spawn(&mut self, cmd: Command, what: &'static str) -> Result<()> {
@@ -226,6 +232,7 @@ impl ControlPlane {
             Some(stopped) => *stopped = child,
             None => self.children.push(child),
         }
+        self.record_pids()?;
         self.wait_ready(&self.dir.join("certs").join("apiserver.crt"))
             .await
     }

@@ -19,13 +19,15 @@ use testbed::slow_link::SlowLink;
 
 const OUTAGE: Duration = Duration::from_secs(30);
 
-/// Applies an ImagePrefetch of `image` to this test's nodes.
-async fn prefetch(api: &Api<ImagePrefetch>, name: &str, image: &str) {
+/// Applies an ImagePrefetch of `image` to this test's nodes; `None` when the
+/// API server did not take it.
+async fn prefetch(api: &Api<ImagePrefetch>, name: &str, image: &str) -> Option<()> {
     let ns = api.namespace().unwrap_or("default").to_string();
     let client = api.clone().into_client();
     testbed::crds::apply_prefetch(&client, &ns, name, &[image], &[("pool", "outage")])
         .await
-        .unwrap();
+        .ok()
+        .map(drop)
 }
 
 async fn ready(api: &Api<ImagePrefetch>, name: &str) {
@@ -98,7 +100,9 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
     .expect("controller (built by cargo test --workspace)");
 
     let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
-    prefetch(&api, "before", &images[0].reference).await;
+    prefetch(&api, "before", &images[0].reference)
+        .await
+        .expect("the ImagePrefetch taken");
     ready(&api, "before").await;
 
     let before = link.accepted();
@@ -123,8 +127,14 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
     // A client of its own: the old one's connections died with the server.
     let client = plane.client().await.unwrap();
     let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
-    prefetch(&api, "after", &images[1].reference).await;
     let healed = Instant::now();
+    // The server is ready; the CRDs' discovery may lag it by a moment.
+    eventually(
+        "the ImagePrefetch taken after the restart",
+        Duration::from_secs(30),
+        || prefetch(&api, "after", &images[1].reference),
+    )
+    .await;
     ready(&api, "after").await;
     // Bounded by a watch's longest wait (10 s, up to 20 s jittered) and a
     // few more rounds while the restarted server still answers 429, plus the

@@ -15,7 +15,7 @@ use serde_json::json;
 
 mod kubelet_support;
 
-use kubelet_support::{apply, kubectl, product_ready, push_product_images, until};
+use kubelet_support::{apply, kubectl, product_ready, push_product_images, try_apply, until};
 use testbed::cluster::Cluster;
 use testbed::helm::NAMESPACE;
 
@@ -77,7 +77,13 @@ async fn the_installed_product_recovers_from_an_api_server_restart() {
 
     // A client of its own: the old one's connections died with the server.
     let client = cluster.plane.client().await.unwrap();
-    apply(&kubeconfig, &rollout("after"));
+    // The server is ready; the CRDs' discovery may lag it by a moment.
+    until(
+        &cluster,
+        "the ImagePrefetch taken after the restart",
+        || async { try_apply(&kubeconfig, &rollout("after")).then_some(()) },
+    )
+    .await;
     until(&cluster, "the rollout after the restart Ready", || async {
         let table = kubectl(
             &kubeconfig,

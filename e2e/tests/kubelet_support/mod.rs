@@ -59,9 +59,23 @@ pub async fn product_ready(client: &kube::Client, namespace: &str, nodes: usize)
 }
 
 pub fn apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) {
+    assert!(try_apply(kubeconfig, manifest), "kubectl apply {manifest}");
+}
+
+/// `kubectl apply` of `manifest`: whether the API server took it (for a
+/// server that may still be starting).
+pub fn try_apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) -> bool {
     let path = kubeconfig.with_extension(format!("{}.json", std::process::id()));
     std::fs::write(&path, manifest.to_string()).unwrap();
-    kubectl(kubeconfig, &["apply", "-f", path.to_str().unwrap()]);
+    let out = Command::new("kubectl")
+        .args(["apply", "-f", path.to_str().unwrap()])
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("kubectl runs");
+    if !out.status.success() {
+        eprintln!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    out.status.success()
 }
 
 /// What to look at when the bed does not get where a test waits for: the

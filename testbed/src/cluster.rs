@@ -454,8 +454,10 @@ impl Drop for ClusterNode {
     fn drop(&mut self) {
         process::stop(&mut self.kubelet);
         process::stop(&mut self.proxy);
-        // containerd's shims outlive it, holding the pods' processes and
-        // mounts: stop them, then unmount what is left under the node.
+        // The pods' processes and containerd's shims outlive containerd (and
+        // a container outlives its shim): stop them all, then unmount what
+        // is left under the node.
+        kill_containers(&self.containerd.dir.join("state"));
         kill_shims(&self.containerd.socket);
         self.containerd.crash();
         unmount_under(&self.dir);
@@ -464,7 +466,34 @@ impl Drop for ClusterNode {
     }
 }
 
-/// Kills the containerd shims (and so the containers) that serve `socket`.
+/// Kills every container of the containerd whose state directory is
+/// `state`: each container's first process (its task's `init.pid`) heads the
+/// container's own PID namespace, so the rest of the container goes with it.
+fn kill_containers(state: &Path) {
+    let tasks = state.join("io.containerd.runtime.v2.task");
+    let bundles = std::fs::read_dir(tasks)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|namespace| {
+            std::fs::read_dir(namespace.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        });
+    for bundle in bundles {
+        let pid = std::fs::read_to_string(bundle.path().join("init.pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            kill(pid);
+        }
+    }
+}
+
+fn kill(pid: i32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// Kills the containerd shims that serve `socket`.
 fn kill_shims(socket: &Path) {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
@@ -477,7 +506,7 @@ fn kill_shims(socket: &Path) {
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if cmdline.contains("containerd-shim") && cmdline.contains(&wanted) {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            kill(pid);
         }
     }
 }

@@ -15,7 +15,9 @@ use serde_json::json;
 
 mod kubelet_support;
 
-use kubelet_support::{apply, kubectl, product_ready, push_product_images, try_apply, until};
+use kubelet_support::{
+    apply, install_product, kubectl, product_ready, push_product_images, try_apply, until,
+};
 use testbed::cluster::Cluster;
 use testbed::helm::NAMESPACE;
 
@@ -35,19 +37,7 @@ async fn the_installed_product_recovers_from_an_api_server_restart() {
         testbed::images::push_pause(&work.join(tag), &registry, &format!("team/web:{tag}"))
             .unwrap();
     }
-    let registry_value = format!("image.registry={registry}");
-    testbed::helm::install(
-        &kubeconfig,
-        &[
-            "--set",
-            &registry_value,
-            "--set",
-            "image.tag=dev",
-            // The bed's nodes share the machine's disk (helm_install.rs).
-            "--set",
-            "agent.imageFsHighPercent=100",
-        ],
-    );
+    install_product(&kubeconfig, &registry);
     product_ready(&client, NAMESPACE, cluster.nodes.len()).await;
     kubectl(&kubeconfig, &["create", "namespace", "team"]);
     let nodes = cluster.nodes.len();

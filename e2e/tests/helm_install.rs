@@ -14,7 +14,7 @@ use serde_json::json;
 
 mod kubelet_support;
 
-use kubelet_support::{apply, kubectl, product_ready, push_product_images, until};
+use kubelet_support::{apply, install_product, kubectl, product_ready, push_product_images, until};
 use testbed::cluster::Cluster;
 use testbed::helm::NAMESPACE;
 
@@ -33,22 +33,8 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
     push_product_images(&registry.host);
     testbed::images::push_pause(&work.join("workload"), &registry.host, WORKLOAD).unwrap();
 
-    // helm install, as documented: the chart's defaults for the node paths.
-    let registry_value = format!("image.registry={}", registry.host);
-    testbed::helm::install(
-        &kubeconfig,
-        &[
-            "--set",
-            &registry_value,
-            "--set",
-            "image.tag=dev",
-            // The bed's nodes share the machine's disk, however full other
-            // work makes it: no node's image filesystem is under pressure
-            // (the disk guard has tests of its own).
-            "--set",
-            "agent.imageFsHighPercent=100",
-        ],
-    );
+    // helm install, as documented.
+    install_product(&kubeconfig, &registry.host);
 
     // The chart's pods Ready: two controller replicas, the agent on every node.
     product_ready(&client, NAMESPACE, cluster.nodes.len()).await;

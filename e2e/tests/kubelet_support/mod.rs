@@ -39,6 +39,26 @@ pub fn push_product_images(registry: &str) {
     }
 }
 
+/// `helm install` of the chart as documented, its images from the bed's
+/// `registry` (tag `dev`, `push_product_images`), with the chart's defaults
+/// for the node paths. The disk guard is off: the bed's nodes share the
+/// machine's disk, however full other work makes it, so no node's image
+/// filesystem is under pressure (the disk guard has tests of its own).
+pub fn install_product(kubeconfig: &std::path::Path, registry: &str) {
+    let registry_value = format!("image.registry={registry}");
+    testbed::helm::install(
+        kubeconfig,
+        &[
+            "--set",
+            &registry_value,
+            "--set",
+            "image.tag=dev",
+            "--set",
+            "agent.imageFsHighPercent=100",
+        ],
+    );
+}
+
 /// Waits until `namespace`'s controller Deployment has two Ready replicas
 /// and the agent DaemonSet is Ready on all `nodes`.
 pub async fn product_ready(client: &kube::Client, namespace: &str, nodes: usize) {

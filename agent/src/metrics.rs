@@ -28,6 +28,10 @@ pub struct Metrics {
     pub bytes: Family<SourceLabels, Counter>,
     pub retries: Counter,
     pub images_present: Gauge,
+    /// Failed requests of the NodeImageSet watch (each retried after its backoff).
+    pub watch_errors: Counter,
+    /// Status writes that failed (each written again after a backoff).
+    pub status_write_errors: Counter,
 }
 
 impl Metrics {
@@ -38,6 +42,8 @@ impl Metrics {
             bytes: Family::default(),
             retries: Counter::default(),
             images_present: Gauge::default(),
+            watch_errors: Counter::default(),
+            status_write_errors: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("image_prefetch_agent");
         r.register(
@@ -64,6 +70,16 @@ impl Metrics {
             "images_present",
             "Prefetched images present on this node",
             m.images_present.clone(),
+        );
+        r.register(
+            "watch_errors",
+            "Failed requests of this node's NodeImageSet watch; the watch tries again after its backoff",
+            m.watch_errors.clone(),
+        );
+        r.register(
+            "status_write_errors",
+            "NodeImageSet status writes that failed; each is written again after a backoff",
+            m.status_write_errors.clone(),
         );
         m
     }

@@ -176,7 +176,10 @@ pub async fn run(
                 }
                 Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
                 Some(Ok(_)) => agent.sync().await,
-                Some(Err(e)) => warn!(error = %e, "watching NodeImageSets failed; retrying"),
+                Some(Err(e)) => {
+                    agent.metrics.watch_errors.inc();
+                    warn!(error = %e, "watching NodeImageSets failed; retrying");
+                }
                 None => break,
             },
             Some((key, want, outcome)) = rx.recv() => {
@@ -544,6 +547,7 @@ impl Agent {
             // Gone meanwhile: nothing to write to.
             Err(kube::Error::Api(e)) if e.code == 404 => true,
             Err(e) => {
+                self.metrics.status_write_errors.inc();
                 warn!(set = %name, error = %e, "writing NodeImageSet status failed; retrying with backoff");
                 false
             }

@@ -16,6 +16,12 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    /// The watched resource: `nodes`, `nodeimagesets`, `imageprefetches`.
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     /// `pending` (no agent report yet), `pulling`, `ready`, `failed`.
     pub state: String,
@@ -30,6 +36,8 @@ pub struct Metrics {
     pub writes: Counter,
     pub seeds_chosen: Counter,
     pub sets: Family<StateLabels, Gauge>,
+    /// Watch requests that failed (each retried after the watch's backoff).
+    pub watch_errors: Family<WatchLabels, Counter>,
 }
 
 impl Metrics {
@@ -41,6 +49,7 @@ impl Metrics {
             writes: Counter::default(),
             seeds_chosen: Counter::default(),
             sets: Family::default(),
+            watch_errors: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("image_prefetch_controller");
         r.register(
@@ -65,11 +74,25 @@ impl Metrics {
             m.seeds_chosen.clone(),
         );
         r.register(
+            "watch_errors",
+            "Failed watch requests to the API server, by resource; each watch tries again after its backoff",
+            m.watch_errors.clone(),
+        );
+        r.register(
             "node_image_sets",
             "NodeImageSets by state, as their agents report them",
             m.sets.clone(),
         );
         m
+    }
+
+    /// Counts a failed request of the watch of `resource`.
+    pub fn watch_failed(&self, resource: &str) {
+        self.watch_errors
+            .get_or_create(&WatchLabels {
+                resource: resource.to_string(),
+            })
+            .inc();
     }
 
     /// Recounts `sets` by state.

@@ -113,6 +113,10 @@ pub async fn run(
         // to 10 s, jittered: `crd::watch_backoff`), instead of retrying at once.
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
             .backoff(crd::watch_backoff::backoff())
+            .inspect_err({
+                let metrics = metrics.clone();
+                move |_| metrics.watch_failed("nodes")
+            })
             .modify(triggers::slim_node),
     );
     let sets = crate::index::SetIndex::default();
@@ -123,6 +127,10 @@ pub async fn run(
             watcher::Config::default().labels(keys::PREFETCH_UID),
         )
         .backoff(crd::watch_backoff::backoff())
+        .inspect_err({
+            let metrics = metrics.clone();
+            move |_| metrics.watch_failed("nodeimagesets")
+        })
         .map_ok(move |event| {
             sets.apply(&event);
             event
@@ -172,6 +180,10 @@ pub async fn run(
     let (all_prefetches, prefetch_writer) = reflector::store();
     let prefetch_events = watcher(prefetches, watcher::Config::default())
         .backoff(crd::watch_backoff::backoff())
+        .inspect_err({
+            let metrics = ctx.metrics.clone();
+            move |_| metrics.watch_failed("imageprefetches")
+        })
         .reflect(prefetch_writer)
         .applied_objects();
     let controller = Controller::for_stream(prefetch_events, all_prefetches.clone())

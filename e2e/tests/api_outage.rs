@@ -78,7 +78,7 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
         })
         .collect();
     let labels = [("pool".to_string(), "outage".to_string())].into();
-    let _nodes = testbed::simulated::nodes_with_registry_mirror(
+    let nodes = testbed::simulated::nodes_with_registry_mirror(
         &work.join("nodes"),
         &client,
         &kubeconfig,
@@ -90,7 +90,7 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
     )
     .await
     .expect("a simulated node (agent built by cargo test --workspace)");
-    let _controller = Binary::start(
+    let controller = Binary::start(
         CONTROLLER,
         &[],
         &kubeconfig,
@@ -167,6 +167,31 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
         (1..=32).contains(&total),
         "{total} LIST/WATCH requests after the restart: {relists:?}"
     );
+
+    // What an administrator's Prometheus saw: every watch's failures,
+    // counted by the processes themselves.
+    let mut counted = 0.0;
+    for resource in ["nodes", "nodeimagesets", "imageprefetches"] {
+        let failed = controller
+            .metric(&format!(
+                "image_prefetch_controller_watch_errors_total{{resource=\"{resource}\"}}"
+            ))
+            .unwrap();
+        eprintln!("api outage: the controller counted {failed} failed {resource} watch requests");
+        assert!(failed >= 1.0, "the {resource} watch's failures are counted");
+        counted += failed;
+    }
+    let agent_failed = nodes[0]
+        .agent
+        .metric("image_prefetch_agent_watch_errors_total")
+        .unwrap();
+    eprintln!("api outage: the agent counted {agent_failed} failed watch requests");
+    assert!(
+        agent_failed >= 1.0,
+        "the agent's watch failures are counted"
+    );
+    counted += agent_failed;
+    eprintln!("api outage: {counted} failed watch requests counted in all");
 }
 
 const MB: usize = 1 << 20;

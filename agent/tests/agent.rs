@@ -408,6 +408,9 @@ async fn metrics_count_pulls_and_bytes_by_source() {
         value("image_prefetch_agent_pull_duration_seconds_count"),
         2.0
     );
+    // With the API server there all along: exported, and nothing failed.
+    assert_eq!(value("image_prefetch_agent_watch_errors_total"), 0.0);
+    assert_eq!(value("image_prefetch_agent_status_write_errors_total"), 0.0);
     assert_eq!(
         testbed::process::http_get(&host, "/healthz").unwrap().0,
         200

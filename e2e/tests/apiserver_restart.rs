@@ -16,7 +16,8 @@ use serde_json::json;
 mod kubelet_support;
 
 use kubelet_support::{
-    apply, install_product, kubectl, product_ready, push_product_images, try_apply, until,
+    apply, install_product, kubectl, product_ready, push_product_images, rollout_ready, try_apply,
+    until,
 };
 use testbed::cluster::Cluster;
 use testbed::helm::NAMESPACE;
@@ -47,14 +48,7 @@ async fn the_installed_product_recovers_from_an_api_server_restart() {
                "spec": {"images": [format!("{registry}/team/web:{name}")]}})
     };
     apply(&kubeconfig, &rollout("before"));
-    until(&cluster, "the first rollout Ready", || async {
-        let table = kubectl(
-            &kubeconfig,
-            &["get", "imageprefetch", "-n", "team", "before"],
-        );
-        table.contains(&format!("{nodes}/{nodes}")).then_some(())
-    })
-    .await;
+    rollout_ready(&cluster, "team", "before").await;
 
     cluster.plane.stop_apiserver();
     tokio::time::sleep(OUTAGE).await;
@@ -74,14 +68,7 @@ async fn the_installed_product_recovers_from_an_api_server_restart() {
         || async { try_apply(&kubeconfig, &rollout("after")).then_some(()) },
     )
     .await;
-    until(&cluster, "the rollout after the restart Ready", || async {
-        let table = kubectl(
-            &kubeconfig,
-            &["get", "imageprefetch", "-n", "team", "after"],
-        );
-        table.contains(&format!("{nodes}/{nodes}")).then_some(())
-    })
-    .await;
+    rollout_ready(&cluster, "team", "after").await;
     eprintln!(
         "apiserver restart: the rollout made after it Ready {:.0}s after the server was back",
         back.elapsed().as_secs_f64()

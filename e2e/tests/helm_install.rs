@@ -14,7 +14,9 @@ use serde_json::json;
 
 mod kubelet_support;
 
-use kubelet_support::{apply, install_product, kubectl, product_ready, push_product_images, until};
+use kubelet_support::{
+    apply, install_product, kubectl, product_ready, push_product_images, rollout_ready, until,
+};
 use testbed::cluster::Cluster;
 use testbed::helm::NAMESPACE;
 
@@ -95,15 +97,7 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
                 "spec": {"images": [image]}}),
     );
     let nodes = cluster.nodes.len();
-    until(
-        &cluster,
-        "kubectl shows the ImagePrefetch Ready",
-        || async {
-            let table = kubectl(&kubeconfig, &["get", "imageprefetch", "-n", "team", "web"]);
-            table.contains(&format!("{nodes}/{nodes}")).then_some(table)
-        },
-    )
-    .await;
+    rollout_ready(&cluster, "team", "web").await;
     // The headline, through the pods: every blob crossed the uplink once,
     // the other node had it from its peer's mirror.
     let pulled = registry.blob_gets("team/web");

@@ -7,11 +7,12 @@
 mod kubelet_support;
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::json;
 
-use kubelet_support::{apply, kubectl, product_ready, push_product_images, until};
+use kubelet_support::{
+    apply, kubectl, kubectl_output, product_ready, push_product_images, rollout_ready, until,
+};
 use testbed::cluster::Cluster;
 
 /// The OLM bundle's install, applied the way OLM applies a CSV (OLM's own
@@ -110,11 +111,10 @@ async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
     let probe = work.join("probe.json");
     std::fs::write(&probe, prefetch(refused_image).to_string()).unwrap();
     let refusal = until(&cluster, "the allow-list enforced", || async {
-        let out = Command::new("kubectl")
-            .args(["apply", "--dry-run=server", "-f", probe.to_str().unwrap()])
-            .env("KUBECONFIG", &kubeconfig)
-            .output()
-            .unwrap();
+        let out = kubectl_output(
+            &kubeconfig,
+            &["apply", "--dry-run=server", "-f", probe.to_str().unwrap()],
+        );
         (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
     })
     .await;
@@ -124,16 +124,7 @@ async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
     let image = format!("{registry}/team/web:1");
     testbed::images::push_pause(&work.join("workload"), registry, "team/web:1").unwrap();
     apply(&kubeconfig, &prefetch(&image));
-    let nodes = cluster.nodes.len();
-    until(
-        &cluster,
-        "the ImagePrefetch Ready under the policies",
-        || async {
-            let table = kubectl(&kubeconfig, &["get", "imageprefetch", "-n", "team", "web"]);
-            table.contains(&format!("{nodes}/{nodes}")).then_some(())
-        },
-    )
-    .await;
+    rollout_ready(&cluster, "team", "web").await;
 
     // And the node-bound policy holds the bundle's agent: a token of its
     // ServiceAccount bound to the first node may write the first node's
@@ -170,13 +161,21 @@ async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
             .to_string()
     };
     let write_status = |set: &str| {
-        Command::new("kubectl")
-            .args(["--token", token.trim(), "patch", "nodeimageset", set])
-            .args(["--subresource=status", "--type=merge", "--dry-run=server"])
-            .args(["-p", r#"{"status":{"available":1}}"#])
-            .env("KUBECONFIG", &kubeconfig)
-            .output()
-            .unwrap()
+        kubectl_output(
+            &kubeconfig,
+            &[
+                "--token",
+                token.trim(),
+                "patch",
+                "nodeimageset",
+                set,
+                "--subresource=status",
+                "--type=merge",
+                "--dry-run=server",
+                "-p",
+                r#"{"status":{"available":1}}"#,
+            ],
+        )
     };
     let own = write_status(&set_of(first));
     assert!(

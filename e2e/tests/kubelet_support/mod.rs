@@ -2,7 +2,7 @@
 //! images, waiting for the product's pods.
 #![allow(dead_code)]
 
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -15,12 +15,18 @@ use testbed::simulated::{AGENT, CONTROLLER, binary};
 /// machine of 2 cores running a whole cluster per test.
 pub const PATIENCE: Duration = Duration::from_secs(300);
 
-pub fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new("kubectl")
+/// kubectl against the bed, as it ran: for commands that may be refused.
+pub fn kubectl_output(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+    Command::new("kubectl")
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .output()
-        .expect("kubectl runs");
+        .expect("kubectl runs")
+}
+
+/// kubectl against the bed: what it printed; panics when it fails.
+pub fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = kubectl_output(kubeconfig, args);
     assert!(
         out.status.success(),
         "kubectl {args:?}: {}",
@@ -87,11 +93,7 @@ pub fn apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) {
 pub fn try_apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) -> bool {
     let path = kubeconfig.with_extension(format!("{}.json", std::process::id()));
     std::fs::write(&path, manifest.to_string()).unwrap();
-    let out = Command::new("kubectl")
-        .args(["apply", "-f", path.to_str().unwrap()])
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .expect("kubectl runs");
+    let out = kubectl_output(kubeconfig, &["apply", "-f", path.to_str().unwrap()]);
     if !out.status.success() {
         eprintln!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -99,53 +101,32 @@ pub fn try_apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) -> 
 }
 
 /// What to look at when the bed does not get where a test waits for: the
-/// ImagePrefetches, NodeImageSets and pods as the API server has them, and
-/// the end of every pod's log on every node.
+/// ImagePrefetches, NodeImageSets and pods as the API server has them. (The
+/// end of every pod's log, and of every process's, follows from
+/// `testbed::workdir` as the failed test's directory goes.)
 pub fn diagnostics(cluster: &testbed::cluster::Cluster) -> String {
-    let kubeconfig = &cluster.plane.kubeconfig;
     let get = |args: &[&str]| {
-        let out = Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .output();
-        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+        String::from_utf8_lossy(&kubectl_output(&cluster.plane.kubeconfig, args).stdout)
+            .into_owned()
     };
-    let mut text = String::new();
-    text.push_str(&get(&[
-        "get",
-        "imageprefetch,nodeimagesets",
-        "-A",
-        "-o",
-        "yaml",
-    ]));
-    text.push_str(&get(&["get", "pods", "-A", "-o", "wide"]));
-    for node in &cluster.nodes {
-        let logs = node.dir.join("pod-logs");
-        for entry in walk(&logs) {
-            let body = std::fs::read_to_string(&entry).unwrap_or_default();
-            let tail: Vec<&str> = body.lines().rev().take(15).collect();
-            text.push_str(&format!("\n== {} {}\n", node.name, entry.display()));
-            for line in tail.into_iter().rev() {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    text
+    get(&["get", "imageprefetch,nodeimagesets", "-A", "-o", "yaml"])
+        + &get(&["get", "pods", "-A", "-o", "wide"])
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
+/// Waits until kubectl shows the ImagePrefetch `namespace/name` Ready on
+/// every node of the bed (`N/N` in its READY column); what it printed then.
+pub async fn rollout_ready(
+    cluster: &testbed::cluster::Cluster,
+    namespace: &str,
+    name: &str,
+) -> String {
+    let nodes = cluster.nodes.len();
+    let args = ["get", "imageprefetch", "-n", namespace, name];
+    until(cluster, &format!("kubectl shows {name} Ready"), || async {
+        let table = kubectl(&cluster.plane.kubeconfig, &args);
+        table.contains(&format!("{nodes}/{nodes}")).then_some(table)
+    })
+    .await
 }
 
 /// Polls `check` until it gives `Some` or [`PATIENCE`] has passed; then

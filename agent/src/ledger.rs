@@ -136,6 +136,8 @@ struct Record {
 #[derive(Debug, Default)]
 pub struct Ledger {
     records: HashMap<Key, Record>,
+    /// Sets whose spec cannot be read: their entries stay as they are.
+    held: BTreeSet<String>,
     backoff: Backoff,
     /// Least time between two progress reports of one entry.
     progress_every: Duration,
@@ -156,6 +158,7 @@ impl Ledger {
     pub fn new(backoff: Backoff) -> Self {
         Ledger {
             records: HashMap::new(),
+            held: BTreeSet::new(),
             backoff,
             progress_every: PROGRESS_EVERY,
         }
@@ -167,6 +170,15 @@ impl Ledger {
         self
     }
 
+    /// Sets whose spec this agent cannot read (a newer release's, or written
+    /// by hand): what they asked for before is neither withdrawn nor
+    /// released, and nothing new is started for them, until they read again.
+    /// An unreadable spec says nothing about what is wanted, so it must not
+    /// look like a deleted one.
+    pub fn hold(&mut self, sets: BTreeSet<String>) {
+        self.held = sets;
+    }
+
     /// The sets as they are now: starts what is new, changed or due for a
     /// retry; aborts and forgets what is no longer listed.
     pub fn observe(&mut self, listed: Vec<Listed>, now: Instant) -> Vec<Action> {
@@ -176,7 +188,7 @@ impl Ledger {
         let mut withdrawn: Vec<Key> = self
             .records
             .keys()
-            .filter(|k| !wanted.contains_key(*k))
+            .filter(|k| !wanted.contains_key(*k) && !self.held.contains(&k.0))
             .cloned()
             .collect();
         withdrawn.sort();
@@ -188,9 +200,12 @@ impl Ledger {
             }
             released.insert(store_name(&key.1));
         }
-        // An image stays pinned while any entry, of any set, still wants it.
+        // An image stays pinned while any entry, of any set, still wants it
+        // (held sets' entries included).
         for name in released {
-            if !listed.iter().any(|l| store_name(&l.key.1) == name) {
+            let still_wanted = listed.iter().any(|l| store_name(&l.key.1) == name)
+                || self.records.keys().any(|k| store_name(&k.1) == name);
+            if !still_wanted {
                 actions.push(Action::Release(name));
             }
         }
@@ -403,7 +418,7 @@ impl Ledger {
                 s.attempts = *attempts;
                 s.progress_bytes = told.map(|t| t.bytes as i64);
                 if let Some(f) = last {
-                    s.last_error = Some(f.message.clone());
+                    s.last_error = Some(crd::node_image_set::error_message(&f.message));
                     s.reason = Some(f.reason.clone());
                 }
             }
@@ -427,7 +442,7 @@ impl Ledger {
             } => {
                 s.state = PullState::Failed;
                 s.attempts = *attempts;
-                s.last_error = Some(failure.message.clone());
+                s.last_error = Some(crd::node_image_set::error_message(&failure.message));
                 s.reason = Some(failure.reason.clone());
             }
         }
@@ -606,6 +621,30 @@ mod tests {
             l.status(&key("s")).unwrap().source,
             Some(PullSource::Mirror)
         );
+    }
+
+    #[test]
+    fn an_unreadable_set_keeps_what_it_asked_for_until_it_reads_or_goes() {
+        let mut l = Ledger::default();
+        let w = want("u1", RegistryPolicy::Default, None);
+        let now = Instant::now();
+        l.observe(vec![listed("s", &w)], now);
+        l.finished(&key("s"), &w, Ok((present(), 1)), now);
+        // The set's spec stops decoding: it lists nothing, but is held.
+        l.hold(["s".to_string()].into());
+        assert!(
+            l.observe(vec![], now).is_empty(),
+            "nothing aborted or released"
+        );
+        assert_eq!(l.present(), BTreeSet::from([store_name(IMG)]));
+        // Readable again with the same entry: nothing to do either.
+        l.hold(BTreeSet::new());
+        assert!(l.observe(vec![listed("s", &w)], now).is_empty());
+        // Held, then deleted (no longer held, not listed): released.
+        l.hold(["s".to_string()].into());
+        l.observe(vec![], now);
+        l.hold(BTreeSet::new());
+        assert_eq!(l.observe(vec![], now), [Action::Release(store_name(IMG))]);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub watch_errors: Counter,
     /// Status writes that failed (each written again after a backoff).
     pub status_write_errors: Counter,
+    /// This node's NodeImageSets whose spec the agent cannot read.
+    pub unreadable_sets: Gauge,
 }
 
 impl Metrics {
@@ -44,6 +46,7 @@ impl Metrics {
             images_present: Gauge::default(),
             watch_errors: Counter::default(),
             status_write_errors: Counter::default(),
+            unreadable_sets: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("image_prefetch_agent");
         r.register(
@@ -80,6 +83,11 @@ impl Metrics {
             "status_write_errors",
             "NodeImageSet status writes that failed; each is written again after a backoff",
             m.status_write_errors.clone(),
+        );
+        r.register(
+            "unreadable_sets",
+            "This node's NodeImageSets whose spec the agent cannot read (a newer release's, or written by hand); their images are kept as they were",
+            m.unreadable_sets.clone(),
         );
         m
     }

@@ -1,7 +1,7 @@
 //! The agent's loop: follow this node's NodeImageSets, run one pull task per
 //! (set, image) entry, report per-image state on change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,6 +157,7 @@ pub async fn run(
         limit: Arc::new(Semaphore::new(1)),
         tx,
         metrics,
+        told_unreadable: HashSet::new(),
     };
     agent.limit = Arc::new(Semaphore::new(agent.config.concurrency.max(1)));
     info!(node = %agent.config.node_name, "image-prefetch agent following this node's NodeImageSets");
@@ -241,6 +242,8 @@ struct Agent {
     limit: Arc<Semaphore>,
     tx: mpsc::Sender<Message>,
     metrics: Metrics,
+    /// Unreadable sets already logged, with why (each logged once).
+    told_unreadable: HashSet<(String, String)>,
 }
 
 impl Agent {
@@ -248,6 +251,19 @@ impl Agent {
     /// decides, and writes every status that changed.
     async fn sync(&mut self) {
         let sets = self.store.state();
+        let unreadable: Vec<_> = sets
+            .iter()
+            .filter_map(|set| Some((set.name_any(), set.spec.unreadable.as_ref()?)))
+            .collect();
+        for (name, why) in &unreadable {
+            if self.told_unreadable.insert((name.clone(), why.to_string())) {
+                warn!(set = %name, field = %why.field, error = %why.error,
+                    "this NodeImageSet's spec cannot be read by this agent; its images are kept as they were until it can be");
+            }
+        }
+        self.metrics.unreadable_sets.set(unreadable.len() as i64);
+        self.ledger
+            .hold(unreadable.into_iter().map(|(name, _)| name).collect());
         let listed: Vec<Listed> = sets
             .iter()
             .flat_map(|set| {
@@ -440,6 +456,17 @@ impl Agent {
     /// Drops the agent's pin from every image no entry wants (sets deleted
     /// while the agent was down). Images other pins hold are not touched.
     async fn release_orphaned_pins(&self) {
+        // An unreadable set may want any image: release nothing until every
+        // set reads (the next agent start tries again).
+        if self
+            .store
+            .state()
+            .iter()
+            .any(|s| s.spec.unreadable.is_some())
+        {
+            warn!("a NodeImageSet of this node cannot be read: no pin is released at start-up");
+            return;
+        }
         let wanted: std::collections::HashSet<String> = self
             .store
             .state()
@@ -480,6 +507,19 @@ impl Agent {
 
     /// Writes the set's status if it changed; `false` when the write failed.
     async fn write_status(&self, set: &NodeImageSet) -> bool {
+        let name = set.name_any();
+        let status = match &set.spec.unreadable {
+            Some(why) => unreadable_spec_status(set, why),
+            None => self.status_of(set),
+        };
+        if set.status.as_ref() == Some(&status) {
+            return true;
+        }
+        self.write(&name, &status).await
+    }
+
+    /// The status the ledger says `set` has.
+    fn status_of(&self, set: &NodeImageSet) -> NodeImageSetStatus {
         let name = set.name_any();
         let images: Vec<NodeImageStatus> = set
             .spec
@@ -523,15 +563,17 @@ impl Agent {
             .unwrap_or(&[]);
         let generation = set.metadata.generation;
         let ready = condition(old, "Ready", ready, reason, &message, generation, &now());
-        let status = NodeImageSetStatus {
+        NodeImageSetStatus {
             available: available as i32,
             total: total as i32,
             images,
             conditions: vec![ready],
-        };
-        if set.status.as_ref() == Some(&status) {
-            return true;
+            unreadable: None,
         }
+    }
+
+    /// Writes `status` as the set's; `false` when the write failed.
+    async fn write(&self, name: &str, status: &NodeImageSetStatus) -> bool {
         let body = json!({
             "apiVersion": NodeImageSet::api_version(&()),
             "kind": NodeImageSet::kind(&()),
@@ -540,7 +582,7 @@ impl Agent {
         let params = PatchParams::apply(AGENT_MANAGER).force();
         match self
             .sets_api
-            .patch_status(&name, &params, &Patch::Apply(&body))
+            .patch_status(name, &params, &Patch::Apply(&body))
             .await
         {
             Ok(_) => true,
@@ -553,6 +595,30 @@ impl Agent {
             }
         }
     }
+}
+
+/// The status of a set whose spec this agent cannot read: the reports it
+/// had, and a Ready condition saying why nothing changes.
+fn unreadable_spec_status(
+    set: &NodeImageSet,
+    why: &crd::lenient::Unreadable,
+) -> NodeImageSetStatus {
+    let mut status = set.status.clone().unwrap_or_default();
+    status.unreadable = None;
+    let message = format!(
+        "this node's agent cannot read the spec ({why}); the images it asked for before are kept as they were"
+    );
+    let ready = condition(
+        &status.conditions,
+        "Ready",
+        false,
+        "SpecUnreadable",
+        &message,
+        set.metadata.generation,
+        &now(),
+    );
+    status.conditions = vec![ready];
+    status
 }
 
 /// Hands a pull's progress to the loop, at most once a second (containerd

@@ -363,6 +363,7 @@ fn desired_set(
                 })
                 .collect(),
             image_download_retry_limit: config.retry_limit,
+            unreadable: None,
         },
     );
     set.metadata.labels = Some(keys::node_image_set_labels(
@@ -403,6 +404,7 @@ mod tests {
                 node_selector: Default::default(),
                 replicas: None,
                 image_pull_secrets: vec![],
+                unreadable: None,
             },
         );
         p.metadata.namespace = Some("team".into());

@@ -189,6 +189,7 @@ mod tests {
                 image_set: vec![],
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,
+                unreadable: None,
             },
         );
         s.metadata.labels = Some(keys::node_image_set_labels("ns", "p", "uid-1", node));
@@ -213,6 +214,7 @@ mod tests {
             total: 0,
             images: vec![NodeImageStatus::new("img", PullState::Pulling, 1)],
             conditions: vec![],
+            unreadable: None,
         });
         let v = SetView::of(&s);
         assert_eq!(v.name, "a");

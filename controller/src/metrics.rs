@@ -146,6 +146,7 @@ mod tests {
                 }],
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,
+                unreadable: None,
             },
         );
         s.status = status.map(|(available, total, state)| NodeImageSetStatus {
@@ -153,6 +154,7 @@ mod tests {
             total,
             images: vec![NodeImageStatus::new("i", state, 1)],
             conditions: vec![],
+            unreadable: None,
         });
         s
     }

@@ -656,6 +656,7 @@ mod tests {
                 image_set: vec![],
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,
+                unreadable: None,
             },
         )
     }

@@ -169,6 +169,7 @@ mod tests {
                         name: s.to_string(),
                     })
                     .collect(),
+                unreadable: None,
             },
         );
         p.metadata.namespace = Some(namespace.into());

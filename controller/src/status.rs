@@ -181,6 +181,7 @@ pub fn compute<S: SetFacts>(
         image_count: images.len() as i32,
         images: progress,
         conditions: vec![ready, progressing, degraded],
+        unreadable: None,
     }
 }
 
@@ -264,6 +265,7 @@ mod tests {
                 node_selector: Default::default(),
                 replicas: None,
                 image_pull_secrets: vec![],
+                unreadable: None,
             },
         );
         p.metadata.generation = Some(4);
@@ -285,6 +287,7 @@ mod tests {
                     .collect(),
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,
+                unreadable: None,
             },
         );
         s.status = Some(NodeImageSetStatus {

@@ -3,6 +3,35 @@
 //! controller cannot trigger itself by writing one.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::{Schema, SchemaGenerator, json_schema};
+
+/// Most conditions a status carries.
+pub const MAX_CONDITIONS: usize = 8;
+
+/// The schema of a `conditions` list, with the bounds Kubernetes' own
+/// `metav1.Condition` declares (k8s-openapi's generated schema has none of
+/// them): a status is written by another process, and an unbounded field
+/// is one a careless writer can fill.
+pub fn schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "maxItems": MAX_CONDITIONS,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": {
+            "type": "object",
+            "required": ["type", "status", "lastTransitionTime", "reason", "message"],
+            "properties": {
+                "type": {"type": "string", "minLength": 1, "maxLength": 316},
+                "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0, "maximum": i64::MAX},
+                "lastTransitionTime": {"type": "string", "format": "date-time"},
+                "reason": {"type": "string", "minLength": 1, "maxLength": 1024},
+                "message": {"type": "string", "maxLength": 32768},
+            },
+        },
+    })
+}
 
 /// The condition `type_`, keeping the transition time of `old`'s condition of
 /// that type when its status is unchanged, else stamping `now`.

@@ -79,4 +79,53 @@ mod tests {
             }
         }
     }
+
+    /// Every integer has the bounds its Rust type can hold, and every string,
+    /// list and map a length limit: the API server then refuses what the
+    /// binaries could not decode or should not hold, naming the field.
+    #[test]
+    fn every_field_is_bounded() {
+        fn walk(node: &serde_json::Value, path: &str, unbounded: &mut Vec<String>) {
+            let Some(map) = node.as_object() else { return };
+            let has = |k: &str| map.contains_key(k);
+            match map.get("type").and_then(|t| t.as_str()) {
+                Some("integer") => {
+                    let limit = match map.get("format").and_then(|f| f.as_str()) {
+                        Some("int32") => i32::MAX as i64,
+                        _ => i64::MAX,
+                    };
+                    let max = map.get("maximum").and_then(|m| m.as_f64());
+                    let min = map.get("minimum").and_then(|m| m.as_f64());
+                    if max.is_none_or(|m| m > limit as f64)
+                        || min.is_none_or(|m| m < -(limit as f64))
+                    {
+                        unbounded.push(format!("{path} (integer: {min:?}..{max:?})"));
+                    }
+                }
+                Some("string") if !has("maxLength") && !has("enum") && !has("format") => {
+                    unbounded.push(format!("{path} (string)"));
+                }
+                Some("array") if !has("maxItems") => unbounded.push(format!("{path} (array)")),
+                Some("object") if has("additionalProperties") && !has("maxProperties") => {
+                    unbounded.push(format!("{path} (map)"))
+                }
+                _ => {}
+            }
+            for (key, child) in map {
+                walk(child, &format!("{path}/{key}"), unbounded);
+            }
+        }
+        for crd in [ImagePrefetch::crd(), NodeImageSet::crd()] {
+            let mut unbounded = Vec::new();
+            for version in &crd.spec.versions {
+                let schema = serde_json::to_value(&version.schema).unwrap();
+                walk(&schema["openAPIV3Schema"], "", &mut unbounded);
+            }
+            assert!(
+                unbounded.is_empty(),
+                "{}: {unbounded:#?}",
+                crd.spec.names.kind
+            );
+        }
+    }
 }

@@ -5,6 +5,7 @@
 pub mod condition;
 pub mod generate;
 pub mod keys;
+pub mod lenient;
 pub mod names;
 pub mod node_image_set;
 pub mod platform;

@@ -6,8 +6,24 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::lenient::{Lenient, Unreadable};
+use crate::prefetch::{MAX_IMAGES, MAX_PULL_SECRETS};
+use crate::reference;
+
 /// Default for `imageDownloadRetryLimit`.
 pub const DEFAULT_RETRY_LIMIT: i32 = 3;
+/// Most `imageDownloadRetryLimit` may be.
+pub const MAX_RETRY_LIMIT: i32 = 100;
+/// Longest digest: `sha512:` and 128 hex digits, with room for algorithms to come.
+pub const MAX_DIGEST_LEN: usize = 255;
+/// Longest `lastError` an agent writes (longer messages are cut).
+pub const MAX_ERROR_LEN: usize = 2048;
+/// Longest `reason`.
+pub const MAX_REASON_LEN: usize = 64;
+/// Most bytes an image may be said to have: 1 PiB, more than any image.
+pub const MAX_BYTES: i64 = 1 << 50;
+/// Longest pull a report may state: 30 days, in milliseconds.
+pub const MAX_PULL_MILLIS: i64 = 30 * 24 * 3600 * 1000;
 
 /// The images one node must hold for one ImagePrefetch.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -27,7 +43,8 @@ pub const DEFAULT_RETRY_LIMIT: i32 = 3;
     printcolumn = r#"{"name":"Images","type":"integer","jsonPath":".status.total"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+// `remote = "Self"`: decoded through `crate::lenient`.
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeImageSetSpec {
     /// The node whose containerd gets the images.
     #[schemars(length(min = 1, max = 253))]
@@ -37,14 +54,38 @@ pub struct NodeImageSetSpec {
     /// empty list as absent, so the field is optional).
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = MAX_IMAGES))]
     pub image_set: Vec<NodeImage>,
     /// Secrets to pull with (in the ImagePrefetch's namespace).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_PULL_SECRETS))]
     pub image_pull_secrets: Vec<SecretReference>,
     /// Attempts after the first before the agent reports an image Failed.
     #[serde(default = "default_retry_limit")]
-    #[schemars(range(min = 0, max = 100))]
+    #[schemars(range(min = 0, max = MAX_RETRY_LIMIT))]
     pub image_download_retry_limit: i32,
+    /// Set when the stored spec could not be decoded (never serialised).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub unreadable: Option<Unreadable>,
+}
+
+crate::decode_leniently!(NodeImageSetSpec);
+
+impl Lenient for NodeImageSetSpec {
+    const FIELD: &'static str = "spec";
+    fn unreadable(why: Unreadable) -> Self {
+        NodeImageSetSpec {
+            node_name: String::new(),
+            image_set: Vec::new(),
+            image_pull_secrets: Vec::new(),
+            image_download_retry_limit: DEFAULT_RETRY_LIMIT,
+            unreadable: Some(why),
+        }
+    }
+    fn why_unreadable(&self) -> Option<&Unreadable> {
+        self.unreadable.as_ref()
+    }
 }
 
 fn default_retry_limit() -> i32 {
@@ -56,11 +97,13 @@ fn default_retry_limit() -> i32 {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeImage {
     /// The image reference as the ImagePrefetch lists it.
+    #[schemars(length(min = 1, max = reference::MAX_LEN))]
     pub name: String,
     pub registry_policy: RegistryPolicy,
     /// Digest to pull instead of the tag, pinned by the controller once one
     /// node resolved it, so that a tag that moves cannot split the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_DIGEST_LEN))]
     pub digest: Option<String>,
 }
 
@@ -80,57 +123,91 @@ pub enum RegistryPolicy {
 )]
 #[serde(deny_unknown_fields)]
 pub struct SecretReference {
+    #[schemars(length(min = 1, max = 63))]
     pub namespace: String,
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
 
 /// What the agent reports for its node.
+// `remote = "Self"`: decoded through `crate::lenient` — a node writes this,
+// and what one node writes must not stop the controller reading the others.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(remote = "Self", rename_all = "camelCase")]
 pub struct NodeImageSetStatus {
     /// Images present on the node.
     #[serde(default)]
+    #[schemars(range(min = 0, max = MAX_IMAGES))]
     pub available: i32,
     /// Images in the spec.
     #[serde(default)]
+    #[schemars(range(min = 0, max = MAX_IMAGES))]
     pub total: i32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = MAX_IMAGES))]
     pub images: Vec<NodeImageStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(schema_with = "crate::condition::schema")]
     pub conditions: Vec<Condition>,
+    /// Set when the stored status could not be decoded (never serialised).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub unreadable: Option<Unreadable>,
+}
+
+crate::decode_leniently!(NodeImageSetStatus);
+
+impl Lenient for NodeImageSetStatus {
+    const FIELD: &'static str = "status";
+    fn unreadable(why: Unreadable) -> Self {
+        NodeImageSetStatus {
+            unreadable: Some(why),
+            ..Default::default()
+        }
+    }
+    fn why_unreadable(&self) -> Option<&Unreadable> {
+        self.unreadable.as_ref()
+    }
 }
 
 /// The state of one image on the node.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeImageStatus {
+    #[schemars(length(min = 1, max = reference::MAX_LEN))]
     pub name: String,
     pub state: PullState,
     /// Pull attempts made so far.
     #[serde(default)]
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub attempts: i32,
     /// Why the last attempt failed; never contains credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_ERROR_LEN))]
     pub last_error: Option<String>,
     /// Machine-readable cause of the last failure: `SecretNotFound`,
     /// `SecretInvalid`, `RegistryUnreachable`, `NotFound`, `Unauthorized`, `PullFailed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_REASON_LEN))]
     pub reason: Option<String>,
     /// Digest the image resolved to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_DIGEST_LEN))]
     pub digest: Option<String>,
     /// Bytes the image occupies (compressed content).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_BYTES))]
     pub size_bytes: Option<i64>,
     /// Bytes fetched so far by a seed's pull under way (from containerd's
     /// Transfer progress), written at most every progress interval: the
     /// controller replaces a seed only when this stops growing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_BYTES))]
     pub progress_bytes: Option<i64>,
     /// How long the successful pull took, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_PULL_MILLIS))]
     pub pull_duration_millis: Option<i64>,
     /// Where the content came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,6 +226,20 @@ pub enum PullState {
 pub enum PullSource {
     Upstream,
     Mirror,
+}
+
+/// `message` cut to at most `MAX_ERROR_LEN` bytes (on a character boundary),
+/// so a runtime's long message never makes a status write fail.
+pub fn error_message(message: &str) -> String {
+    if message.len() <= MAX_ERROR_LEN {
+        return message.to_string();
+    }
+    const MORE: &str = " …";
+    let mut end = MAX_ERROR_LEN - MORE.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MORE}", &message[..end])
 }
 
 impl NodeImageStatus {

@@ -7,10 +7,17 @@ use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+use crate::lenient::{Lenient, Unreadable};
 use crate::reference;
 
 /// Most images one ImagePrefetch may list; bounds the CEL cost and the NodeImageSet size.
 pub const MAX_IMAGES: usize = 64;
+/// Most pull secrets one ImagePrefetch may name.
+pub const MAX_PULL_SECRETS: usize = 16;
+/// Most labels a `nodeSelector` may name.
+pub const MAX_SELECTOR_LABELS: usize = 32;
+/// Most nodes `replicas` may ask for: beyond any cluster Kubernetes supports.
+pub const MAX_REPLICAS: i32 = 100_000;
 
 /// Pre-download `images` onto the nodes that match `nodeSelector` (all of them,
 /// or `replicas` of them), pulling each image from its registry once per cluster.
@@ -32,7 +39,9 @@ pub const MAX_IMAGES: usize = 64;
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+// `remote = "Self"`: decoded through `crate::lenient` (an unreadable spec is
+// the one ImagePrefetch's problem, not every tenant's).
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImagePrefetchSpec {
     /// Images to pre-download, e.g. `registry.example.com/team/app:1.0`. Each at most once.
     #[schemars(schema_with = "images_schema")]
@@ -40,16 +49,41 @@ pub struct ImagePrefetchSpec {
 
     /// Only nodes with all of these labels get the images. Empty: every node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "node_selector_schema")]
     pub node_selector: BTreeMap<String, String>,
 
     /// How many of the matching nodes get the images. Unset: every matching node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_REPLICAS))]
     pub replicas: Option<i32>,
 
     /// Secrets of type kubernetes.io/dockerconfigjson in this namespace, used to pull.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_PULL_SECRETS))]
     pub image_pull_secrets: Vec<LocalSecretReference>,
+
+    /// Set when the stored spec could not be decoded (never serialised).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub unreadable: Option<Unreadable>,
+}
+
+crate::decode_leniently!(ImagePrefetchSpec);
+
+impl Lenient for ImagePrefetchSpec {
+    const FIELD: &'static str = "spec";
+    fn unreadable(why: Unreadable) -> Self {
+        ImagePrefetchSpec {
+            images: Vec::new(),
+            node_selector: BTreeMap::new(),
+            replicas: None,
+            image_pull_secrets: Vec::new(),
+            unreadable: Some(why),
+        }
+    }
+    fn why_unreadable(&self) -> Option<&Unreadable> {
+        self.unreadable.as_ref()
+    }
 }
 
 /// A secret in the ImagePrefetch's own namespace.
@@ -60,6 +94,20 @@ pub struct ImagePrefetchSpec {
 pub struct LocalSecretReference {
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+}
+
+/// Labels: a key is at most 253 (prefix) + 1 + 63 (name) characters, a value
+/// at most 63.
+fn node_selector_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "maxProperties": MAX_SELECTOR_LABELS,
+        "additionalProperties": {"type": "string", "maxLength": 63},
+        "x-kubernetes-validations": [{
+            "rule": "self.all(k, size(k) <= 317)",
+            "message": "a label key is at most 317 characters (a 253-character prefix, '/', a 63-character name)",
+        }],
+    })
 }
 
 fn images_schema(_: &mut SchemaGenerator) -> Schema {
@@ -83,43 +131,73 @@ fn images_schema(_: &mut SchemaGenerator) -> Schema {
 
 /// Progress of an ImagePrefetch, written by the controller.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(remote = "Self", rename_all = "camelCase")]
 pub struct ImagePrefetchStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = i64::MAX))]
     pub observed_generation: Option<i64>,
     /// Nodes selected to hold the images.
     #[serde(default)]
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub desired_nodes: i32,
     /// Selected nodes that hold every image.
     #[serde(default)]
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub ready_nodes: i32,
     /// `readyNodes/desiredNodes`, for `kubectl get`.
     #[serde(default)]
+    #[schemars(length(max = 32))]
     pub ready: String,
     /// Number of images in the spec, for `kubectl get -o wide`.
     #[serde(default)]
+    #[schemars(range(min = 0, max = MAX_IMAGES))]
     pub image_count: i32,
     /// Per-image node counts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_IMAGES))]
     pub images: Vec<ImageProgress>,
     /// Ready, Progressing and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(schema_with = "crate::condition::schema")]
     pub conditions: Vec<Condition>,
+    /// Set when the stored status could not be decoded (never serialised).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub unreadable: Option<Unreadable>,
+}
+
+crate::decode_leniently!(ImagePrefetchStatus);
+
+impl Lenient for ImagePrefetchStatus {
+    const FIELD: &'static str = "status";
+    fn unreadable(why: Unreadable) -> Self {
+        ImagePrefetchStatus {
+            unreadable: Some(why),
+            ..Default::default()
+        }
+    }
+    fn why_unreadable(&self) -> Option<&Unreadable> {
+        self.unreadable.as_ref()
+    }
 }
 
 /// How far one image has got across the selected nodes.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageProgress {
+    #[schemars(length(max = reference::MAX_LEN))]
     pub image: String,
     /// Nodes where the image is present.
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub available: i32,
     /// Nodes pulling it now.
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub pulling: i32,
     /// Nodes that gave up after the retry limit.
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub failed: i32,
     /// Nodes that have not started (waiting for the mirror to have it).
+    #[schemars(range(min = 0, max = i32::MAX))]
     pub waiting: i32,
 }

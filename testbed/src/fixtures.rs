@@ -90,10 +90,10 @@ pub const CONTAINERD: GoFixture = GoFixture {
 pub const HELM: GoFixture = GoFixture {
     name: "helm",
     module: "helm.sh/helm/v3",
-    version: "v3.22.0",
+    version: "v3.21.4",
     package: "helm.sh/helm/v3/cmd/helm",
     tags: "",
-    ldflags: "-X helm.sh/helm/v3/internal/version.version=v3.22.0",
+    ldflags: "-X helm.sh/helm/v3/internal/version.version=v3.21.4",
     extra_go_mod: |_| String::new(),
     main_go: None,
 };
@@ -112,18 +112,22 @@ pub const BUNDLE_VALIDATE: GoFixture = GoFixture {
 
 /// Jaeger v2 (an OpenTelemetry Collector distribution): OTLP in, memory
 /// storage, the query API out. Jaeger's v2 releases are tagged v2.x in git but
-/// published to the module proxy as v1.x of the same module; v1.76.0 is
-/// Jaeger v2.13.0.
+/// published to the module proxy as v1.x of the same module; v1.75.0 is
+/// Jaeger v2.12.0.
 pub const JAEGER: GoFixture = GoFixture {
     name: "jaeger",
     module: "github.com/jaegertracing/jaeger",
-    version: "v1.76.0",
+    version: "v1.75.0",
     package: "github.com/jaegertracing/jaeger/cmd/jaeger",
     tags: "",
-    ldflags: "-X github.com/jaegertracing/jaeger/internal/version.latestVersion=v2.13.0",
+    ldflags: "-X github.com/jaegertracing/jaeger/internal/version.latestVersion=v2.12.0",
     extra_go_mod: |_| String::new(),
     main_go: None,
 };
+
+/// What `cargo xtask demo` starts: the control plane, the nodes' containerd
+/// and Jaeger.
+pub const DEMO: &[&GoFixture] = &[&KUBE_APISERVER, &CONTAINERD, &JAEGER];
 
 /// Every fixture, for `cargo xtask fixtures`.
 pub const ALL: &[&GoFixture] = &[

@@ -42,8 +42,10 @@ pub struct Options {
 
 pub async fn run(opts: Options) -> Result<()> {
     crate::deps::install()?;
-    crate::fixtures()?;
-    step("building the agent and the controller");
+    // Only what the demo starts: a fresh clone must not wait for the kubelet
+    // bed's, helm's or the bundle validators' builds before its first look.
+    crate::build_fixtures(testbed::fixtures::DEMO)?;
+    step("building the agent, the controller and the peer mirror stand-in");
     crate::test::cargo(&[
         "build",
         "--quiet",
@@ -51,6 +53,8 @@ pub async fn run(opts: Options) -> Result<()> {
         "image-prefetch-agent",
         "-p",
         "image-prefetch-controller",
+        "-p",
+        "image-prefetch-peer-mirror",
     ])?;
     let work = testbed::workdir::Workdir::new("demo");
 

@@ -156,7 +156,7 @@ pub fn fixtures() -> Result<()> {
     build_fixtures(testbed::fixtures::ALL)
 }
 
-fn build_fixtures(list: &[&testbed::fixtures::GoFixture]) -> Result<()> {
+pub fn build_fixtures(list: &[&testbed::fixtures::GoFixture]) -> Result<()> {
     let started = std::time::Instant::now();
     for fixture in list {
         fixture.build(&mut |line| eprintln!("fixtures: {line}"))?;

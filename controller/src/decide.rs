@@ -115,6 +115,9 @@ pub fn decide(
 ) -> Result<Decision, Error> {
     let p = observed.prefetch;
     let owner = Owner::of(p)?;
+    if let Some(why) = &p.spec.unreadable {
+        return Ok(unreadable_spec(p, why, observed.now.clone()));
+    }
     let owned: Vec<&SetView> = observed
         .sets
         .iter()
@@ -183,15 +186,19 @@ pub fn decide(
                 if let Some(e) = existing {
                     view.has_status = e.has_status;
                     view.reports = e.reports.clone();
+                    view.unreadable_report = e.unreadable_report.clone();
                 }
                 after.push(view);
                 apply.push(desired);
             }
         }
     }
+    // A set being written is never also deleted (one whose spec cannot be
+    // read names no node, but keeps its name).
+    let applied: HashSet<String> = apply.iter().map(|s| s.name_any()).collect();
     let delete: Vec<Stale> = owned
         .iter()
-        .filter(|s| !selected.contains(&s.spec.node_name))
+        .filter(|s| !selected.contains(&s.spec.node_name) && !applied.contains(&s.name))
         .map(|s| Stale {
             name: s.name.clone(),
             node: s.spec.node_name.clone(),
@@ -247,6 +254,44 @@ pub fn decide(
         progressing,
         requeue,
     })
+}
+
+/// An ImagePrefetch whose spec cannot be read: nothing is written but its
+/// status, and a Warning when that first says so. Its NodeImageSets stay as
+/// they are (deleting them would unpin images a misread spec may still
+/// want); deleting the ImagePrefetch still removes them (the finalizer
+/// needs only its uid).
+fn unreadable_spec(p: &ImagePrefetch, why: &crd::lenient::Unreadable, now: Time) -> Decision {
+    let status = status::unreadable_spec(p, why, now);
+    let degraded_reason = |s: Option<&ImagePrefetchStatus>| {
+        s.and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")
+        })
+        .map(|c| c.reason.clone())
+    };
+    let events = if degraded_reason(p.status.as_ref()).as_deref() == Some(status::SPEC_UNREADABLE) {
+        Vec::new()
+    } else {
+        vec![Announcement {
+            type_: EventType::Warning,
+            reason: status::SPEC_UNREADABLE.into(),
+            note: format!(
+                "the spec cannot be read: {why}; nothing is done for this ImagePrefetch until it is applied again"
+            ),
+        }]
+    };
+    Decision {
+        apply: Vec::new(),
+        delete: Vec::new(),
+        status: (p.status.as_ref() != Some(&status)).then_some(status),
+        events,
+        new_seeds: 0,
+        selected: 0,
+        progressing: false,
+        requeue: RESYNC,
+    }
 }
 
 /// The whole cluster as the seed policy sees it: nodes' groups and
@@ -321,6 +366,26 @@ fn announcements(
                 type_: EventType::Normal,
                 reason: "ImageReady".into(),
                 note: format!("{} is on all {} nodes", img.image, status.desired_nodes),
+            });
+        }
+    }
+    for set in sets {
+        let Some(why) = &set.unreadable_report else {
+            continue;
+        };
+        let node = &set.spec.node_name;
+        if announced.insert((
+            owner.uid.to_string(),
+            node.clone(),
+            format!("unreadable {why}"),
+        )) {
+            out.push(Announcement {
+                type_: EventType::Warning,
+                reason: "ReportUnreadable".into(),
+                note: format!(
+                    "node {node}'s report on NodeImageSet {} cannot be read ({why}); it counts as no report",
+                    set.name
+                ),
             });
         }
     }

@@ -47,6 +47,8 @@ pub struct SetView {
     /// Whether the agent has written a status yet.
     pub has_status: bool,
     pub reports: Vec<NodeImageStatus>,
+    /// Why the agent's status could not be read (it then counts as no report).
+    pub unreadable_report: Option<crd::lenient::Unreadable>,
     /// [`managed_meta`] of the set's labels and annotations.
     pub meta: u64,
 }
@@ -62,6 +64,12 @@ impl SetFacts for SetView {
 
 impl SetView {
     pub fn of(set: &NodeImageSet) -> Self {
+        let mut spec = set.spec.clone();
+        if spec.unreadable.is_some() {
+            // The node it is for, as labelled: the controller then sees the
+            // set it wrote for that node and writes its spec again.
+            spec.node_name = set.labels().get(keys::NODE).cloned().unwrap_or_default();
+        }
         SetView {
             name: set.name_any(),
             owner: set
@@ -69,9 +77,10 @@ impl SetView {
                 .get(keys::PREFETCH_UID)
                 .cloned()
                 .unwrap_or_default(),
-            spec: set.spec.clone(),
+            spec,
             has_status: set.status.is_some(),
             reports: set.reported().to_vec(),
+            unreadable_report: set.status.as_ref().and_then(|s| s.unreadable.clone()),
             meta: managed_meta(&set.metadata.labels, &set.metadata.annotations),
         }
     }

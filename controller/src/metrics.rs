@@ -27,6 +27,14 @@ pub struct StateLabels {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnreadableLabels {
+    /// `imageprefetches` or `nodeimagesets`.
+    pub resource: String,
+    /// `spec` or `status`.
+    pub part: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub reconciles: Counter,
@@ -38,6 +46,8 @@ pub struct Metrics {
     pub sets: Family<StateLabels, Gauge>,
     /// Watch requests that failed (each retried after the watch's backoff).
     pub watch_errors: Family<WatchLabels, Counter>,
+    /// Objects whose spec or status cannot be read (skipped, or no report).
+    pub unreadable: Family<UnreadableLabels, Gauge>,
 }
 
 impl Metrics {
@@ -50,6 +60,7 @@ impl Metrics {
             seeds_chosen: Counter::default(),
             sets: Family::default(),
             watch_errors: Family::default(),
+            unreadable: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("image_prefetch_controller");
         r.register(
@@ -72,6 +83,11 @@ impl Metrics {
             "seeds_chosen",
             "Nodes chosen to pull an image from its registry",
             m.seeds_chosen.clone(),
+        );
+        r.register(
+            "unreadable_objects",
+            "Objects whose spec or status this controller cannot read, by resource and part: an ImagePrefetch with an unreadable spec is not acted on (its status says why), a NodeImageSet's unreadable status counts as no report",
+            m.unreadable.clone(),
         );
         r.register(
             "watch_errors",
@@ -125,6 +141,19 @@ impl Metrics {
                 state: state.to_string(),
             };
             self.sets.get_or_create(&labels).set(n);
+        }
+    }
+}
+
+impl Metrics {
+    /// Sets the unreadable-objects gauge from counts of (resource, part).
+    pub fn count_unreadable(&self, resource: &str, spec: usize, status: usize) {
+        for (part, n) in [("spec", spec), ("status", status)] {
+            let labels = UnreadableLabels {
+                resource: resource.to_string(),
+                part: part.to_string(),
+            };
+            self.unreadable.get_or_create(&labels).set(n as i64);
         }
     }
 }

@@ -263,6 +263,9 @@ async fn act(
     }
     ctx.metrics.seeds_chosen.inc_by(decision.new_seeds as u64);
     for event in &decision.events {
+        if event.type_ == EventType::Warning {
+            warn!(namespace = %owner_namespace(p), name = %p.name_any(), reason = %event.reason, "{}", event.note);
+        }
         publish(ctx, p, event.type_, &event.reason, event.note.clone()).await;
     }
     if let Some(status) = &decision.status {
@@ -276,6 +279,10 @@ async fn act(
         ctx.wrote();
     }
     Ok(())
+}
+
+fn owner_namespace(p: &ImagePrefetch) -> String {
+    p.namespace().unwrap_or_default()
 }
 
 async fn publish(ctx: &Context, p: &ImagePrefetch, type_: EventType, reason: &str, note: String) {

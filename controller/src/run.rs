@@ -113,10 +113,7 @@ pub async fn run(
         // to 10 s, jittered: `crd::watch_backoff`), instead of retrying at once.
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
             .backoff(crd::watch_backoff::backoff())
-            .inspect_err({
-                let metrics = metrics.clone();
-                move |_| metrics.watch_failed("nodes")
-            })
+            .inspect_err(watch_failed(&metrics, "nodes"))
             .modify(triggers::slim_node),
     );
     let sets = crate::index::SetIndex::default();
@@ -127,10 +124,7 @@ pub async fn run(
             watcher::Config::default().labels(keys::PREFETCH_UID),
         )
         .backoff(crd::watch_backoff::backoff())
-        .inspect_err({
-            let metrics = metrics.clone();
-            move |_| metrics.watch_failed("nodeimagesets")
-        })
+        .inspect_err(watch_failed(&metrics, "nodeimagesets"))
         .map_ok(move |event| {
             sets.apply(&event);
             event
@@ -171,7 +165,28 @@ pub async fn run(
                 every.tick().await;
                 let sets = ctx.sets.state();
                 ctx.metrics.count_sets(sets.iter().map(|s| s.as_ref()));
+                ctx.metrics.count_unreadable(
+                    "nodeimagesets",
+                    sets.iter().filter(|s| s.spec.unreadable.is_some()).count(),
+                    sets.iter()
+                        .filter(|s| s.unreadable_report.is_some())
+                        .count(),
+                );
                 drop(sets);
+                if let Some(store) = ctx.prefetches.get() {
+                    let prefetches = store.state();
+                    ctx.metrics.count_unreadable(
+                        "imageprefetches",
+                        prefetches
+                            .iter()
+                            .filter(|p| p.spec.unreadable.is_some())
+                            .count(),
+                        prefetches
+                            .iter()
+                            .filter(|p| p.status.as_ref().is_some_and(|s| s.unreadable.is_some()))
+                            .count(),
+                    );
+                }
                 release_freed_memory();
             }
         })
@@ -180,10 +195,7 @@ pub async fn run(
     let (all_prefetches, prefetch_writer) = reflector::store();
     let prefetch_events = watcher(prefetches, watcher::Config::default())
         .backoff(crd::watch_backoff::backoff())
-        .inspect_err({
-            let metrics = ctx.metrics.clone();
-            move |_| metrics.watch_failed("imageprefetches")
-        })
+        .inspect_err(watch_failed(&ctx.metrics, "imageprefetches"))
         .reflect(prefetch_writer)
         .applied_objects();
     let controller = Controller::for_stream(prefetch_events, all_prefetches.clone())
@@ -234,6 +246,20 @@ pub async fn run(
     }
     drop(leadership);
     ctx
+}
+
+/// What a failed watch request does: a warning (an object the API server
+/// cannot give, a refused list, an outage) and the metric; the watch itself
+/// tries again after its backoff.
+fn watch_failed(
+    metrics: &crate::metrics::Metrics,
+    resource: &'static str,
+) -> impl FnMut(&watcher::Error) + use<> {
+    let metrics = metrics.clone();
+    move |error| {
+        warn!(resource, %error, "watch request failed; retrying after its backoff");
+        metrics.watch_failed(resource)
+    }
 }
 
 /// Hands memory freed after a burst of reconciles back to the system. glibc

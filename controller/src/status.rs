@@ -185,6 +185,47 @@ pub fn compute<S: SetFacts>(
     }
 }
 
+/// The status of an ImagePrefetch whose stored spec this controller cannot
+/// read: the counts it last had, and conditions saying why nothing moves.
+pub fn unreadable_spec(
+    prefetch: &ImagePrefetch,
+    why: &crd::lenient::Unreadable,
+    now: Time,
+) -> ImagePrefetchStatus {
+    let mut status = prefetch.status.clone().unwrap_or_default();
+    status.unreadable = None;
+    let generation = prefetch.metadata.generation;
+    let message = format!(
+        "the spec cannot be read ({why}); its NodeImageSets are left as they are: apply the ImagePrefetch again (the API server now checks it) or delete it"
+    );
+    let old = std::mem::take(&mut status.conditions);
+    let cond = |type_: &str, status: bool, message: &str| {
+        condition(
+            &old,
+            type_,
+            status,
+            SPEC_UNREADABLE,
+            message,
+            generation,
+            &now,
+        )
+    };
+    status.conditions = vec![
+        cond("Ready", false, &message),
+        cond(
+            "Progressing",
+            false,
+            "nothing is done while the spec cannot be read",
+        ),
+        cond("Degraded", true, &message),
+    ];
+    status.observed_generation = generation;
+    status
+}
+
+/// The reason of an ImagePrefetch whose spec cannot be read.
+pub const SPEC_UNREADABLE: &str = "SpecUnreadable";
+
 /// The first problem, in order of how much it explains, with a message
 /// naming every problem of that kind.
 fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(String, String)> {

@@ -80,6 +80,28 @@ async fn bad_input_is_rejected_naming_the_field() {
             vec!["spec.replicas".into()],
         ),
         (
+            // Past i32: the API server before 1.36 does not enforce
+            // `format: int32` by itself, the schema's maximum does.
+            json!({"images": ["a:1"], "replicas": 2147483648u64}),
+            vec!["spec.replicas".into(), "less than or equal to".into()],
+        ),
+        (
+            json!({"images": ["a:1"], "replicas": 100001}),
+            vec!["spec.replicas".into(), "less than or equal to".into()],
+        ),
+        (
+            json!({"images": ["a:1"], "nodeSelector": (0..33).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()}),
+            vec!["spec.nodeSelector".into(), "at most 32".into()],
+        ),
+        (
+            json!({"images": ["a:1"], "nodeSelector": {"k": "v".repeat(64)}}),
+            vec!["spec.nodeSelector.k".into(), "63".into()],
+        ),
+        (
+            json!({"images": ["a:1"], "imagePullSecrets": (0..17).map(|i| json!({"name": format!("s{i}")})).collect::<Vec<_>>()}),
+            vec!["spec.imagePullSecrets".into(), "at most 16".into()],
+        ),
+        (
             json!({"images": ["a:1"], "bogus": true}),
             vec!["spec.bogus".into(), UNKNOWN_FIELD.into()],
         ),
@@ -118,6 +140,90 @@ async fn bad_input_is_rejected_naming_the_field() {
                     .any(|alt| message.contains(alt)),
                 "{spec}: message {message:?} lacks {part:?}"
             );
+        }
+    }
+}
+
+/// What a node's token may write into its own NodeImageSets' status is
+/// bounded too: out-of-range numbers, unknown states and huge strings are
+/// refused naming the field, so none reaches the controller's cache.
+#[tokio::test]
+async fn bad_node_reports_are_rejected_naming_the_field() {
+    use crd::{NodeImageSet, NodeImageSetSpec};
+    use kube::api::{Patch, PatchParams, PostParams};
+
+    let client = testbed::shared::client().await;
+    let api: Api<NodeImageSet> = Api::all(client);
+    let set = NodeImageSet::new(
+        "report-bounds",
+        NodeImageSetSpec {
+            node_name: "n1".into(),
+            image_set: vec![],
+            image_pull_secrets: vec![],
+            image_download_retry_limit: 3,
+            unreadable: None,
+        },
+    );
+    api.create(&PostParams::default(), &set).await.unwrap();
+    let image = |extra: Value| {
+        let mut r = json!({"name": "r.example/a:1", "state": "Pulling"});
+        r.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"status": {"images": [r]}})
+    };
+    let cases = [
+        (
+            image(json!({"attempts": 2147483648u64})),
+            "status.images[0].attempts",
+        ),
+        (image(json!({"attempts": -1})), "status.images[0].attempts"),
+        (image(json!({"state": "Evicted"})), "status.images[0].state"),
+        (
+            image(json!({"sizeBytes": 1u64 << 51})),
+            "status.images[0].sizeBytes",
+        ),
+        (
+            image(json!({"progressBytes": -5})),
+            "status.images[0].progressBytes",
+        ),
+        (
+            image(json!({"pullDurationMillis": 1u64 << 40})),
+            "status.images[0].pullDurationMillis",
+        ),
+        (
+            image(json!({"lastError": "x".repeat(4096)})),
+            "status.images[0].lastError",
+        ),
+        (
+            image(json!({"reason": "x".repeat(65)})),
+            "status.images[0].reason",
+        ),
+        (
+            image(json!({"digest": format!("sha256:{}", "0".repeat(300))})),
+            "status.images[0].digest",
+        ),
+        (json!({"status": {"available": 65}}), "status.available"),
+        (json!({"status": {"total": -1}}), "status.total"),
+        (
+            json!({"status": {"images": (0..65).map(|i| json!({"name": format!("r.example/a:{i}"), "state": "Waiting"})).collect::<Vec<_>>()}}),
+            "status.images",
+        ),
+    ];
+    for (patch, field) in cases {
+        let result = api
+            .patch_status(
+                "report-bounds",
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await;
+        match result {
+            Ok(_) => panic!("{patch} was accepted"),
+            Err(kube::Error::Api(e)) => {
+                assert!(e.message.contains(field), "{field}: {}", e.message)
+            }
+            Err(other) => panic!("{other}"),
         }
     }
 }

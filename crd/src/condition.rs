@@ -24,7 +24,7 @@ pub fn schema(_: &mut SchemaGenerator) -> Schema {
             "properties": {
                 "type": {"type": "string", "minLength": 1, "maxLength": 316},
                 "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0, "maximum": i64::MAX},
+                "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0, "maximum": crate::lenient::MAX_SCHEMA_INT64},
                 "lastTransitionTime": {"type": "string", "format": "date-time"},
                 "reason": {"type": "string", "minLength": 1, "maxLength": 1024},
                 "message": {"type": "string", "maxLength": 32768},

@@ -80,7 +80,8 @@ mod tests {
         }
     }
 
-    /// Every integer has the bounds its Rust type can hold, and every string,
+    /// Every integer has the bounds its Rust type can hold (an `int64` at
+    /// most [`crate::lenient::MAX_SCHEMA_INT64`]), and every string,
     /// list and map a length limit: the API server then refuses what the
     /// binaries could not decode or should not hold, naming the field.
     #[test]
@@ -92,7 +93,7 @@ mod tests {
                 Some("integer") => {
                     let limit = match map.get("format").and_then(|f| f.as_str()) {
                         Some("int32") => i32::MAX as i64,
-                        _ => i64::MAX,
+                        _ => crate::lenient::MAX_SCHEMA_INT64,
                     };
                     let max = map.get("maximum").and_then(|m| m.as_f64());
                     let min = map.get("minimum").and_then(|m| m.as_f64());

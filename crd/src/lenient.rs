@@ -19,6 +19,13 @@
 
 use std::fmt;
 
+/// The largest `int64` a schema may name as a bound: 2^53 − 1. The API
+/// server reads a schema's `maximum` as a float64, and `i64::MAX` (2^63 − 1)
+/// rounds up to 2^63, which it turns into `i64::MIN`: every value is then
+/// refused as "less than or equal to -9223372036854775808" (seen on
+/// kube-apiserver 1.35). No count, generation or size comes near 2^53.
+pub const MAX_SCHEMA_INT64: i64 = (1 << 53) - 1;
+
 /// Why a spec or status did not decode: the field and serde's message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unreadable {

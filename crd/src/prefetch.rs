@@ -135,7 +135,7 @@ fn images_schema(_: &mut SchemaGenerator) -> Schema {
 pub struct ImagePrefetchStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = i64::MAX))]
+    #[schemars(range(min = 0, max = crate::lenient::MAX_SCHEMA_INT64))]
     pub observed_generation: Option<i64>,
     /// Nodes selected to hold the images.
     #[serde(default)]

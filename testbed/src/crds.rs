@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, CustomResourceValidation, JSONSchemaProps,
+};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 
@@ -10,12 +12,41 @@ use crate::{Error, Result};
 
 /// Applies both CRDs (server-side) and waits for them to be Established.
 pub async fn install(client: &kube::Client) -> Result<()> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let params = PatchParams::apply("image-prefetch-testbed").force();
-    for crd in [
+    install_these(client, generated()).await
+}
+
+fn generated() -> [CustomResourceDefinition; 2] {
+    [
         <crd::ImagePrefetch as kube::CustomResourceExt>::crd(),
         <crd::NodeImageSet as kube::CustomResourceExt>::crd(),
-    ] {
+    ]
+}
+
+/// Both CRDs with a schema that takes anything: what lets objects the real
+/// schema refuses into storage, as an older release's CRD did (before its
+/// bounds) and an API server before Kubernetes 1.36 does for `int32`
+/// fields. For tests of what the binaries do with such objects; `install`
+/// puts the real schema back (stored objects keep what they have).
+pub async fn install_without_schema(client: &kube::Client) -> Result<()> {
+    let mut crds = generated();
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            version.schema = Some(CustomResourceValidation {
+                open_api_v3_schema: Some(JSONSchemaProps {
+                    type_: Some("object".into()),
+                    x_kubernetes_preserve_unknown_fields: Some(true),
+                    ..Default::default()
+                }),
+            });
+        }
+    }
+    install_these(client, crds).await
+}
+
+async fn install_these(client: &kube::Client, crds: [CustomResourceDefinition; 2]) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply("image-prefetch-testbed").force();
+    for crd in crds {
         let name = crd.metadata.name.clone().expect("generated CRDs are named");
         api.patch(&name, &params, &Patch::Apply(&crd)).await?;
         let established = await_condition(api.clone(), &name, conditions::is_crd_established());

@@ -9,6 +9,11 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --containerd-socket PATH       default /run/containerd/containerd.sock
   --registry-config-dir DIR      the node's registry hosts (default /etc/containerd/certs.d)
   --mirror-config-dir DIR        where Mirror-only host files go (default /var/lib/image-prefetch/hosts)
+  --mirror-endpoints LIST        the hosts of the node's registry configuration that are the
+                                 in-cluster mirror, comma-separated: URLs as hosts.toml names
+                                 them, or :PORT for any host at that port (default
+                                 $MIRROR_ENDPOINTS, else spegel's targets :30020,:30021);
+                                 Mirror pulls use these and no other host
   --concurrency N                pulls at once (default 2)
   --pull-timeout-seconds S       one attempt's limit (default 600)
   --resync-seconds S             how often present images are re-checked (default 300)
@@ -30,6 +35,9 @@ fn parse_args() -> Config {
         metrics_addr: Some(([0, 0, 0, 0], 8080).into()),
         ..Config::new(&std::env::var("NODE_NAME").unwrap_or_default())
     };
+    if let Ok(list) = std::env::var("MIRROR_ENDPOINTS") {
+        config.mirror_endpoints = endpoints(&list);
+    }
     let mut args = telemetry::cli::Args::from_env(USAGE);
     while let Some(flag) = args.next_flag() {
         match flag.as_str() {
@@ -37,6 +45,7 @@ fn parse_args() -> Config {
             "--containerd-socket" => config.containerd_socket = args.value(&flag).into(),
             "--registry-config-dir" => config.node_hosts_dir = args.value(&flag).into(),
             "--mirror-config-dir" => config.mirror_hosts_dir = args.value(&flag).into(),
+            "--mirror-endpoints" => config.mirror_endpoints = endpoints(&args.value(&flag)),
             "--concurrency" => config.concurrency = args.number(&flag).max(1) as usize,
             "--pull-timeout-seconds" => config.pull_timeout = args.seconds(&flag),
             "--resync-seconds" => config.resync = args.seconds(&flag),
@@ -67,6 +76,10 @@ fn parse_args() -> Config {
         args.fail("no node name: pass --node-name or set NODE_NAME");
     }
     config
+}
+
+fn endpoints(list: &str) -> agent::hosts::MirrorEndpoints {
+    agent::hosts::MirrorEndpoints::new(list.split(',').map(|e| e.trim().to_string()))
 }
 
 #[tokio::main]

@@ -47,6 +47,8 @@ pub struct Config {
     pub node_hosts_dir: PathBuf,
     /// A directory the agent owns, for the Mirror-only host configuration.
     pub mirror_hosts_dir: PathBuf,
+    /// Which hosts of the node's configuration are the in-cluster mirror.
+    pub mirror_endpoints: hosts::MirrorEndpoints,
     /// Pulls at once on this node.
     pub concurrency: usize,
     /// One attempt longer than this is abandoned and counted as failed.
@@ -77,6 +79,7 @@ impl Config {
             containerd_socket: "/run/containerd/containerd.sock".into(),
             node_hosts_dir: "/etc/containerd/certs.d".into(),
             mirror_hosts_dir: "/var/lib/image-prefetch/hosts".into(),
+            mirror_endpoints: hosts::MirrorEndpoints::default(),
             concurrency: 2,
             pull_timeout: Duration::from_secs(600),
             backoff_min: Duration::from_secs(1),
@@ -842,6 +845,7 @@ impl Job {
                 &self.config.node_hosts_dir,
                 &self.config.mirror_hosts_dir,
                 &registry,
+                &self.config.mirror_endpoints,
             )
             .map_err(|e| Failure {
                 message: e.to_string(),

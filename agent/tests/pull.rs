@@ -84,8 +84,13 @@ async fn mirror_pull_never_reaches_the_upstream() {
 
     let runtime = Runtime::connect(&node.socket).await.unwrap();
     let pushed = upstream.requests().len();
-    let mirror_dir =
-        hosts::prepare_mirror(&node.hosts_dir, &dir.join("agent-hosts"), &upstream.host).unwrap();
+    let mirror_dir = hosts::prepare_mirror(
+        &node.hosts_dir,
+        &dir.join("agent-hosts"),
+        &upstream.host,
+        &hosts::MirrorEndpoints::new([mirror.host.clone()]),
+    )
+    .unwrap();
     let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
     let pulled = runtime
         .pull(&pinned, &image.reference, &mirror_dir, None, None)
@@ -124,6 +129,71 @@ async fn mirror_pull_never_reaches_the_upstream() {
         "a Mirror pull fell back to the upstream"
     );
     assert_eq!(err.reason(), "NotFound", "{err}");
+}
+
+/// The node's file as spegel writes it with Basic auth and `prependExisting`
+/// keeping an administrator's pull-through cache after it: the Mirror pull
+/// sends spegel's header (the mirror refuses anyone without it), and never
+/// asks the cache — which could reach the internet — though the cache is
+/// listed first and holds the image.
+#[tokio::test]
+async fn a_mirror_pull_keeps_the_mirrors_settings_and_skips_other_hosts() {
+    const PASSWORD: &str = "spegel-basic-4417";
+    let dir = Workdir::new("agent-pull-mirror-settings");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let mirror = Registry::start_with_login(&dir.join("mirror"), "spegel", PASSWORD).unwrap();
+    let cache = Registry::start(&dir.join("cache")).unwrap();
+    let work = dir.join("images");
+    let image = images::build_and_push(&work, &upstream.host, "team/app", "3.0", &[MB]).unwrap();
+    let login = Some(("spegel", PASSWORD));
+    images::build_and_push_as(&work, &mirror.host, "team/app", "3.0", &[MB], login).unwrap();
+    images::build_and_push(&work, &cache.host, "team/app", "3.0", &[MB]).unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    let basic = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("spegel:{PASSWORD}"))
+    };
+    let registry_dir = node.hosts_dir.join(&upstream.host);
+    std::fs::create_dir_all(&registry_dir).unwrap();
+    std::fs::write(
+        registry_dir.join("hosts.toml"),
+        format!(
+            "server = 'http://{up}'\n\n\
+             [host.'http://{cache}']\ncapabilities = ['pull', 'resolve']\n\n\
+             [host.'http://{mirror}']\ncapabilities = ['pull', 'resolve']\ndial_timeout = '200ms'\n\
+             [host.'http://{mirror}'.header]\nAuthorization = 'Basic {basic}'\n",
+            up = upstream.host,
+            cache = cache.host,
+            mirror = mirror.host,
+        ),
+    )
+    .unwrap();
+
+    let runtime = Runtime::connect(&node.socket).await.unwrap();
+    let (upstream_before, cache_before) = (upstream.requests().len(), cache.requests().len());
+    let mirror_dir = hosts::prepare_mirror(
+        &node.hosts_dir,
+        &dir.join("agent-hosts"),
+        &upstream.host,
+        &hosts::MirrorEndpoints::new([format!("http://{}", mirror.host)]),
+    )
+    .unwrap();
+    let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
+    let pulled = runtime
+        .pull(&pinned, &image.reference, &mirror_dir, None, None)
+        .await
+        .unwrap();
+    assert_eq!(pulled.digest, image.digest);
+    assert_eq!(upstream.requests().len(), upstream_before, "upstream asked");
+    assert_eq!(
+        cache.requests()[cache_before..],
+        [] as [String; 0],
+        "the pull-through cache asked"
+    );
+    assert!(
+        !mirror.blob_gets("team/app").is_empty(),
+        "the mirror served the blobs, with spegel's header"
+    );
 }
 
 #[tokio::test]

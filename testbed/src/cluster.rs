@@ -45,7 +45,9 @@ use crate::{ControlPlane, Error, Lifetime, Result, io_err, process};
 pub const API_ADDRESS: &str = "10.250.0.1";
 
 /// Where each node's peer mirror listens, on the node's address.
-const PEER_MIRROR_PORT: u16 = 5000;
+/// spegel's registry hostPort (its chart's default), which the agent takes for
+/// the in-cluster mirror by default.
+const PEER_MIRROR_PORT: u16 = 30020;
 
 /// The pause image the nodes' containerd runs each pod's sandbox from.
 pub const PAUSE: &str = "pause:1";

@@ -16,6 +16,8 @@ pub struct Containerd {
     pub hosts_dir: PathBuf,
     pub log: PathBuf,
     child: Child,
+    /// The mirrors `configure_registry` named: the bed's in-cluster mirror.
+    mirrors: std::sync::Mutex<Vec<String>>,
 }
 
 /// Which containerd a simulated node runs.
@@ -127,6 +129,7 @@ state = "{state}"
             hosts_dir,
             log,
             child,
+            mirrors: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.socket.exists() {
@@ -154,6 +157,10 @@ state = "{state}"
     /// (same form) tried first, as spegel configures a node.
     pub fn configure_registry(&self, registry: &str, mirrors: &[&str]) -> Result<()> {
         let mirrors: Vec<String> = mirrors.iter().map(|m| format!("http://{m}")).collect();
+        self.mirrors
+            .lock()
+            .expect("mirrors lock")
+            .extend(mirrors.iter().cloned());
         let mirrors: Vec<&str> = mirrors.iter().map(String::as_str).collect();
         write_hosts(
             &self.hosts_dir,
@@ -161,6 +168,13 @@ state = "{state}"
             &format!("http://{registry}"),
             &mirrors,
         )
+    }
+
+    /// The hosts `configure_registry` named as mirrors, comma-separated: what
+    /// the agent's `--mirror-endpoints` takes (its default, spegel's ports,
+    /// fits no loopback bed).
+    pub fn mirror_endpoints(&self) -> String {
+        self.mirrors.lock().expect("mirrors lock").join(",")
     }
 
     /// `ctr` (Debian's containerd client) against this containerd, in the

@@ -186,7 +186,15 @@ impl SimulatedNode {
         let hosts = containerd.hosts_dir.display().to_string();
         let own_hosts = own_hosts.display().to_string();
         let image_fs = containerd.dir.display().to_string();
+        // The in-cluster mirror is the node's stand-in (or the registries
+        // named as mirrors), not spegel's ports.
+        let endpoints = match &peer_mirror {
+            Some(m) => format!("http://{}", m.host),
+            None => containerd.mirror_endpoints(),
+        };
         let mut args = vec![
+            "--mirror-endpoints",
+            &endpoints,
             "--node-name",
             name,
             "--containerd-socket",

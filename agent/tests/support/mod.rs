@@ -78,6 +78,7 @@ pub fn agent_process(
         .arg(&containerd.hosts_dir)
         .arg("--mirror-config-dir")
         .arg(mirror_dir)
+        .args(["--mirror-endpoints", &containerd.mirror_endpoints()])
         // The machine's disk is no node's image filesystem under pressure.
         .args(["--image-fs-high-percent", "100"])
         .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
@@ -114,6 +115,10 @@ pub fn config(
         containerd_socket: containerd.socket.clone(),
         node_hosts_dir: containerd.hosts_dir.clone(),
         mirror_hosts_dir: dir.join("agent-hosts"),
+        // The mirrors the test configured the node with (before this call).
+        mirror_endpoints: agent::hosts::MirrorEndpoints::new(
+            containerd.mirror_endpoints().split(',').map(String::from),
+        ),
         backoff_min: Duration::from_millis(200),
         backoff_max: Duration::from_millis(400),
         // The machine's disk is no node's image filesystem under pressure.

@@ -10,6 +10,33 @@ use testbed::workdir::Workdir;
 
 const MB: usize = 1024 * 1024;
 
+/// A Mirror pull of `image` by its digest, as the agent makes one, with
+/// `mirror` as the in-cluster mirror; asserts the digest, returns the host
+/// directory used.
+async fn mirror_pull(
+    runtime: &Runtime,
+    node: &Containerd,
+    dir: &Workdir,
+    upstream: &Registry,
+    mirror: &Registry,
+    image: &images::Image,
+) -> std::path::PathBuf {
+    let mirror_dir = hosts::prepare_mirror(
+        &node.hosts_dir,
+        &dir.join("agent-hosts"),
+        &upstream.host,
+        &hosts::MirrorEndpoints::new([format!("http://{}", mirror.host)]),
+    )
+    .unwrap();
+    let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
+    let pulled = runtime
+        .pull(&pinned, &image.reference, &mirror_dir, None, None)
+        .await
+        .unwrap();
+    assert_eq!(pulled.digest, image.digest);
+    mirror_dir
+}
+
 #[tokio::test]
 async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
     let dir = Workdir::new("agent-pull-default");
@@ -84,19 +111,7 @@ async fn mirror_pull_never_reaches_the_upstream() {
 
     let runtime = Runtime::connect(&node.socket).await.unwrap();
     let pushed = upstream.requests().len();
-    let mirror_dir = hosts::prepare_mirror(
-        &node.hosts_dir,
-        &dir.join("agent-hosts"),
-        &upstream.host,
-        &hosts::MirrorEndpoints::new([mirror.host.clone()]),
-    )
-    .unwrap();
-    let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
-    let pulled = runtime
-        .pull(&pinned, &image.reference, &mirror_dir, None, None)
-        .await
-        .unwrap();
-    assert_eq!(pulled.digest, image.digest);
+    let mirror_dir = mirror_pull(&runtime, &node, &dir, &upstream, &mirror, &image).await;
     let after = upstream.requests();
     assert_eq!(
         after.len(),
@@ -171,19 +186,7 @@ async fn a_mirror_pull_keeps_the_mirrors_settings_and_skips_other_hosts() {
 
     let runtime = Runtime::connect(&node.socket).await.unwrap();
     let (upstream_before, cache_before) = (upstream.requests().len(), cache.requests().len());
-    let mirror_dir = hosts::prepare_mirror(
-        &node.hosts_dir,
-        &dir.join("agent-hosts"),
-        &upstream.host,
-        &hosts::MirrorEndpoints::new([format!("http://{}", mirror.host)]),
-    )
-    .unwrap();
-    let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
-    let pulled = runtime
-        .pull(&pinned, &image.reference, &mirror_dir, None, None)
-        .await
-        .unwrap();
-    assert_eq!(pulled.digest, image.digest);
+    mirror_pull(&runtime, &node, &dir, &upstream, &mirror, &image).await;
     assert_eq!(upstream.requests().len(), upstream_before, "upstream asked");
     assert_eq!(
         cache.requests()[cache_before..],

@@ -80,10 +80,22 @@ pub fn decode<T: Lenient>(
 
 /// `Deserialize` and `Serialize` for a type whose derives are declared with
 /// `#[serde(remote = "Self")]` (serde then generates inherent functions, which
-/// these trait impls wrap): decoding goes through [`decode`].
+/// these trait impls wrap), decoding through [`decode`]; and [`Lenient`],
+/// given the object's field the type is and the placeholder for an
+/// unreadable value, kept in the type's `unreadable` field.
 #[macro_export]
 macro_rules! decode_leniently {
-    ($type:ty) => {
+    ($type:ty, $field:literal, $placeholder:expr) => {
+        impl $crate::lenient::Lenient for $type {
+            const FIELD: &'static str = $field;
+            fn unreadable(why: $crate::lenient::Unreadable) -> Self {
+                let placeholder: fn($crate::lenient::Unreadable) -> Self = $placeholder;
+                placeholder(why)
+            }
+            fn why_unreadable(&self) -> Option<&$crate::lenient::Unreadable> {
+                self.unreadable.as_ref()
+            }
+        }
         impl<'de> serde::Deserialize<'de> for $type {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 // Any JSON at all is accepted here; what it means is decided below.

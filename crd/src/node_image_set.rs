@@ -6,7 +6,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::lenient::{Lenient, Unreadable};
+use crate::lenient::Unreadable;
 use crate::prefetch::{MAX_IMAGES, MAX_PULL_SECRETS};
 use crate::reference;
 
@@ -70,23 +70,15 @@ pub struct NodeImageSetSpec {
     pub unreadable: Option<Unreadable>,
 }
 
-crate::decode_leniently!(NodeImageSetSpec);
-
-impl Lenient for NodeImageSetSpec {
-    const FIELD: &'static str = "spec";
-    fn unreadable(why: Unreadable) -> Self {
-        NodeImageSetSpec {
-            node_name: String::new(),
-            image_set: Vec::new(),
-            image_pull_secrets: Vec::new(),
-            image_download_retry_limit: DEFAULT_RETRY_LIMIT,
-            unreadable: Some(why),
-        }
+crate::decode_leniently!(NodeImageSetSpec, "spec", |why| {
+    NodeImageSetSpec {
+        node_name: String::new(),
+        image_set: Vec::new(),
+        image_pull_secrets: Vec::new(),
+        image_download_retry_limit: DEFAULT_RETRY_LIMIT,
+        unreadable: Some(why),
     }
-    fn why_unreadable(&self) -> Option<&Unreadable> {
-        self.unreadable.as_ref()
-    }
-}
+});
 
 fn default_retry_limit() -> i32 {
     DEFAULT_RETRY_LIMIT
@@ -156,20 +148,12 @@ pub struct NodeImageSetStatus {
     pub unreadable: Option<Unreadable>,
 }
 
-crate::decode_leniently!(NodeImageSetStatus);
-
-impl Lenient for NodeImageSetStatus {
-    const FIELD: &'static str = "status";
-    fn unreadable(why: Unreadable) -> Self {
-        NodeImageSetStatus {
-            unreadable: Some(why),
-            ..Default::default()
-        }
+crate::decode_leniently!(NodeImageSetStatus, "status", |why| {
+    NodeImageSetStatus {
+        unreadable: Some(why),
+        ..Default::default()
     }
-    fn why_unreadable(&self) -> Option<&Unreadable> {
-        self.unreadable.as_ref()
-    }
-}
+});
 
 /// The state of one image on the node.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -7,7 +7,7 @@ use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
-use crate::lenient::{Lenient, Unreadable};
+use crate::lenient::Unreadable;
 use crate::reference;
 
 /// Most images one ImagePrefetch may list; bounds the CEL cost and the NodeImageSet size.
@@ -68,23 +68,15 @@ pub struct ImagePrefetchSpec {
     pub unreadable: Option<Unreadable>,
 }
 
-crate::decode_leniently!(ImagePrefetchSpec);
-
-impl Lenient for ImagePrefetchSpec {
-    const FIELD: &'static str = "spec";
-    fn unreadable(why: Unreadable) -> Self {
-        ImagePrefetchSpec {
-            images: Vec::new(),
-            node_selector: BTreeMap::new(),
-            replicas: None,
-            image_pull_secrets: Vec::new(),
-            unreadable: Some(why),
-        }
+crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
+    ImagePrefetchSpec {
+        images: Vec::new(),
+        node_selector: BTreeMap::new(),
+        replicas: None,
+        image_pull_secrets: Vec::new(),
+        unreadable: Some(why),
     }
-    fn why_unreadable(&self) -> Option<&Unreadable> {
-        self.unreadable.as_ref()
-    }
-}
+});
 
 /// A secret in the ImagePrefetch's own namespace.
 #[derive(
@@ -167,20 +159,12 @@ pub struct ImagePrefetchStatus {
     pub unreadable: Option<Unreadable>,
 }
 
-crate::decode_leniently!(ImagePrefetchStatus);
-
-impl Lenient for ImagePrefetchStatus {
-    const FIELD: &'static str = "status";
-    fn unreadable(why: Unreadable) -> Self {
-        ImagePrefetchStatus {
-            unreadable: Some(why),
-            ..Default::default()
-        }
+crate::decode_leniently!(ImagePrefetchStatus, "status", |why| {
+    ImagePrefetchStatus {
+        unreadable: Some(why),
+        ..Default::default()
     }
-    fn why_unreadable(&self) -> Option<&Unreadable> {
-        self.unreadable.as_ref()
-    }
-}
+});
 
 /// How far one image has got across the selected nodes.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

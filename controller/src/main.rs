@@ -31,6 +31,10 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --private-images isolate|share an image pulled with credentials is served from the
                                  mirror only within its namespace (isolate, default),
                                  or to everyone (share)
+  --zone-seeding sequential|parallel
+                                 sequential (default): one zone seeds an image from its
+                                 registry, the others once it holds it (through the
+                                 mirror): once per cluster; parallel: every zone at once
   --agent-service-account NS/NAME
                                  grant the agent's ServiceAccount `get` on exactly the
                                  pull secrets ImagePrefetches name, per namespace
@@ -83,6 +87,12 @@ fn parse_args() -> Config {
                             "--target-nodes {value}: expected key=value[,key=value]"
                         ))
                     });
+            }
+            "--zone-seeding" => {
+                let value = args.value(&flag);
+                config.policy.zone_seeding = value
+                    .parse()
+                    .unwrap_or_else(|e: String| args.fail(&format!("--zone-seeding {e}")));
             }
             "--private-images" => {
                 let value = args.value(&flag);

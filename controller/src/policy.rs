@@ -8,6 +8,9 @@
 //!   `Default` entry (it may reach the external registry); every other node
 //!   has no entry at all for that image: *waiting is absence*, so an agent can
 //!   never start a pull the controller has not released;
+//! - one group seeds at a time: another platform of the zone, or (by
+//!   default, [`ZoneSeeding::Sequential`]) another zone, seeds once the first
+//!   group holds the image, so its Default pull is served by the mirror;
 //! - once some node of the zone reports the image Available, the others get
 //!   `Mirror` entries pinned to the digest that was resolved, in growing waves:
 //!   at most as many in flight as there are nodes holding the image (each
@@ -40,6 +43,32 @@ pub struct Settings {
     pub seed_cooldown: Duration,
     pub seed_cooldown_cap: Duration,
     pub private_images: PrivateImages,
+    pub zone_seeding: ZoneSeeding,
+}
+
+/// How the zones of a cluster seed an image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ZoneSeeding {
+    /// One zone seeds first; the others' seeds start once it holds the image,
+    /// so their Default pulls find its blobs in the in-cluster mirror: each
+    /// blob crosses the uplink once per cluster (the product's promise; on
+    /// premises the uplink, not traffic between zones, is the scarce link).
+    #[default]
+    Sequential,
+    /// Every zone seeds at once from the registry: a rollout sooner by one
+    /// seed's pull, the uplink used once per zone.
+    Parallel,
+}
+
+impl std::str::FromStr for ZoneSeeding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sequential" => Ok(ZoneSeeding::Sequential),
+            "parallel" => Ok(ZoneSeeding::Parallel),
+            other => Err(format!("{other}: expected sequential or parallel")),
+        }
+    }
 }
 
 /// Whether an image a seed pulled with credentials is served (from the
@@ -75,6 +104,7 @@ impl Default for Settings {
             seed_cooldown: Duration::from_secs(30),
             seed_cooldown_cap: Duration::from_secs(5 * 60),
             private_images: PrivateImages::default(),
+            zone_seeding: ZoneSeeding::default(),
         }
     }
 }
@@ -347,13 +377,17 @@ impl SeedBook {
         Ok((node, new))
     }
 
-    /// Whether a seed of `key` is claimed in another group of `group`'s
-    /// zone (another platform there): seeds of one zone go one at a time.
-    fn seeding_elsewhere_in_zone(&self, key: &str, group: &str) -> bool {
+    /// Whether a seed of `key` is claimed in another group that `group`
+    /// waits for: another platform of its zone always (its index and shared
+    /// layers then cross the uplink once), and with sequential zone seeding
+    /// any other zone's too. A claim lasts until its group holds the image.
+    fn seeding_elsewhere(&self, key: &str, group: &str, zones: ZoneSeeding) -> bool {
         let zone = crate::select::group_zone(group);
-        self.claims
-            .keys()
-            .any(|(k, g)| k == key && g != group && crate::select::group_zone(g) == zone)
+        self.claims.keys().any(|(k, g)| {
+            k == key
+                && g != group
+                && (zones == ZoneSeeding::Sequential || crate::select::group_zone(g) == zone)
+        })
     }
 
     /// The image is on some node of the zone: no seed is needed any more.
@@ -463,10 +497,11 @@ pub fn plan(
                     let out = entries.get_mut(n).expect("selected");
                     out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
                 }
-            } else if book.seeding_elsewhere_in_zone(&shared, zone) {
-                // Another platform of this zone is seeding the image: wait
-                // for it, then seed this platform through the mirror first,
-                // so the index and any shared layer cross the uplink once.
+            } else if book.seeding_elsewhere(&shared, zone, settings.zone_seeding) {
+                // Another group (another platform of this zone, or another
+                // zone) is seeding the image: wait for it, then seed this
+                // group through the mirror first, so the index and every
+                // shared layer cross the uplink once.
                 for n in ours {
                     if let Some((e, _)) = current.get(n, &key)
                         && e.registry_policy == RegistryPolicy::Mirror
@@ -923,17 +958,62 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_seed_per_zone() {
-        let mut sim = Sim::new(6);
+    fn two_zones(n: usize, zones: ZoneSeeding) -> Sim {
+        let mut sim = Sim::new(n);
         for (i, n) in sim.nodes.clone().iter().enumerate() {
             sim.groups
                 .insert(n.clone(), if i % 2 == 0 { "a" } else { "b" }.into());
         }
+        sim.settings.zone_seeding = zones;
+        sim
+    }
+
+    #[test]
+    fn zones_seed_at_once_when_asked_to() {
+        let mut sim = two_zones(6, ZoneSeeding::Parallel);
         sim.step(&[IMG]);
         let seeds = sim.with_policy(IMG, RegistryPolicy::Default);
         assert_eq!(seeds.len(), 2);
         assert_ne!(sim.groups[&seeds[0]], sim.groups[&seeds[1]]);
+    }
+
+    /// Once per cluster: the second zone's seed starts only when the first
+    /// zone holds the image (its Default pull then finds every blob in the
+    /// mirror), pinned to the digest the first resolved; no Mirror pull of
+    /// a zone starts before a node of that zone holds the image.
+    #[test]
+    fn zones_seed_one_after_another_by_default() {
+        let mut sim = two_zones(6, ZoneSeeding::default());
+        sim.step(&[IMG]);
+        let first = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(first.len(), 1, "one seed in the cluster");
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        let first_zone = sim.groups[&first[0]].clone();
+        // Still pulling: the other zone keeps waiting, however often it is asked.
+        sim.report(&first[0], IMG, PullState::Pulling);
+        sim.step(&[IMG]);
+        sim.step(&[IMG]);
+        assert_eq!(sim.with_policy(IMG, RegistryPolicy::Default), first);
+        sim.report(&first[0], IMG, PullState::Available);
+        sim.step(&[IMG]);
+        let seeds = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(seeds.len(), 2);
+        let second = seeds
+            .iter()
+            .find(|n| sim.groups[*n] != first_zone)
+            .unwrap()
+            .clone();
+        let entry = sim.ours[&second].spec.image_set[0].clone();
+        assert_eq!(
+            entry.digest.as_deref(),
+            Some(DIGEST),
+            "pinned to the first zone's"
+        );
+        let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
+        assert!(
+            mirrors.iter().all(|n| sim.groups[n] == first_zone),
+            "no Mirror pull in a zone that holds nothing: {mirrors:?}"
+        );
     }
 
     #[test]

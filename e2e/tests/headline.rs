@@ -207,3 +207,78 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
         counts.len()
     );
 }
+
+/// Two zones (two nodes each), one image: with the default zone seeding the
+/// second zone's seed starts once the first zone holds the image, and its
+/// Default pull finds every blob in the in-cluster mirror — the registry
+/// serves each blob once for the whole cluster, not once per zone.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_zones_cross_the_uplink_once() {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Patch, PatchParams};
+
+    const ZONED: [(&str, &str); 4] = [
+        ("zone-a-0", "amd64"),
+        ("zone-a-1", "amd64"),
+        ("zone-b-0", "amd64"),
+        ("zone-b-1", "amd64"),
+    ];
+    let work = testbed::workdir::Workdir::new("e2e-two-zones");
+    // A slow uplink (1 MiB/s): seeds of two zones at once would both be
+    // fetching from the registry, the peers holding nothing yet.
+    let mut bed = PeerCluster::start_with_uplink(&work, &ZONED, Some(MB as u64))
+        .await
+        .expect("the peer-mirror bed (agent and peer-mirror built by cargo test --workspace)");
+    let nodes: Api<Node> = Api::all(bed.client.clone());
+    for (name, _) in ZONED {
+        let zone = &name[..6];
+        let patch =
+            serde_json::json!({"metadata": {"labels": {"topology.kubernetes.io/zone": zone}}});
+        nodes
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+    bed.start_controller(&[], "controller.log").unwrap();
+    let app = testbed::images::build_and_push(
+        &work.join("images"),
+        &bed.registry_host(),
+        "team/zoned",
+        "1.0",
+        &[2 * MB, MB, MB / 2],
+    )
+    .unwrap();
+    let took = bed
+        .rollout("zoned", &[&app.reference], WITHIN)
+        .await
+        .unwrap();
+    let per_blob = gets(&bed.upstream, &app.repository, &app.blobs);
+    assert!(
+        per_blob.values().all(|&n| n == 1),
+        "each blob served once for both zones: {per_blob:?}"
+    );
+    assert_eq!(bed.upstream.blob_bytes_served(), app.size);
+    // One seed per zone, the second served by the mirror.
+    let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
+    let mut seeds: Vec<String> = sets
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|s| {
+            s.spec
+                .image_set
+                .iter()
+                .any(|e| e.registry_policy == RegistryPolicy::Default)
+        })
+        .map(|s| s.spec.node_name[..6].to_string())
+        .collect();
+    seeds.sort();
+    assert_eq!(seeds, ["zone-a", "zone-b"], "one seed in each zone");
+    eprintln!(
+        "headline: two zones, 4 nodes, one image in {:.1}s; upstream blob GETs {:?}",
+        took.as_secs_f64(),
+        per_blob.values().collect::<Vec<_>>()
+    );
+}

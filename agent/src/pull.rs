@@ -9,6 +9,7 @@ use containerd_client::services::v1::StreamInit;
 use containerd_client::services::v1::namespaces_client::NamespacesClient;
 use containerd_client::services::v1::streaming_client::StreamingClient;
 use containerd_client::services::v1::transfer_client::TransferClient;
+use containerd_client::services::v1::version_client::VersionClient;
 use containerd_client::services::v1::{CreateNamespaceRequest, Namespace};
 use containerd_client::services::v1::{
     GetImageRequest, ListImagesRequest, ReadContentRequest, TransferOptions, TransferRequest,
@@ -124,6 +125,35 @@ pub struct Runtime {
     /// The one platform fetched and unpacked: an index's other platforms
     /// would cost their bytes on every node for nothing.
     platform: crd::platform::Platform,
+    /// containerd's version, as its Version service tells it.
+    version: String,
+}
+
+/// The containerd releases whose pulls can be kept off the registry: the
+/// Transfer service of 2.0 and later honours the registry host
+/// configuration it is given (`host_dir`).
+pub const MIRROR_ONLY_SINCE: u64 = 2;
+
+/// Whether containerd `version` can make a Mirror pull that never reaches
+/// the registry; else why not, in words for the entry's status. containerd
+/// 1.7's Transfer service builds its resolver from the registries' defaults
+/// and ignores `host_dir` (`pkg/transfer/registry/registry.go`): every pull
+/// goes straight to the registry. 1.6 has no Transfer service, and CRI's
+/// pull falls back to the registry when the mirror misses.
+pub fn mirror_only(version: &str) -> Result<(), String> {
+    let major = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse::<u64>().ok());
+    match major {
+        Some(m) if m >= MIRROR_ONLY_SINCE => Ok(()),
+        _ => Err(format!(
+            "containerd {version} on this node cannot keep a Mirror pull off the registry \
+             (before 2.0, containerd ignores the registry host configuration it is given, or falls back \
+             to the registry): the image is not pulled here; upgrade containerd to 2.0 or newer"
+        )),
+    }
 }
 
 impl Runtime {
@@ -134,12 +164,19 @@ impl Runtime {
                 socket: socket.display().to_string(),
                 message: e.to_string(),
             })?;
+        let version = VersionClient::new(channel.clone())
+            .version(())
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .version;
         let runtime = Runtime {
             channel,
             namespace: K8S_NAMESPACE.to_string(),
             snapshotter: "overlayfs".to_string(),
             transfer: Arc::new(AtomicBool::new(true)),
             platform: crd::platform::Platform::host(),
+            version,
         };
         runtime.ensure_namespace().await?;
         Ok(runtime)
@@ -173,6 +210,11 @@ impl Runtime {
         }
     }
 
+    /// containerd's version (`v2.2.9`, Debian's `1.6.20~ds1`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
     /// Pulls for `platform` instead of this machine's (a simulated node of
     /// another architecture; unpacking its layers needs no emulation).
     pub fn for_platform(mut self, platform: crd::platform::Platform) -> Self {
@@ -202,8 +244,8 @@ impl Runtime {
             {
                 Err(PullError::Unsupported) => {
                     warn!(
-                        "containerd has no Transfer service (it is older than 1.7): pulling through CRI, \
-                         where Mirror pulls can fall back to the upstream registry"
+                        "containerd has no Transfer service (it is older than 1.7): pulling through CRI \
+                         (Default pulls only: Mirror pulls need containerd 2.0)"
                     );
                     self.transfer.store(false, Ordering::Relaxed);
                 }
@@ -460,6 +502,11 @@ impl Runtime {
         );
         let (tx, rx) = mpsc::channel::<prost_types::Any>(4);
         let failed = |s: containerd_client::tonic::Status| {
+            // containerd 1.6 has no Streaming service either: that is the
+            // missing Transfer service, and CRI pulls instead.
+            if s.code() == containerd_client::tonic::Code::Unimplemented {
+                return PullError::Unsupported;
+            }
             PullError::Containerd(format!("{purpose} stream: {}", s.message()))
         };
         tx.send(to_any(&StreamInit { id: id.clone() }))
@@ -686,6 +733,21 @@ fn rpc(method: &'static str) -> Span {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mirror_only_pulls_need_containerd_2() {
+        for ok in ["v2.2.9", "v2.0.0", "2.1.4", "v2.0.0-rc.1", "v3.0.0"] {
+            assert_eq!(super::mirror_only(ok), Ok(()), "{ok}");
+        }
+        for refused in ["v1.7.35", "1.6.20~ds1", "v1.7.0-beta.3", "", "unknown"] {
+            let why = super::mirror_only(refused).unwrap_err();
+            assert!(
+                why.contains("upgrade containerd to 2.0"),
+                "{refused}: {why}"
+            );
+            assert!(why.contains(refused), "names the version: {why}");
+        }
+    }
+
     use super::*;
 
     #[test]

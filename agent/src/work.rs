@@ -29,7 +29,7 @@ use crate::events::{self, Notice};
 use crate::hosts;
 use crate::ledger::{self, Action, Failure, Key, Ledger, Listed, Present, Want, store_name};
 use crate::metrics::{Metrics, PullLabels, SourceLabels};
-use crate::pull::{Progress, PullError, Pulled, Runtime};
+use crate::pull::{self, Progress, PullError, Pulled, Runtime};
 
 /// First and longest wait before writing statuses again after a failed write.
 const STATUS_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -841,16 +841,25 @@ impl Job {
                 message: e.to_string(),
                 reason: "HostsUnreadable".into(),
             })?,
-            RegistryPolicy::Mirror => hosts::prepare_mirror(
-                &self.config.node_hosts_dir,
-                &self.config.mirror_hosts_dir,
-                &registry,
-                &self.config.mirror_endpoints,
-            )
-            .map_err(|e| Failure {
-                message: e.to_string(),
-                reason: "NoMirror".into(),
-            })?,
+            // Fail closed: bytes a runtime would fetch from the registry
+            // are never reported as the mirror's.
+            RegistryPolicy::Mirror => pull::mirror_only(self.runtime.version())
+                .map_err(|message| Failure {
+                    message,
+                    reason: "RuntimeUnsupported".into(),
+                })
+                .and_then(|()| {
+                    hosts::prepare_mirror(
+                        &self.config.node_hosts_dir,
+                        &self.config.mirror_hosts_dir,
+                        &registry,
+                        &self.config.mirror_endpoints,
+                    )
+                    .map_err(|e| Failure {
+                        message: e.to_string(),
+                        reason: "NoMirror".into(),
+                    })
+                })?,
         };
         // Read at every attempt: a secret created or fixed after a failure is used on the next try.
         let keyring = if self.wanted.secrets.is_empty() {

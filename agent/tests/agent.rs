@@ -769,3 +769,63 @@ async fn no_pull_starts_while_the_image_filesystem_is_over_its_threshold() {
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
 }
+
+/// containerd before 2.0 cannot keep a pull off the registry (1.7's Transfer
+/// service ignores the host configuration, 1.6 has none and CRI falls back
+/// to the registry): on Debian's 1.6 a Mirror entry fails closed — no byte
+/// fetched, the status naming the version and what to upgrade to — while a
+/// Default entry of the same set is pulled (through CRI).
+#[tokio::test]
+async fn mirror_entries_fail_closed_on_containerd_before_2() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-e2e-runtime-floor");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let mirror = Registry::start(&dir.join("mirror")).unwrap();
+    let work_dir = dir.join("images");
+    let seeded =
+        images::build_and_push(&work_dir, &upstream.host, "team/seeded", "1", &[MB]).unwrap();
+    let mirrored =
+        images::build_and_push(&work_dir, &upstream.host, "team/mirrored", "1", &[MB]).unwrap();
+    images::build_and_push(&work_dir, &mirror.host, "team/mirrored", "1", &[MB]).unwrap();
+    let node =
+        Containerd::start_flavor(&dir.join("node"), testbed::containerd::Flavor::Debian16).unwrap();
+    node.configure_registry(&upstream.host, &[&mirror.host])
+        .unwrap();
+    let (stop, running) = run(&client, config("agent-node-floor", &node, &dir));
+    set(
+        &client,
+        "agent-floor",
+        "agent-node-floor",
+        json!([
+            {"name": seeded.reference, "registryPolicy": "Default"},
+            {"name": mirrored.reference, "registryPolicy": "Mirror", "digest": mirrored.digest},
+        ]),
+        1,
+    )
+    .await;
+    let st = wait_status(
+        &client,
+        "agent-floor",
+        "Default Available, Mirror Failed",
+        |s| s.available == 1 && s.images.iter().any(|i| i.state == PullState::Failed),
+    )
+    .await;
+    let failed = st
+        .images
+        .iter()
+        .find(|i| i.name == mirrored.reference)
+        .unwrap();
+    assert_eq!(failed.reason.as_deref(), Some("RuntimeUnsupported"));
+    let message = failed.last_error.as_deref().unwrap();
+    assert!(
+        message.contains("1.6.") && message.contains("upgrade containerd to 2.0"),
+        "{message}"
+    );
+    assert!(
+        upstream.blob_gets("team/mirrored").is_empty()
+            && mirror.blob_gets("team/mirrored").is_empty(),
+        "nothing fetched for the Mirror entry"
+    );
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

@@ -244,10 +244,16 @@ fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(String,
             ),
         ));
     }
-    for kind in ["SecretNotFound", "SecretInvalid"] {
+    // (the agent's reason, the condition's): a node whose runtime cannot
+    // keep the promise is named before any other failure.
+    for (kind, reason) in [
+        ("RuntimeUnsupported", "RuntimeUnsupported"),
+        ("SecretNotFound", "SecretNotFound"),
+        ("SecretInvalid", "SecretNotFound"),
+    ] {
         let of_kind: Vec<&Failure> = failures.iter().filter(|f| f.reason == kind).collect();
         if !of_kind.is_empty() {
-            return Some(("SecretNotFound".into(), describe(&of_kind)));
+            return Some((reason.into(), describe(&of_kind)));
         }
     }
     if !failures.is_empty() {
@@ -423,6 +429,19 @@ mod tests {
             "nothing moves, so Ready says why"
         );
         assert_eq!(cond(&st, "Progressing").reason, "Stalled");
+    }
+
+    /// A node whose containerd cannot keep a Mirror pull off the registry
+    /// is the first thing Degraded names: the administrator's to fix.
+    #[test]
+    fn an_unsupported_runtime_outranks_other_failures() {
+        use PullState::*;
+        let s1 = set("n1", &[("a", Failed, Some("SecretNotFound"))]);
+        let s2 = set("n2", &[("a", Failed, Some("RuntimeUnsupported"))]);
+        let st = compute(&prefetch(&["a"]), &inputs(2), &[&s1, &s2], time(10));
+        let degraded = cond(&st, "Degraded");
+        assert_eq!(degraded.reason, "RuntimeUnsupported");
+        assert!(degraded.message.contains("n2"), "{}", degraded.message);
     }
 
     #[test]

@@ -143,6 +143,17 @@ pub struct Ledger {
     progress_every: Duration,
 }
 
+/// The waits before a Mirror pull that found no peer ("not found") is
+/// asked again, before the miss counts as a failed attempt. A miss is "not
+/// yet" more often than "never": spegel advertises a new holder's content
+/// asynchronously, and caches an empty lookup — for up to about 2.5 s a
+/// second ask gets the same 404 at once. So each wait outlasts that cache,
+/// and the waits grow: about 24 s in all, against minutes of attempt
+/// backoff, and a retry budget, that a miss used to cost.
+pub fn mirror_miss_waits() -> impl Iterator<Item = Duration> {
+    [3, 3, 6, 12].into_iter().map(Duration::from_secs)
+}
+
 /// How often a seed's progress is reported by default: the controller's
 /// seed deadline (minutes) needs no finer grain, and the writes stay few.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(30);
@@ -621,6 +632,19 @@ mod tests {
             l.status(&key("s")).unwrap().source,
             Some(PullSource::Mirror)
         );
+    }
+
+    #[test]
+    fn a_mirror_miss_is_asked_again_past_spegels_negative_cache_within_half_a_minute() {
+        let waits: Vec<Duration> = mirror_miss_waits().collect();
+        // spegel caches an empty lookup for about 2.5 s.
+        assert!(
+            waits.iter().all(|w| *w > Duration::from_millis(2500)),
+            "{waits:?}"
+        );
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "growing: {waits:?}");
+        let total: Duration = waits.iter().sum();
+        assert!(total <= Duration::from_secs(30), "{total:?}");
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub status_write_errors: Counter,
     /// This node's NodeImageSets whose spec the agent cannot read.
     pub unreadable_sets: Gauge,
+    /// Mirror pulls that found no peer yet and were asked again.
+    pub mirror_misses: Counter,
 }
 
 impl Metrics {
@@ -47,6 +49,7 @@ impl Metrics {
             watch_errors: Counter::default(),
             status_write_errors: Counter::default(),
             unreadable_sets: Gauge::default(),
+            mirror_misses: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("image_prefetch_agent");
         r.register(
@@ -83,6 +86,11 @@ impl Metrics {
             "status_write_errors",
             "NodeImageSet status writes that failed; each is written again after a backoff",
             m.status_write_errors.clone(),
+        );
+        r.register(
+            "mirror_misses",
+            "Mirror pulls that found no peer with the image yet and asked the mirror again before counting a failed attempt",
+            m.mirror_misses.clone(),
         );
         r.register(
             "unreadable_sets",

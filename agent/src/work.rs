@@ -15,7 +15,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{Instrument as _, field, info, info_span, warn};
+use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crd::{
     NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullState, RegistryPolicy, keys,
@@ -347,6 +347,7 @@ impl Agent {
             key: key.clone(),
             wanted: want.clone(),
             progress,
+            mirror_misses: self.metrics.mirror_misses.clone(),
         };
         let span = pull_span(&want, &self.config.node_name);
         let handle = tokio::spawn(async move {
@@ -735,6 +736,8 @@ struct Job {
     wanted: Want,
     /// Where a seed's pull tells its progress.
     progress: Option<watch::Sender<Progress>>,
+    /// Counts Mirror pulls asked again after a miss.
+    mirror_misses: prometheus_client::metrics::counter::Counter,
 }
 
 impl Job {
@@ -767,7 +770,10 @@ impl Job {
                 otel.status_code = field::Empty,
                 otel.status_description = field::Empty
             );
-            let result = self.attempt(&name).instrument(span.clone()).await;
+            let result = self
+                .attempt_past_misses(&name)
+                .instrument(span.clone())
+                .await;
             if let Err(failure) = &result {
                 span.record("otel.status_code", "ERROR");
                 span.record("otel.status_description", failure.message.as_str());
@@ -803,6 +809,29 @@ impl Job {
                 (p, n)
             })
             .map_err(|f| (f, n))
+    }
+
+    /// One attempt; for a Mirror pull, a miss ("not found": no peer has it
+    /// yet, or spegel still caches an empty lookup) is asked again on
+    /// [`ledger::mirror_miss_waits`] before it counts as a failed attempt.
+    async fn attempt_past_misses(&self, name: &str) -> Result<Pulled, Failure> {
+        let mut waits = ledger::mirror_miss_waits();
+        loop {
+            match self.attempt(name).await {
+                Err(miss)
+                    if self.wanted.entry.registry_policy == RegistryPolicy::Mirror
+                        && miss.reason == "NotFound" =>
+                {
+                    let Some(wait) = waits.next() else {
+                        return Err(miss);
+                    };
+                    self.mirror_misses.inc();
+                    debug!(image = %self.wanted.entry.name, retry_in = ?wait, "no peer has the image yet; asking the mirror again");
+                    tokio::time::sleep(wait).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// The disk guard: no pull starts while the image filesystem is over

@@ -829,3 +829,70 @@ async fn mirror_entries_fail_closed_on_containerd_before_2() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+/// A Mirror pull that finds no peer yet is "not yet", not a failure: the
+/// mirror is asked again past spegel's negative cache before the miss
+/// counts as an attempt. With no retry budget at all, an entry whose holder
+/// appears only after the first miss still becomes Available at its first
+/// attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_miss_is_not_yet_a_failed_attempt() {
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-e2e-mirror-miss");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let mirror = Registry::start(&dir.join("mirror")).unwrap();
+    let work_dir = dir.join("images");
+    let image = images::build_and_push(&work_dir, &upstream.host, "team/late", "1", &[MB]).unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[&mirror.host])
+        .unwrap();
+    let [port] = testbed::process::free_ports().unwrap();
+    let config = Config {
+        metrics_addr: Some(([127, 0, 0, 1], port).into()),
+        ..config("agent-node-miss", &node, &dir)
+    };
+    let (stop, running) = run(&client, config);
+    set(
+        &client,
+        "agent-miss",
+        "agent-node-miss",
+        json!([{"name": image.reference, "registryPolicy": "Mirror", "digest": image.digest}]),
+        0,
+    )
+    .await;
+    // The mirror is asked and has nothing: then a holder appears.
+    eventually("the mirror asked", Duration::from_secs(30), || async {
+        mirror
+            .requests()
+            .iter()
+            .any(|r| r.contains("/v2/team/late/"))
+            .then_some(())
+    })
+    .await;
+    let pushed = images::build_and_push(&work_dir, &mirror.host, "team/late", "1", &[MB]).unwrap();
+    assert_eq!(pushed.digest, image.digest);
+    let failed_once = std::sync::atomic::AtomicBool::new(false);
+    let st = wait_status(&client, "agent-miss", "Available", |s| {
+        if s.images.iter().any(|i| i.state == PullState::Failed) {
+            failed_once.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        s.available == 1
+    })
+    .await;
+    assert!(
+        !failed_once.load(std::sync::atomic::Ordering::SeqCst),
+        "a miss was reported as a failure"
+    );
+    assert_eq!(st.images[0].attempts, 1, "{:?}", st.images[0]);
+    assert_eq!(st.images[0].source, Some(PullSource::Mirror));
+    let (_, metrics) =
+        testbed::process::http_get(&format!("127.0.0.1:{port}"), "/metrics").unwrap();
+    let misses = support::sample(&metrics, "image_prefetch_agent_mirror_misses_total").unwrap();
+    assert!(misses >= 1.0, "{misses}");
+    assert!(
+        upstream.blob_gets("team/late").is_empty(),
+        "nothing from upstream"
+    );
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}

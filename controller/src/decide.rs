@@ -39,6 +39,9 @@ pub struct Observed<'a> {
     pub now: Time,
     /// Monotonic clock, for the seed book's deadlines and cool-downs.
     pub at: Instant,
+    /// Node×image entries the other ImagePrefetches of this one's namespace
+    /// hold (by their status), against `Config::namespace_budget`.
+    pub namespace_entries: usize,
 }
 
 /// What the controller remembers between reconciles, changed by a decision.
@@ -148,6 +151,18 @@ pub fn decide(
         .cloned()
         .partition(|i| config.allowed.allows(i));
 
+    let entries = selection.nodes.len() * allowed.len();
+    if let Some(budget) = config.namespace_budget
+        && observed.namespace_entries + entries > budget
+    {
+        return Ok(over_budget(
+            p,
+            entries,
+            observed.namespace_entries,
+            budget,
+            observed.now.clone(),
+        ));
+    }
     let view = cluster_view(observed, config);
     let selected: HashSet<&String> = selection.nodes.iter().collect();
     let selected_sets: Vec<&SetView> = owned
@@ -262,7 +277,52 @@ pub fn decide(
 /// want); deleting the ImagePrefetch still removes them (the finalizer
 /// needs only its uid).
 fn unreadable_spec(p: &ImagePrefetch, why: &crd::lenient::Unreadable, now: Time) -> Decision {
-    let status = status::unreadable_spec(p, why, now);
+    let message = format!(
+        "the spec cannot be read ({why}); its NodeImageSets are left as they are: apply the ImagePrefetch again (the API server now checks it) or delete it"
+    );
+    let status = status::held_back(p, status::SPEC_UNREADABLE, &message, now);
+    announce_hold(
+        p,
+        status,
+        status::SPEC_UNREADABLE,
+        format!(
+            "the spec cannot be read: {why}; nothing is done for this ImagePrefetch until it is applied again"
+        ),
+        RESYNC,
+    )
+}
+
+/// How soon an ImagePrefetch over its namespace's budget is looked at
+/// again: room may have been made (another deleted or shrunk).
+pub const OVER_BUDGET_RECHECK: Duration = Duration::from_secs(10);
+
+/// An ImagePrefetch that would take its namespace past the node×image
+/// budget: nothing is written but its status (Degraded `BudgetExceeded`),
+/// and a Warning when that first says so. Sets it already has stay; it is
+/// looked at again soon, and proceeds once there is room.
+fn over_budget(
+    p: &ImagePrefetch,
+    entries: usize,
+    others: usize,
+    budget: usize,
+    now: Time,
+) -> Decision {
+    let why = format!(
+        "would hold {entries} node×image entries; its namespace's other ImagePrefetches hold {others} of the {budget} allowed per namespace (the controller's --namespace-budget)"
+    );
+    let status = status::held_back(p, status::BUDGET_EXCEEDED, &why, now);
+    announce_hold(p, status, status::BUDGET_EXCEEDED, why, OVER_BUDGET_RECHECK)
+}
+
+/// The decision for an ImagePrefetch held back for `reason`: its new
+/// status, a Warning the first time, nothing else.
+fn announce_hold(
+    p: &ImagePrefetch,
+    status: ImagePrefetchStatus,
+    reason: &str,
+    why: String,
+    requeue: Duration,
+) -> Decision {
     let degraded_reason = |s: Option<&ImagePrefetchStatus>| {
         s.and_then(|s| {
             s.conditions
@@ -271,15 +331,13 @@ fn unreadable_spec(p: &ImagePrefetch, why: &crd::lenient::Unreadable, now: Time)
         })
         .map(|c| c.reason.clone())
     };
-    let events = if degraded_reason(p.status.as_ref()).as_deref() == Some(status::SPEC_UNREADABLE) {
+    let events = if degraded_reason(p.status.as_ref()).as_deref() == Some(reason) {
         Vec::new()
     } else {
         vec![Announcement {
             type_: EventType::Warning,
-            reason: status::SPEC_UNREADABLE.into(),
-            note: format!(
-                "the spec cannot be read: {why}; nothing is done for this ImagePrefetch until it is applied again"
-            ),
+            reason: reason.into(),
+            note: why,
         }]
     };
     Decision {
@@ -290,7 +348,7 @@ fn unreadable_spec(p: &ImagePrefetch, why: &crd::lenient::Unreadable, now: Time)
         new_seeds: 0,
         selected: 0,
         progressing: false,
-        requeue: RESYNC,
+        requeue,
     }
 }
 
@@ -486,6 +544,8 @@ mod tests {
         announced: HashSet<(String, String, String)>,
         config: Config,
         start: Instant,
+        /// What the namespace's other ImagePrefetches hold.
+        namespace_entries: usize,
     }
 
     impl World {
@@ -499,6 +559,7 @@ mod tests {
                 announced: HashSet::new(),
                 config: Config::default(),
                 start: Instant::now(),
+                namespace_entries: 0,
             }
         }
 
@@ -519,6 +580,7 @@ mod tests {
                 sets: &sets,
                 now: crd::condition::now(),
                 at: self.start + after,
+                namespace_entries: self.namespace_entries,
             };
             let memory = Memory {
                 seeds: &mut self.seeds,
@@ -594,6 +656,49 @@ mod tests {
             .find(|c| c.type_ == type_)
             .expect("the condition");
         (c.status.as_str(), c.reason.as_str())
+    }
+
+    /// A namespace's budget of node×image entries: an ImagePrefetch that
+    /// would pass it writes nothing but a Degraded status and one Warning,
+    /// is looked at again soon, and proceeds once there is room.
+    #[test]
+    fn an_imageprefetch_past_its_namespaces_budget_is_held_back() {
+        let mut w = World::new(3);
+        w.config.namespace_budget = Some(8);
+        w.namespace_entries = 6;
+        let mut p = prefetch(&["registry.example.com/a:1"]);
+        let d = w.decide(&p, Duration::ZERO);
+        assert!(d.apply.is_empty() && d.delete.is_empty(), "{d:?}");
+        assert_eq!(d.requeue, OVER_BUDGET_RECHECK);
+        let degraded = d
+            .status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "BudgetExceeded")
+        );
+        assert!(
+            degraded.message.contains("3 node×image entries")
+                && degraded.message.contains("6 of the 8"),
+            "{}",
+            degraded.message
+        );
+        assert_eq!(d.events.len(), 1);
+        w.act(&mut p, &d);
+        let again = w.decide(&p, Duration::ZERO);
+        assert!(
+            again.events.is_empty() && again.status.is_none(),
+            "said once: {again:?}"
+        );
+        // Room made: it proceeds.
+        w.namespace_entries = 5;
+        let d = w.decide(&p, Duration::ZERO);
+        assert_eq!(d.apply.len(), 3);
     }
 
     #[test]

@@ -13,6 +13,9 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
                                  (env ALLOWED_REGISTRIES; default: allow all)
   --retry-limit N                imageDownloadRetryLimit for nodes (default 3)
   --wave-cap N                   most mirror pulls of one image at once (default 32)
+  --namespace-budget N           most node×image entries the ImagePrefetches of one
+                                 namespace may hold together; one that would pass it is
+                                 held back (Degraded BudgetExceeded); 0: no limit (default)
   --seed-deadline-seconds S      replace a seed that fetched no more bytes for S (default 900)
   --seed-cooldown-seconds S      a node that failed as seed is not chosen again for S,
                                  doubling at each failure up to 10x (default 30)
@@ -54,6 +57,9 @@ fn parse_args() -> Config {
             "--allowed-registries" => config.allowed = AllowList::parse(&args.value(&flag)),
             "--retry-limit" => config.retry_limit = args.number(&flag) as i32,
             "--wave-cap" => config.policy.wave_cap = args.number(&flag).max(1) as usize,
+            "--namespace-budget" => {
+                config.namespace_budget = Some(args.number(&flag) as usize).filter(|&n| n > 0)
+            }
             "--seed-deadline-seconds" => config.policy.seed_deadline = args.seconds(&flag),
             "--seed-cooldown-seconds" => {
                 config.policy.seed_cooldown = args.seconds(&flag);

@@ -190,6 +190,7 @@ async fn apply(
         sets: &sets,
         now: crd::condition::now(),
         at: Instant::now(),
+        namespace_entries: namespace_entries(ctx, p),
     };
     let decision = {
         let mut seeds = ctx.seeds.lock().expect("seed book lock");
@@ -208,6 +209,22 @@ async fn apply(
         );
     }
     Ok(Action::requeue(decision.requeue))
+}
+
+/// Node×image entries the other ImagePrefetches of `p`'s namespace hold, by
+/// their status (what the controller planned for them: selected nodes ×
+/// images). One created at the same moment counts once it is reconciled.
+fn namespace_entries(ctx: &Context, p: &ImagePrefetch) -> usize {
+    let Some(store) = ctx.prefetches.get() else {
+        return 0;
+    };
+    store
+        .state()
+        .iter()
+        .filter(|o| o.namespace() == p.namespace() && o.uid() != p.uid())
+        .filter_map(|o| o.status.as_ref())
+        .map(|s| s.desired_nodes.max(0) as usize * s.image_count.max(0) as usize)
+        .sum()
 }
 
 /// Carries a decision out: NodeImageSets, then Events, then the status.

@@ -58,6 +58,10 @@ pub struct Config {
     pub pull_secret_grantee: Option<crate::pull_secrets::Grantee>,
     /// The nodes ImagePrefetches may target at all.
     pub node_scope: crate::select::NodeScope,
+    /// Most node×image entries the ImagePrefetches of one namespace may hold
+    /// together (a tenant's share of etcd and of the controller's memory);
+    /// `None`: no limit.
+    pub namespace_budget: Option<usize>,
 }
 
 impl Default for Config {
@@ -74,6 +78,7 @@ impl Default for Config {
             metrics_addr: None,
             pull_secret_grantee: None,
             node_scope: crate::select::NodeScope::default(),
+            namespace_budget: None,
         }
     }
 }

@@ -185,39 +185,30 @@ pub fn compute<S: SetFacts>(
     }
 }
 
-/// The status of an ImagePrefetch whose stored spec this controller cannot
-/// read: the counts it last had, and conditions saying why nothing moves.
-pub fn unreadable_spec(
+/// The status of an ImagePrefetch the controller holds back (its spec
+/// cannot be read, its namespace's budget is spent): the counts it last had,
+/// and conditions saying why nothing moves.
+pub fn held_back(
     prefetch: &ImagePrefetch,
-    why: &crd::lenient::Unreadable,
+    reason: &str,
+    message: &str,
     now: Time,
 ) -> ImagePrefetchStatus {
     let mut status = prefetch.status.clone().unwrap_or_default();
     status.unreadable = None;
     let generation = prefetch.metadata.generation;
-    let message = format!(
-        "the spec cannot be read ({why}); its NodeImageSets are left as they are: apply the ImagePrefetch again (the API server now checks it) or delete it"
-    );
     let old = std::mem::take(&mut status.conditions);
     let cond = |type_: &str, status: bool, message: &str| {
-        condition(
-            &old,
-            type_,
-            status,
-            SPEC_UNREADABLE,
-            message,
-            generation,
-            &now,
-        )
+        condition(&old, type_, status, reason, message, generation, &now)
     };
     status.conditions = vec![
-        cond("Ready", false, &message),
+        cond("Ready", false, message),
         cond(
             "Progressing",
             false,
-            "nothing is done while the spec cannot be read",
+            "nothing is done until this is resolved",
         ),
-        cond("Degraded", true, &message),
+        cond("Degraded", true, message),
     ];
     status.observed_generation = generation;
     status
@@ -225,6 +216,8 @@ pub fn unreadable_spec(
 
 /// The reason of an ImagePrefetch whose spec cannot be read.
 pub const SPEC_UNREADABLE: &str = "SpecUnreadable";
+/// The reason of an ImagePrefetch its namespace's budget has no room for.
+pub const BUDGET_EXCEEDED: &str = "BudgetExceeded";
 
 /// The first problem, in order of how much it explains, with a message
 /// naming every problem of that kind.

@@ -926,3 +926,61 @@ async fn no_prefetch_reaches_past_the_administrators_node_scope() {
     node(&client, "scope-worker-2", "scope", &[("pool", "tenants")]).await;
     wait_for_nodes(&client, &uid, &["scope-worker", "scope-worker-2"]).await;
 }
+
+/// A tenant's share: past its namespace's node×image budget an
+/// ImagePrefetch writes no NodeImageSet, says so (Degraded BudgetExceeded,
+/// a Warning), and proceeds by itself once there is room.
+#[tokio::test]
+async fn a_namespace_past_its_budget_gets_no_more_sets() {
+    let client = client().await;
+    let ns = namespace(&client, "budget").await;
+    let _controller = Running::start(
+        &client,
+        controller::Config {
+            namespace_budget: Some(4),
+            ..config(&ns)
+        },
+    );
+    nodes(&client, "budget", 3, &[]).await;
+    let spec = |image: &str| json!({"images": [image], "nodeSelector": {"test-group": "budget"}});
+    let first = created(
+        &client,
+        &ns,
+        &prefetch("first", spec("registry.example.com/b/one:1")),
+    )
+    .await;
+    wait_for_nodes(&client, &first, &["budget-0", "budget-1", "budget-2"]).await;
+    poll("the first counted", || async {
+        status(&client, &ns, "first")
+            .await
+            .filter(|s| s.desired_nodes == 3)
+    })
+    .await;
+    let second = created(
+        &client,
+        &ns,
+        &prefetch("second", spec("registry.example.com/b/two:1")),
+    )
+    .await;
+    let held = poll("BudgetExceeded", || async {
+        status(&client, &ns, "second")
+            .await?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "BudgetExceeded")
+    })
+    .await;
+    assert!(held.message.contains("3 of the 4"), "{}", held.message);
+    assert!(sets(&client, &second).await.is_empty());
+    let warned = events_for(&client, &ns, "second").await;
+    assert!(
+        warned.iter().any(|(r, _)| r == "BudgetExceeded"),
+        "{warned:?}"
+    );
+    // Room made: the second proceeds with no edit.
+    Api::<ImagePrefetch>::namespaced(client.clone(), &ns)
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for_nodes(&client, &second, &["budget-0", "budget-1", "budget-2"]).await;
+}

@@ -15,7 +15,8 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --wave-cap N                   most mirror pulls of one image at once (default 32)
   --namespace-budget N           most node×image entries the ImagePrefetches of one
                                  namespace may hold together; one that would pass it is
-                                 held back (Degraded BudgetExceeded); 0: no limit (default)
+                                 held back (Degraded BudgetExceeded); 0: no limit
+                                 (default 20000)
   --seed-deadline-seconds S      replace a seed that fetched no more bytes for S (default 900)
   --seed-cooldown-seconds S      a node that failed as seed is not chosen again for S,
                                  doubling at each failure up to 10x (default 30)
@@ -48,6 +49,8 @@ fn parse_args() -> Config {
     let mut config = Config {
         metrics_addr: Some(([0, 0, 0, 0], 8080).into()),
         allowed: AllowList::parse(&std::env::var("ALLOWED_REGISTRIES").unwrap_or_default()),
+        // Installs that pass no flag (OLM's bundle) get the chart's bound.
+        namespace_budget: Some(controller::run::DEFAULT_NAMESPACE_BUDGET),
         ..Config::default()
     };
     let mut args = telemetry::cli::Args::from_env(USAGE);

@@ -63,6 +63,8 @@ pub struct Announcement {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stale {
     pub name: String,
+    /// The uid it was decided on (the delete's precondition).
+    pub uid: String,
     pub node: String,
 }
 
@@ -216,6 +218,7 @@ pub fn decide(
         .filter(|s| !selected.contains(&s.spec.node_name) && !applied.contains(&s.name))
         .map(|s| Stale {
             name: s.name.clone(),
+            uid: s.uid.clone(),
             node: s.spec.node_name.clone(),
         })
         .collect();

@@ -9,6 +9,8 @@ pub enum Error {
     Finalizer(#[source] Box<finalizer::Error<Error>>),
     #[error("ImagePrefetch has no {0} (is it from an API server?)")]
     MissingMetadata(&'static str),
+    #[error("leadership was lost: this replica writes nothing more")]
+    NotLeading,
 }
 
 impl Error {
@@ -17,6 +19,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Finalizer(_) => "finalizer",
             Error::MissingMetadata(_) => "metadata",
+            Error::NotLeading => "not-leading",
         }
     }
 }

@@ -41,6 +41,9 @@ impl SetFacts for NodeImageSet {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SetView {
     pub name: String,
+    /// The set's uid: a delete is made with it as precondition, so a set
+    /// deleted and created again meanwhile is not the one deleted.
+    pub uid: String,
     /// The owning ImagePrefetch's uid, as labelled.
     pub owner: String,
     pub spec: NodeImageSetSpec,
@@ -72,6 +75,7 @@ impl SetView {
         }
         SetView {
             name: set.name_any(),
+            uid: set.uid().unwrap_or_default(),
             owner: set
                 .labels()
                 .get(keys::PREFETCH_UID)

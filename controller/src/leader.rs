@@ -58,6 +58,33 @@ impl Leadership {
     }
 }
 
+impl Leadership {
+    /// The fence of this leadership: closed when it is lost.
+    pub fn fence(&self) -> Fence {
+        Fence(Some(self.lost.clone()))
+    }
+}
+
+/// What every write of a reconcile passes first. Closed the moment the
+/// renewal loop gives the lease up (renew deadline 10 s, inside the lease's
+/// 15 s), so a reconcile still under way then — the Controller lets them
+/// finish — writes nothing more: another replica may lead already. A
+/// request already sent may still land; that is the 5 s margin between
+/// the renew deadline and the lease's expiry. Always open without leader
+/// election.
+#[derive(Clone, Debug, Default)]
+pub struct Fence(Option<watch::Receiver<bool>>);
+
+impl Fence {
+    /// `Err(NotLeading)` once leadership is lost.
+    pub fn check(&self) -> Result<(), crate::Error> {
+        match &self.0 {
+            Some(lost) if *lost.borrow() => Err(crate::Error::NotLeading),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Drop for Leadership {
     fn drop(&mut self) {
         self.task.abort();
@@ -164,5 +191,28 @@ async fn try_acquire(api: &Api<Lease>, config: &LeaseConfig) -> Result<bool, kub
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+
+    #[test]
+    fn a_fence_closes_when_leadership_is_lost_and_stays_closed() {
+        let (tx, rx) = watch::channel(false);
+        let fence = Fence(Some(rx));
+        assert!(fence.check().is_ok());
+        tx.send(true).unwrap();
+        assert!(matches!(fence.check(), Err(crate::Error::NotLeading)));
+        drop(tx);
+        assert!(
+            fence.check().is_err(),
+            "a finished renewal loop does not reopen it"
+        );
+        assert!(
+            Fence::default().check().is_ok(),
+            "no leader election: always open"
+        );
     }
 }

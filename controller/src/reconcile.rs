@@ -46,6 +46,8 @@ pub struct Context {
     pub prefetches: std::sync::OnceLock<Store<ImagePrefetch>>,
     /// The pull secrets last granted to the agent, per namespace.
     granted: tokio::sync::Mutex<HashMap<String, Vec<String>>>,
+    /// Closed once leadership is lost: no write passes it after.
+    pub fence: crate::leader::Fence,
 }
 
 impl Context {
@@ -56,6 +58,7 @@ impl Context {
         config: Config,
         recorder: Recorder,
         metrics: Metrics,
+        fence: crate::leader::Fence,
     ) -> Self {
         Context {
             client,
@@ -70,6 +73,7 @@ impl Context {
             rollouts: Rollouts::default(),
             prefetches: std::sync::OnceLock::new(),
             granted: tokio::sync::Mutex::default(),
+            fence,
         }
     }
 
@@ -140,6 +144,8 @@ async fn reconcile_inner(prefetch: Arc<ImagePrefetch>, ctx: &Context) -> Result<
         .namespace()
         .ok_or(Error::MissingMetadata("namespace"))?;
     let api: Api<ImagePrefetch> = Api::namespaced(ctx.client.clone(), &namespace);
+    // The finalizer helper writes (adds or removes the finalizer) itself.
+    ctx.fence.check()?;
     finalizer(&api, keys::FINALIZER, prefetch, |event| async {
         match event {
             Event::Apply(p) => apply(&p, &api, ctx).await,
@@ -252,15 +258,19 @@ async fn act(
                 set = %desired.name_any(),
                 images = desired.spec.image_set.len(),
             );
+            let fence = ctx.fence.clone();
             async move {
+                fence.check()?;
                 // The agent continues the trace from this span.
                 if let Some(traceparent) = telemetry::propagation::traceparent(&Span::current()) {
                     desired
                         .annotations_mut()
                         .insert(keys::TRACEPARENT_ANNOTATION.to_string(), traceparent);
                 }
-                api.patch(&desired.name_any(), &params, &Patch::Apply(&desired))
-                    .await
+                Ok::<_, Error>(
+                    api.patch(&desired.name_any(), &params, &Patch::Apply(&desired))
+                        .await?,
+                )
             }
             .instrument(span)
         })
@@ -274,18 +284,21 @@ async fn act(
         info!(node = %set.spec.node_name, set = %set.name_any(), images = set.spec.image_set.len(), "applied NodeImageSet");
     }
     for stale in &decision.delete {
-        delete_ignoring_missing(&sets_api, &stale.name).await?;
+        ctx.fence.check()?;
+        delete_decided(&sets_api, &stale.name, &stale.uid).await?;
         ctx.wrote();
         info!(node = %stale.node, set = %stale.name, "deleted NodeImageSet of a node no longer selected");
     }
     ctx.metrics.seeds_chosen.inc_by(decision.new_seeds as u64);
     for event in &decision.events {
+        ctx.fence.check()?;
         if event.type_ == EventType::Warning {
             warn!(namespace = %owner_namespace(p), name = %p.name_any(), reason = %event.reason, "{}", event.note);
         }
         publish(ctx, p, event.type_, &event.reason, event.note.clone()).await;
     }
     if let Some(status) = &decision.status {
+        ctx.fence.check()?;
         let body = json!({
             "apiVersion": ImagePrefetch::api_version(&()),
             "kind": ImagePrefetch::kind(&()),
@@ -319,6 +332,7 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
     let owner = Owner::of(p)?;
     let sets_api: Api<NodeImageSet> = Api::all(ctx.client.clone());
     let selector = ListParams::default().labels(&keys::owned_by(owner.uid));
+    ctx.fence.check()?;
     sets_api
         .delete_collection(&DeleteParams::default(), &selector)
         .await?;
@@ -345,6 +359,7 @@ async fn grant_pull_secrets(ctx: &Context, namespace: &str) -> Result<(), Error>
     if granted.get(namespace) == Some(&secrets) {
         return Ok(());
     }
+    ctx.fence.check()?;
     pull_secrets::write(&ctx.client, namespace, &secrets, agent).await?;
     ctx.wrote();
     info!(namespace, secrets = %secrets.join(","), "pull secrets the agent may read");
@@ -352,10 +367,20 @@ async fn grant_pull_secrets(ctx: &Context, namespace: &str) -> Result<(), Error>
     Ok(())
 }
 
-async fn delete_ignoring_missing(api: &Api<NodeImageSet>, name: &str) -> Result<(), Error> {
-    match api.delete(name, &DeleteParams::default()).await {
+/// Deletes the set `name` if it is still the one of `uid` the decision was
+/// made on: one deleted and created again meanwhile (another reconcile, an
+/// administrator) is not ours to delete, and one already gone is fine.
+async fn delete_decided(api: &Api<NodeImageSet>, name: &str, uid: &str) -> Result<(), Error> {
+    let params = DeleteParams {
+        preconditions: (!uid.is_empty()).then(|| kube::api::Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

@@ -148,7 +148,13 @@ pub async fn run(
             instance: Some(config.instance.clone()),
         },
     );
-    let ctx = Arc::new(Context::new(client, nodes, sets, config, recorder, metrics));
+    let fence = leadership
+        .as_ref()
+        .map(leader::Leadership::fence)
+        .unwrap_or_default();
+    let ctx = Arc::new(Context::new(
+        client, nodes, sets, config, recorder, metrics, fence,
+    ));
     let Some(stop) = stop_signal(shutdown, leadership.as_ref()) else {
         return ctx;
     };

@@ -102,6 +102,13 @@ async fn bad_input_is_rejected_naming_the_field() {
             vec!["spec.imagePullSecrets".into(), "at most 16".into()],
         ),
         (
+            json!({"images": ["a:1"], "imagePullSecrets": [{"name": "../kube-system/x"}]}),
+            vec![
+                "spec.imagePullSecrets[0].name".into(),
+                "should match".into(),
+            ],
+        ),
+        (
             json!({"images": ["a:1"], "bogus": true}),
             vec!["spec.bogus".into(), UNKNOWN_FIELD.into()],
         ),

@@ -1,5 +1,11 @@
 //! Names and label values that stay within Kubernetes limits for any input length.
 
+/// A DNS-1123 subdomain (what most object names are, Secrets' among them).
+pub const DNS_SUBDOMAIN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A DNS-1123 label (what a namespace's name is).
+pub const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
 /// Longest label value Kubernetes accepts.
 pub const MAX_LABEL_VALUE: usize = 63;
 /// Longest object name (DNS subdomain) Kubernetes accepts.

@@ -115,9 +115,9 @@ pub enum RegistryPolicy {
 )]
 #[serde(deny_unknown_fields)]
 pub struct SecretReference {
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = crate::names::DNS_LABEL))]
     pub namespace: String,
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::DNS_SUBDOMAIN))]
     pub name: String,
 }
 

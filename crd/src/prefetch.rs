@@ -84,7 +84,8 @@ crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
 )]
 #[serde(deny_unknown_fields)]
 pub struct LocalSecretReference {
-    #[schemars(length(min = 1, max = 253))]
+    /// A Secret's name: a DNS subdomain (lower case, digits, `-` and `.`).
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::DNS_SUBDOMAIN))]
     pub name: String,
 }
 

@@ -20,7 +20,7 @@ use crd::{
     keys, names,
 };
 
-use crate::index::SetView;
+use crate::index::{SetFacts, SetView};
 use crate::policy::{self, ClusterView, Current, SeedBook};
 use crate::run::Config;
 use crate::status::{self, Inputs};
@@ -49,6 +49,9 @@ pub struct Memory<'a> {
     pub seeds: &'a mut SeedBook,
     /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
     pub announced: &'a mut HashSet<(String, String, String)>,
+    /// When each entry with no report yet was first seen so:
+    /// (ImagePrefetch uid, node, image) → instant.
+    pub unreported: &'a mut HashMap<(String, String, String), Instant>,
 }
 
 /// An Event to publish on the ImagePrefetch.
@@ -172,7 +175,14 @@ pub fn decide(
         .copied()
         .filter(|s| selected.contains(&s.spec.node_name))
         .collect();
-    let mut current = Current::from_sets(selected_sets.iter().copied());
+    let silence = agent_silence(
+        owner.uid,
+        &selected_sets,
+        memory.unreported,
+        observed.at,
+        config.agent_silent_after,
+    );
+    let mut current = Current::from_sets(selected_sets.iter().copied()).silent(&silence.silent);
     if !p.spec.image_pull_secrets.is_empty() {
         current = current.private_to(owner.namespace);
     }
@@ -248,6 +258,7 @@ pub fn decide(
         insufficient: selection.insufficient,
         not_allowed: &not_allowed,
         no_seed: &no_seed,
+        silent: &silence.silent,
     };
     let refs: Vec<&SetView> = after.iter().collect();
     let status = status::compute(p, &inputs, &refs, observed.now.clone());
@@ -261,7 +272,8 @@ pub fn decide(
     let next_seed = no_seed.iter().map(|n| n.retry_in).min();
     let requeue = RESYNC
         .min(config.policy.seed_deadline / 2)
-        .min(next_seed.unwrap_or(RESYNC).max(Duration::from_secs(1)));
+        .min(next_seed.unwrap_or(RESYNC).max(Duration::from_secs(1)))
+        .min(silence.next.unwrap_or(RESYNC).max(Duration::from_secs(1)));
     Ok(Decision {
         apply,
         delete,
@@ -379,13 +391,58 @@ fn cluster_view(observed: &Observed<'_>, config: &Config) -> ClusterView {
     view
 }
 
+/// Entries whose agent has said nothing for long, and when the next one
+/// will have.
+struct Silence {
+    /// (node, image as listed).
+    silent: Vec<(String, String)>,
+    next: Option<Duration>,
+}
+
+/// Which entries of `sets` have had no report from their agent for longer
+/// than `after` since the controller first saw them so (a Ready node whose
+/// agent does not run: crash-looping, not scheduled, its DaemonSet's
+/// selector missing the node). Updates the memory of when each was first
+/// seen without a report; an entry reported on is forgotten.
+fn agent_silence(
+    uid: &str,
+    sets: &[&SetView],
+    unreported: &mut HashMap<(String, String, String), Instant>,
+    at: Instant,
+    after: Duration,
+) -> Silence {
+    let mut silent = Vec::new();
+    let mut next: Option<Duration> = None;
+    for set in sets {
+        let node = &set.spec.node_name;
+        for entry in &set.spec.image_set {
+            let key = (uid.to_string(), node.clone(), entry.name.clone());
+            if set.report_on(&entry.name).is_some() {
+                unreported.remove(&key);
+                continue;
+            }
+            let since = *unreported.entry(key).or_insert(at);
+            let quiet = at.saturating_duration_since(since);
+            if quiet >= after {
+                silent.push((node.clone(), entry.name.clone()));
+            } else {
+                let left = after - quiet;
+                next = Some(next.map_or(left, |n| n.min(left)));
+            }
+        }
+    }
+    silent.sort();
+    Silence { silent, next }
+}
+
 /// Reasons of Degraded the controller itself decides (not a node's pull,
 /// which has its own PullFailed Event).
-const DECIDED_DEGRADED: [&str; 4] = [
+const DECIDED_DEGRADED: [&str; 5] = [
     "RegistryNotAllowed",
     "NoMatchingNodes",
     "InsufficientNodes",
     "NoSeedAvailable",
+    status::AGENT_NOT_REPORTING,
 ];
 
 /// Events for what changed since the last status: a Degraded reason the
@@ -545,6 +602,7 @@ mod tests {
         sets: BTreeMap<String, NodeImageSet>,
         seeds: SeedBook,
         announced: HashSet<(String, String, String)>,
+        unreported: HashMap<(String, String, String), Instant>,
         config: Config,
         start: Instant,
         /// What the namespace's other ImagePrefetches hold.
@@ -560,6 +618,7 @@ mod tests {
                 sets: BTreeMap::new(),
                 seeds: SeedBook::default(),
                 announced: HashSet::new(),
+                unreported: HashMap::new(),
                 config: Config::default(),
                 start: Instant::now(),
                 namespace_entries: 0,
@@ -588,6 +647,7 @@ mod tests {
             let memory = Memory {
                 seeds: &mut self.seeds,
                 announced: &mut self.announced,
+                unreported: &mut self.unreported,
             };
             decide(&observed, &self.config, memory).unwrap()
         }
@@ -754,6 +814,56 @@ mod tests {
         assert_eq!(reasons(&d), ["ImageReady"]);
         w.act(&mut p, &d);
         assert!(w.decide(&p, Duration::from_secs(3)).events.is_empty());
+    }
+
+    /// A Ready node whose agent never reports (crash-looping, not
+    /// scheduled there) holds no wave back once it has been silent for the
+    /// set time, and the rollout says so instead of Progressing for ever.
+    #[test]
+    fn a_node_whose_agent_says_nothing_holds_nothing_back_and_is_named() {
+        let mut w = World::new(3);
+        let mut p = prefetch(&[A]);
+        let d = w.decide(&p, Duration::ZERO);
+        w.act(&mut p, &d);
+        let seed = w.seeds_of(A)[0].clone();
+        w.report(&seed, A, PullState::Available);
+        // One holder: one Mirror release, to a node whose agent is silent.
+        let d = w.decide(&p, Duration::from_secs(1));
+        assert_eq!(d.apply.len(), 1);
+        let mute = d.apply[0].spec.node_name.clone();
+        w.act(&mut p, &d);
+        // The next reconcile (the watch brings the write back) sees it unreported.
+        let d = w.decide(&p, Duration::from_secs(2));
+        assert!(d.apply.is_empty(), "in flight: the third node waits");
+        let d = w.decide(&p, Duration::from_secs(62));
+        assert!(d.apply.is_empty(), "in flight: the third node waits");
+        assert_eq!(
+            d.requeue,
+            Duration::from_secs(240),
+            "looks again when it turns silent"
+        );
+        // Five minutes of silence: the third node is released, Degraded names the mute one.
+        let d = w.decide(&p, Duration::from_secs(302));
+        assert_eq!(d.apply.len(), 1, "{d:?}");
+        assert_ne!(d.apply[0].spec.node_name, mute);
+        let (status, reason) = condition(&d, "Degraded");
+        assert_eq!((status, reason), ("True", "AgentNotReporting"));
+        let message = &d
+            .status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap()
+            .message;
+        assert!(message.contains(&mute), "{message}");
+        assert!(reasons(&d).contains(&"AgentNotReporting"), "{:?}", d.events);
+        // It reports at last: named no more.
+        w.act(&mut p, &d);
+        w.report(&mute, A, PullState::Available);
+        let d = w.decide(&p, Duration::from_secs(303));
+        assert_ne!(condition(&d, "Degraded").1, "AgentNotReporting");
     }
 
     #[test]

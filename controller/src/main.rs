@@ -21,6 +21,9 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --seed-cooldown-seconds S      a node that failed as seed is not chosen again for S,
                                  doubling at each failure up to 10x (default 30)
   --not-ready-grace-seconds S    keep a NotReady node selected for S (default 300)
+  --agent-silent-seconds S       an entry its node's agent has not reported on for S no
+                                 longer holds the rollout back (Degraded AgentNotReporting;
+                                 default 300)
   --no-sequencing                every node pulls from the registry at once
                                  (for comparison only: defeats the point)
   --leader-elect                 hold a Lease in $POD_NAMESPACE before reconciling
@@ -69,6 +72,7 @@ fn parse_args() -> Config {
                 config.policy.seed_cooldown_cap = config.policy.seed_cooldown * 10;
             }
             "--not-ready-grace-seconds" => config.not_ready_grace = args.seconds(&flag),
+            "--agent-silent-seconds" => config.agent_silent_after = args.seconds(&flag),
             "--no-sequencing" => config.policy.sequencing = false,
             "--leader-elect" => {
                 let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());

@@ -200,6 +200,9 @@ pub struct Current {
     entries: HashMap<(String, String), (NodeImage, Option<PullState>)>,
     /// The namespace, when the ImagePrefetch pulls with credentials.
     private_to: Option<String>,
+    /// (node, image key) entries whose agent has said nothing for long:
+    /// not in flight (its node holds no wave back).
+    silent: HashSet<(String, String)>,
 }
 
 impl Current {
@@ -217,7 +220,17 @@ impl Current {
         Current {
             entries,
             private_to: None,
+            silent: HashSet::new(),
         }
+    }
+
+    /// Entries (node, image as listed) whose agent has not reported for long.
+    pub fn silent<'a>(mut self, silent: impl IntoIterator<Item = &'a (String, String)>) -> Self {
+        self.silent = silent
+            .into_iter()
+            .map(|(node, image)| (node.clone(), image_key(image)))
+            .collect();
+        self
     }
 
     /// The ImagePrefetch pulls with credentials, in `namespace`.
@@ -479,7 +492,8 @@ pub fn plan(
                         Some((e, state)) => {
                             let done =
                                 matches!(state, Some(PullState::Available | PullState::Failed));
-                            if e.registry_policy == RegistryPolicy::Mirror && !done {
+                            let silent = current.silent.contains(&(n.to_string(), key.clone()));
+                            if e.registry_policy == RegistryPolicy::Mirror && !done && !silent {
                                 in_flight += 1;
                             }
                             out.push(e.clone());

@@ -38,6 +38,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
     announced: Mutex<HashSet<(String, String, String)>>,
+    /// When each entry without a report was first seen so: (uid, node, image).
+    unreported: Mutex<HashMap<(String, String, String), Instant>>,
     /// Reconciles failed in a row, per ImagePrefetch uid: the retry backs off.
     failed_in_a_row: Mutex<HashMap<String, u32>>,
     pub metrics: Metrics,
@@ -68,6 +70,7 @@ impl Context {
             seeds: Mutex::default(),
             recorder,
             announced: Mutex::default(),
+            unreported: Mutex::default(),
             failed_in_a_row: Mutex::default(),
             metrics,
             rollouts: Rollouts::default(),
@@ -201,9 +204,11 @@ async fn apply(
     let decision = {
         let mut seeds = ctx.seeds.lock().expect("seed book lock");
         let mut announced = ctx.announced.lock().expect("announced lock");
+        let mut unreported = ctx.unreported.lock().expect("unreported lock");
         let memory = Memory {
             seeds: &mut seeds,
             announced: &mut announced,
+            unreported: &mut unreported,
         };
         decide(&observed, &ctx.config, memory)?
     };
@@ -341,6 +346,10 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
         .lock()
         .expect("announced lock")
         .retain(|(uid, _, _)| uid != owner.uid);
+    ctx.unreported
+        .lock()
+        .expect("unreported lock")
+        .retain(|(uid, _, _), _| uid != owner.uid);
     ctx.rollouts.forget(owner.uid);
     grant_pull_secrets(ctx, owner.namespace).await?;
     info!("deleted every NodeImageSet of the ImagePrefetch");

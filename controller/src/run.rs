@@ -48,6 +48,9 @@ pub struct Config {
     pub policy: policy::Settings,
     /// How long a selected node may be NotReady before it is replaced.
     pub not_ready_grace: Duration,
+    /// How long an entry may go without any report from its node's agent
+    /// before the rollout stops waiting for it (Degraded AgentNotReporting).
+    pub agent_silent_after: Duration,
     /// Lease to hold before reconciling; `None`: no leader election.
     pub leader: Option<LeaseConfig>,
     /// Name this controller reports Events as.
@@ -76,6 +79,7 @@ impl Default for Config {
             allowed: AllowList::default(),
             policy: policy::Settings::default(),
             not_ready_grace: Duration::from_secs(300),
+            agent_silent_after: Duration::from_secs(300),
             leader: None,
             instance: "image-prefetch-controller".into(),
             agent: None,

@@ -18,6 +18,8 @@ pub struct Inputs<'a> {
     pub not_allowed: &'a [String],
     /// Images no node can seed for now (every candidate failed recently).
     pub no_seed: &'a [NoSeed],
+    /// (node, image) entries whose agent has not reported for long.
+    pub silent: &'a [(String, String)],
 }
 
 /// An image without a seed until a cool-down ends.
@@ -121,9 +123,11 @@ pub fn compute<S: SetFacts>(
     // Waiting for a seed that cannot be chosen before a cool-down ends is
     // not progress.
     let blocked = |image: &str| inputs.no_seed.iter().any(|n| n.image == image);
+    // A node whose agent says nothing is not progress either.
+    let silent_on = |image: &str| inputs.silent.iter().filter(|(_, i)| i == image).count() as i32;
     let moving = progress
         .iter()
-        .any(|p| p.pulling > 0 || (p.waiting > 0 && !blocked(&p.image)));
+        .any(|p| p.pulling > 0 || (p.waiting - silent_on(&p.image) > 0 && !blocked(&p.image)));
     let ready = if all_ready {
         cond(
             "Ready",
@@ -214,6 +218,8 @@ pub fn held_back(
     status
 }
 
+/// The reason of a rollout some node's agent says nothing about.
+pub const AGENT_NOT_REPORTING: &str = "AgentNotReporting";
 /// The reason of an ImagePrefetch whose spec cannot be read.
 pub const SPEC_UNREADABLE: &str = "SpecUnreadable";
 /// The reason of an ImagePrefetch its namespace's budget has no room for.
@@ -252,6 +258,24 @@ fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(String,
     if !failures.is_empty() {
         let all: Vec<&Failure> = failures.iter().collect();
         return Some(("PullFailed".into(), describe(&all)));
+    }
+    if !inputs.silent.is_empty() {
+        let mut nodes: Vec<&str> = inputs.silent.iter().map(|(n, _)| n.as_str()).collect();
+        nodes.dedup();
+        let more = nodes.len().saturating_sub(5);
+        nodes.truncate(5);
+        return Some((
+            AGENT_NOT_REPORTING.into(),
+            format!(
+                "no report from the agent on {}{} since its images were released to it: is image-prefetch-agent running there? (the rollout goes on without it)",
+                nodes.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        ));
     }
     if let Some(first) = inputs.no_seed.first() {
         let nodes = |n: &NoSeed| n.nodes.join(", ");
@@ -474,6 +498,7 @@ mod tests {
             insufficient: Some((3, 1)),
             not_allowed: &refused,
             no_seed: &[],
+            silent: &[],
         };
         let st = compute(
             &prefetch(&["a", "evil.example/x:1"]),
@@ -502,6 +527,7 @@ mod tests {
             insufficient: Some((3, 1)),
             not_allowed: &[],
             no_seed: &[],
+            silent: &[],
         };
         let st = compute(&prefetch(&["a"]), &inp, &[&done], time(10));
         assert_eq!(cond(&st, "Degraded").reason, "InsufficientNodes");

@@ -407,13 +407,24 @@ impl Runtime {
         let pulled = self.stored(source).await?.ok_or_else(|| {
             PullError::Containerd(format!("{source} is missing right after its pull"))
         })?;
+        self.name_image(name, pulled.target).await
+    }
+
+    /// Names the image `target` also `name`, as a CRI image (created, or
+    /// pointed at `target` with every other label it has kept: a pin CRI or
+    /// someone else set on that name stays).
+    async fn name_image(
+        &self,
+        name: &str,
+        target: Option<containerd_client::types::Descriptor>,
+    ) -> Result<(), PullError> {
         let image = Image {
             name: name.to_string(),
             labels: [CRI_MANAGED]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            target: pulled.target,
+            target,
             ..Default::default()
         };
         let create = CreateImageRequest {
@@ -428,10 +439,38 @@ impl Runtime {
         match created {
             Ok(_) => Ok(()),
             Err(s) if s.code() == containerd_client::tonic::Code::AlreadyExists => {
-                self.update_image(image, None).await
+                let paths = vec!["target".to_string(), format!("labels.{}", CRI_MANAGED.0)];
+                self.update_image(image, Some(paths)).await
             }
             Err(s) => Err(status_error(s)),
         }
+    }
+
+    /// Names the stored image `name` by its digest too (`registry/repo@digest`),
+    /// as CRI names what it pulls: kubelet asks for an image by the reference
+    /// a pod names, and a pod naming the digest (or `repo:tag@digest`, which
+    /// kubelet and CRI read as the digest) finds it. The name carries no pin:
+    /// CRI counts an image pinned while any of its names is. Returns the name
+    /// given, `None` when `name` is that name already.
+    pub async fn name_by_digest(&self, name: &str) -> Result<Option<String>, PullError> {
+        let Some(stored) = self.stored(name).await? else {
+            return Ok(None);
+        };
+        let Some(target) = stored.target else {
+            return Ok(None);
+        };
+        let Ok(reference) = crd::reference::parse(name) else {
+            return Ok(None);
+        };
+        let by_digest = format!(
+            "{}/{}@{}",
+            reference.registry, reference.repository, target.digest
+        );
+        if by_digest == name {
+            return Ok(None);
+        }
+        self.name_image(&by_digest, Some(target)).await?;
+        Ok(Some(by_digest))
     }
 
     /// The stored image `name`, or `None` when containerd has none by that name.

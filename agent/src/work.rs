@@ -741,7 +741,20 @@ struct Job {
 }
 
 impl Job {
+    /// The pull (or the confirmation of a local copy), then the image named
+    /// by its digest too, as CRI names what it pulls.
     async fn pull_with_retries(&self) -> PullResult {
+        let result = self.pull_or_confirm().await;
+        if result.is_ok() {
+            let name = store_name(&self.wanted.entry.name);
+            if let Err(e) = self.runtime.name_by_digest(&name).await {
+                warn!(image = %name, error = %e, "could not name the image by its digest too; a pod naming the digest may pull it again");
+            }
+        }
+        result
+    }
+
+    async fn pull_or_confirm(&self) -> PullResult {
         let entry = &self.wanted.entry;
         let name = store_name(&entry.name);
         let local = self.runtime.image(&name).await.ok().flatten();

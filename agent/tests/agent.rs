@@ -896,3 +896,72 @@ async fn a_mirror_miss_is_not_yet_a_failed_attempt() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+/// What kubelet sees: a prefetched image is found by every reference form a
+/// pod may name it with — the tag, the digest, and `repo:tag@digest` (which
+/// kubelet and CRI read as the digest) — and is pinned under all of them,
+/// since the agent names it by its digest too, as CRI does.
+#[tokio::test]
+async fn kubelet_finds_the_image_by_tag_digest_and_both() {
+    use k8s_cri::v1::image_service_client::ImageServiceClient;
+    use k8s_cri::v1::{ImageSpec, ImageStatusRequest};
+
+    let client = testbed::shared::client().await;
+    let dir = Workdir::new("agent-e2e-references");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let image =
+        images::build_and_push(&dir.join("images"), &upstream.host, "team/refs", "1", &[MB])
+            .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
+    let (stop, running) = run(&client, config("agent-node-refs", &node, &dir));
+    set(
+        &client,
+        "agent-refs",
+        "agent-node-refs",
+        json!([{"name": image.reference, "registryPolicy": "Default"}]),
+        1,
+    )
+    .await;
+    wait_status(&client, "agent-refs", "Available", |s| s.available == 1).await;
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+
+    let repo = format!("{}/team/refs", upstream.host);
+    let channel = containerd_client::connect(&node.socket).await.unwrap();
+    for reference in [
+        image.reference.clone(),
+        format!("{repo}@{}", image.digest),
+        format!("{repo}:1@{}", image.digest),
+    ] {
+        // CRI learns of images from containerd's events: poll until it has.
+        let status = eventually(&reference, Duration::from_secs(10), || {
+            let channel = channel.clone();
+            let reference = reference.clone();
+            async move {
+                ImageServiceClient::new(channel)
+                    .image_status(ImageStatusRequest {
+                        image: Some(ImageSpec {
+                            image: reference,
+                            ..Default::default()
+                        }),
+                        verbose: false,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .image
+            }
+        })
+        .await;
+        assert!(status.pinned, "{reference}: pinned");
+        assert!(
+            status
+                .repo_digests
+                .iter()
+                .any(|d| d.ends_with(&image.digest)),
+            "{reference}: {:?}",
+            status.repo_digests
+        );
+    }
+}

@@ -25,6 +25,8 @@ pub struct Containerd {
 pub enum Flavor {
     /// 2.x built from its Go module: has the Transfer service.
     V2,
+    /// The newest approved 2.x release, for the runtime matrix.
+    V2Latest,
     /// Debian's 1.6 package: CRI only, no Transfer service.
     Debian16,
 }
@@ -84,6 +86,7 @@ impl Containerd {
     ) -> Result<Self> {
         let bin = match flavor {
             Flavor::V2 => CONTAINERD.require()?,
+            Flavor::V2Latest => crate::fixtures::CONTAINERD_LATEST.require()?,
             Flavor::Debian16 => crate::fixtures::require_tool("containerd")?,
         };
         let hosts_dir = dir.join("certs.d");
@@ -91,7 +94,7 @@ impl Containerd {
         let socket = dir.join("containerd.sock");
         let config = dir.join("config.toml");
         let (version, cri) = match flavor {
-            Flavor::V2 => (3, "io.containerd.cri.v1.images"),
+            Flavor::V2 | Flavor::V2Latest => (3, "io.containerd.cri.v1.images"),
             Flavor::Debian16 => (2, "io.containerd.grpc.v1.cri"),
         };
         let toml = format!(

@@ -86,6 +86,17 @@ pub const CONTAINERD: GoFixture = GoFixture {
     main_go: None,
 };
 
+/// The newest approved containerd release, for the runtime matrix: the
+/// product's Mirror and Default pulls run on it as on [`CONTAINERD`].
+/// (1.7.x and 2.0.x are not among the approved module versions, so they are
+/// not built here; see docs/compatibility.md.)
+pub const CONTAINERD_LATEST: GoFixture = GoFixture {
+    name: "containerd",
+    version: "v2.4.2",
+    ldflags: "-X github.com/containerd/containerd/v2/version.Version=v2.4.2",
+    ..CONTAINERD
+};
+
 /// helm, for the chart's lint and install tests.
 pub const HELM: GoFixture = GoFixture {
     name: "helm",
@@ -133,6 +144,7 @@ pub const DEMO: &[&GoFixture] = &[&KUBE_APISERVER, &CONTAINERD, &JAEGER];
 pub const ALL: &[&GoFixture] = &[
     &KUBE_APISERVER,
     &CONTAINERD,
+    &CONTAINERD_LATEST,
     &HELM,
     &BUNDLE_VALIDATE,
     &JAEGER,

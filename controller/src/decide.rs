@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
@@ -60,6 +60,43 @@ pub struct Announcement {
     pub type_: EventType,
     pub reason: String,
     pub note: String,
+    /// The node it is about: the Event's related object, so Events of one
+    /// reason about different nodes are not merged into one.
+    pub node: Option<String>,
+    /// The image it is about: part of the Event's action, for the same reason.
+    pub image: Option<String>,
+}
+
+/// Longest Event note events.k8s.io/v1 accepts: a longer one is refused,
+/// and the Event lost.
+pub const MAX_NOTE: usize = 1024;
+/// Longest Event action.
+pub const MAX_ACTION: usize = 128;
+
+impl Announcement {
+    /// The Event to publish: what it is about in the action (the image)
+    /// and as the related object (the node), because kube's Recorder merges
+    /// Events of one type, action, reason and objects for 6 minutes, keeping
+    /// the first note — a second node's failure would otherwise be lost; the
+    /// note cut to what the API takes.
+    pub fn event(&self) -> kube::runtime::events::Event {
+        let action = match &self.image {
+            Some(image) => names::shortened(&format!("Prefetch {image}"), MAX_ACTION),
+            None => "Prefetch".to_string(),
+        };
+        kube::runtime::events::Event {
+            type_: self.type_,
+            reason: self.reason.clone(),
+            note: Some(names::shortened(&self.note, MAX_NOTE)),
+            action,
+            secondary: self.node.as_ref().map(|node| ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.clone()),
+                ..Default::default()
+            }),
+        }
+    }
 }
 
 /// A NodeImageSet to delete: its node is no longer selected.
@@ -239,6 +276,8 @@ pub fn decide(
         .map(|(image, node)| Announcement {
             type_: EventType::Normal,
             reason: "SeedChosen".into(),
+            node: Some(node.clone()),
+            image: Some(image.clone()),
             note: format!(
                 "{node} pulls {image} from its registry; other nodes will get it from the in-cluster mirror"
             ),
@@ -353,6 +392,8 @@ fn announce_hold(
             type_: EventType::Warning,
             reason: reason.into(),
             note: why,
+            node: None,
+            image: None,
         }]
     };
     Decision {
@@ -471,6 +512,8 @@ fn announcements(
             type_: EventType::Warning,
             reason,
             note: message,
+            node: None,
+            image: None,
         });
     }
     for img in &status.images {
@@ -483,6 +526,8 @@ fn announcements(
             out.push(Announcement {
                 type_: EventType::Normal,
                 reason: "ImageReady".into(),
+                node: None,
+                image: Some(img.image.clone()),
                 note: format!("{} is on all {} nodes", img.image, status.desired_nodes),
             });
         }
@@ -500,6 +545,8 @@ fn announcements(
             out.push(Announcement {
                 type_: EventType::Warning,
                 reason: "ReportUnreadable".into(),
+                node: Some(node.clone()),
+                image: None,
                 note: format!(
                     "node {node}'s report on NodeImageSet {} cannot be read ({why}); it counts as no report",
                     set.name
@@ -512,6 +559,8 @@ fn announcements(
             out.push(Announcement {
                 type_: EventType::Warning,
                 reason: "PullFailed".into(),
+                node: Some(f.node.clone()),
+                image: Some(f.image.clone()),
                 note: format!(
                     "{} failed on node {}: {} ({})",
                     f.image, f.node, f.message, f.reason
@@ -864,6 +913,33 @@ mod tests {
         w.report(&mute, A, PullState::Available);
         let d = w.decide(&p, Duration::from_secs(303));
         assert_ne!(condition(&d, "Degraded").1, "AgentNotReporting");
+    }
+
+    /// Events about different nodes or images are told apart (kube merges
+    /// those of one action and related object), and none is refused for a
+    /// note past events.k8s.io's 1 KiB.
+    #[test]
+    fn events_name_their_node_and_image_and_fit_the_api() {
+        let failed = |node: &str, image: &str| Announcement {
+            type_: EventType::Warning,
+            reason: "PullFailed".into(),
+            note: "x".repeat(5000),
+            node: Some(node.into()),
+            image: Some(image.into()),
+        };
+        let (a, b) = (
+            failed("n1", "r.example/a:1").event(),
+            failed("n2", "r.example/b:1").event(),
+        );
+        assert_ne!(a.action, b.action);
+        assert_ne!(a.secondary, b.secondary);
+        assert_eq!(
+            a.secondary.as_ref().and_then(|r| r.kind.as_deref()),
+            Some("Node")
+        );
+        assert!(a.note.as_ref().unwrap().len() <= MAX_NOTE);
+        let long = failed("n1", &format!("r.example/{}:1", "a".repeat(300))).event();
+        assert!(long.action.len() <= MAX_ACTION, "{}", long.action.len());
     }
 
     #[test]

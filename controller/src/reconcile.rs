@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
@@ -300,7 +300,7 @@ async fn act(
         if event.type_ == EventType::Warning {
             warn!(namespace = %owner_namespace(p), name = %p.name_any(), reason = %event.reason, "{}", event.note);
         }
-        publish(ctx, p, event.type_, &event.reason, event.note.clone()).await;
+        publish(ctx, p, event).await;
     }
     if let Some(status) = &decision.status {
         ctx.fence.check()?;
@@ -320,16 +320,10 @@ fn owner_namespace(p: &ImagePrefetch) -> String {
     p.namespace().unwrap_or_default()
 }
 
-async fn publish(ctx: &Context, p: &ImagePrefetch, type_: EventType, reason: &str, note: String) {
-    let event = KubeEvent {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Prefetch".to_string(),
-        secondary: None,
-    };
+async fn publish(ctx: &Context, p: &ImagePrefetch, announcement: &crate::decide::Announcement) {
+    let event = announcement.event();
     if let Err(e) = ctx.recorder.publish(&event, &p.object_ref(&())).await {
-        warn!(error = %e, reason, "could not publish an Event");
+        warn!(error = %e, reason = %event.reason, "could not publish an Event");
     }
 }
 

@@ -984,3 +984,69 @@ async fn a_namespace_past_its_budget_gets_no_more_sets() {
         .unwrap();
     wait_for_nodes(&client, &second, &["budget-0", "budget-1", "budget-2"]).await;
 }
+
+/// Two nodes failing on one image are two Warnings, each naming its node:
+/// kube's Recorder merges Events of one action and related object for six
+/// minutes, keeping the first note, so each Event names its node as related.
+#[tokio::test]
+async fn each_node_failure_is_its_own_event() {
+    let sc = Scenario::new("failures", 2).await;
+    let (client, ns) = (sc.client.clone(), sc.ns.clone());
+    let image = "registry.example.com/failures/app:1";
+    let uid = sc.prefetch("app", &[image], json!({"replicas": 2})).await;
+    // Both nodes get an entry once the seed holds the image; both fail.
+    let seed = poll("a seed", || async {
+        entries(&client, &uid)
+            .await
+            .into_iter()
+            .find(|(_, e)| !e.is_empty())
+            .map(|(n, _)| n)
+    })
+    .await;
+    report(
+        &client,
+        &set_on(&client, &uid, &seed).await,
+        image,
+        PullState::Available,
+    )
+    .await;
+    let other = sc.nodes.iter().find(|n| **n != seed).unwrap().clone();
+    poll("the other node released", || async {
+        entries(&client, &uid)
+            .await
+            .get(&other)
+            .filter(|e| !e.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    report(
+        &client,
+        &set_on(&client, &uid, &other).await,
+        image,
+        PullState::Failed,
+    )
+    .await;
+    report(
+        &client,
+        &set_on(&client, &uid, &seed).await,
+        image,
+        PullState::Failed,
+    )
+    .await;
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let related = poll("two PullFailed Events", || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let mut nodes: Vec<String> = list
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("PullFailed"))
+            .filter_map(|e| e.related.and_then(|r| r.name))
+            .collect();
+        nodes.sort();
+        (nodes.len() == 2).then_some(nodes)
+    })
+    .await;
+    let mut expected = sc.nodes.clone();
+    expected.sort();
+    assert_eq!(related, expected);
+}

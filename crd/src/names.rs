@@ -37,6 +37,20 @@ fn cut(s: &str, max: usize) -> &str {
     s[..end].trim_end_matches(['-', '.', '_'])
 }
 
+/// `text` in at most `max` bytes: itself when it fits, else cut on a
+/// character boundary and ended with " …", so a reader sees it was cut.
+pub fn shortened(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    const MORE: &str = " …";
+    let mut end = max.saturating_sub(MORE.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MORE}", &text[..end])
+}
+
 /// A label value for `s`: `s` itself when it fits, else a readable prefix and a hash.
 pub fn label_value(s: &str) -> String {
     if s.len() <= MAX_LABEL_VALUE {

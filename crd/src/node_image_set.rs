@@ -215,15 +215,7 @@ pub enum PullSource {
 /// `message` cut to at most `MAX_ERROR_LEN` bytes (on a character boundary),
 /// so a runtime's long message never makes a status write fail.
 pub fn error_message(message: &str) -> String {
-    if message.len() <= MAX_ERROR_LEN {
-        return message.to_string();
-    }
-    const MORE: &str = " …";
-    let mut end = MAX_ERROR_LEN - MORE.len();
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{MORE}", &message[..end])
+    crate::names::shortened(message, MAX_ERROR_LEN)
 }
 
 impl NodeImageStatus {

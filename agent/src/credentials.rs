@@ -11,6 +11,10 @@ use serde::Deserialize;
 
 use crd::SecretReference;
 
+/// Most bytes one pull secret's data may hold: logins for many registries
+/// fit many times over, and an agent holds at most one per pull at a time.
+pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+
 /// One registry login.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Credential {
@@ -198,6 +202,13 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 impl Keyring {
     /// Adds the credentials of one secret's data.
     fn add(&mut self, data: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
+        // A registry login is a few hundred bytes; a Secret may be 1 MiB.
+        let size: usize = data.values().map(Vec::len).sum();
+        if size > MAX_SECRET_BYTES {
+            return Err(format!(
+                "it holds {size} bytes; a pull secret may hold at most {MAX_SECRET_BYTES}"
+            ));
+        }
         // serde_json's messages can quote the input, so only positions are reported.
         let auths: BTreeMap<String, Entry> = if let Some(json) = data.get(".dockerconfigjson") {
             serde_json::from_slice::<DockerConfigJson>(json)
@@ -231,6 +242,8 @@ impl Keyring {
 
     /// Reads the referenced secrets. Each is read by name: the agent lists
     /// and watches no secrets.
+    /// Reads the secrets one after another (one Secret in memory at a time
+    /// besides the keyring).
     pub async fn load(
         client: &kube::Client,
         refs: &[SecretReference],
@@ -304,6 +317,22 @@ mod tests {
             username: u.into(),
             password: p.into(),
         }
+    }
+
+    /// A tenant cannot make every agent it targets hold megabytes per
+    /// secret: past 64 KiB a secret is refused, saying why.
+    #[test]
+    fn an_oversized_secret_is_refused() {
+        let mut r = Keyring::default();
+        let json = format!(
+            r#"{{"auths":{{"r.example":{{"auth":"dTpw"}}}},"pad":"{}"}}"#,
+            "x".repeat(MAX_SECRET_BYTES)
+        );
+        let why = r
+            .add(&[(".dockerconfigjson".to_string(), json.into_bytes())].into())
+            .unwrap_err();
+        assert!(why.contains("at most 65536"), "{why}");
+        assert!(r.is_empty());
     }
 
     #[test]

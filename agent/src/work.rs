@@ -903,6 +903,12 @@ impl Job {
                     })
                 })?,
         };
+        // The permit first: at most `concurrency` keyrings are held at once,
+        // however many entries wait.
+        let _permit = self.limit.acquire().await.map_err(|e| Failure {
+            message: e.to_string(),
+            reason: "Stopping".into(),
+        })?;
         // Read at every attempt: a secret created or fixed after a failure is used on the next try.
         let keyring = if self.wanted.secrets.is_empty() {
             None
@@ -915,10 +921,6 @@ impl Job {
                 })?;
             Some((ring, repository))
         };
-        let _permit = self.limit.acquire().await.map_err(|e| Failure {
-            message: e.to_string(),
-            reason: "Stopping".into(),
-        })?;
         self.room_on_disk()?;
         let source = source(entry);
         let pull = self

@@ -191,9 +191,15 @@ async fn removed_and_pulled_again(node: &Containerd, upstream: &Registry, name: 
     }
 }
 
-/// As an administrator would: `ctr images rm`.
+/// As an administrator would (`crictl rmi`): every name of the image —
+/// the tag and the digest name the agent gives it as CRI does — so that its
+/// content goes too.
 async fn remove_image(node: &Containerd, name: &str) {
-    ctr(node, &["images", "rm", "--sync", name]);
+    let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
+    let (digest, _) = runtime.image(name).await.unwrap().expect("present");
+    let r = crd::reference::parse(name).unwrap();
+    let by_digest = format!("{}/{}@{digest}", r.registry, r.repository);
+    ctr(node, &["images", "rm", "--sync", name, &by_digest]);
 }
 
 #[tokio::test]

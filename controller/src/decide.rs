@@ -840,14 +840,20 @@ mod tests {
         assert!(again.events.is_empty(), "{:?}", again.events);
     }
 
-    #[test]
-    fn the_image_on_every_node_is_ready_once_and_announced_once() {
-        let mut w = World::new(2);
+    /// `n` nodes and an ImagePrefetch of `A` whose seed holds it.
+    fn seeded(n: usize) -> (World, ImagePrefetch) {
+        let mut w = World::new(n);
         let mut p = prefetch(&[A]);
         let d = w.decide(&p, Duration::ZERO);
         w.act(&mut p, &d);
         let seed = w.seeds_of(A)[0].clone();
         w.report(&seed, A, PullState::Available);
+        (w, p)
+    }
+
+    #[test]
+    fn the_image_on_every_node_is_ready_once_and_announced_once() {
+        let (mut w, mut p) = seeded(2);
         // The other node is released with the digest pinned.
         let d = w.decide(&p, Duration::from_secs(1));
         assert_eq!(d.apply.len(), 1);
@@ -870,12 +876,7 @@ mod tests {
     /// set time, and the rollout says so instead of Progressing for ever.
     #[test]
     fn a_node_whose_agent_says_nothing_holds_nothing_back_and_is_named() {
-        let mut w = World::new(3);
-        let mut p = prefetch(&[A]);
-        let d = w.decide(&p, Duration::ZERO);
-        w.act(&mut p, &d);
-        let seed = w.seeds_of(A)[0].clone();
-        w.report(&seed, A, PullState::Available);
+        let (mut w, mut p) = seeded(3);
         // One holder: one Mirror release, to a node whose agent is silent.
         let d = w.decide(&p, Duration::from_secs(1));
         assert_eq!(d.apply.len(), 1);

@@ -350,6 +350,14 @@ fn unreadable_spec(p: &ImagePrefetch, why: &crd::lenient::Unreadable, now: Time)
 /// again: room may have been made (another deleted or shrunk).
 pub const OVER_BUDGET_RECHECK: Duration = Duration::from_secs(10);
 
+/// The reason and message of `status`'s Degraded condition, when it is True.
+fn degraded(status: Option<&ImagePrefetchStatus>) -> Option<(String, String)> {
+    status
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+        .filter(|c| c.status == "True")
+        .map(|c| (c.reason.clone(), c.message.clone()))
+}
+
 /// An ImagePrefetch that would take its namespace past the node×image
 /// budget: nothing is written but its status (Degraded `BudgetExceeded`),
 /// and a Warning when that first says so. Sets it already has stay; it is
@@ -377,15 +385,7 @@ fn announce_hold(
     why: String,
     requeue: Duration,
 ) -> Decision {
-    let degraded_reason = |s: Option<&ImagePrefetchStatus>| {
-        s.and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == "Degraded" && c.status == "True")
-        })
-        .map(|c| c.reason.clone())
-    };
-    let events = if degraded_reason(p.status.as_ref()).as_deref() == Some(reason) {
+    let events = if degraded(p.status.as_ref()).map(|(r, _)| r).as_deref() == Some(reason) {
         Vec::new()
     } else {
         vec![Announcement {
@@ -499,11 +499,6 @@ fn announcements(
 ) -> Vec<Announcement> {
     let mut out = Vec::new();
     let before = p.status.as_ref();
-    let degraded = |s: Option<&ImagePrefetchStatus>| {
-        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
-            .filter(|c| c.status == "True")
-            .map(|c| (c.reason.clone(), c.message.clone()))
-    };
     if let Some((reason, message)) = degraded(Some(status))
         && DECIDED_DEGRADED.contains(&reason.as_str())
         && degraded(before).map(|(r, _)| r) != Some(reason.clone())
@@ -623,6 +618,7 @@ mod tests {
     use crate::registries::AllowList;
     use crate::select::tests::node;
     use crd::{ImagePrefetchSpec, NodeImageSetStatus, NodeImageStatus, PullState, RegistryPolicy};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     const A: &str = "registry.example.com/team/a:1";
     const B: &str = "other.example.com/team/b:1";
@@ -758,15 +754,19 @@ mod tests {
         d.events.iter().map(|e| e.reason.as_str()).collect()
     }
 
-    fn condition<'a>(d: &'a Decision, type_: &str) -> (&'a str, &'a str) {
-        let c = d
-            .status
+    /// The condition `type_` of the decision's new status.
+    fn condition_of<'a>(d: &'a Decision, type_: &str) -> &'a Condition {
+        d.status
             .as_ref()
             .expect("a new status")
             .conditions
             .iter()
             .find(|c| c.type_ == type_)
-            .expect("the condition");
+            .expect("the condition")
+    }
+
+    fn condition<'a>(d: &'a Decision, type_: &str) -> (&'a str, &'a str) {
+        let c = condition_of(d, type_);
         (c.status.as_str(), c.reason.as_str())
     }
 
@@ -782,14 +782,7 @@ mod tests {
         let d = w.decide(&p, Duration::ZERO);
         assert!(d.apply.is_empty() && d.delete.is_empty(), "{d:?}");
         assert_eq!(d.requeue, OVER_BUDGET_RECHECK);
-        let degraded = d
-            .status
-            .as_ref()
-            .unwrap()
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded")
-            .unwrap();
+        let degraded = condition_of(&d, "Degraded");
         assert_eq!(
             (degraded.status.as_str(), degraded.reason.as_str()),
             ("True", "BudgetExceeded")
@@ -898,15 +891,7 @@ mod tests {
         assert_ne!(d.apply[0].spec.node_name, mute);
         let (status, reason) = condition(&d, "Degraded");
         assert_eq!((status, reason), ("True", "AgentNotReporting"));
-        let message = &d
-            .status
-            .as_ref()
-            .unwrap()
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded")
-            .unwrap()
-            .message;
+        let message = &condition_of(&d, "Degraded").message;
         assert!(message.contains(&mute), "{message}");
         assert!(reasons(&d).contains(&"AgentNotReporting"), "{:?}", d.events);
         // It reports at last: named no more.

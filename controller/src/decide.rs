@@ -283,6 +283,17 @@ pub fn decide(
             ),
         })
         .collect();
+    events.extend(plan.reseeds.iter().map(|(image, node)| Announcement {
+        type_: EventType::Warning,
+        reason: "Reseeded".into(),
+        node: Some(node.clone()),
+        image: Some(image.clone()),
+        note: format!(
+            "no node got {image} from the in-cluster mirror for {}s and some tried: {node} pulls it \
+             from its registry again (is the mirror running, can it find what nodes hold?)",
+            config.policy.reseed_after.as_secs()
+        ),
+    }));
     let no_seed: Vec<status::NoSeed> = plan
         .blocked
         .iter()
@@ -312,7 +323,13 @@ pub fn decide(
     let requeue = RESYNC
         .min(config.policy.seed_deadline / 2)
         .min(next_seed.unwrap_or(RESYNC).max(Duration::from_secs(1)))
-        .min(silence.next.unwrap_or(RESYNC).max(Duration::from_secs(1)));
+        .min(silence.next.unwrap_or(RESYNC).max(Duration::from_secs(1)))
+        .min(
+            plan.recheck_at
+                .map(|at| at.saturating_duration_since(observed.at))
+                .unwrap_or(RESYNC)
+                .max(Duration::from_secs(1)),
+        );
     Ok(Decision {
         apply,
         delete,
@@ -664,7 +681,12 @@ mod tests {
                 seeds: SeedBook::default(),
                 announced: HashSet::new(),
                 unreported: HashMap::new(),
-                config: Config::default(),
+                // Holders findable at once: the policy's tests cover the grace.
+                config: {
+                    let mut c = Config::default();
+                    c.policy.findable_after = Duration::ZERO;
+                    c
+                },
                 start: Instant::now(),
                 namespace_entries: 0,
             }

@@ -20,6 +20,11 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --seed-deadline-seconds S      replace a seed that fetched no more bytes for S (default 900)
   --seed-cooldown-seconds S      a node that failed as seed is not chosen again for S,
                                  doubling at each failure up to 10x (default 30)
+  --findable-after-seconds S     a node holding an image counts as a mirror source S after
+                                 it reported it (spegel advertises asynchronously; default 2)
+  --reseed-after-seconds S       when no Mirror pull of an image in a zone has succeeded and
+                                 some failed for S, one of those nodes pulls it from the
+                                 registry again (default 300)
   --not-ready-grace-seconds S    keep a NotReady node selected for S (default 300)
   --agent-silent-seconds S       an entry its node's agent has not reported on for S no
                                  longer holds the rollout back (Degraded AgentNotReporting;
@@ -67,6 +72,8 @@ fn parse_args() -> Config {
                 config.namespace_budget = Some(args.number(&flag) as usize).filter(|&n| n > 0)
             }
             "--seed-deadline-seconds" => config.policy.seed_deadline = args.seconds(&flag),
+            "--findable-after-seconds" => config.policy.findable_after = args.seconds(&flag),
+            "--reseed-after-seconds" => config.policy.reseed_after = args.seconds(&flag),
             "--seed-cooldown-seconds" => {
                 config.policy.seed_cooldown = args.seconds(&flag);
                 config.policy.seed_cooldown_cap = config.policy.seed_cooldown * 10;

@@ -19,7 +19,7 @@
 //!   node goes away is replaced; seeds are shared by every ImagePrefetch that
 //!   asks for the same image (the [`SeedBook`] lives as long as the controller).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crd::{NodeImage, PullState, RegistryPolicy, reference};
@@ -44,6 +44,16 @@ pub struct Settings {
     pub seed_cooldown_cap: Duration,
     pub private_images: PrivateImages,
     pub zone_seeding: ZoneSeeding,
+    /// A node that holds an image counts as a source (Mirror pulls released
+    /// on its account, other groups' seeds started) only this long after it
+    /// was first seen Available: spegel advertises asynchronously, and a
+    /// Default pull that misses the mirror goes to the registry.
+    pub findable_after: Duration,
+    /// When every Mirror pull of an image in a group has failed and none has
+    /// succeeded for this long, no peer can serve it (spegel cannot find
+    /// it, e.g. on containerd 2.0): one of those nodes seeds it again from
+    /// the registry, and again after as long, until the mirror serves.
+    pub reseed_after: Duration,
 }
 
 /// How the zones of a cluster seed an image.
@@ -105,6 +115,8 @@ impl Default for Settings {
             seed_cooldown_cap: Duration::from_secs(5 * 60),
             private_images: PrivateImages::default(),
             zone_seeding: ZoneSeeding::default(),
+            findable_after: Duration::from_secs(2),
+            reseed_after: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -264,6 +276,13 @@ pub struct SeedBook {
     /// (image key, node) that failed or stalled as seed: not chosen again
     /// until the cool-down ends. Never for ever.
     excluded: HashMap<(String, String), Exclusion>,
+    /// By image key: when each node holding it was first seen Available.
+    holders: HashMap<String, HashMap<String, Instant>>,
+    /// (image key, group) whose Mirror pulls have all failed, none served:
+    /// since when (or since the last re-seed).
+    starved: HashMap<(String, String), Instant>,
+    /// (image key, node) told to seed again, and when.
+    reseeded: HashMap<(String, String), Instant>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -403,6 +422,66 @@ impl SeedBook {
         })
     }
 
+    /// The holders of `key` that spegel can be expected to find: first seen
+    /// Available at least `after` ago. The others, and when the first of
+    /// them becomes findable.
+    fn findable<'a>(
+        &mut self,
+        key: &str,
+        facts: &'a ImageFacts,
+        after: Duration,
+        now: Instant,
+    ) -> (BTreeSet<&'a String>, Option<Instant>) {
+        let seen = self.holders.entry(key.to_string()).or_default();
+        seen.retain(|n, _| facts.available.contains_key(n));
+        let mut findable = BTreeSet::new();
+        let mut next = None::<Instant>;
+        for node in facts.available.keys() {
+            let since = *seen.entry(node.clone()).or_insert(now);
+            if now.saturating_duration_since(since) >= after {
+                findable.insert(node);
+            } else {
+                let at = since + after;
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        (findable, next)
+    }
+
+    /// Whether the Mirror pulls of `key` in `group` have been starved
+    /// (`starved`: all failed, none served) for `after`: then a re-seed is
+    /// due, and the clock starts again. Otherwise when one would be due.
+    fn reseed_due(
+        &mut self,
+        key: &str,
+        group: &str,
+        starved: bool,
+        after: Duration,
+        now: Instant,
+    ) -> Result<(), Option<Instant>> {
+        let slot = (key.to_string(), group.to_string());
+        if !starved {
+            self.starved.remove(&slot);
+            return Err(None);
+        }
+        let since = *self.starved.entry(slot.clone()).or_insert(now);
+        if now.saturating_duration_since(since) >= after {
+            self.starved.insert(slot, now);
+            Ok(())
+        } else {
+            Err(Some(since + after))
+        }
+    }
+
+    /// Whether `node` was told to seed `key` again so recently that its
+    /// report may still be the failed Mirror pull's.
+    fn reseeded_recently(&mut self, key: &str, node: &str, now: Instant) -> bool {
+        self.reseeded
+            .retain(|_, at| now.saturating_duration_since(*at) < CLAIM_SETTLE);
+        self.reseeded
+            .contains_key(&(key.to_string(), node.to_string()))
+    }
+
     /// The image is on some node of the zone: no seed is needed any more.
     fn settle(&mut self, key: &str, zone: &str) {
         self.claims.remove(&(key.to_string(), zone.to_string()));
@@ -426,6 +505,11 @@ pub struct Plan {
     pub new_seeds: Vec<(String, String)>,
     /// Images that have no seed in some group until a cool-down ends.
     pub blocked: Vec<Blocked>,
+    /// (image, node) pairs seeding again because no peer could serve the
+    /// image's Mirror pulls for long.
+    pub reseeds: Vec<(String, String)>,
+    /// When a holder becomes findable or a re-seed falls due: plan again then.
+    pub recheck_at: Option<Instant>,
 }
 
 /// Decides the entries of one ImagePrefetch (`images` onto `nodes`).
@@ -442,6 +526,13 @@ pub fn plan(
         nodes.iter().map(|n| (n.clone(), Vec::new())).collect();
     let mut new_seeds = Vec::new();
     let mut blocked = Vec::new();
+    let mut reseeds = Vec::new();
+    let mut recheck_at: Option<Instant> = None;
+    let mut recheck = |at: Option<Instant>| {
+        if let Some(at) = at {
+            recheck_at = Some(recheck_at.map_or(at, |r: Instant| r.min(at)));
+        }
+    };
     let mut groups: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
     for n in nodes {
         groups.entry(view.group(n)).or_default().push(n);
@@ -469,12 +560,10 @@ pub fn plan(
             continue;
         }
         let pinned = pinned_digest(image, facts);
+        let (findable, next) = book.findable(&shared, facts, settings.findable_after, now);
+        recheck(next);
         for (zone, ours) in &groups {
-            let sources = facts
-                .available
-                .keys()
-                .filter(|n| view.group(n) == *zone)
-                .count();
+            let sources = findable.iter().filter(|n| view.group(n) == *zone).count();
             if sources > 0 {
                 book.settle(&shared, zone);
                 let mut in_flight = 0;
@@ -483,11 +572,17 @@ pub fn plan(
                     let out = entries.get_mut(*n).expect("selected");
                     match current.get(n, &key) {
                         // A seed that failed gets the image from the mirror now.
+                        // (Not a node just told to seed again: its report
+                        // still shows the Mirror pull that failed.)
                         Some((e, Some(PullState::Failed)))
                             if e.registry_policy == RegistryPolicy::Default =>
                         {
-                            in_flight += 1;
-                            out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
+                            if book.reseeded_recently(&shared, n, now) {
+                                out.push(e.clone());
+                            } else {
+                                in_flight += 1;
+                                out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
+                            }
                         }
                         Some((e, state)) => {
                             let done =
@@ -510,6 +605,36 @@ pub fn plan(
                 for n in waiting.into_iter().take(budget) {
                     let out = entries.get_mut(n).expect("selected");
                     out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
+                }
+                // No peer has served a Mirror pull and some have failed: if
+                // it lasts, one of the failed nodes seeds from the registry.
+                let failed: Vec<&String> = ours
+                    .iter()
+                    .copied()
+                    .filter(|n| {
+                        matches!(current.get(n, &key),
+                            Some((e, Some(PullState::Failed))) if e.registry_policy == RegistryPolicy::Mirror)
+                    })
+                    .collect();
+                let served = facts
+                    .available
+                    .keys()
+                    .any(|n| view.group(n) == *zone && !facts.seeding.contains_key(n));
+                let starved = !served && !failed.is_empty();
+                match book.reseed_due(&shared, zone, starved, settings.reseed_after, now) {
+                    Ok(()) => {
+                        let node = failed
+                            .iter()
+                            .max_by_key(|n| score(&key, n))
+                            .expect("starved means failed");
+                        let out = entries.get_mut(*node).expect("selected");
+                        *out.last_mut().expect("its entry was pushed") =
+                            entry(RegistryPolicy::Default, pinned.clone());
+                        book.reseeded
+                            .insert((shared.clone(), node.to_string()), now);
+                        reseeds.push((image.clone(), node.to_string()));
+                    }
+                    Err(due) => recheck(due),
                 }
             } else if book.seeding_elsewhere(&shared, zone, settings.zone_seeding) {
                 // Another group (another platform of this zone, or another
@@ -561,6 +686,8 @@ pub fn plan(
         entries,
         new_seeds,
         blocked,
+        reseeds,
+        recheck_at,
     }
 }
 
@@ -608,7 +735,11 @@ mod tests {
                 ours: BTreeMap::new(),
                 others: Vec::new(),
                 book: SeedBook::default(),
-                settings: Settings::default(),
+                // Holders findable at once, unless a test says otherwise.
+                settings: Settings {
+                    findable_after: Duration::ZERO,
+                    ..Settings::default()
+                },
                 start: Instant::now(),
                 clock: Duration::ZERO,
                 isolate: true,
@@ -1179,5 +1310,69 @@ mod tests {
         sim.settings.sequencing = false;
         sim.step(&[IMG]);
         assert_eq!(sim.with_policy(IMG, RegistryPolicy::Default).len(), 5);
+    }
+
+    #[test]
+    fn a_holder_is_a_source_only_once_spegel_can_find_it() {
+        let mut sim = two_zones(4, ZoneSeeding::Sequential);
+        sim.settings.findable_after = Duration::from_secs(2);
+        sim.step(&[IMG]);
+        let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.report(&seed, IMG, PullState::Available);
+        let plan = sim.step(&[IMG]);
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        assert_eq!(
+            sim.with_policy(IMG, RegistryPolicy::Default),
+            std::slice::from_ref(&seed),
+            "the other zone's seed waits too"
+        );
+        assert_eq!(
+            plan.recheck_at,
+            Some(sim.start + sim.clock + Duration::from_secs(2))
+        );
+        sim.clock += Duration::from_secs(2);
+        sim.step(&[IMG]);
+        assert!(!sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        assert_eq!(
+            sim.with_policy(IMG, RegistryPolicy::Default).len(),
+            2,
+            "and the other zone seeds"
+        );
+    }
+
+    #[test]
+    fn mirror_pulls_no_peer_serves_for_long_make_one_node_seed_again() {
+        let mut sim = Sim::new(4);
+        sim.step(&[IMG]);
+        let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.report(&seed, IMG, PullState::Available);
+        sim.step(&[IMG]);
+        let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
+        assert!(!mirrors.is_empty());
+        for m in &mirrors {
+            sim.report(m, IMG, PullState::Failed);
+        }
+        let plan = sim.step(&[IMG]);
+        assert!(plan.reseeds.is_empty(), "not at once");
+        let after = sim.settings.reseed_after;
+        assert_eq!(plan.recheck_at, Some(sim.start + sim.clock + after));
+        sim.clock += after;
+        let plan = sim.step(&[IMG]);
+        assert_eq!(plan.reseeds.len(), 1);
+        let again = &plan.reseeds[0].1;
+        assert!(mirrors.contains(again));
+        assert_eq!(sim.policy_of(again, IMG), Some(RegistryPolicy::Default));
+        // Its report still shows the failed Mirror pull: it stays a seed.
+        sim.step(&[IMG]);
+        assert_eq!(sim.policy_of(again, IMG), Some(RegistryPolicy::Default));
+        assert!(sim.step(&[IMG]).reseeds.is_empty(), "one at a time");
+        // Once one Mirror pull succeeds, the mirror serves: no more re-seeds.
+        sim.report(again, IMG, PullState::Available);
+        sim.step(&[IMG]);
+        let fresh = sim.with_policy(IMG, RegistryPolicy::Mirror);
+        assert!(!fresh.is_empty(), "its copy is a source too");
+        sim.report(&fresh[0], IMG, PullState::Available);
+        sim.clock += after * 2;
+        assert!(sim.step(&[IMG]).reseeds.is_empty());
     }
 }

@@ -36,7 +36,7 @@ use kube::Api;
 use crate::containerd::Containerd;
 use crate::fixtures::{KUBE_CONTROLLER_MANAGER, KUBE_PROXY, KUBE_SCHEDULER, KUBELET};
 use crate::netns::{NetNs, Relay};
-use crate::peer_mirror::{PeerMirror, Placement, Timing};
+use crate::peer_mirror::{PeerMirror, Placement, Settings};
 use crate::registry::Registry;
 use crate::{ControlPlane, Error, Lifetime, Result, io_err, process};
 
@@ -329,7 +329,7 @@ impl Cluster {
             },
             &containerd.socket,
             &self.dir.join("peer-directory"),
-            &Timing::default(),
+            &Settings::default(),
         )?;
         peer_mirror.configure_node(
             &containerd.hosts_dir,

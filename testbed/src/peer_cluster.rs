@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::Api;
 
-use crate::peer_mirror::Timing;
+use crate::peer_mirror::Settings;
 use crate::registry::Registry;
 use crate::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
 use crate::slow_link::SlowLink;
@@ -30,7 +30,7 @@ pub struct PeerCluster {
     pub plane: ControlPlane,
     dir: PathBuf,
     directory: PathBuf,
-    timing: Timing,
+    settings: Settings,
 }
 
 impl PeerCluster {
@@ -63,7 +63,7 @@ impl PeerCluster {
             plane,
             dir: dir.to_path_buf(),
             directory: dir.join("peer-directory"),
-            timing: Timing::default(),
+            settings: Settings::default(),
         };
         for (name, arch) in nodes {
             cluster.add_node(name, arch).await?;
@@ -100,7 +100,7 @@ impl PeerCluster {
                     upstream: &registry,
                     ip: &ip,
                     directory: &self.directory,
-                    timing: &self.timing,
+                    settings: &self.settings,
                 },
                 platform: Some(&platform),
                 jaeger: None,

@@ -12,20 +12,42 @@ use crate::{Error, Result, io_err};
 
 pub const BINARY: &str = "peer-mirror";
 
-/// spegel's timings, settable so that tests can exercise them.
+/// A node's spegel set-up: its chart values and timings. The defaults are
+/// spegel v0.7.4's chart defaults on containerd 2.1 or newer.
 #[derive(Clone, Debug)]
-pub struct Timing {
-    /// From containerd's commit to other nodes finding the blob.
+pub struct Settings {
+    /// From containerd's commit to other nodes finding the blob (an
+    /// estimate: spegel's provide is asynchronous and unbounded).
     pub advertise_delay: Duration,
     /// How long a lookup's answer, an empty one too, is reused (spegel: about 2.5 s).
     pub lookup_cache: Duration,
+    /// `registryFilters`: regexes over `registry/repo[:tag]`.
+    pub registry_filters: Vec<String>,
+    /// `basicAuthSecretName`'s `user:password`: required by the mirror and
+    /// written into the node's `hosts.toml`.
+    pub basic_auth: Option<String>,
+    /// `false` is spegel on containerd 2.0: no `/content/create` events, so
+    /// what is pulled after the mirror started is not advertised.
+    pub content_events: bool,
+    /// The least a peer is given to send its headers; above it spegel's
+    /// 2 × p90 rule applies. spegel's floor is 100 ms, for a peer that opens
+    /// a file; this stand-in asks its containerd three times over gRPC, in a
+    /// debug build, beside every other process of a test on two cores, and
+    /// its first answers of a rollout took over 100 ms
+    /// (`e2e/tests/headline.rs`: blobs then fetched upstream twice). The
+    /// floor is scaled to the stand-in, not the rule.
+    pub header_floor: Duration,
 }
 
-impl Default for Timing {
+impl Default for Settings {
     fn default() -> Self {
-        Timing {
-            advertise_delay: Duration::ZERO,
+        Settings {
+            advertise_delay: Duration::from_millis(500),
             lookup_cache: Duration::from_millis(2500),
+            registry_filters: Vec::new(),
+            basic_auth: None,
+            content_events: true,
+            header_floor: Duration::from_secs(1),
         }
     }
 }
@@ -42,6 +64,7 @@ pub struct PeerMirror {
     /// `ip:port` on its own loopback address.
     pub host: String,
     pub log: PathBuf,
+    basic_auth: Option<String>,
     child: Child,
 }
 
@@ -54,7 +77,7 @@ impl PeerMirror {
         ip: &str,
         containerd_socket: &Path,
         directory: &Path,
-        timing: &Timing,
+        settings: &Settings,
     ) -> Result<Self> {
         // A port free on 127.0.0.1 is free on every loopback address.
         let [port] = free_ports()?;
@@ -65,7 +88,7 @@ impl PeerMirror {
                 process::http_get(host, "/livez").is_ok_and(|(code, _)| code == 200)
             },
         };
-        Self::start_at(dir, node, &at, containerd_socket, directory, timing)
+        Self::start_at(dir, node, &at, containerd_socket, directory, settings)
     }
 
     /// Starts the node's mirror listening on `at.host`, started by
@@ -76,7 +99,7 @@ impl PeerMirror {
         at: &Placement<'_>,
         containerd_socket: &Path,
         directory: &Path,
-        timing: &Timing,
+        settings: &Settings,
     ) -> Result<Self> {
         let bin = crate::simulated::binary(BINARY);
         if !bin.exists() {
@@ -96,10 +119,20 @@ impl PeerMirror {
             .arg(directory)
             .args([
                 "--advertise-delay-ms",
-                &timing.advertise_delay.as_millis().to_string(),
+                &settings.advertise_delay.as_millis().to_string(),
                 "--lookup-cache-ms",
-                &timing.lookup_cache.as_millis().to_string(),
+                &settings.lookup_cache.as_millis().to_string(),
+                "--content-events",
+                &settings.content_events.to_string(),
+                "--peer-header-timeout-ms",
+                &settings.header_floor.as_millis().to_string(),
             ]);
+        for filter in &settings.registry_filters {
+            cmd.args(["--registry-filters", filter]);
+        }
+        if let Some(auth) = &settings.basic_auth {
+            cmd.args(["--basic-auth", auth]);
+        }
         let mut child = process::spawn(cmd, &log, Lifetime::Owned)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(at.live)(&host) {
@@ -119,20 +152,44 @@ impl PeerMirror {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(PeerMirror { host, log, child })
+        Ok(PeerMirror {
+            host,
+            log,
+            basic_auth: settings.basic_auth.clone(),
+            child,
+        })
     }
 
     /// Writes the node's `hosts.toml` as spegel's chart does, with this
     /// mirror as the one target: for `registries` (`http://host:port`) when
     /// listed, else `_default`. The test bed lists its plain-HTTP loopback
     /// registry, so that the file names it as `server` with its scheme.
+    /// With Basic auth set, each target carries spegel's header.
     pub fn configure_node(&self, hosts_dir: &Path, registries: &[&str]) -> Result<()> {
+        self.configure_node_with(hosts_dir, registries, &[], false)
+    }
+
+    /// As `configure_node`, with `additionalMirrorTargets` after this mirror
+    /// and `prependExisting` (the node's own host tables kept after spegel's).
+    pub fn configure_node_with(
+        &self,
+        hosts_dir: &Path,
+        registries: &[&str],
+        additional_targets: &[&str],
+        prepend_existing: bool,
+    ) -> Result<()> {
+        let mut targets = vec![format!("http://{}", self.host)];
+        targets.extend(additional_targets.iter().map(|t| t.to_string()));
         let mut cmd = Command::new(crate::simulated::binary(BINARY));
         cmd.args(["configuration", "--containerd-registry-config-path"])
             .arg(hosts_dir)
-            .args(["--mirror-targets", &format!("http://{}", self.host)]);
+            .args(["--mirror-targets", &targets.join(",")])
+            .args(["--prepend-existing", &prepend_existing.to_string()]);
         if !registries.is_empty() {
             cmd.args(["--mirrored-registries", &registries.join(",")]);
+        }
+        if let Some(auth) = &self.basic_auth {
+            cmd.args(["--basic-auth", auth]);
         }
         let (ok, out) = process::run(&mut cmd);
         if ok {

@@ -12,7 +12,7 @@ use std::process::{Child, Command};
 
 use crate::containerd::Containerd;
 use crate::jaeger::Jaeger;
-use crate::peer_mirror::{PeerMirror, Timing};
+use crate::peer_mirror::{PeerMirror, Settings};
 use crate::process::{self, Lifetime, free_ports};
 use crate::{Result, io_err};
 
@@ -117,7 +117,7 @@ pub enum Mirror<'a> {
         upstream: &'a str,
         ip: &'a str,
         directory: &'a Path,
-        timing: &'a Timing,
+        settings: &'a Settings,
     },
 }
 
@@ -166,7 +166,7 @@ impl SimulatedNode {
                 upstream,
                 ip,
                 directory,
-                timing,
+                settings,
             } => {
                 let mirror = PeerMirror::start(
                     &dir.join(name),
@@ -174,7 +174,7 @@ impl SimulatedNode {
                     ip,
                     &containerd.socket,
                     directory,
-                    timing,
+                    settings,
                 )?;
                 mirror.configure_node(&containerd.hosts_dir, &[&format!("http://{upstream}")])?;
                 Some(mirror)

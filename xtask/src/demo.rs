@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crd::{ImagePrefetch, NodeImageSet, PullState, RegistryPolicy};
 use testbed::jaeger::Jaeger;
-use testbed::peer_mirror::Timing;
+use testbed::peer_mirror::Settings;
 use testbed::registry::Registry;
 use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
 
@@ -100,7 +100,7 @@ pub async fn run(opts: Options) -> Result<()> {
         "starting 3 nodes: a Node object, a containerd, a peer mirror (stand-in for spegel) and an agent each",
     );
     let directory = work.join("peer-directory");
-    let timing = Timing::default();
+    let settings = Settings::default();
     let labels: std::collections::BTreeMap<String, String> =
         [("pool".to_string(), "general".to_string())].into();
     let mut nodes = Vec::new();
@@ -116,7 +116,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     upstream: &upstream.host,
                     ip,
                     directory: &directory,
-                    timing: &timing,
+                    settings: &settings,
                 },
                 platform: None,
                 jaeger: Some(&jaeger),

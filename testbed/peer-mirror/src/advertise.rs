@@ -1,9 +1,14 @@
 //! Keeps this node's advertisements in step with its containerd
-//! (spegel-behaviour.md §3.3): at start every blob fetched from a registry and
+//! (spegel v0.7.4 `pkg/state/state.go`): at start every blob fetched from a registry and
 //! every tagged image; then each blob as containerd commits it (containerd ≥
 //! 2.1's content events, so layers become findable one by one during a pull),
 //! each tag as it is created, and withdrawals once an image is deleted and
 //! containerd's garbage collection has removed its content.
+//!
+//! Without content events (containerd 2.0, which has no `/content/create`;
+//! spegel v0.6–v0.7 on it) only the start-up listing and new tags are
+//! advertised: a blob pulled later is not findable until a restart.
+//! Tags that `registryFilters` match are never advertised.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -15,21 +20,31 @@ use crate::store::{Change, Store, is_tag_name};
 
 /// Runs until the process ends; re-subscribes (and re-lists) when the event
 /// stream breaks, as after a containerd restart.
-pub async fn run(store: Store, directory: Directory) {
+pub async fn run(store: Store, directory: Directory, settings: Advertising) {
     let mut advertised: HashSet<String> = HashSet::new();
     loop {
-        if let Err(e) = follow(&store, &directory, &mut advertised).await {
+        if let Err(e) = follow(&store, &directory, &settings, &mut advertised).await {
             eprintln!("peer-mirror: containerd events: {e}; subscribing again");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
+/// What this node's spegel advertises.
+pub struct Advertising {
+    /// containerd ≥ 2.1 emits `/content/create`: blobs advertised as committed.
+    pub content_events: bool,
+    pub settings: crate::serve::Settings,
+}
+
 async fn follow(
     store: &Store,
     directory: &Directory,
+    advertising: &Advertising,
     advertised: &mut HashSet<String>,
 ) -> Result<(), crate::store::Error> {
+    let filtered =
+        |key: &str| !key.starts_with("sha256:") && advertising.settings.filters_name(key);
     // Subscribe first, then list: nothing committed in between is missed.
     // containerd answers a subscription only with its first event, so the
     // subscription runs on its own task and hands the events over.
@@ -51,12 +66,13 @@ async fn follow(
         .into_iter()
         .chain(store.tagged_images().await?)
     {
-        if advertised.insert(key.clone()) {
+        if !filtered(&key) && advertised.insert(key.clone()) {
             directory.advertise(key);
         }
     }
     while let Some(change) = changes.recv().await {
         match change {
+            Change::Committed(_) if !advertising.content_events => {}
             Change::Committed(digest) => {
                 // The source label is set just after the commit: look again briefly.
                 for attempt in 0..10u64 {
@@ -71,7 +87,7 @@ async fn follow(
                     }
                 }
             }
-            Change::ImageCreated(name) if is_tag_name(&name) => {
+            Change::ImageCreated(name) if is_tag_name(&name) && !filtered(&name) => {
                 if advertised.insert(name.clone()) {
                     directory.advertise(name);
                 }

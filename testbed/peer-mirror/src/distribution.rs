@@ -1,5 +1,5 @@
 //! The read side of the OCI distribution API as spegel parses it
-//! (spegel-behaviour.md §2.2): what a request asks for, and its Range.
+//! (spegel v0.7.4 `pkg/oci/distribution.go`): what a request asks for, and its Range.
 
 /// What a `/v2/...` request names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +27,14 @@ pub enum Target {
 impl Reference {
     /// The key peers advertise this content under: the digest, or
     /// `registry/repository:tag`.
+    /// `registry/repo[:tag]`, what spegel's `registryFilters` are matched against.
+    pub fn name(&self) -> String {
+        match &self.target {
+            Target::Digest(_) => format!("{}/{}", self.registry, self.repository),
+            Target::Tag(t) => format!("{}/{}:{t}", self.registry, self.repository),
+        }
+    }
+
     pub fn key(&self) -> String {
         match &self.target {
             Target::Digest(d) => d.clone(),

@@ -1,5 +1,5 @@
 //! Media types as spegel reports them: read from the bytes, not from
-//! containerd's metadata (spegel-behaviour.md §4).
+//! containerd's metadata (spegel v0.7.4 `FingerprintMediaType`).
 
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

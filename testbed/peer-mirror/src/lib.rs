@@ -1,5 +1,5 @@
 //! A test-bed stand-in for spegel, the in-cluster p2p mirror, with spegel's
-//! behaviour on the data path (`../shared/spegel-behaviour.md`, from spegel
+//! behaviour on the data path (read from the source of spegel
 //! v0.7.4), because spegel itself cannot be built on this project's machines.
 //!
 //! - `configuration`: writes the node's containerd `hosts.toml` as spegel's

@@ -4,20 +4,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use peer_mirror::advertise::Advertising;
 use peer_mirror::configuration::{self, Configuration};
-use peer_mirror::routing::Directory;
-use peer_mirror::serve::{self, Mirror};
+use peer_mirror::routing::{self, Directory};
+use peer_mirror::serve::{self, Mirror, Settings};
 use peer_mirror::store::Store;
 
 const USAGE: &str = "\
 usage:
   peer-mirror configuration --containerd-registry-config-path DIR --mirror-targets URL[,URL]
                             [--mirrored-registries URL[,URL]] [--resolve-tags false]
+                            [--basic-auth USER:PASSWORD] [--prepend-existing true]
       writes the node's hosts.toml as spegel's chart does
   peer-mirror registry --addr IP:PORT --containerd-sock PATH --directory DIR --node NAME
-                       [--mirrored-registries URL[,URL]] [--advertise-delay-ms N]
-                       [--lookup-cache-ms N] [--peer-header-timeout-ms N]
-      serves this node's content and its peers' (never a registry's)
+                       [--mirrored-registries URL[,URL]] [--registry-filters REGEX]...
+                       [--basic-auth USER:PASSWORD] [--content-events false]
+                       [--advertise-delay-ms N (500)] [--lookup-cache-ms N (2500)]
+                       [--peer-header-timeout-ms N (100: the floor of 2 x p90)]
+      serves this node's content and its peers' (never a registry's);
+      --content-events false is containerd 2.0's (no /content/create)
 ";
 
 fn fail(message: &str) -> ! {
@@ -45,16 +50,21 @@ async fn main() {
     let Some((command, rest)) = args.split_first() else {
         fail("no command")
     };
-    let mut flags = std::collections::HashMap::new();
+    // A flag may be repeated (`--registry-filters`); the last one counts for the others.
+    let mut flags: std::collections::HashMap<String, Vec<String>> = Default::default();
     for pair in rest.chunks(2) {
         match pair {
             [k, v] if k.starts_with("--") => {
-                flags.insert(k.trim_start_matches("--").to_string(), v.clone());
+                flags
+                    .entry(k.trim_start_matches("--").to_string())
+                    .or_default()
+                    .push(v.clone());
             }
             _ => fail(&format!("bad arguments {pair:?}")),
         }
     }
-    let get = |k: &str| flags.get(k).cloned();
+    let get = |k: &str| flags.get(k).and_then(|v| v.last()).cloned();
+    let flag_true = |k: &str, default: bool| get(k).map_or(default, |v| v != "false");
     let need = |k: &str| get(k).unwrap_or_else(|| fail(&format!("--{k} is required")));
     // Registries are matched by host, as the `ns` parameter names them.
     let hosts = |v: String| -> Vec<String> {
@@ -70,7 +80,9 @@ async fn main() {
                     .map(|v| list(&v))
                     .unwrap_or_default(),
                 mirror_targets: list(&need("mirror-targets")),
-                resolve_tags: get("resolve-tags").is_none_or(|v| v != "false"),
+                resolve_tags: flag_true("resolve-tags", true),
+                basic_auth: get("basic-auth"),
+                prepend_existing: flag_true("prepend-existing", false),
             };
             let path = PathBuf::from(need("containerd-registry-config-path"));
             if let Err(e) = configuration::write(&path, &c) {
@@ -91,19 +103,40 @@ async fn main() {
                 &addr,
                 get("advertise-delay-ms")
                     .map(|v| millis(&v))
-                    .unwrap_or_default(),
-                millis(&get("lookup-cache-ms").unwrap_or_else(|| "2500".into())),
+                    .unwrap_or(routing::ADVERTISE_DELAY),
+                get("lookup-cache-ms")
+                    .map(|v| millis(&v))
+                    .unwrap_or(routing::LOOKUP_CACHE),
             );
             if let Err(e) = directory.join() {
                 fail(&format!("joining the directory: {e}"));
             }
+            let settings = Settings {
+                mirrored_registries: get("mirrored-registries").map(hosts).unwrap_or_default(),
+                registry_filters: flags
+                    .get("registry-filters")
+                    .into_iter()
+                    .flatten()
+                    .map(|f| {
+                        regex::Regex::new(f)
+                            .unwrap_or_else(|e| fail(&format!("--registry-filters {f}: {e}")))
+                    })
+                    .collect(),
+                basic_auth: get("basic-auth"),
+                header_floor: get("peer-header-timeout-ms")
+                    .map(|v| millis(&v))
+                    .unwrap_or(serve::HEADER_FLOOR),
+            };
             let mirror = Arc::new(Mirror::new(
                 store.clone(),
                 directory.clone(),
-                get("mirrored-registries").map(hosts).unwrap_or_default(),
-                millis(&get("peer-header-timeout-ms").unwrap_or_else(|| "1000".into())),
+                settings.clone(),
             ));
-            tokio::spawn(peer_mirror::advertise::run(store, directory));
+            let advertising = Advertising {
+                content_events: flag_true("content-events", true),
+                settings,
+            };
+            tokio::spawn(peer_mirror::advertise::run(store, directory, advertising));
             if let Err(e) = serve::run(mirror, socket_addr).await {
                 fail(&format!("serving on {addr}: {e}"));
             }

@@ -16,6 +16,14 @@ use sha2::{Digest, Sha256};
 
 /// How many providers a lookup asks for (spegel's `mirrorResolveRetries`).
 pub const PROVIDERS: usize = 3;
+/// From a blob's commit to other nodes finding it. spegel's provide is
+/// asynchronous (queued into libp2p's sweeping provider) and unbounded by
+/// spegel; half a second is this stand-in's estimate for a small cluster,
+/// not a measurement of real spegel.
+pub const ADVERTISE_DELAY: Duration = Duration::from_millis(500);
+/// How long a lookup's answer, an empty one too, is reused (spegel: 2.5 s
+/// before a refresh is allowed when fewer than 3 peers were found).
+pub const LOOKUP_CACHE: Duration = Duration::from_millis(2500);
 
 #[derive(Clone)]
 pub struct Directory {

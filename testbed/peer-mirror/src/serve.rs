@@ -1,11 +1,16 @@
-//! The registry handler (spegel-behaviour.md §2): local content first, then
+//! The registry handler (spegel v0.7.4 `pkg/registry/registry.go`): local content first, then
 //! the peers that advertise it, else a 404 that sends containerd on to the
 //! next host. It never contacts a registry.
 //!
+//! Before anything, Basic auth when configured (401), then spegel's filters
+//! (`mirroredRegistries` as an allow-list, `registryFilters` regexes): an
+//! empty 404 with no lookup.
+//!
 //! One simplification of spegel's transport: peers are tried one after the
-//! other, each given `header_timeout` to answer, instead of hedged parallel
-//! attempts. Which peer wins can differ; what is fetched, and from where
-//! (peers only), does not.
+//! other, each given spegel's header deadline — max(2 × p90 of the peers'
+//! observed header latency, 100 ms) — instead of hedged parallel attempts.
+//! Which peer wins can differ; what is fetched, and from where (peers
+//! only), and when a slow peer counts as a miss, does not.
 
 use std::convert::Infallible;
 use std::io;
@@ -37,6 +42,8 @@ pub type Body = BoxBody<Bytes, io::Error>;
 pub const MIRRORED: &str = "x-spegel-mirrored";
 const DIGEST_HEADER: &str = "docker-content-digest";
 const NAMESPACE_HEADER: &str = "oci-namespace";
+/// The least a peer is given to send its response headers (spegel's 100 ms).
+pub const HEADER_FLOOR: Duration = Duration::from_millis(100);
 /// HEAD requests and manifests must finish within this (spegel's 3 s).
 const SHORT_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -51,15 +58,85 @@ pub struct Counters {
     pub misses: AtomicU64,
     /// Blob GETs served locally to another mirror.
     pub served_to_peers: AtomicU64,
+    /// Requests refused for want of the Basic-auth header.
+    pub unauthorized: AtomicU64,
+    /// Requests answered with an empty 404 by spegel's filters.
+    pub filtered: AtomicU64,
+    /// Peers that sent no response headers within spegel's deadline.
+    pub peer_timeouts: AtomicU64,
+}
+
+/// How a node's spegel is set up (its chart values).
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Registry hosts served (`mirroredRegistries`); empty: every registry.
+    pub mirrored_registries: Vec<String>,
+    /// `registryFilters`: a reference (`registry/repo[:tag]`) matching one is
+    /// answered with an empty 404 and not advertised.
+    pub registry_filters: Vec<regex::Regex>,
+    /// `basicAuthSecretName`'s `user:password`: required on every request,
+    /// and sent to peers.
+    pub basic_auth: Option<String>,
+    /// The least a peer is given to answer with headers (spegel: 100 ms).
+    pub header_floor: Duration,
+}
+
+impl Settings {
+    /// Whether spegel refuses `reference` outright.
+    pub fn filtered(&self, reference: &Reference) -> bool {
+        (!self.mirrored_registries.is_empty()
+            && !self.mirrored_registries.contains(&reference.registry))
+            || self.filters_name(&reference.name())
+    }
+
+    /// Whether a `registryFilters` regex matches `name` (`registry/repo[:tag]`).
+    pub fn filters_name(&self, name: &str) -> bool {
+        self.registry_filters.iter().any(|f| f.is_match(name))
+    }
+}
+
+/// The peers' observed header latencies, for spegel's deadline.
+#[derive(Default)]
+struct Latency {
+    recent: std::sync::Mutex<std::collections::VecDeque<Duration>>,
+}
+
+impl Latency {
+    const KEPT: usize = 256;
+
+    fn observe(&self, d: Duration) {
+        let mut recent = self.recent.lock().expect("latency");
+        if recent.len() == Self::KEPT {
+            recent.pop_front();
+        }
+        recent.push_back(d);
+    }
+
+    /// max(2 × p90, floor): spegel's wait for a peer's response headers.
+    fn deadline(&self, floor: Duration) -> Duration {
+        let mut seen: Vec<Duration> = self
+            .recent
+            .lock()
+            .expect("latency")
+            .iter()
+            .copied()
+            .collect();
+        if seen.is_empty() {
+            return floor;
+        }
+        seen.sort();
+        let p90 = seen[(seen.len() * 9 / 10).min(seen.len() - 1)];
+        (p90 * 2).max(floor)
+    }
 }
 
 pub struct Mirror {
     pub store: Store,
     pub directory: Directory,
-    /// Registry hosts served; empty: every registry.
-    pub mirrored_registries: Vec<String>,
-    pub header_timeout: Duration,
+    pub settings: Settings,
     pub counters: Counters,
+    authorization: Option<HeaderValue>,
+    latency: Latency,
     client: Client<HttpConnector, Empty<Bytes>>,
 }
 
@@ -100,19 +177,19 @@ fn value(s: &str) -> HeaderValue {
 }
 
 impl Mirror {
-    pub fn new(
-        store: Store,
-        directory: Directory,
-        mirrored_registries: Vec<String>,
-        header_timeout: Duration,
-    ) -> Self {
+    pub fn new(store: Store, directory: Directory, settings: Settings) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(30)));
+        let authorization = settings
+            .basic_auth
+            .as_deref()
+            .map(|a| value(&crate::configuration::basic_authorization(a)));
         Mirror {
             store,
             directory,
-            mirrored_registries,
-            header_timeout,
+            settings,
+            authorization,
+            latency: Latency::default(),
             counters: Counters::default(),
             client: Client::builder(TokioExecutor::new()).build(connector),
         }
@@ -152,15 +229,28 @@ impl Mirror {
                 });
             }
             "/metrics" => return Response::new(full(self.metrics())),
-            "/v2" | "/v2/" => return status(StatusCode::OK),
             _ => {}
+        }
+        // spegel checks Basic auth before anything else, `/v2/` too.
+        if let Some(expected) = &self.authorization
+            && req.headers().get(header::AUTHORIZATION) != Some(expected)
+        {
+            self.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let body = serde_json::json!({"errors": [{
+                "code": "UNAUTHORIZED", "message": "authentication required",
+            }]});
+            let mut r = Response::new(full(body.to_string()));
+            *r.status_mut() = StatusCode::UNAUTHORIZED;
+            return r;
+        }
+        if path == "/v2" || path == "/v2/" {
+            return status(StatusCode::OK);
         }
         let Some(reference) = distribution::parse(&path, req.uri().query()) else {
             return status(StatusCode::NOT_FOUND);
         };
-        if !self.mirrored_registries.is_empty()
-            && !self.mirrored_registries.contains(&reference.registry)
-        {
+        if self.settings.filtered(&reference) {
+            self.counters.filtered.fetch_add(1, Ordering::Relaxed);
             return status(StatusCode::NOT_FOUND);
         }
         let head = req.method() == Method::HEAD;
@@ -219,7 +309,16 @@ impl Mirror {
         let Ok(Some(blob)) = self.store.info(digest).await else {
             return unknown("not found in containerd");
         };
-        let small = if blob.size <= fingerprint::MAX_PARSED {
+        // Layers are not read whole before their headers are sent: a peer
+        // has only spegel's header deadline to answer.
+        let json = blob.size <= fingerprint::MAX_PARSED
+            && blob.size > 0
+            && self
+                .store
+                .looks_like_json(digest, blob.size)
+                .await
+                .unwrap_or(false);
+        let small = if json {
             match self.store.read_all(digest).await {
                 Ok(b) => Some(b),
                 Err(_) => return unknown("unreadable in containerd"),
@@ -328,9 +427,24 @@ impl Mirror {
         if let Some(range) = range {
             req = req.header(header::RANGE, range);
         }
+        if let Some(auth) = &self.authorization {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
         let req = req.body(Empty::new()).ok()?;
         self.directory.used(peer);
-        let answer = tokio::time::timeout(self.header_timeout, self.client.request(req)).await;
+        let deadline = self.latency.deadline(self.settings.header_floor);
+        let asked = std::time::Instant::now();
+        let answer = tokio::time::timeout(deadline, self.client.request(req)).await;
+        match &answer {
+            Ok(_) => self.latency.observe(asked.elapsed()),
+            Err(_) => {
+                self.counters.peer_timeouts.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "peer-mirror: {peer} sent no headers for {} within {deadline:?}",
+                    r.key()
+                );
+            }
+        }
         match answer {
             // A ranged request needs the range: a whole blob would not fit
             // the response under way.
@@ -457,11 +571,17 @@ impl Mirror {
             "# TYPE peer_mirror_local_bytes_total counter\npeer_mirror_local_bytes_total {}\n\
              # TYPE peer_mirror_peer_bytes_total counter\npeer_mirror_peer_bytes_total {}\n\
              # TYPE peer_mirror_misses_total counter\npeer_mirror_misses_total {}\n\
-             # TYPE peer_mirror_blobs_served_to_peers_total counter\npeer_mirror_blobs_served_to_peers_total {}\n",
+             # TYPE peer_mirror_blobs_served_to_peers_total counter\npeer_mirror_blobs_served_to_peers_total {}\n\
+             # TYPE peer_mirror_unauthorized_total counter\npeer_mirror_unauthorized_total {}\n\
+             # TYPE peer_mirror_filtered_total counter\npeer_mirror_filtered_total {}\n\
+             # TYPE peer_mirror_peer_timeouts_total counter\npeer_mirror_peer_timeouts_total {}\n",
             c.local_bytes.load(Ordering::Relaxed),
             c.peer_bytes.load(Ordering::Relaxed),
             c.misses.load(Ordering::Relaxed),
             c.served_to_peers.load(Ordering::Relaxed),
+            c.unauthorized.load(Ordering::Relaxed),
+            c.filtered.load(Ordering::Relaxed),
+            c.peer_timeouts.load(Ordering::Relaxed),
         )
     }
 }
@@ -510,4 +630,49 @@ pub async fn run(mirror: Arc<Mirror>, addr: SocketAddr) -> io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     mirror.serve(listener).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_gets_twice_the_p90_of_header_latency_and_at_least_the_floor() {
+        let floor = Duration::from_millis(100);
+        let l = Latency::default();
+        assert_eq!(l.deadline(floor), floor, "nothing observed yet");
+        for ms in 1..=100 {
+            l.observe(Duration::from_millis(ms));
+        }
+        assert_eq!(l.deadline(floor), Duration::from_millis(182));
+        let fast = Latency::default();
+        fast.observe(Duration::from_millis(3));
+        assert_eq!(fast.deadline(floor), floor);
+    }
+
+    #[test]
+    fn filters_refuse_other_registries_and_matching_names() {
+        let reference = |target: Target| Reference {
+            registry: "registry.lan".into(),
+            repository: "team/app".into(),
+            kind: Kind::Manifest,
+            target,
+        };
+        let latest = reference(Target::Tag("latest".into()));
+        let pinned = reference(Target::Tag("1.0".into()));
+        let digest = reference(Target::Digest("sha256:ab".into()));
+        let none = Settings::default();
+        assert!(!none.filtered(&latest) && !none.filtered(&digest));
+        let latest_filtered = Settings {
+            registry_filters: vec![regex::Regex::new(":latest$").unwrap()],
+            ..Settings::default()
+        };
+        assert!(latest_filtered.filtered(&latest));
+        assert!(!latest_filtered.filtered(&pinned) && !latest_filtered.filtered(&digest));
+        let other = Settings {
+            mirrored_registries: vec!["ghcr.io".into()],
+            ..Settings::default()
+        };
+        assert!(other.filtered(&pinned) && other.filtered(&digest));
+    }
 }

@@ -113,6 +113,18 @@ impl Store {
     }
 
     /// All of a small blob (manifests, configs).
+    /// Whether the content starts as a JSON object does (its first byte
+    /// past any whitespace is `{`): only such content is worth parsing for
+    /// its media type; a layer is not read whole before it is served.
+    pub async fn looks_like_json(&self, digest: &str, size: u64) -> Result<bool, Error> {
+        let mut stream = Box::pin(self.read(digest, 0, size.min(64)).await?);
+        let mut first = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            first.extend_from_slice(&chunk?);
+        }
+        Ok(first.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'))
+    }
+
     pub async fn read_all(&self, digest: &str) -> Result<Vec<u8>, Error> {
         let mut stream = Box::pin(self.read(digest, 0, 0).await?);
         let mut out = Vec::new();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use testbed::containerd::Containerd;
-use testbed::peer_mirror::{PeerMirror, Timing};
+use testbed::peer_mirror::{PeerMirror, Settings};
 use testbed::process::{HttpResponse, http_request};
 use testbed::registry::Registry;
 
@@ -41,14 +41,7 @@ fn get(host: &str, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
 
 /// Waits until `path` on `host` answers 200 (the content is advertised).
 fn until_found(host: &str, path: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_request(host, "HEAD", path, &[]).unwrap().status != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "{path} not found via {host} in 20s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until_found_with(host, path, &[])
 }
 
 /// A peer that advertises `blob`, then answers every request with a 200 and
@@ -109,19 +102,24 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
     pull(&seed, &image.reference);
     let empty = Containerd::start(&work.join("empty")).unwrap();
     let directory = work.join("directory");
-    let timing = Timing::default();
+    // Advertised at once: this test is about serving; the delay is the
+    // default everywhere else.
+    let settings = Settings {
+        advertise_delay: Duration::ZERO,
+        ..Settings::default()
+    };
     let a = PeerMirror::start(
         &work.join("a"),
         "a",
         "127.0.0.21",
         &seed.socket,
         &directory,
-        &timing,
+        &settings,
     )
     .unwrap();
-    let long_memory = Timing {
+    let long_memory = Settings {
         lookup_cache: Duration::from_secs(60),
-        ..Timing::default()
+        ..settings.clone()
     };
     let b = PeerMirror::start(
         &work.join("b"),
@@ -222,9 +220,9 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
     );
 
     // A miss: the OCI JSON error, and the miss is remembered for the lookup TTL.
-    let long_memory = Timing {
+    let long_memory = Settings {
         lookup_cache: Duration::from_secs(60),
-        ..Timing::default()
+        ..settings.clone()
     };
     let e = PeerMirror::start(
         &work.join("e"),
@@ -256,7 +254,7 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
         "127.0.0.24",
         &empty.socket,
         &directory,
-        &timing,
+        &settings,
     )
     .unwrap();
     until_found(&c.host, &manifest("team/later", &later.digest));
@@ -281,7 +279,7 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
         "127.0.0.25",
         &empty.socket,
         &directory,
-        &timing,
+        &settings,
     )
     .unwrap();
     let resumed = get(&fresh.host, &blob("team/web", &small), &[]);
@@ -300,4 +298,130 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
         "the mirrors called the registry: {:?}",
         &upstream.requests()[upstream_before..]
     );
+}
+
+/// spegel's set-ups beyond the chart's defaults: Basic auth (401 without the
+/// header, sent to peers, and written into the node's `hosts.toml`), `registryFilters` (an empty 404, no lookup), and
+/// containerd 2.0's missing content events (a blob pulled after the mirror
+/// started is never advertised, though its tag is, until a mirror lists the
+/// content again at its start).
+#[test]
+fn basic_auth_filters_and_containerd_2_0_without_content_events() {
+    let work = testbed::workdir::Workdir::new("peer-mirror-set-ups");
+    let upstream = Registry::start(&work.join("upstream")).unwrap();
+    let build = |repo: &str| {
+        testbed::images::build_and_push(
+            &work.join("images"),
+            &upstream.host,
+            repo,
+            "1.0",
+            &[300 << 10],
+        )
+        .unwrap()
+    };
+    let (before, after) = (build("team/before"), build("team/after"));
+    let seed = Containerd::start(&work.join("seed")).expect("containerd 2 (cargo xtask fixtures)");
+    seed.configure_registry(&upstream.host, &[]).unwrap();
+    pull(&seed, &before.reference);
+    let empty = Containerd::start(&work.join("empty")).unwrap();
+    let directory = work.join("directory");
+    let spegel_2_0 = Settings {
+        basic_auth: Some("spegel:basic-4417".into()),
+        registry_filters: vec![":latest$".into()],
+        content_events: false,
+        ..Settings::default()
+    };
+    let start = |name: &str, ip: &str, node: &Containerd| {
+        PeerMirror::start(
+            &work.join(name),
+            name,
+            ip,
+            &node.socket,
+            &directory,
+            &spegel_2_0,
+        )
+        .unwrap()
+    };
+    // The seed's mirror: it serves b (kept alive by its binding).
+    let _a = start("a", "127.0.0.31", &seed);
+    let b = start("b", "127.0.0.32", &empty);
+    let ns = format!("ns={}", upstream.host);
+    let manifest = |repo: &str, r: &str| format!("/v2/{repo}/manifests/{r}?{ns}");
+    let blob = |repo: &str, d: &str| format!("/v2/{repo}/blobs/{d}?{ns}");
+    let auth = format!("Basic {}", {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode("spegel:basic-4417")
+    });
+    let authed = [("Authorization", auth.as_str())];
+
+    // Basic auth, checked before anything else.
+    let refused = get(&b.host, "/v2/", &[]);
+    assert_eq!(refused.status, 401);
+    let error: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
+    assert_eq!(error["errors"][0]["code"], "UNAUTHORIZED");
+    assert_eq!(
+        get(&b.host, "/v2/", &[("Authorization", "Basic d3Jvbmc=")]).status,
+        401
+    );
+    assert_eq!(get(&b.host, "/v2/", &authed).status, 200);
+    assert_eq!(b.counter("peer_mirror_unauthorized_total"), 2);
+
+    // registryFilters: refused before any lookup.
+    let filtered = get(&b.host, &manifest("team/before", "latest"), &authed);
+    assert_eq!((filtered.status, filtered.body.len()), (404, 0));
+    assert_eq!(b.counter("peer_mirror_filtered_total"), 1);
+    assert_eq!(
+        b.counter("peer_mirror_misses_total"),
+        0,
+        "no lookup was made"
+    );
+
+    // What was there when the mirror started is found; b passes the header on to a.
+    until_found_with(&b.host, &manifest("team/before", &before.digest), &authed);
+    // The node's hosts.toml carries the header for containerd to send
+    // (containerd sending it is shown by the agent's Mirror-pull tests).
+    b.configure_node(&empty.hosts_dir, &[&format!("http://{}", upstream.host)])
+        .unwrap();
+    let hosts =
+        std::fs::read_to_string(empty.hosts_dir.join(&upstream.host).join("hosts.toml")).unwrap();
+    assert!(
+        hosts.contains(&format!(
+            "[host.'http://{}'.header]\nAuthorization = '{auth}'",
+            b.host
+        )),
+        "{hosts}"
+    );
+
+    // Pulled after the mirror started, on containerd 2.0: the tag is
+    // advertised when the image is created, the blobs never are.
+    pull(&seed, &after.reference);
+    until_found_with(&b.host, &manifest("team/after", "1.0"), &authed);
+    for d in &after.blobs {
+        let r = get(&b.host, &blob("team/after", d), &authed);
+        assert_eq!(r.status, 404, "{d} was advertised without content events");
+    }
+    // A mirror that starts now lists the content and advertises it (spegel's restart).
+    let c = start("c", "127.0.0.33", &seed);
+    let d = start("d", "127.0.0.34", &empty);
+    for digest in &after.blobs {
+        until_found_with(&d.host, &blob("team/after", digest), &authed);
+        let r = get(&d.host, &blob("team/after", digest), &authed);
+        assert_eq!((r.status, &sha256(&r.body)), (200, digest));
+    }
+    assert_eq!(
+        c.counter("peer_mirror_blobs_served_to_peers_total"),
+        after.blobs.len() as u64
+    );
+}
+
+/// Waits until `path` on `host` answers 200 to a HEAD with `headers`.
+fn until_found_with(host: &str, path: &str, headers: &[(&str, &str)]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_request(host, "HEAD", path, headers).unwrap().status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{path} not found via {host} in 20s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

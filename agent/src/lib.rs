@@ -8,5 +8,6 @@ pub mod events;
 pub mod hosts;
 pub mod ledger;
 pub mod metrics;
+pub mod pins;
 pub mod pull;
 pub mod work;

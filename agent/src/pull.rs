@@ -622,19 +622,20 @@ impl Runtime {
     /// Takes the kubelet-GC pin off `name` (when its ImagePrefetch is gone); the image stays.
     /// Removes the pin from `name` if the agent set it; a pin someone else
     /// set (CRI's, on its sandbox image) stays.
-    pub async fn unpin(&self, name: &str) -> Result<(), PullError> {
+    /// `true` when a pin came off.
+    pub async fn unpin(&self, name: &str) -> Result<bool, PullError> {
         let Some(mut image) = self.stored(name).await? else {
-            return Ok(());
+            return Ok(false);
         };
         if image.labels.remove(OWN_PIN.0).is_none() {
-            return Ok(());
+            return Ok(false);
         }
         image.labels.remove(CRI_PINNED.0);
         let paths = [CRI_PINNED.0, OWN_PIN.0]
             .iter()
             .map(|l| format!("labels.{l}"))
             .collect();
-        self.update_image(image, Some(paths)).await
+        self.update_image(image, Some(paths)).await.map(|()| true)
     }
 
     /// Names of the images that carry the agent's own pin.

@@ -29,6 +29,7 @@ use crate::events::{self, Notice};
 use crate::hosts;
 use crate::ledger::{self, Action, Failure, Key, Ledger, Listed, Present, Want, store_name};
 use crate::metrics::{Metrics, PullLabels, SourceLabels};
+use crate::pins::Pins;
 use crate::pull::{self, Progress, PullError, Pulled, Runtime};
 
 /// First and longest wait before writing statuses again after a failed write.
@@ -150,7 +151,7 @@ pub async fn run(
     let mut agent = Agent {
         client,
         config: Arc::new(config),
-        runtime,
+        runtime: runtime.clone(),
         sets_api,
         store,
         tasks: HashMap::new(),
@@ -158,6 +159,7 @@ pub async fn run(
         write_retry: None,
         listed_once: false,
         limit: Arc::new(Semaphore::new(1)),
+        pins: Pins::start(runtime.clone()),
         tx,
         metrics,
         told_unreadable: HashSet::new(),
@@ -198,6 +200,9 @@ pub async fn run(
             _ = resync.tick() => {
                 agent.check_present().await;
                 agent.sync().await;
+                if agent.listed_once {
+                    agent.repair_pins().await;
+                }
             }
             Some(notice) = deletions.recv() => {
                 match notice {
@@ -244,6 +249,8 @@ struct Agent {
     listed_once: bool,
     limit: Arc<Semaphore>,
     tx: mpsc::Sender<Message>,
+    /// Pins and releases, made one after another in decision order.
+    pins: Pins,
     metrics: Metrics,
     /// Unreadable sets already logged, with why (each logged once).
     told_unreadable: HashSet<(String, String)>,
@@ -435,26 +442,23 @@ impl Agent {
     }
 
     fn pin(&self, name: String) {
-        let runtime = self.runtime.clone();
-        tokio::spawn(async move {
-            if let Err(e) = runtime.pin(&name).await {
-                warn!(image = %name, error = %e, "could not pin the image against garbage collection");
-            }
-        });
+        self.pins.pin(name);
     }
 
     /// An image no entry asks for any more loses its GC pin (it stays on the
     /// node; deleting images is not the operator's job).
     fn release(&self, name: String) {
-        let runtime = self.runtime.clone();
-        tokio::spawn(async move {
-            match runtime.unpin(&name).await {
-                Ok(()) => {
-                    info!(image = %name, "no longer prefetched here; released to kubelet's garbage collection")
-                }
-                Err(e) => warn!(image = %name, error = %e, "could not release the GC pin"),
-            }
-        });
+        self.pins.release(name);
+    }
+
+    /// Puts pins right: every image the ledger holds as present is pinned
+    /// (a pin someone removed, or a pin lost to a race, comes back), and
+    /// the agent's pins no entry wants come off.
+    async fn repair_pins(&self) {
+        for name in self.ledger.present() {
+            self.pin(name);
+        }
+        self.release_orphaned_pins().await;
     }
 
     /// Drops the agent's pin from every image no entry wants (sets deleted
@@ -654,6 +658,14 @@ fn names_digest(entry: &NodeImage) -> bool {
 /// asking a registry: the digest it names; or, for a Mirror entry naming
 /// only a tag (no registry to ask), any copy.
 fn current(entry: &NodeImage, digest: &str) -> bool {
+    // A seed (Default) always asks its registry, with its set's credentials:
+    // a local copy — another tenant's private image, named by its digest —
+    // is not confirmed on the node's word (with `privateImages: isolate`
+    // the registry decides who gets it). Nothing moves when the copy is
+    // current; the cost is one manifest request per seed.
+    if entry.registry_policy == RegistryPolicy::Default {
+        return false;
+    }
     let named = entry
         .digest
         .clone()
@@ -973,17 +985,24 @@ mod tests {
         let seed = entry(tag, RegistryPolicy::Default, None);
         assert!(!current(&seed, D1));
         assert!(!names_digest(&seed));
-        // A digest, pinned or written: the local copy decides.
+        // A seed's digest, pinned or written: the registry is asked too
+        // (it decides whether this set's credentials get the image).
         let pinned = entry(tag, RegistryPolicy::Default, Some(D1));
-        assert!(current(&pinned, D1) && !current(&pinned, D2));
+        assert!(!current(&pinned, D1) && !current(&pinned, D2));
         assert!(names_digest(&pinned));
         let by_digest = entry(
             &format!("registry.example.com/app@{D2}"),
             RegistryPolicy::Default,
             None,
         );
-        assert!(current(&by_digest, D2) && !current(&by_digest, D1));
+        assert!(!current(&by_digest, D2));
         assert!(names_digest(&by_digest));
+        let mirror_by_digest = entry(
+            &format!("registry.example.com/app@{D2}"),
+            RegistryPolicy::Mirror,
+            None,
+        );
+        assert!(current(&mirror_by_digest, D2) && !current(&mirror_by_digest, D1));
         // A Mirror entry pinned to a digest: that digest; without one there
         // is no registry to ask, and the local copy stands.
         assert!(!current(&entry(tag, RegistryPolicy::Mirror, Some(D1)), D2));

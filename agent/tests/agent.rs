@@ -331,9 +331,33 @@ async fn pulls_with_credentials_from_pull_secrets() {
             .contains("team/third")
     );
 
+    // The private image is on the node now (creds-ok pulled it). Another
+    // tenant's seed naming it by its digest, with no credentials, is not
+    // confirmed from the local copy: the registry is asked, and refuses
+    // (review L7).
+    let r = crd::reference::parse(&web.reference).unwrap();
+    let by_digest = format!("{}/{}@{}", r.registry, r.repository, web.digest);
+    with_secrets("creds-by-digest", &by_digest, "").await;
+    let bypass = wait_status(&client, "creds-by-digest", "Unauthorized", |s| {
+        s.images.iter().any(|i| i.state != PullState::Pulling)
+    })
+    .await;
+    assert_eq!(
+        (bypass.images[0].state, bypass.images[0].reason.as_deref()),
+        (PullState::Failed, Some("Unauthorized")),
+        "{:?}",
+        bypass.images[0]
+    );
+
     // The password is nowhere in what the agent wrote.
     let api: Api<NodeImageSet> = Api::all(client.clone());
-    for set in ["creds-ok", "creds-missing", "creds-none", "creds-wrong"] {
+    for set in [
+        "creds-ok",
+        "creds-missing",
+        "creds-none",
+        "creds-wrong",
+        "creds-by-digest",
+    ] {
         let text = serde_json::to_string(&api.get(set).await.unwrap()).unwrap();
         assert!(!text.contains(PASSWORD), "{set} leaks the password");
     }
@@ -428,7 +452,7 @@ async fn metrics_count_pulls_and_bytes_by_source() {
 }
 
 #[tokio::test]
-async fn pins_only_what_it_pinned() {
+async fn pins_only_what_it_pinned_and_puts_lost_pins_back() {
     let client = testbed::shared::client().await;
     let dir = Workdir::new("agent-e2e-pins");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
@@ -476,7 +500,12 @@ async fn pins_only_what_it_pinned() {
         ],
     );
 
-    let (stop, running) = run(&client, config("agent-node-pins", &node, &dir));
+    // Pins are repaired at each resync.
+    let config = agent::work::Config {
+        resync: Duration::from_secs(2),
+        ..config("agent-node-pins", &node, &dir)
+    };
+    let (stop, running) = run(&client, config);
     let both = json!([
         {"name": ours.reference, "registryPolicy": "Default"},
         {"name": theirs.reference, "registryPolicy": "Default"},
@@ -507,6 +536,24 @@ async fn pins_only_what_it_pinned() {
         pinned(&runtime.labels(&theirs.reference).await.unwrap()),
         (true, false)
     );
+
+    // Pins taken off behind the agent's back (or lost to a race) come back.
+    ctr(
+        &node,
+        &[
+            "images",
+            "label",
+            &ours.reference,
+            "io.cri-containerd.pinned=",
+            "imageprefetch.io/pinned=",
+        ],
+    );
+    assert_eq!(
+        pinned(&runtime.labels(&ours.reference).await.unwrap()),
+        (false, false),
+        "ctr removed the pins"
+    );
+    pins_become((true, true), "the pin put back at the next resync").await;
 
     // Unlisted: the agent's pin comes off; the other pin stays.
     set(&client, "agent-pins", "agent-node-pins", json!([]), 0).await;

@@ -282,3 +282,60 @@ async fn connecting_to_a_fresh_containerd_creates_the_kubernetes_namespace() {
     // A second agent (a restart) finds it there and is content.
     Runtime::connect(&node.socket).await.unwrap();
 }
+
+/// Pins and releases land in the order they were decided, however quickly
+/// they follow one another (review M4: made side by side, a release decided
+/// before a pin could land after it, and the reverse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_and_releases_land_in_the_order_decided() {
+    let dir = Workdir::new("agent-pins-order");
+    let upstream = Registry::start(&dir.join("upstream")).unwrap();
+    let image = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "team/app",
+        "1.0",
+        &[MB],
+    )
+    .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
+    let runtime = Runtime::connect(&node.socket).await.unwrap();
+    runtime
+        .pull(
+            &image.reference,
+            &image.reference,
+            &node.hosts_dir,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let pinned = || async {
+        let labels = runtime.labels(&image.reference).await.unwrap();
+        (
+            labels.contains_key("io.cri-containerd.pinned"),
+            labels.contains_key("imageprefetch.io/pinned"),
+        )
+    };
+    let pins = agent::pins::Pins::start(runtime.clone());
+    for (first, last, want) in [
+        ("release", "pin", (true, true)),
+        ("pin", "release", (false, false)),
+    ] {
+        for _ in 0..25 {
+            for change in [first, last] {
+                match change {
+                    "pin" => pins.pin(image.reference.clone()),
+                    _ => pins.release(image.reference.clone()),
+                }
+            }
+        }
+        pins.flushed().await;
+        assert_eq!(
+            pinned().await,
+            want,
+            "{first} then {last}: the last decision holds"
+        );
+    }
+}

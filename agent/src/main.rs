@@ -26,6 +26,9 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
                                  under kubelet's image GC high threshold of 85; 100: off)
   --progress-seconds S           a seed's bytes so far are reported at most every S
                                  (default 30)
+  --sandbox-images LIST          repositories of sandbox (pause) images, comma-separated:
+                                 released, they keep CRI's pin (default $SANDBOX_IMAGES,
+                                 else registry.k8s.io/pause)
   --platform OS/ARCH[/VARIANT]   the platform to pull for (default this machine's); of an
                                  image index only this platform's content is fetched
 ";
@@ -38,6 +41,9 @@ fn parse_args() -> Config {
     if let Ok(list) = std::env::var("MIRROR_ENDPOINTS") {
         config.mirror_endpoints = endpoints(&list);
     }
+    if let Ok(list) = std::env::var("SANDBOX_IMAGES") {
+        config.sandbox_images = sandbox_images(&list);
+    }
     let mut args = telemetry::cli::Args::from_env(USAGE);
     while let Some(flag) = args.next_flag() {
         match flag.as_str() {
@@ -46,6 +52,7 @@ fn parse_args() -> Config {
             "--registry-config-dir" => config.node_hosts_dir = args.value(&flag).into(),
             "--mirror-config-dir" => config.mirror_hosts_dir = args.value(&flag).into(),
             "--mirror-endpoints" => config.mirror_endpoints = endpoints(&args.value(&flag)),
+            "--sandbox-images" => config.sandbox_images = sandbox_images(&args.value(&flag)),
             "--concurrency" => config.concurrency = args.number(&flag).max(1) as usize,
             "--pull-timeout-seconds" => config.pull_timeout = args.seconds(&flag),
             "--resync-seconds" => config.resync = args.seconds(&flag),
@@ -97,4 +104,8 @@ async fn main() {
         tracing::error!(error = %e, "agent stopped");
         std::process::exit(1);
     }
+}
+
+fn sandbox_images(list: &str) -> agent::pins::SandboxImages {
+    agent::pins::SandboxImages::new(list.split(',').map(String::from))
 }

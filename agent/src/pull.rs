@@ -622,15 +622,18 @@ impl Runtime {
     /// Takes the kubelet-GC pin off `name` (when its ImagePrefetch is gone); the image stays.
     /// Removes the pin from `name` if the agent set it; a pin someone else
     /// set (CRI's, on its sandbox image) stays.
-    /// `true` when a pin came off.
-    pub async fn unpin(&self, name: &str) -> Result<bool, PullError> {
+    /// `true` when a pin came off. With `keep_cri_pin` only the agent's
+    /// mark comes off: the image keeps CRI's pin (a sandbox image).
+    pub async fn unpin(&self, name: &str, keep_cri_pin: bool) -> Result<bool, PullError> {
         let Some(mut image) = self.stored(name).await? else {
             return Ok(false);
         };
         if image.labels.remove(OWN_PIN.0).is_none() {
             return Ok(false);
         }
-        image.labels.remove(CRI_PINNED.0);
+        if !keep_cri_pin {
+            image.labels.remove(CRI_PINNED.0);
+        }
         let paths = [CRI_PINNED.0, OWN_PIN.0]
             .iter()
             .map(|l| format!("labels.{l}"))

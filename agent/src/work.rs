@@ -71,6 +71,8 @@ pub struct Config {
     /// be before no pull starts (100: no limit).
     pub image_fs: PathBuf,
     pub image_fs_high_percent: u8,
+    /// Sandbox image repositories: released, they keep CRI's pin.
+    pub sandbox_images: crate::pins::SandboxImages,
 }
 
 impl Config {
@@ -88,6 +90,7 @@ impl Config {
             resync: Duration::from_secs(300),
             metrics_addr: None,
             platform: crd::platform::Platform::host(),
+            sandbox_images: crate::pins::SandboxImages::default(),
             failed_backoff: ledger::Backoff::default(),
             progress_every: ledger::PROGRESS_EVERY,
             image_fs: "/var/lib/containerd".into(),
@@ -148,6 +151,7 @@ pub async fn run(
     .boxed();
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let (failed_backoff, progress_every) = (config.failed_backoff, config.progress_every);
+    let sandbox_images = config.sandbox_images.clone();
     let mut agent = Agent {
         client,
         config: Arc::new(config),
@@ -159,7 +163,7 @@ pub async fn run(
         write_retry: None,
         listed_once: false,
         limit: Arc::new(Semaphore::new(1)),
-        pins: Pins::start(runtime.clone()),
+        pins: Pins::start(runtime.clone(), sandbox_images),
         tx,
         metrics,
         told_unreadable: HashSet::new(),

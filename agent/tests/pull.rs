@@ -318,7 +318,27 @@ async fn pins_and_releases_land_in_the_order_decided() {
             labels.contains_key("imageprefetch.io/pinned"),
         )
     };
-    let pins = agent::pins::Pins::start(runtime.clone());
+    // A sandbox image of the test's own registry, pulled like the other.
+    let pause = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "k8s/pause",
+        "3.10",
+        &[MB],
+    )
+    .unwrap();
+    runtime
+        .pull(
+            &pause.reference,
+            &pause.reference,
+            &node.hosts_dir,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let sandbox = agent::pins::SandboxImages::new([format!("{}/k8s/pause", upstream.host)]);
+    let pins = agent::pins::Pins::start(runtime.clone(), sandbox);
     for (first, last, want) in [
         ("release", "pin", (true, true)),
         ("pin", "release", (false, false)),
@@ -338,4 +358,15 @@ async fn pins_and_releases_land_in_the_order_decided() {
             "{first} then {last}: the last decision holds"
         );
     }
+    // Released, a sandbox image keeps CRI's pin; only the agent's mark goes (review M10).
+    pins.release(pause.reference.clone());
+    pins.flushed().await;
+    let labels = runtime.labels(&pause.reference).await.unwrap();
+    assert_eq!(
+        (
+            labels.contains_key("io.cri-containerd.pinned"),
+            labels.contains_key("imageprefetch.io/pinned"),
+        ),
+        (true, false)
+    );
 }

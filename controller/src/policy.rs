@@ -588,7 +588,14 @@ pub fn plan(
                             let done =
                                 matches!(state, Some(PullState::Available | PullState::Failed));
                             let silent = current.silent.contains(&(n.to_string(), key.clone()));
-                            if e.registry_policy == RegistryPolicy::Mirror && !done && !silent {
+                            // A node that holds the image (by another set's
+                            // report) only confirms it: no pull in flight.
+                            let holds = facts.available.contains_key(*n);
+                            if e.registry_policy == RegistryPolicy::Mirror
+                                && !done
+                                && !silent
+                                && !holds
+                            {
                                 in_flight += 1;
                             }
                             out.push(e.clone());
@@ -672,6 +679,11 @@ pub fn plan(
                         }
                         // A replaced seed loses its entry (its agent stops) and waits.
                         Some((e, _)) if seed.as_deref() == Some(n.as_str()) => out.push(e.clone()),
+                        // Holding it already (not yet a source others may
+                        // count on): the agent only confirms, with no seed.
+                        None if facts.available.contains_key(*n) => {
+                            out.push(entry(RegistryPolicy::Mirror, pinned.clone()))
+                        }
                         // Pinned when another platform resolved the tag already.
                         _ if seed.as_deref() == Some(n.as_str()) => {
                             out.push(entry(RegistryPolicy::Default, pinned.clone()))
@@ -1374,5 +1386,21 @@ mod tests {
         sim.report(&fresh[0], IMG, PullState::Available);
         sim.clock += after * 2;
         assert!(sim.step(&[IMG]).reseeds.is_empty());
+    }
+
+    #[test]
+    fn a_holder_not_yet_findable_is_confirmed_not_seeded_by_another_prefetch() {
+        let mut sim = Sim::new(3);
+        sim.settings.findable_after = Duration::from_secs(2);
+        sim.step(&[IMG]);
+        let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        sim.report(&seed, IMG, PullState::Available);
+        sim.step(&[IMG]);
+        // Another ImagePrefetch of the image, at once: the holder confirms.
+        sim.others = sim.ours.values().cloned().collect();
+        sim.ours.clear();
+        sim.step(&[IMG]);
+        assert_eq!(sim.policy_of(&seed, IMG), Some(RegistryPolicy::Mirror));
+        assert!(sim.with_policy(IMG, RegistryPolicy::Default).is_empty());
     }
 }

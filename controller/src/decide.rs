@@ -855,7 +855,8 @@ mod tests {
         assert!(again.events.is_empty(), "{:?}", again.events);
     }
 
-    /// `n` nodes and an ImagePrefetch of `A` whose seed holds it.
+    /// `n` nodes and an ImagePrefetch of `A` whose seed holds it, and a
+    /// second node that resolved the tag at the registry too (by t = 1 s).
     fn seeded(n: usize) -> (World, ImagePrefetch) {
         let mut w = World::new(n);
         let mut p = prefetch(&[A]);
@@ -863,14 +864,25 @@ mod tests {
         w.act(&mut p, &d);
         let seed = w.seeds_of(A)[0].clone();
         w.report(&seed, A, PullState::Available);
+        let d = w.decide(&p, Duration::from_secs(1));
+        w.act(&mut p, &d);
+        let seeds = w.seeds_of(A);
+        assert_eq!(
+            seeds.len(),
+            crate::policy::CONFIRMATIONS,
+            "a second resolves the tag"
+        );
+        for s in seeds.iter().filter(|s| **s != seed) {
+            w.report(s, A, PullState::Available);
+        }
         (w, p)
     }
 
     #[test]
     fn the_image_on_every_node_is_ready_once_and_announced_once() {
-        let (mut w, mut p) = seeded(2);
-        // The other node is released with the digest pinned.
-        let d = w.decide(&p, Duration::from_secs(1));
+        let (mut w, mut p) = seeded(3);
+        // The other node is released with the agreed digest pinned.
+        let d = w.decide(&p, Duration::from_secs(2));
         assert_eq!(d.apply.len(), 1);
         let mirror = &d.apply[0].spec.image_set[0];
         assert_eq!(mirror.registry_policy, RegistryPolicy::Mirror);
@@ -878,12 +890,12 @@ mod tests {
         w.act(&mut p, &d);
         let other = d.apply[0].spec.node_name.clone();
         w.report(&other, A, PullState::Available);
-        let d = w.decide(&p, Duration::from_secs(2));
+        let d = w.decide(&p, Duration::from_secs(3));
         assert_eq!(condition(&d, "Ready"), ("True", "AllImagesPresent"));
         assert!(!d.progressing);
         assert_eq!(reasons(&d), ["ImageReady"]);
         w.act(&mut p, &d);
-        assert!(w.decide(&p, Duration::from_secs(3)).events.is_empty());
+        assert!(w.decide(&p, Duration::from_secs(4)).events.is_empty());
     }
 
     /// A Ready node whose agent never reports (crash-looping, not
@@ -891,34 +903,37 @@ mod tests {
     /// set time, and the rollout says so instead of Progressing for ever.
     #[test]
     fn a_node_whose_agent_says_nothing_holds_nothing_back_and_is_named() {
-        let (mut w, mut p) = seeded(3);
-        // One holder: one Mirror release, to a node whose agent is silent.
+        let (mut w, mut p) = seeded(5);
+        // Two holders: two Mirror releases, to nodes whose agents are silent.
         let d = w.decide(&p, Duration::from_secs(1));
-        assert_eq!(d.apply.len(), 1);
-        let mute = d.apply[0].spec.node_name.clone();
+        assert_eq!(d.apply.len(), 2);
+        let mutes: Vec<String> = d.apply.iter().map(|s| s.spec.node_name.clone()).collect();
+        let mute = mutes[0].clone();
         w.act(&mut p, &d);
-        // The next reconcile (the watch brings the write back) sees it unreported.
+        // The next reconcile (the watch brings the write back) sees them unreported.
         let d = w.decide(&p, Duration::from_secs(2));
-        assert!(d.apply.is_empty(), "in flight: the third node waits");
+        assert!(d.apply.is_empty(), "in flight: the last node waits");
         let d = w.decide(&p, Duration::from_secs(62));
-        assert!(d.apply.is_empty(), "in flight: the third node waits");
+        assert!(d.apply.is_empty(), "in flight: the last node waits");
         assert_eq!(
             d.requeue,
             Duration::from_secs(240),
             "looks again when it turns silent"
         );
-        // Five minutes of silence: the third node is released, Degraded names the mute one.
+        // Five minutes of silence: the last node is released, Degraded names the mute ones.
         let d = w.decide(&p, Duration::from_secs(302));
         assert_eq!(d.apply.len(), 1, "{d:?}");
-        assert_ne!(d.apply[0].spec.node_name, mute);
+        assert!(!mutes.contains(&d.apply[0].spec.node_name));
         let (status, reason) = condition(&d, "Degraded");
         assert_eq!((status, reason), ("True", "AgentNotReporting"));
         let message = &condition_of(&d, "Degraded").message;
         assert!(message.contains(&mute), "{message}");
         assert!(reasons(&d).contains(&"AgentNotReporting"), "{:?}", d.events);
-        // It reports at last: named no more.
+        // They report at last: named no more.
         w.act(&mut p, &d);
-        w.report(&mute, A, PullState::Available);
+        for m in &mutes {
+            w.report(m, A, PullState::Available);
+        }
         let d = w.decide(&p, Duration::from_secs(303));
         assert_ne!(condition(&d, "Degraded").1, "AgentNotReporting");
     }

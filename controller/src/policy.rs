@@ -210,6 +210,8 @@ impl ClusterView {
 #[derive(Clone, Debug, Default)]
 pub struct Current {
     entries: HashMap<(String, String), (NodeImage, Option<PullState>)>,
+    /// The digest each Available entry reported.
+    digests: HashMap<(String, String), String>,
     /// The namespace, when the ImagePrefetch pulls with credentials.
     private_to: Option<String>,
     /// (node, image key) entries whose agent has said nothing for long:
@@ -220,17 +222,23 @@ pub struct Current {
 impl Current {
     pub fn from_sets<'a, S: SetFacts + 'a>(sets: impl IntoIterator<Item = &'a S>) -> Self {
         let mut entries = HashMap::new();
+        let mut digests = HashMap::new();
         for set in sets {
             for entry in &set.spec().image_set {
-                let state = set.report_on(&entry.name).map(|r| r.state);
-                entries.insert(
-                    (set.spec().node_name.clone(), image_key(&entry.name)),
-                    (entry.clone(), state),
-                );
+                let report = set.report_on(&entry.name);
+                let slot = (set.spec().node_name.clone(), image_key(&entry.name));
+                if let Some(d) = report
+                    .filter(|r| r.state == PullState::Available)
+                    .and_then(|r| r.digest.clone())
+                {
+                    digests.insert(slot.clone(), d);
+                }
+                entries.insert(slot, (entry.clone(), report.map(|r| r.state)));
             }
         }
         Current {
             entries,
+            digests,
             private_to: None,
             silent: HashSet::new(),
         }
@@ -253,6 +261,72 @@ impl Current {
 
     fn get(&self, node: &str, key: &str) -> Option<&(NodeImage, Option<PullState>)> {
         self.entries.get(&(node.to_string(), key.to_string()))
+    }
+
+    /// The digest `node` reported for `key`, once Available.
+    fn digest(&self, node: &str, key: &str) -> Option<&str> {
+        self.digests
+            .get(&(node.to_string(), key.to_string()))
+            .map(String::as_str)
+    }
+}
+
+/// How many of an ImagePrefetch's own Default pulls of a tag — each resolving
+/// it at the registry — must agree before every other node is pinned to
+/// their digest: no single node's word, so a compromised node can poison
+/// only itself.
+pub const CONFIRMATIONS: usize = 2;
+
+/// What an ImagePrefetch's own registry resolutions say an image is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resolution {
+    /// The reference names its digest: nothing to agree on.
+    Named,
+    /// [`CONFIRMATIONS`] nodes resolved the tag to this digest.
+    Agreed(String),
+    /// Not yet: how many more Default pulls (by tag) to start.
+    Pending { more: usize },
+}
+
+/// The agreement among `nodes`' Default entries of `image` that resolved
+/// the tag themselves (no digest given): the digest most of them reported,
+/// once [`CONFIRMATIONS`] agree; otherwise how many more to ask, counting
+/// those under way.
+pub fn resolution(image: &str, nodes: &[String], current: &Current) -> Resolution {
+    if image.contains('@') {
+        return Resolution::Named;
+    }
+    let key = image_key(image);
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut under_way = 0;
+    for n in nodes {
+        let Some((e, state)) = current.get(n, &key) else {
+            continue;
+        };
+        if e.registry_policy != RegistryPolicy::Default || e.digest.is_some() {
+            continue;
+        }
+        match state {
+            Some(PullState::Available) => {
+                if let Some(d) = current.digest(n, &key) {
+                    *counts.entry(d).or_default() += 1;
+                }
+            }
+            Some(PullState::Failed) => {}
+            _ => under_way += 1,
+        }
+    }
+    let best = counts.values().copied().max().unwrap_or(0);
+    if best >= CONFIRMATIONS {
+        let digest = counts
+            .iter()
+            .find(|(_, c)| **c == best)
+            .map(|(d, _)| d.to_string())
+            .expect("best is a count");
+        return Resolution::Agreed(digest);
+    }
+    Resolution::Pending {
+        more: CONFIRMATIONS.saturating_sub(best + under_way),
     }
 }
 
@@ -559,13 +633,44 @@ pub fn plan(
             }
             continue;
         }
-        let pinned = pinned_digest(image, facts);
+        // The digest every other node is pinned to: the one this
+        // ImagePrefetch's own seeds resolved at the registry and agree on.
+        let resolved = resolution(image, nodes, current);
+        let (pinned, mut confirmers) = match &resolved {
+            Resolution::Named => (None, 0),
+            Resolution::Agreed(d) => (Some(d.clone()), 0),
+            Resolution::Pending { more } => (None, *more),
+        };
+        let release = !matches!(resolved, Resolution::Pending { .. });
         let (findable, next) = book.findable(&shared, facts, settings.findable_after, now);
         recheck(next);
-        for (zone, ours) in &groups {
-            let sources = findable.iter().filter(|n| view.group(n) == *zone).count();
-            if sources > 0 {
+        // Once agreed, only holders of that digest are sources.
+        let agrees = |n: &String| {
+            pinned.is_none()
+                || facts.available.get(n).and_then(|d| d.as_deref()) == pinned.as_deref()
+        };
+        let sources_in = |zone: &str| {
+            findable
+                .iter()
+                .filter(|n| view.group(n) == zone && agrees(n))
+                .count()
+        };
+        // Groups that hold the image need no seed; groups that do not come
+        // first, so that a new seed (which resolves the tag at the registry
+        // too, while no digest is agreed) counts before confirmers are chosen.
+        let mut order: Vec<(&str, &Vec<&String>, usize)> = groups
+            .iter()
+            .map(|(zone, ours)| (*zone, ours, sources_in(zone)))
+            .collect();
+        for (zone, _, sources) in &order {
+            if *sources > 0 {
                 book.settle(&shared, zone);
+            }
+        }
+        order.sort_by_key(|(_, _, sources)| *sources > 0);
+        for (zone, ours, sources) in order {
+            let zone = &zone;
+            if sources > 0 {
                 let mut in_flight = 0;
                 let mut waiting: Vec<&String> = Vec::new();
                 for n in ours {
@@ -574,10 +679,12 @@ pub fn plan(
                         // A seed that failed gets the image from the mirror now.
                         // (Not a node just told to seed again: its report
                         // still shows the Mirror pull that failed.)
+                        // (Nor one whose tag is not agreed on yet: it asks
+                        // the registry again, on the agent's own schedule.)
                         Some((e, Some(PullState::Failed)))
                             if e.registry_policy == RegistryPolicy::Default =>
                         {
-                            if book.reseeded_recently(&shared, n, now) {
+                            if book.reseeded_recently(&shared, n, now) || !release {
                                 out.push(e.clone());
                             } else {
                                 in_flight += 1;
@@ -601,13 +708,34 @@ pub fn plan(
                             out.push(e.clone());
                         }
                         // Already there (for another ImagePrefetch): the agent only confirms.
-                        None if facts.available.contains_key(*n) => {
+                        None if release && facts.available.contains_key(*n) => {
                             out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
                         }
                         None => waiting.push(n),
                     }
                 }
-                let budget = sources.min(settings.wave_cap).saturating_sub(in_flight);
+                if !release {
+                    // Nodes that resolve the tag at the registry themselves
+                    // until enough agree: those that hold the image first
+                    // (no bytes move), then by score; their blobs come
+                    // through the mirror.
+                    waiting.sort_by_key(|n| {
+                        (
+                            std::cmp::Reverse(facts.available.contains_key(*n)),
+                            std::cmp::Reverse(score(&key, n)),
+                        )
+                    });
+                    for n in waiting.drain(..).take(confirmers) {
+                        let out = entries.get_mut(n).expect("selected");
+                        out.push(entry(RegistryPolicy::Default, None));
+                        confirmers -= 1;
+                    }
+                }
+                let budget = if release {
+                    sources.min(settings.wave_cap).saturating_sub(in_flight)
+                } else {
+                    0
+                };
                 waiting.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
                 for n in waiting.into_iter().take(budget) {
                     let out = entries.get_mut(n).expect("selected");
@@ -661,6 +789,10 @@ pub fn plan(
                         if new {
                             new_seeds.push((image.clone(), node.clone()));
                         }
+                        // It resolves the tag at the registry: one confirmer fewer.
+                        if !release && current.get(&node, &key).is_none() {
+                            confirmers = confirmers.saturating_sub(1);
+                        }
                         Some(node)
                     }
                     Err(why) => {
@@ -681,7 +813,7 @@ pub fn plan(
                         Some((e, _)) if seed.as_deref() == Some(n.as_str()) => out.push(e.clone()),
                         // Holding it already (not yet a source others may
                         // count on): the agent only confirms, with no seed.
-                        None if facts.available.contains_key(*n) => {
+                        None if release && facts.available.contains_key(*n) => {
                             out.push(entry(RegistryPolicy::Mirror, pinned.clone()))
                         }
                         // Pinned when another platform resolved the tag already.
@@ -701,15 +833,6 @@ pub fn plan(
         reseeds,
         recheck_at,
     }
-}
-
-/// The digest Mirror nodes pull: none when the reference has one already,
-/// else the one the first node (by name) to hold the image resolved.
-fn pinned_digest(image: &str, facts: &ImageFacts) -> Option<String> {
-    if image.contains('@') {
-        return None;
-    }
-    facts.available.values().flatten().next().cloned()
 }
 
 #[cfg(test)]
@@ -821,6 +944,39 @@ mod tests {
             st.images[0].progress_bytes = Some(bytes);
         }
 
+        /// The seed and the nodes confirming its resolution pull: every
+        /// Default entry reports Available (the tag resolved to DIGEST)
+        /// until this ImagePrefetch's resolutions agree. Returns them.
+        fn resolve(&mut self, image: &str) -> Vec<String> {
+            for _ in 0..6 {
+                for n in self.with_policy(image, RegistryPolicy::Default) {
+                    if self.state_of(&n, image) != Some(PullState::Available) {
+                        self.report(&n, image, PullState::Available);
+                    }
+                }
+                self.step(&[image]);
+                let current = Current::from_sets(self.ours.values());
+                if matches!(
+                    super::resolution(image, &self.nodes, &current),
+                    Resolution::Agreed(_)
+                ) {
+                    return self.with_policy(image, RegistryPolicy::Default);
+                }
+            }
+            panic!("the resolutions of {image} never agreed");
+        }
+
+        fn state_of(&self, node: &str, image: &str) -> Option<PullState> {
+            self.ours
+                .get(node)?
+                .status
+                .as_ref()?
+                .images
+                .iter()
+                .find(|r| r.name == image)
+                .map(|r| r.state)
+        }
+
         fn policy_of(&self, node: &str, image: &str) -> Option<RegistryPolicy> {
             self.ours
                 .get(node)?
@@ -888,8 +1044,14 @@ mod tests {
         sim.step(&[IMG]);
         let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
         sim.report(&seed, IMG, PullState::Available);
+        sim.step(&[IMG]);
+        // No Mirror pull on the seed's word alone: one more node resolves
+        // the tag at the registry (its blobs through the mirror).
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        let resolved = sim.resolve(IMG);
+        assert_eq!(resolved.len(), CONFIRMATIONS);
         let mut waves = Vec::new();
-        let mut done: HashSet<String> = [seed].into();
+        let mut done: HashSet<String> = resolved.into_iter().collect();
         loop {
             sim.step(&[IMG]);
             let released: Vec<String> = sim
@@ -917,7 +1079,7 @@ mod tests {
                 done.insert(n.clone());
             }
         }
-        assert_eq!(waves, [1, 2, 4, 8]);
+        assert_eq!(waves, [2, 4, 8]);
         assert_eq!(done.len(), 16);
     }
 
@@ -926,16 +1088,14 @@ mod tests {
         let mut sim = Sim::new(12);
         sim.settings.wave_cap = 2;
         sim.step(&[IMG]);
-        let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
-        sim.report(&seed, IMG, PullState::Available);
-        sim.step(&[IMG]);
+        sim.resolve(IMG);
         sim.step(&[IMG]); // in flight counts only unfinished Mirror pulls
         let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
-        assert_eq!(mirrors.len(), 1, "1 source → 1 in flight");
+        assert_eq!(mirrors.len(), 2, "2 sources, cap 2 → 2 in flight");
         sim.report(&mirrors[0], IMG, PullState::Available);
         sim.step(&[IMG]);
         let in_flight = sim.with_policy(IMG, RegistryPolicy::Mirror).len() - 1;
-        assert_eq!(in_flight, 2, "2 sources, cap 2 → 2 in flight");
+        assert_eq!(in_flight, 2, "3 sources, cap 2 → 2 in flight");
     }
 
     #[test]
@@ -951,8 +1111,15 @@ mod tests {
         sim.others.push(elsewhere);
         let plan = sim.step(&[IMG]);
         assert!(plan.new_seeds.is_empty());
-        assert!(sim.with_policy(IMG, RegistryPolicy::Default).is_empty());
-        // node-03 confirms at once; one more is released.
+        // This ImagePrefetch asks the registry again, first on the node that
+        // holds the image (no bytes move), then on one more; nothing is
+        // pinned on the other ImagePrefetch's word.
+        let asking = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(asking.len(), CONFIRMATIONS);
+        assert!(asking.contains(&"node-03".to_string()));
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        sim.resolve(IMG);
+        sim.step(&[IMG]);
         assert_eq!(sim.with_policy(IMG, RegistryPolicy::Mirror).len(), 2);
     }
 
@@ -977,9 +1144,13 @@ mod tests {
         assert_eq!(plan.new_seeds, [(IMG.to_string(), second[0].clone())]);
         assert_eq!(sim.policy_of(&first, IMG), None, "the failed seed waits");
         sim.report(&second[0], IMG, PullState::Available);
-        sim.step(&[IMG]);
+        sim.resolve(IMG);
         sim.step(&[IMG]);
         assert!(!sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        assert!(
+            sim.policy_of(&first, IMG).is_some(),
+            "the failed seed gets it too"
+        );
     }
 
     #[test]
@@ -1162,15 +1333,22 @@ mod tests {
             .clone();
         let entry = sim.ours[&second].spec.image_set[0].clone();
         assert_eq!(
-            entry.digest.as_deref(),
-            Some(DIGEST),
-            "pinned to the first zone's"
+            entry.digest, None,
+            "it resolves the tag too, confirming the first"
         );
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        sim.report(&second, IMG, PullState::Available);
+        sim.step(&[IMG]);
         let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
-        assert!(
-            mirrors.iter().all(|n| sim.groups[n] == first_zone),
-            "no Mirror pull in a zone that holds nothing: {mirrors:?}"
-        );
+        assert!(!mirrors.is_empty());
+        for n in &mirrors {
+            let e = &sim.ours[n].spec.image_set[0];
+            assert_eq!(
+                e.digest.as_deref(),
+                Some(DIGEST),
+                "pinned to the agreed digest"
+            );
+        }
     }
 
     #[test]
@@ -1191,19 +1369,25 @@ mod tests {
         // platforms share (the index, common layers) is fetched once.
         assert_eq!(sim.with_policy(IMG, RegistryPolicy::Default).len(), 1);
         let amd_seed = of(&sim, RegistryPolicy::Default, "amd64")[0].clone();
-        // The amd64 seed finishes: the other amd64 node is released; the
-        // arm64 platform gets its seed, pinned to the digest resolved, and
-        // no arm64 Mirror pull yet: the peers hold no arm64 layer.
+        // The amd64 seed finishes: the arm64 platform gets its seed, which
+        // resolves the tag at the registry too (confirming the first), and
+        // no Mirror pull yet: no digest is agreed, and the peers hold no
+        // arm64 layer.
         sim.report(&amd_seed, IMG, PullState::Available);
         sim.step(&[IMG]);
-        assert_eq!(of(&sim, RegistryPolicy::Mirror, "amd64").len(), 1);
-        assert!(of(&sim, RegistryPolicy::Mirror, "arm64").is_empty());
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
         let arm_seeds = of(&sim, RegistryPolicy::Default, "arm64");
         assert_eq!(arm_seeds.len(), 1);
+        assert_eq!(
+            of(&sim, RegistryPolicy::Default, "amd64"),
+            std::slice::from_ref(&amd_seed),
+            "no other confirmer"
+        );
         let arm_entry = sim.ours[&arm_seeds[0]].spec.image_set[0].clone();
-        assert_eq!(arm_entry.digest.as_deref(), Some(DIGEST), "pinned");
+        assert_eq!(arm_entry.digest, None, "resolves the tag itself");
         sim.report(&arm_seeds[0], IMG, PullState::Available);
         sim.step(&[IMG]);
+        assert_eq!(of(&sim, RegistryPolicy::Mirror, "amd64").len(), 1);
         assert_eq!(of(&sim, RegistryPolicy::Mirror, "arm64").len(), 1);
     }
 
@@ -1239,9 +1423,15 @@ mod tests {
         same.others.push(private_set("node-00", "team-a"));
         same.private_to = Some("team-a".into());
         same.step(&[IMG]);
-        assert!(same.with_policy(IMG, RegistryPolicy::Default).is_empty());
-        // node-00 confirms the copy it holds; the first wave takes one more.
-        assert_eq!(same.with_policy(IMG, RegistryPolicy::Mirror).len(), 2);
+        // No new seed: node-00 asks the registry for the copy it holds,
+        // and one more node resolves the tag; then the others get it.
+        assert!(
+            same.with_policy(IMG, RegistryPolicy::Default)
+                .contains(&"node-00".to_string())
+        );
+        same.resolve(IMG);
+        same.step(&[IMG]);
+        assert_eq!(same.with_policy(IMG, RegistryPolicy::Mirror).len(), 1);
         // Another namespace with credentials of its own: its own seed.
         let mut other = Sim::new(3);
         other.others.push(private_set("node-00", "team-a"));
@@ -1254,8 +1444,14 @@ mod tests {
         shared.isolate = false;
         shared.others.push(private_set("node-00", "team-a"));
         shared.step(&[IMG]);
-        assert!(shared.with_policy(IMG, RegistryPolicy::Default).is_empty());
-        assert_eq!(shared.with_policy(IMG, RegistryPolicy::Mirror).len(), 2);
+        assert!(
+            shared
+                .with_policy(IMG, RegistryPolicy::Default)
+                .contains(&"node-00".to_string())
+        );
+        shared.resolve(IMG);
+        shared.step(&[IMG]);
+        assert_eq!(shared.with_policy(IMG, RegistryPolicy::Mirror).len(), 1);
     }
 
     #[test]
@@ -1344,12 +1540,15 @@ mod tests {
         );
         sim.clock += Duration::from_secs(2);
         sim.step(&[IMG]);
-        assert!(!sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
         assert_eq!(
             sim.with_policy(IMG, RegistryPolicy::Default).len(),
             2,
-            "and the other zone seeds"
+            "the other zone seeds"
         );
+        sim.resolve(IMG);
+        sim.clock += Duration::from_secs(2);
+        sim.step(&[IMG]);
+        assert!(!sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
     }
 
     #[test]
@@ -1358,7 +1557,7 @@ mod tests {
         sim.step(&[IMG]);
         let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
         sim.report(&seed, IMG, PullState::Available);
-        sim.step(&[IMG]);
+        sim.resolve(IMG);
         let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
         assert!(!mirrors.is_empty());
         for m in &mirrors {
@@ -1389,7 +1588,7 @@ mod tests {
     }
 
     #[test]
-    fn a_holder_not_yet_findable_is_confirmed_not_seeded_by_another_prefetch() {
+    fn a_holder_not_yet_findable_asks_the_registry_for_another_prefetch_and_no_one_else_seeds() {
         let mut sim = Sim::new(3);
         sim.settings.findable_after = Duration::from_secs(2);
         sim.step(&[IMG]);
@@ -1399,8 +1598,65 @@ mod tests {
         // Another ImagePrefetch of the image, at once: the holder confirms.
         sim.others = sim.ours.values().cloned().collect();
         sim.ours.clear();
+        let plan = sim.step(&[IMG]);
+        // It asks the registry for this ImagePrefetch (no bytes move); no
+        // other node becomes a seed.
+        assert!(plan.new_seeds.is_empty());
+        assert_eq!(
+            sim.with_policy(IMG, RegistryPolicy::Default),
+            std::slice::from_ref(&seed)
+        );
+    }
+
+    /// Review H1: one node's word pins no one. A compromised seed reports a
+    /// digest of its own; the node confirming at the registry disagrees; a
+    /// third decides, and every other node is pinned to the registry's.
+    #[test]
+    fn a_lying_node_poisons_only_itself() {
+        const EVIL: &str =
+            "sha256:eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
+        let mut sim = Sim::new(6);
         sim.step(&[IMG]);
-        assert_eq!(sim.policy_of(&seed, IMG), Some(RegistryPolicy::Mirror));
-        assert!(sim.with_policy(IMG, RegistryPolicy::Default).is_empty());
+        let liar = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+        let say = |sim: &mut Sim, node: &str, digest: &str| {
+            sim.report(node, IMG, PullState::Available);
+            let st = sim.ours.get_mut(node).unwrap().status.as_mut().unwrap();
+            st.images[0].digest = Some(digest.to_string());
+        };
+        say(&mut sim, &liar, EVIL);
+        sim.step(&[IMG]);
+        let asked: Vec<String> = sim
+            .with_policy(IMG, RegistryPolicy::Default)
+            .into_iter()
+            .filter(|n| *n != liar)
+            .collect();
+        assert_eq!(
+            asked.len(),
+            1,
+            "one node resolves the tag at the registry too"
+        );
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        say(&mut sim, &asked[0], DIGEST);
+        sim.step(&[IMG]);
+        // 1 against 1: nothing is pinned yet; a third node asks.
+        assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        let third: Vec<String> = sim
+            .with_policy(IMG, RegistryPolicy::Default)
+            .into_iter()
+            .filter(|n| *n != liar && *n != asked[0])
+            .collect();
+        assert_eq!(third.len(), 1);
+        say(&mut sim, &third[0], DIGEST);
+        sim.step(&[IMG]);
+        let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
+        assert!(!mirrors.is_empty());
+        for n in &mirrors {
+            let e = &sim.ours[n].spec.image_set[0];
+            assert_eq!(e.digest.as_deref(), Some(DIGEST), "the registry's digest");
+        }
+        assert_eq!(
+            super::resolution(IMG, &sim.nodes, &Current::from_sets(sim.ours.values())),
+            Resolution::Agreed(DIGEST.into())
+        );
     }
 }

@@ -182,12 +182,28 @@ async fn one_seed_then_mirrors_pinned_to_its_digest() {
         PullState::Available,
     )
     .await;
+    // No Mirror pull on the seed's word alone: a second node resolves the
+    // tag at the registry; the two agree.
+    let confirmer = poll("a second resolution", || async {
+        let e = entries(&client, &uid).await;
+        let d = with_policy(&e, image, RegistryPolicy::Default);
+        (d.len() == 2).then(|| d.into_iter().find(|n| *n != seed[0]).unwrap())
+    })
+    .await;
+    assert!(with_policy(&entries(&client, &uid).await, image, RegistryPolicy::Mirror).is_empty());
+    report(
+        &client,
+        &set_on(&client, &uid, &confirmer).await,
+        image,
+        PullState::Available,
+    )
+    .await;
     let mirrors = poll("first mirror wave", || async {
         let e = entries(&client, &uid).await;
         Some(with_policy(&e, image, RegistryPolicy::Mirror)).filter(|m| !m.is_empty())
     })
     .await;
-    assert_eq!(mirrors.len(), 1, "one source, one mirror pull in flight");
+    assert_eq!(mirrors.len(), 2, "two sources, two mirror pulls in flight");
     let e = entries(&client, &uid).await;
     let pinned = e[&mirrors[0]]
         .iter()
@@ -198,13 +214,13 @@ async fn one_seed_then_mirrors_pinned_to_its_digest() {
     assert_eq!(
         pinned.as_deref(),
         Some(DIGEST),
-        "mirror pulls the seed's digest"
+        "mirror pulls the digest the two resolved"
     );
-    assert_eq!(
-        with_policy(&e, image, RegistryPolicy::Default),
-        seed,
-        "exactly one Default entry"
-    );
+    let mut defaults = with_policy(&e, image, RegistryPolicy::Default);
+    defaults.sort();
+    let mut expected = vec![seed[0].clone(), confirmer];
+    expected.sort();
+    assert_eq!(defaults, expected, "the seed and the confirming node only");
 
     // The rest follows; everything becomes Ready.
     for _ in 0..5 {
@@ -324,7 +340,7 @@ async fn a_failed_or_deleted_seed_is_replaced() {
 }
 
 #[tokio::test]
-async fn an_image_already_on_a_node_needs_no_seed() {
+async fn a_new_prefetch_of_an_image_on_a_node_asks_the_registry_there_and_seeds_no_other() {
     let client = client().await;
     let ns = namespace(&client, "present").await;
     let _controller = Running::in_namespace(&client, &ns);
@@ -371,16 +387,29 @@ async fn an_image_already_on_a_node_needs_no_seed() {
         ),
     )
     .await;
+    // A new ImagePrefetch asks the registry again — first on the node that
+    // holds the image (no bytes move) — and takes no other node as seed.
     let e = poll("second's entries", || async {
         let e = entries(&client, &second).await;
-        (e.len() == 3 && e.values().filter(|x| !x.is_empty()).count() >= 2).then_some(e)
+        (e.len() == 3 && with_policy(&e, image, RegistryPolicy::Default).len() == 2).then_some(e)
     })
     .await;
-    assert!(
-        with_policy(&e, image, RegistryPolicy::Default).is_empty(),
-        "no Default entry: {e:?}"
-    );
-    assert!(with_policy(&e, image, RegistryPolicy::Mirror).contains(&holder));
+    let asking = with_policy(&e, image, RegistryPolicy::Default);
+    assert!(asking.contains(&holder), "{e:?}");
+    for node in &asking {
+        report(
+            &client,
+            &set_on(&client, &second, node).await,
+            image,
+            PullState::Available,
+        )
+        .await;
+    }
+    poll("the last node through the mirror", || async {
+        let e = entries(&client, &second).await;
+        (with_policy(&e, image, RegistryPolicy::Mirror).len() == 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
-//! The controller and two agents run as separate processes, each exporting
-//! traces to real Jaeger; one ImagePrefetch is rolled out to both nodes (a
-//! seed pulling from the registry, a node pulling from the mirror). Jaeger's
+//! The controller and three agents run as separate processes, each exporting
+//! traces to real Jaeger; one ImagePrefetch is rolled out to the nodes (a
+//! seed and a node confirming its digest, both resolving the tag at the
+//! registry, and a node pulling from the mirror). Jaeger's
 //! query API must then hold one trace that runs from the controller's
 //! reconcile through the NodeImageSet writes to each node's pull and its
 //! containerd calls. The /metrics endpoints of all three must show the work.
@@ -16,7 +17,7 @@ use testbed::jaeger::Jaeger;
 use testbed::registry::Registry;
 use testbed::simulated::{AGENT, Binary, CONTROLLER};
 
-const NODES: [&str; 2] = ["trace-node-a", "trace-node-b"];
+const NODES: [&str; 3] = ["trace-node-a", "trace-node-b", "trace-node-c"];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
@@ -67,7 +68,10 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let status = prefetches.get("traced").await.unwrap().status;
-        if status.as_ref().is_some_and(|s| s.ready == "2/2") {
+        if status
+            .as_ref()
+            .is_some_and(|s| s.ready == format!("{0}/{0}", NODES.len()))
+        {
             break;
         }
         assert!(
@@ -198,7 +202,11 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
         );
     }
     policies.sort();
-    assert_eq!(policies, ["Default", "Mirror"], "one seed, one mirror pull");
+    assert_eq!(
+        policies,
+        ["Default", "Default", "Mirror"],
+        "a seed, a node confirming its digest, one mirror pull"
+    );
 
     // The metrics saw the same work.
     let on_agents = |line_start: &str| -> f64 {
@@ -213,14 +221,14 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
     let successes = on_agents("image_prefetch_agent_pulls_total");
     assert!(upstream_bytes > 1e6, "upstream bytes {upstream_bytes}");
     assert!(mirror_bytes > 1e6, "mirror bytes {mirror_bytes}");
-    assert_eq!(successes, 2.0, "one pull per node");
+    assert_eq!(successes, NODES.len() as f64, "one pull per node");
     assert!(on_controller("image_prefetch_controller_reconciles_total") >= 2.0);
     assert!(on_controller("image_prefetch_controller_seeds_chosen_total") >= 1.0);
     // NodeImageSets by state are recounted every few seconds.
     let deadline = Instant::now() + Duration::from_secs(30);
     let ready = "image_prefetch_controller_node_image_sets{state=\"ready\"}";
-    while on_controller(ready) != 2.0 {
-        assert!(Instant::now() < deadline, "{ready} is not 2 within 30s");
+    while on_controller(ready) != NODES.len() as f64 {
+        assert!(Instant::now() < deadline, "{ready} is not 3 within 30s");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 

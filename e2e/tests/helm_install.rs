@@ -3,7 +3,8 @@
 //! node (`testbed::cluster`), the chart's pods Ready — two controller
 //! replicas, one leader, and the agent — an ImagePrefetch rolled out through
 //! them and followed with kubectl, then a Deployment of that image with
-//! `imagePullPolicy: Never` Running without a pull: the user story. Then
+//! `imagePullPolicy: Never` Running without a pull — named by its tag, its
+//! digest, and both: the user story. Then
 //! `helm uninstall` leaves nothing of ours behind.
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -107,28 +108,53 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
         "each blob fetched from the registry once: {pulled:?}"
     );
 
-    // The user story: a workload of that image that may not pull, on every node.
-    apply(
-        &kubeconfig,
-        &json!({"apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": "web", "namespace": "team"},
-                "spec": {"replicas": nodes, "selector": {"matchLabels": {"app": "web"}},
-                         "template": {"metadata": {"labels": {"app": "web"}},
-                                      "spec": {
-                                          // One on every node.
-                                          "topologySpreadConstraints": [{
-                                              "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                                              "whenUnsatisfiable": "DoNotSchedule",
-                                              "labelSelector": {"matchLabels": {"app": "web"}}}],
-                                          "containers": [{"name": "web", "image": image,
-                                                          "imagePullPolicy": "Never"}]}}}}),
-    );
+    // The user story: a workload of that image that may not pull, on every
+    // node — named by its tag, by its digest, and by both (kubelet asks CRI
+    // for the image under the name the pod gives).
+    let sets: Api<crd::NodeImageSet> = Api::all(client.clone());
+    let digest = sets
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .find_map(|s| s.status.as_ref()?.images.first()?.digest.clone())
+        .expect("a node reported the digest");
+    let repository = image.rsplit_once(':').unwrap().0.to_string();
+    let forms = [
+        ("web", image.clone()),
+        ("web-by-digest", format!("{repository}@{digest}")),
+        ("web-by-tag-and-digest", format!("{image}@{digest}")),
+    ];
+    for (name, reference) in &forms {
+        apply(
+            &kubeconfig,
+            &json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {"name": name, "namespace": "team"},
+                    "spec": {"replicas": nodes, "selector": {"matchLabels": {"app": name}},
+                             "template": {"metadata": {"labels": {"app": name}},
+                                          "spec": {
+                                              // One on every node.
+                                              "topologySpreadConstraints": [{
+                                                  "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                  "whenUnsatisfiable": "DoNotSchedule",
+                                                  "labelSelector": {"matchLabels": {"app": name}}}],
+                                              "containers": [{"name": "web", "image": reference,
+                                                              "imagePullPolicy": "Never"}]}}}}),
+        );
+    }
     let workloads: Api<Deployment> = Api::namespaced(client.clone(), "team");
-    until(&cluster, "the workload Ready without a pull", || async {
-        let d = workloads.get("web").await.ok()?;
-        (d.status?.ready_replicas == Some(nodes as i32)).then_some(())
-    })
-    .await;
+    for (name, reference) in &forms {
+        until(
+            &cluster,
+            &format!("{reference} Ready without a pull"),
+            || async {
+                let d = workloads.get(name).await.ok()?;
+                (d.status?.ready_replicas == Some(nodes as i32)).then_some(())
+            },
+        )
+        .await;
+    }
     assert_eq!(
         registry.blob_gets("team/web"),
         pulled,
@@ -137,7 +163,9 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
 
     // Uninstall: the ImagePrefetch goes first (its finalizer is the
     // controller's), then the release; nothing of ours is left.
-    kubectl(&kubeconfig, &["delete", "deployment", "web", "-n", "team"]);
+    for (name, _) in &forms {
+        kubectl(&kubeconfig, &["delete", "deployment", name, "-n", "team"]);
+    }
     kubectl(
         &kubeconfig,
         &["delete", "imageprefetch", "web", "-n", "team", "--wait"],

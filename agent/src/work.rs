@@ -226,6 +226,7 @@ pub async fn run(
     for task in agent.tasks.values() {
         task.abort();
     }
+    agent.leave_nothing_behind().await;
     Ok(())
 }
 
@@ -463,6 +464,37 @@ impl Agent {
             self.pin(name);
         }
         self.release_orphaned_pins().await;
+    }
+
+    /// On the way out (an uninstall, or a restart): pins no entry wants come
+    /// off — `helm uninstall` deletes every set just before it stops the
+    /// agents — and every pin change decided is made before the process
+    /// ends; the Mirror-only host files go (they are written again before
+    /// every Mirror pull).
+    async fn leave_nothing_behind(&self) {
+        if self.listed_once {
+            self.release_orphaned_pins().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.pins.flushed())
+            .await
+            .is_err()
+        {
+            warn!("pin changes still under way at exit");
+        }
+        let dir = &self.config.mirror_hosts_dir;
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                if let Err(e) = removed {
+                    warn!(path = %path.display(), error = %e, "could not remove a Mirror-only host file");
+                }
+            }
+        }
     }
 
     /// Drops the agent's pin from every image no entry wants (sets deleted

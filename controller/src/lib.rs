@@ -20,6 +20,7 @@ pub mod select;
 pub mod status;
 pub mod trace;
 pub mod triggers;
+pub mod uninstall;
 
 pub use error::Error;
 pub use run::{Config, run};

@@ -144,6 +144,10 @@ fn hostname() -> String {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("uninstall") {
+        uninstall().await;
+        return;
+    }
     let config = parse_args();
     let _telemetry = telemetry::init("image-prefetch-controller");
     let client = match kube::Client::try_default().await {
@@ -163,6 +167,38 @@ async fn main() {
     controller::run(client, config, shutdown).await;
     if leader_elected && !stopping.load(std::sync::atomic::Ordering::SeqCst) {
         // Leadership was lost: exit so the pod restarts as a clean standby.
+        std::process::exit(1);
+    }
+}
+
+const UNINSTALL_USAGE: &str = "\
+usage: image-prefetch-controller uninstall [--wait-seconds S]
+Deletes every ImagePrefetch (through the running controller, which removes
+their NodeImageSets and so the nodes' pins) and every NodeImageSet; if the
+controller has not finished within S seconds (default 120), removes the
+sets and the finalizers itself. The chart's pre-delete hook runs it.
+";
+
+async fn uninstall() {
+    let mut wait = std::time::Duration::from_secs(120);
+    let mut args = telemetry::cli::Args::from_env(UNINSTALL_USAGE);
+    args.next_flag(); // "uninstall"
+    while let Some(flag) = args.next_flag() {
+        match flag.as_str() {
+            "--wait-seconds" => wait = args.seconds(&flag),
+            other => args.fail(&format!("unknown flag {other}")),
+        }
+    }
+    let _telemetry = telemetry::init("image-prefetch-controller");
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot reach the Kubernetes API");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = controller::uninstall::uninstall(client, wait).await {
+        tracing::error!(error = %e, "uninstall failed");
         std::process::exit(1);
     }
 }

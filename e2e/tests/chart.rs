@@ -289,11 +289,14 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
     )
     .await;
 
+    // No kubelet here runs the pre-delete hook's Job (the kubelet bed does:
+    // helm_install.rs).
     let (ok, out) = helm(&[
         "uninstall",
         "image-prefetch",
         "--namespace",
         "image-prefetch-system",
+        "--no-hooks",
     ]);
     assert!(ok, "helm uninstall failed:\n{out}");
 }

@@ -4,8 +4,9 @@
 //! replicas, one leader, and the agent — an ImagePrefetch rolled out through
 //! them and followed with kubectl, then a Deployment of that image with
 //! `imagePullPolicy: Never` Running without a pull — named by its tag, its
-//! digest, and both: the user story. Then
-//! `helm uninstall` leaves nothing of ours behind.
+//! digest, and both: the user story. Then `helm uninstall`, with the
+//! ImagePrefetch still there, leaves nothing of ours behind: no object, no
+//! finalizer, no pin on a node, no host file.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -26,7 +27,8 @@ const WORKLOAD: &str = "team/web:1";
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() {
     let work = testbed::workdir::Workdir::new("e2e-helm-install");
-    let cluster = Cluster::start(&work.join("cluster"), 2)
+    // Three nodes: a seed, a node confirming its digest, and a Mirror pull.
+    let cluster = Cluster::start(&work.join("cluster"), 3)
         .await
         .expect("the kubelet cluster bed (cargo xtask fixtures --cluster)");
     let client = cluster.plane.client().await.unwrap();
@@ -161,15 +163,29 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
         "the workload's start fetched nothing"
     );
 
-    // Uninstall: the ImagePrefetch goes first (its finalizer is the
-    // controller's), then the release; nothing of ours is left.
+    // Uninstall with the ImagePrefetch still there: the pre-delete hook
+    // deletes it while the controller and the agents run, so nothing of ours
+    // is left — no NodeImageSet, no finalizer holding the namespace, no pin
+    // keeping the image from kubelet's garbage collection, no host files.
     for (name, _) in &forms {
         kubectl(&kubeconfig, &["delete", "deployment", name, "-n", "team"]);
     }
-    kubectl(
-        &kubeconfig,
-        &["delete", "imageprefetch", "web", "-n", "team", "--wait"],
-    );
+    let labels_of_images = |node: &testbed::cluster::ClusterNode| {
+        let out = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(&node.containerd.socket)
+            .args(["--namespace", "k8s.io", "images", "ls"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for node in &cluster.nodes {
+        assert!(
+            labels_of_images(node).contains("imageprefetch.io/pinned"),
+            "{}: the prefetched image is pinned before the uninstall",
+            node.name
+        );
+    }
     let (ok, out) = testbed::helm::run(
         &kubeconfig,
         &[
@@ -197,7 +213,30 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
         );
         let pods = kubectl(&kubeconfig, &["get", "pods", "-n", NAMESPACE, "-o", "name"]);
         let sets = kubectl(&kubeconfig, &["get", "nodeimagesets", "-o", "name"]);
-        (left.trim().is_empty() && pods.trim().is_empty() && sets.trim().is_empty()).then_some(())
+        let prefetches = kubectl(&kubeconfig, &["get", "imageprefetches", "-A", "-o", "name"]);
+        (left.trim().is_empty()
+            && pods.trim().is_empty()
+            && sets.trim().is_empty()
+            && prefetches.trim().is_empty())
+        .then_some(())
     })
     .await;
+    // The tenant's namespace is not held by a finalizer.
+    kubectl(
+        &kubeconfig,
+        &["delete", "namespace", "team", "--wait", "--timeout=60s"],
+    );
+    for node in &cluster.nodes {
+        let images = labels_of_images(node);
+        assert!(
+            !images.contains("imageprefetch.io/pinned"),
+            "{}: a pin of ours is left: {images}",
+            node.name
+        );
+        let hosts = node.dir.join("image-prefetch/hosts");
+        let left: Vec<_> = std::fs::read_dir(&hosts)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{}: host files left: {left:?}", node.name);
+    }
 }

@@ -1079,3 +1079,151 @@ async fn each_node_failure_is_its_own_event() {
     expected.sort();
     assert_eq!(related, expected);
 }
+
+/// Review M3, counted by the API server: a leader cut off from it steps
+/// down, and once the link is back it makes no write at all — the API
+/// server's audit log has none from it after the cut — while the replica
+/// that took over carries the rollout on. (Each replica acts as its own
+/// user, impersonated, so the audit log tells them apart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_makes_no_write_once_its_link_is_back() {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    use std::time::SystemTime;
+    let work = testbed::workdir::Workdir::new("controller-fence");
+    let plane = testbed::control_plane::ControlPlane::start_audited(
+        &work.join("plane"),
+        testbed::process::Lifetime::Owned,
+    )
+    .await
+    .expect("kube-apiserver (cargo xtask fixtures)");
+    let admin = plane.client().await.unwrap();
+    testbed::crds::install(&admin).await.unwrap();
+    let ns = namespace(&admin, "fence").await;
+    let link =
+        testbed::slow_link::SlowLink::start(plane.server.trim_start_matches("https://"), 1 << 40)
+            .unwrap();
+    let as_user = |user: &'static str, through: Option<String>| {
+        let kubeconfig = plane.kubeconfig.clone();
+        async move {
+            let mut config = kube::Config::from_custom_kubeconfig(
+                Kubeconfig::read_from(&kubeconfig).unwrap(),
+                &KubeConfigOptions::default(),
+            )
+            .await
+            .unwrap();
+            if let Some(host) = through {
+                config.cluster_url = format!("https://{host}").parse().unwrap();
+                config.connect_timeout = Some(Duration::from_secs(2));
+            }
+            config.auth_info.impersonate = Some(user.into());
+            config.auth_info.impersonate_groups = Some(vec!["system:masters".into()]);
+            Client::try_from(config).unwrap()
+        }
+    };
+    let cut_off = as_user("replica-a", Some(link.host.clone())).await;
+    // (A connection the cut left hanging is given up on after 2 s, not 30.)
+    let direct = as_user("replica-b", None).await;
+    let leading = |id: &str| controller::Config {
+        leader: Some(LeaseConfig {
+            duration: Duration::from_secs(3),
+            renew_every: Duration::from_millis(200),
+            renew_deadline: Duration::from_secs(2),
+            ..LeaseConfig::new(&ns, id)
+        }),
+        ..config(&ns)
+    };
+    let holder = |admin: Client, ns: String| async move {
+        Api::<Lease>::namespaced(admin, &ns)
+            .get_opt("image-prefetch-controller")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let a = Running::start(&cut_off, leading("replica-a"));
+    poll("replica-a leads", || async {
+        (holder(admin.clone(), ns.clone()).await.as_deref() == Some("replica-a")).then_some(())
+    })
+    .await;
+    let b = Running::start(&direct, leading("replica-b"));
+    nodes(&admin, "fence", 3, &[]).await;
+    let uid = created(
+        &admin,
+        &ns,
+        &prefetch(
+            "app",
+            json!({"images": ["registry.example.com/fence/app:1"], "nodeSelector": {"test-group": "fence"}}),
+        ),
+    )
+    .await;
+    poll("replica-a wrote the seed's set", || async {
+        let writes = plane.audited_writes();
+        writes
+            .iter()
+            .any(|w| w.user == "replica-a" && w.resource == "nodeimagesets")
+            .then_some(())
+    })
+    .await;
+
+    link.cut();
+    let cut_at = SystemTime::now();
+    // (Its reconciles under way may wait on the cut link for minutes; every
+    // write they would still make is fenced.)
+    poll("replica-b takes over", || async {
+        (holder(admin.clone(), ns.clone()).await.as_deref() == Some("replica-b")).then_some(())
+    })
+    .await;
+    link.heal();
+    let healed_at = SystemTime::now();
+    // The deposed replica stops by itself once its reconciles under way
+    // give up on the requests the cut left hanging; if it kept running it
+    // would reconnect through the healed link and act on what follows.
+    a.ended(Duration::from_secs(60)).await;
+    // Work: a new ImagePrefetch, and the seed's report.
+    let later = created(
+        &admin,
+        &ns,
+        &prefetch(
+            "later",
+            json!({"images": ["registry.example.com/fence/later:1"], "nodeSelector": {"test-group": "fence"}}),
+        ),
+    )
+    .await;
+    let seed = poll("the seed", || async {
+        with_policy(
+            &entries(&admin, &uid).await,
+            "registry.example.com/fence/app:1",
+            RegistryPolicy::Default,
+        )
+        .pop()
+    })
+    .await;
+    report(
+        &admin,
+        &set_on(&admin, &uid, &seed).await,
+        "registry.example.com/fence/app:1",
+        PullState::Available,
+    )
+    .await;
+    poll("replica-b writes after the link is back", || async {
+        plane
+            .audited_writes()
+            .iter()
+            .any(|w| w.user == "replica-b" && w.received > healed_at)
+            .then_some(())
+    })
+    .await;
+    // The new ImagePrefetch rolled out by replica-b: both replicas have seen
+    // its events by now.
+    poll("replica-b rolls the new one out", || async {
+        (!sets(&admin, &later).await.is_empty()).then_some(())
+    })
+    .await;
+    let late: Vec<_> = plane
+        .audited_writes()
+        .into_iter()
+        .filter(|w| w.user == "replica-a" && w.received >= cut_at)
+        .collect();
+    assert!(late.is_empty(), "the deposed leader wrote: {late:?}");
+    let _ = b.stop().await;
+}

@@ -31,11 +31,43 @@ pub struct ControlPlane {
 }
 
 const PIDS_FILE: &str = "pids";
+const AUDIT_LOG: &str = "audit.log";
+
+/// Every write to image-prefetch's resources, its metadata only.
+const AUDIT_POLICY: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    verbs: [create, update, patch, delete, deletecollection]
+    resources:
+      - group: imageprefetch.io
+  - level: None
+";
+
+/// One write the API server audited.
+#[derive(Clone, Debug)]
+pub struct AuditedWrite {
+    /// The user the request acted as (the impersonated one, if any).
+    pub user: String,
+    pub verb: String,
+    pub resource: String,
+    pub received: std::time::SystemTime,
+    pub code: u16,
+}
 
 impl ControlPlane {
     /// Starts a fresh control plane whose files live in `dir` (emptied first).
     pub async fn start(dir: &Path, lifetime: Lifetime) -> Result<Self> {
-        Self::start_advertising(dir, lifetime, None).await
+        Self::start_with(dir, lifetime, None, false).await
+    }
+
+    /// As [`start`](Self::start), with the API server's audit log of every
+    /// write to image-prefetch's resources ([`audited_writes`](Self::audited_writes)):
+    /// what a client did, counted by the server.
+    pub async fn start_audited(dir: &Path, lifetime: Lifetime) -> Result<Self> {
+        Self::start_with(dir, lifetime, None, true).await
     }
 
     /// As [`start`](Self::start), publishing `address` (with the secure
@@ -46,6 +78,15 @@ impl ControlPlane {
         dir: &Path,
         lifetime: Lifetime,
         address: Option<&str>,
+    ) -> Result<Self> {
+        Self::start_with(dir, lifetime, address, false).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        lifetime: Lifetime,
+        address: Option<&str>,
+        audit: bool,
     ) -> Result<Self> {
         let apiserver_bin = KUBE_APISERVER.require()?;
         let etcd_bin = require_tool("etcd")?;
@@ -119,6 +160,15 @@ impl ControlPlane {
                 if address.is_some() { "lease" } else { "none" }
             ),
         ];
+        if audit {
+            let policy = dir.join("audit-policy.yaml");
+            std::fs::write(&policy, AUDIT_POLICY).map_err(io_err(&policy))?;
+            plane.apiserver.extend([
+                format!("--audit-policy-file={}", policy.display()),
+                format!("--audit-log-path={}", dir.join(AUDIT_LOG).display()),
+                "--audit-log-mode=blocking".into(),
+            ]);
+        }
         let mut apiserver = Command::new(&apiserver_bin);
         apiserver.args(&plane.apiserver);
         plane.spawn(apiserver, "kube-apiserver")?;
@@ -349,4 +399,41 @@ fn random_token() -> String {
         let _ = f.read_exact(&mut bytes);
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ControlPlane {
+    /// The writes the API server audited so far (a plane started with
+    /// [`start_audited`](Self::start_audited)).
+    pub fn audited_writes(&self) -> Vec<AuditedWrite> {
+        let text = std::fs::read_to_string(self.dir.join(AUDIT_LOG)).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["stage"] == "ResponseComplete")
+            .filter_map(|e| {
+                let user = e["impersonatedUser"]["username"]
+                    .as_str()
+                    .or(e["user"]["username"].as_str())?
+                    .to_string();
+                let received = micro_time(e["requestReceivedTimestamp"].as_str()?)?;
+                Some(AuditedWrite {
+                    user,
+                    verb: e["verb"].as_str()?.to_string(),
+                    resource: e["objectRef"]["resource"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    received,
+                    code: e["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `2026-12-06T19:31:19.123456Z` (a `MicroTime`) as a time.
+fn micro_time(s: &str) -> Option<std::time::SystemTime> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let t: MicroTime = serde_json::from_value(serde_json::Value::String(s.into())).ok()?;
+    let micros = u64::try_from(t.0.as_microsecond()).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_micros(micros))
 }

@@ -149,6 +149,14 @@ impl Running {
         Self::start(client, config(ns))
     }
 
+    /// Waits for it to end by itself (a leader that lost its lease).
+    pub async fn ended(mut self, within: Duration) -> Arc<Context> {
+        tokio::time::timeout(within, self.task.take().unwrap())
+            .await
+            .expect("the controller ends by itself")
+            .unwrap()
+    }
+
     /// Stops it and returns its context (its write counter).
     pub async fn stop(mut self) -> Arc<Context> {
         let _ = self.stop.take().unwrap().send(());

@@ -315,13 +315,15 @@ async fn a_failed_or_deleted_seed_is_replaced() {
     let second = seed_other_than(Some(first.clone())).await;
     let e = entries(&client, &uid).await;
     assert!(e[&first].is_empty(), "the failed seed lost its entry");
-    let events = events_for(&client, &ns, "app").await;
-    assert!(
-        events
+    // The Event is written after the reconcile's sets: looked for until it is there.
+    poll("a PullFailed Event naming the failed seed", || async {
+        events_for(&client, &ns, "app")
+            .await
             .iter()
-            .any(|(r, n)| r == "PullFailed" && n.contains(&first)),
-        "{events:?}"
-    );
+            .any(|(r, n)| r == "PullFailed" && n.contains(&first))
+            .then_some(())
+    })
+    .await;
 
     // Its node deleted: another node seeds.
     Api::<Node>::all(client.clone())

@@ -150,13 +150,7 @@ async fn main() {
     }
     let config = parse_args();
     let _telemetry = telemetry::init("image-prefetch-controller");
-    let client = match kube::Client::try_default().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot reach the Kubernetes API: set KUBECONFIG or run in a cluster");
-            std::process::exit(1);
-        }
-    };
+    let client = client_or_exit().await;
     let leader_elected = config.leader.is_some();
     let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stopping.clone();
@@ -190,15 +184,20 @@ async fn uninstall() {
         }
     }
     let _telemetry = telemetry::init("image-prefetch-controller");
-    let client = match kube::Client::try_default().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot reach the Kubernetes API");
-            std::process::exit(1);
-        }
-    };
+    let client = client_or_exit().await;
     if let Err(e) = controller::uninstall::uninstall(client, wait).await {
         tracing::error!(error = %e, "uninstall failed");
         std::process::exit(1);
+    }
+}
+
+/// The in-cluster client, or $KUBECONFIG's; the process ends when there is none.
+async fn client_or_exit() -> kube::Client {
+    match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot reach the Kubernetes API: set KUBECONFIG or run in a cluster");
+            std::process::exit(1);
+        }
     }
 }

@@ -1149,15 +1149,15 @@ async fn a_deposed_leader_makes_no_write_once_its_link_is_back() {
     .await;
     let b = Running::start(&direct, leading("replica-b"));
     nodes(&admin, "fence", 3, &[]).await;
-    let uid = created(
-        &admin,
-        &ns,
-        &prefetch(
-            "app",
-            json!({"images": ["registry.example.com/fence/app:1"], "nodeSelector": {"test-group": "fence"}}),
-        ),
-    )
-    .await;
+    let create = |name: &'static str| {
+        let (admin, ns) = (admin.clone(), ns.clone());
+        async move {
+            let spec = json!({"images": [format!("registry.example.com/fence/{name}:1")],
+                              "nodeSelector": {"test-group": "fence"}});
+            created(&admin, &ns, &prefetch(name, spec)).await
+        }
+    };
+    let uid = create("app").await;
     poll("replica-a wrote the seed's set", || async {
         let writes = plane.audited_writes();
         writes
@@ -1182,15 +1182,7 @@ async fn a_deposed_leader_makes_no_write_once_its_link_is_back() {
     // would reconnect through the healed link and act on what follows.
     a.ended(Duration::from_secs(60)).await;
     // Work: a new ImagePrefetch, and the seed's report.
-    let later = created(
-        &admin,
-        &ns,
-        &prefetch(
-            "later",
-            json!({"images": ["registry.example.com/fence/later:1"], "nodeSelector": {"test-group": "fence"}}),
-        ),
-    )
-    .await;
+    let later = create("later").await;
     let seed = poll("the seed", || async {
         with_policy(
             &entries(&admin, &uid).await,

@@ -42,6 +42,9 @@ pub struct Observed<'a> {
     /// Node×image entries the other ImagePrefetches of this one's namespace
     /// hold (by their status), against `Config::namespace_budget`.
     pub namespace_entries: usize,
+    /// Node×image entries every other ImagePrefetch holds, against
+    /// `Config::cluster_budget`.
+    pub cluster_entries: usize,
 }
 
 /// What the controller remembers between reconciles, changed by a decision.
@@ -202,6 +205,19 @@ pub fn decide(
             entries,
             observed.namespace_entries,
             budget,
+            Budget::Namespace,
+            observed.now.clone(),
+        ));
+    }
+    if let Some(budget) = config.cluster_budget
+        && observed.cluster_entries + entries > budget
+    {
+        return Ok(over_budget(
+            p,
+            entries,
+            observed.cluster_entries,
+            budget,
+            Budget::Cluster,
             observed.now.clone(),
         ));
     }
@@ -379,16 +395,29 @@ fn degraded(status: Option<&ImagePrefetchStatus>) -> Option<(String, String)> {
 /// budget: nothing is written but its status (Degraded `BudgetExceeded`),
 /// and a Warning when that first says so. Sets it already has stay; it is
 /// looked at again soon, and proceeds once there is room.
+/// Whose share of node×image entries an ImagePrefetch would pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Budget {
+    Namespace,
+    Cluster,
+}
+
 fn over_budget(
     p: &ImagePrefetch,
     entries: usize,
     others: usize,
     budget: usize,
+    scope: Budget,
     now: Time,
 ) -> Decision {
-    let why = format!(
-        "would hold {entries} node×image entries; its namespace's other ImagePrefetches hold {others} of the {budget} allowed per namespace (the controller's --namespace-budget)"
-    );
+    let why = match scope {
+        Budget::Namespace => format!(
+            "would hold {entries} node×image entries; its namespace's other ImagePrefetches hold {others} of the {budget} allowed per namespace (the controller's --namespace-budget)"
+        ),
+        Budget::Cluster => format!(
+            "would hold {entries} node×image entries; the cluster's other ImagePrefetches hold {others} of the {budget} allowed in all (the controller's --cluster-budget)"
+        ),
+    };
     let status = status::held_back(p, status::BUDGET_EXCEEDED, &why, now);
     announce_hold(p, status, status::BUDGET_EXCEEDED, why, OVER_BUDGET_RECHECK)
 }
@@ -669,6 +698,7 @@ mod tests {
         start: Instant,
         /// What the namespace's other ImagePrefetches hold.
         namespace_entries: usize,
+        cluster_entries: usize,
     }
 
     impl World {
@@ -689,6 +719,7 @@ mod tests {
                 },
                 start: Instant::now(),
                 namespace_entries: 0,
+                cluster_entries: 0,
             }
         }
 
@@ -710,6 +741,7 @@ mod tests {
                 now: crd::condition::now(),
                 at: self.start + after,
                 namespace_entries: self.namespace_entries,
+                cluster_entries: self.cluster_entries,
             };
             let memory = Memory {
                 seeds: &mut self.seeds,
@@ -826,6 +858,28 @@ mod tests {
         w.namespace_entries = 5;
         let d = w.decide(&p, Duration::ZERO);
         assert_eq!(d.apply.len(), 3);
+    }
+
+    /// All namespaces together: the cluster's budget bounds the controller's
+    /// cache (and memory) whatever the tenants write.
+    #[test]
+    fn an_imageprefetch_past_the_clusters_budget_is_held_back() {
+        let mut w = World::new(3);
+        w.config.cluster_budget = Some(100);
+        w.cluster_entries = 98;
+        let p = prefetch(&["registry.example.com/a:1"]);
+        let d = w.decide(&p, Duration::ZERO);
+        assert!(d.apply.is_empty(), "{d:?}");
+        let degraded = condition_of(&d, "Degraded");
+        assert_eq!(degraded.reason, "BudgetExceeded");
+        assert!(
+            degraded.message.contains("98 of the 100")
+                && degraded.message.contains("--cluster-budget"),
+            "{}",
+            degraded.message
+        );
+        w.cluster_entries = 97;
+        assert_eq!(w.decide(&p, Duration::ZERO).apply.len(), 3, "room for 3");
     }
 
     #[test]

@@ -17,6 +17,10 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
                                  namespace may hold together; one that would pass it is
                                  held back (Degraded BudgetExceeded); 0: no limit
                                  (default 20000)
+  --cluster-budget N             most node×image entries all ImagePrefetches may hold
+                                 together, so the controller's memory is bounded; one that
+                                 would pass it is held back (Degraded BudgetExceeded);
+                                 0: no limit (default 100000)
   --seed-deadline-seconds S      replace a seed that fetched no more bytes for S (default 900)
   --seed-cooldown-seconds S      a node that failed as seed is not chosen again for S,
                                  doubling at each failure up to 10x (default 30)
@@ -59,6 +63,7 @@ fn parse_args() -> Config {
         allowed: AllowList::parse(&std::env::var("ALLOWED_REGISTRIES").unwrap_or_default()),
         // Installs that pass no flag (OLM's bundle) get the chart's bound.
         namespace_budget: Some(controller::run::DEFAULT_NAMESPACE_BUDGET),
+        cluster_budget: Some(controller::run::DEFAULT_CLUSTER_BUDGET),
         ..Config::default()
     };
     let mut args = telemetry::cli::Args::from_env(USAGE);
@@ -70,6 +75,9 @@ fn parse_args() -> Config {
             "--wave-cap" => config.policy.wave_cap = args.number(&flag).max(1) as usize,
             "--namespace-budget" => {
                 config.namespace_budget = Some(args.number(&flag) as usize).filter(|&n| n > 0)
+            }
+            "--cluster-budget" => {
+                config.cluster_budget = Some(args.number(&flag) as usize).filter(|&n| n > 0)
             }
             "--seed-deadline-seconds" => config.policy.seed_deadline = args.seconds(&flag),
             "--findable-after-seconds" => config.policy.findable_after = args.seconds(&flag),

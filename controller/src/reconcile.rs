@@ -193,13 +193,15 @@ async fn apply(
     let _ = ctx.nodes.wait_until_ready().await;
     ctx.sets.wait_until_ready().await;
     let (nodes, sets) = (ctx.nodes.state(), ctx.sets.state());
+    let (namespace_entries, cluster_entries) = entries_held_by_others(ctx, p);
     let observed = Observed {
         prefetch: p,
         nodes: &nodes,
         sets: &sets,
         now: crd::condition::now(),
         at: Instant::now(),
-        namespace_entries: namespace_entries(ctx, p),
+        namespace_entries,
+        cluster_entries,
     };
     let decision = {
         let mut seeds = ctx.seeds.lock().expect("seed book lock");
@@ -222,20 +224,24 @@ async fn apply(
     Ok(Action::requeue(decision.requeue))
 }
 
-/// Node×image entries the other ImagePrefetches of `p`'s namespace hold, by
-/// their status (what the controller planned for them: selected nodes ×
-/// images). One created at the same moment counts once it is reconciled.
-fn namespace_entries(ctx: &Context, p: &ImagePrefetch) -> usize {
+/// Node×image entries the other ImagePrefetches hold — of `p`'s namespace,
+/// and of the whole cluster — by their status (what the controller planned
+/// for them: selected nodes × images). One created at the same moment counts
+/// once it is reconciled.
+fn entries_held_by_others(ctx: &Context, p: &ImagePrefetch) -> (usize, usize) {
     let Some(store) = ctx.prefetches.get() else {
-        return 0;
+        return (0, 0);
     };
-    store
-        .state()
-        .iter()
-        .filter(|o| o.namespace() == p.namespace() && o.uid() != p.uid())
-        .filter_map(|o| o.status.as_ref())
-        .map(|s| s.desired_nodes.max(0) as usize * s.image_count.max(0) as usize)
-        .sum()
+    let (mut namespace, mut cluster) = (0, 0);
+    for o in store.state().iter().filter(|o| o.uid() != p.uid()) {
+        let Some(s) = o.status.as_ref() else { continue };
+        let held = s.desired_nodes.max(0) as usize * s.image_count.max(0) as usize;
+        cluster += held;
+        if o.namespace() == p.namespace() {
+            namespace += held;
+        }
+    }
+    (namespace, cluster)
 }
 
 /// Carries a decision out: NodeImageSets, then Events, then the status.

@@ -35,6 +35,11 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 /// unless told otherwise (4 images on 5,000 nodes).
 pub const DEFAULT_NAMESPACE_BUDGET: usize = 20_000;
 
+/// The cluster's budget of node×image entries, all namespaces together:
+/// what bounds the controller's cache whatever tenants write (at most as
+/// many NodeImageSets; the chart's memory limit is sized for it).
+pub const DEFAULT_CLUSTER_BUDGET: usize = 100_000;
+
 /// Controller settings.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -69,6 +74,8 @@ pub struct Config {
     /// together (a tenant's share of etcd and of the controller's memory);
     /// `None`: no limit.
     pub namespace_budget: Option<usize>,
+    /// Most node×image entries all ImagePrefetches may hold together.
+    pub cluster_budget: Option<usize>,
 }
 
 impl Default for Config {
@@ -87,6 +94,7 @@ impl Default for Config {
             pull_secret_grantee: None,
             node_scope: crate::select::NodeScope::default(),
             namespace_budget: None,
+            cluster_budget: None,
         }
     }
 }

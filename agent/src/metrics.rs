@@ -64,7 +64,7 @@ impl Metrics {
         );
         r.register(
             "pulled_bytes",
-            "Bytes of pulled images, by where they came from",
+            "Bytes of pulled images, by the hosts the pull could use: mirror (the in-cluster mirror only) or upstream (the registry too, after the mirror)",
             m.bytes.clone(),
         );
         r.register(

@@ -193,7 +193,10 @@ pub struct NodeImageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = MAX_PULL_MILLIS))]
     pub pull_duration_millis: Option<i64>,
-    /// Where the content came from.
+    /// Which hosts the pull could use: `Mirror`, the in-cluster mirror only;
+    /// `Upstream`, the node's registry configuration — the mirror first,
+    /// then the registry — so some or all of its bytes may have come from
+    /// peers (the agent cannot tell; the registry's own logs can).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PullSource>,
 }

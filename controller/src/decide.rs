@@ -197,29 +197,31 @@ pub fn decide(
         .partition(|i| config.allowed.allows(i));
 
     let entries = selection.nodes.len() * allowed.len();
-    if let Some(budget) = config.namespace_budget
-        && observed.namespace_entries + entries > budget
-    {
-        return Ok(over_budget(
-            p,
-            entries,
-            observed.namespace_entries,
-            budget,
+    let budgets = [
+        (
             Budget::Namespace,
-            observed.now.clone(),
-        ));
-    }
-    if let Some(budget) = config.cluster_budget
-        && observed.cluster_entries + entries > budget
-    {
-        return Ok(over_budget(
-            p,
-            entries,
-            observed.cluster_entries,
-            budget,
+            config.namespace_budget,
+            observed.namespace_entries,
+        ),
+        (
             Budget::Cluster,
-            observed.now.clone(),
-        ));
+            config.cluster_budget,
+            observed.cluster_entries,
+        ),
+    ];
+    for (scope, budget, others) in budgets {
+        if let Some(budget) = budget
+            && others + entries > budget
+        {
+            return Ok(over_budget(
+                p,
+                entries,
+                others,
+                budget,
+                scope,
+                observed.now.clone(),
+            ));
+        }
     }
     let view = cluster_view(observed, config);
     let selected: HashSet<&String> = selection.nodes.iter().collect();

@@ -16,7 +16,7 @@ use testbed::poll::eventually;
 use testbed::registry::Registry;
 use testbed::workdir::Workdir;
 
-use support::{MB, agent_process, config, ctr, run, set, wait_status};
+use support::{MB, NodeAndRegistry, agent_process, config, ctr, run, set, wait_status};
 
 #[tokio::test]
 async fn pulls_reports_retries_and_repulls() {
@@ -25,17 +25,11 @@ async fn pulls_reports_retries_and_repulls() {
     }
     let client = testbed::shared::client().await;
     let dir = Workdir::new("agent-e2e-agent");
-    let upstream = Registry::start(&dir.join("upstream")).unwrap();
-    let image = images::build_and_push(
-        &dir.join("images"),
-        &upstream.host,
-        "team/web",
-        "1.0",
-        &[4 * MB, MB],
-    )
-    .unwrap();
-    let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&upstream.host, &[]).unwrap();
+    let NodeAndRegistry {
+        upstream,
+        image,
+        node,
+    } = NodeAndRegistry::start(&dir, "team/web", "1.0", &[4 * MB, MB]);
 
     let config = Config {
         backoff_min: Duration::from_millis(50),
@@ -571,17 +565,11 @@ async fn pins_only_what_it_pinned_and_puts_lost_pins_back() {
 async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_returns() {
     let client = testbed::shared::client().await;
     let dir = Workdir::new("agent-e2e-orphan-pins");
-    let upstream = Registry::start(&dir.join("upstream")).unwrap();
-    let image = images::build_and_push(
-        &dir.join("images"),
-        &upstream.host,
-        "team/orphan",
-        "1.0",
-        &[MB],
-    )
-    .unwrap();
-    let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&upstream.host, &[]).unwrap();
+    let NodeAndRegistry {
+        upstream: _upstream,
+        image,
+        node,
+    } = NodeAndRegistry::start(&dir, "team/orphan", "1.0", &[MB]);
     let config = config("agent-node-orphan", &node, &dir);
     let (stop, running) = run(&client, config.clone());
     let entry = json!([{"name": image.reference, "registryPolicy": "Default"}]);

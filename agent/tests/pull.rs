@@ -1,6 +1,8 @@
 //! Pulls through a real containerd 2.x from real registries (Debian's
 //! docker-registry) serving images built here.
 
+mod support;
+
 use agent::hosts;
 use agent::pull::Runtime;
 use testbed::containerd::{Containerd, Flavor};
@@ -289,17 +291,11 @@ async fn connecting_to_a_fresh_containerd_creates_the_kubernetes_namespace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_and_releases_land_in_the_order_decided() {
     let dir = Workdir::new("agent-pins-order");
-    let upstream = Registry::start(&dir.join("upstream")).unwrap();
-    let image = images::build_and_push(
-        &dir.join("images"),
-        &upstream.host,
-        "team/app",
-        "1.0",
-        &[MB],
-    )
-    .unwrap();
-    let node = Containerd::start(&dir.join("node")).unwrap();
-    node.configure_registry(&upstream.host, &[]).unwrap();
+    let support::NodeAndRegistry {
+        upstream,
+        image,
+        node,
+    } = support::NodeAndRegistry::start(&dir, "team/app", "1.0", &[MB]);
     let runtime = Runtime::connect(&node.socket).await.unwrap();
     runtime
         .pull(

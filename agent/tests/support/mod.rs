@@ -154,3 +154,38 @@ pub fn run(
     }));
     (stop, running)
 }
+
+/// What most agent tests start from: a registry holding `repository:tag`
+/// (layers of `layers` bytes) and a node whose containerd pulls from it.
+pub struct NodeAndRegistry {
+    pub upstream: testbed::registry::Registry,
+    pub image: testbed::images::Image,
+    pub node: testbed::containerd::Containerd,
+}
+
+impl NodeAndRegistry {
+    pub fn start(
+        dir: &testbed::workdir::Workdir,
+        repository: &str,
+        tag: &str,
+        layers: &[usize],
+    ) -> Self {
+        let upstream = testbed::registry::Registry::start(&dir.join("upstream")).unwrap();
+        let image = testbed::images::build_and_push(
+            &dir.join("images"),
+            &upstream.host,
+            repository,
+            tag,
+            layers,
+        )
+        .unwrap();
+        let node = testbed::containerd::Containerd::start(&dir.join("node"))
+            .expect("containerd 2 (cargo xtask fixtures)");
+        node.configure_registry(&upstream.host, &[]).unwrap();
+        NodeAndRegistry {
+            upstream,
+            image,
+            node,
+        }
+    }
+}

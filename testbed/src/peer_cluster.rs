@@ -183,10 +183,20 @@ impl PeerCluster {
 
     /// Bytes the nodes' containerds got from peers, by the mirrors' own counters.
     pub fn peer_bytes(&self) -> u64 {
+        self.mirrors_counted("peer_mirror_peer_bytes_total")
+    }
+
+    /// Requests the mirrors answered with a miss (no peer found yet).
+    pub fn mirror_misses(&self) -> u64 {
+        self.mirrors_counted("peer_mirror_misses_total")
+    }
+
+    /// One counter of every node's mirror, summed.
+    fn mirrors_counted(&self, counter: &str) -> u64 {
         self.nodes
             .iter()
             .filter_map(|n| n.peer_mirror.as_ref())
-            .map(|m| m.counter("peer_mirror_peer_bytes_total"))
+            .map(|m| m.counter(counter))
             .sum()
     }
 }

@@ -358,6 +358,9 @@ pub async fn rollout(opts: RolloutOptions) -> Result<()> {
     let mut runs = Vec::new();
     for (name, args) in [
         ("sequenced", &[][..]),
+        // As before holders waited to be findable: Mirror pulls released the
+        // moment a holder reports, into spegel's advertisement delay.
+        ("no-grace", &["--findable-after-seconds", "0"][..]),
         ("all-default", &["--no-sequencing"][..]),
     ] {
         bed.start_controller(args, &format!("controller-{name}.log"))?;
@@ -369,6 +372,7 @@ pub async fn rollout(opts: RolloutOptions) -> Result<()> {
             &layers,
         )?;
         let bytes_before = bed.upstream.blob_bytes_served();
+        let misses_before = bed.mirror_misses();
         let ready_in = bed
             .rollout(name, &[&image.reference], Duration::from_secs(600))
             .await
@@ -407,11 +411,12 @@ pub async fn rollout(opts: RolloutOptions) -> Result<()> {
             peer_pull: peer_pulls.get(peer_pulls.len() / 2).copied(),
         };
         println!(
-            "{name:<12} all Ready in {:>6.2}s; upstream GETs per blob {:?}; upstream {:.1} MiB ({:.2}x the image)",
+            "{name:<12} all Ready in {:>6.2}s; upstream GETs per blob {:?}; upstream {:.1} MiB ({:.2}x the image); mirror misses {}",
             run.ready_in.as_secs_f64(),
             run.gets_per_blob,
             run.upstream_bytes as f64 / MIB as f64,
             run.upstream_bytes as f64 / image.size as f64,
+            bed.mirror_misses() - misses_before,
         );
         runs.push(run);
     }

@@ -143,10 +143,13 @@ pub async fn run(
     let (store, writer) = reflector::store();
     let wc = watcher::Config::default().labels(&keys::on_node(&config.node_name));
     // Deletions too: a deleted set's pulls stop at once. The watch backs off
-    // while the API server is away.
+    // while the API server is away. managedFields repeat every image name
+    // twice (the controller's spec, our status) and nothing here reads them.
     let mut events = reflector::reflector(
         writer,
-        watcher(sets_api.clone(), wc).backoff(crd::watch_backoff::backoff()),
+        watcher(sets_api.clone(), wc)
+            .backoff(crd::watch_backoff::backoff())
+            .modify(|set| set.managed_fields_mut().clear()),
     )
     .boxed();
     let (tx, mut rx) = mpsc::channel::<Message>(64);
@@ -167,6 +170,8 @@ pub async fn run(
         tx,
         metrics,
         told_unreadable: HashSet::new(),
+        written: HashMap::new(),
+        queue: Queue::default(),
     };
     agent.limit = Arc::new(Semaphore::new(agent.config.concurrency.max(1)));
     info!(node = %agent.config.node_name, "image-prefetch agent following this node's NodeImageSets");
@@ -259,6 +264,62 @@ struct Agent {
     metrics: Metrics,
     /// Unreadable sets already logged, with why (each logged once).
     told_unreadable: HashSet<(String, String)>,
+    /// The last status written to each set (by uid), until the watch brings it back.
+    written: HashMap<String, Written>,
+    /// Pulls decided but not started: no task yet (see `TASKS_PER_PERMIT`).
+    queue: Queue,
+}
+
+/// Pull tasks per concurrency permit. A task waiting out a mirror miss or a
+/// retry holds no permit, so there are more tasks than permits; but not one
+/// per entry: a task costs tens of KiB, and a node may hold every entry of
+/// the cluster's budget (`cargo xtask bench agent-memory`).
+const TASKS_PER_PERMIT: usize = 8;
+
+/// Pulls waiting for a task, first decided first started. Replacing or
+/// removing an entry is O(1): its older place in the order is skipped.
+#[derive(Default)]
+struct Queue {
+    order: std::collections::VecDeque<(Key, u64)>,
+    waiting: HashMap<Key, (u64, Want)>,
+    next: u64,
+}
+
+impl Queue {
+    fn push(&mut self, key: Key, want: Want) {
+        self.next += 1;
+        self.order.push_back((key.clone(), self.next));
+        self.waiting.insert(key, (self.next, want));
+    }
+
+    fn remove(&mut self, key: &Key) {
+        self.waiting.remove(key);
+    }
+
+    fn pop(&mut self) -> Option<(Key, Want)> {
+        while let Some((key, n)) = self.order.pop_front() {
+            if self.waiting.get(&key).is_some_and(|(m, _)| *m == n) {
+                let (_, want) = self.waiting.remove(&key).expect("just seen");
+                return Some((key, want));
+            }
+        }
+        None
+    }
+}
+
+/// A status write the watch has not brought back yet: the set's
+/// resourceVersion it was written over, and the status's fingerprint.
+#[derive(Debug, PartialEq)]
+struct Written {
+    over: Option<String>,
+    status: u64,
+}
+
+fn fingerprint(status: &NodeImageSetStatus) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(status).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 impl Agent {
@@ -302,6 +363,8 @@ impl Agent {
             .set(self.ledger.present().len() as i64);
         // Only sets that exist are written: a deleted set gets no status write.
         let mut failed = false;
+        let uids: HashSet<String> = sets.iter().filter_map(|s| s.uid()).collect();
+        self.written.retain(|uid, _| uids.contains(uid));
         for set in &sets {
             failed |= !self.write_status(set).await;
         }
@@ -327,18 +390,32 @@ impl Agent {
                     if let Some(task) = self.tasks.remove(&key) {
                         task.abort();
                     }
+                    self.queue.remove(&key);
                 }
                 Action::Pin(name) => self.pin(name),
                 Action::Release(name) => self.release(name),
                 Action::Report(_) => {}
             }
         }
+        while self.tasks.len() < self.config.concurrency.max(1) * TASKS_PER_PERMIT {
+            let Some((key, want)) = self.queue.pop() else {
+                break;
+            };
+            self.spawn(key, want);
+        }
     }
 
+    /// Queues the entry's pull (replacing a running or queued one): only
+    /// `TASKS_PER_PERMIT` pull tasks per permit exist at once, however many
+    /// entries the node's sets hold.
     fn start(&mut self, key: Key, want: Want) {
         if let Some(old) = self.tasks.remove(&key) {
             old.abort();
         }
+        self.queue.push(key, want);
+    }
+
+    fn spawn(&mut self, key: Key, want: Want) {
         // A seed tells its progress (the controller's deadline runs from it).
         let progress = (want.entry.registry_policy == RegistryPolicy::Default).then(|| {
             let (progress, told) = watch::channel(Progress::default());
@@ -550,7 +627,7 @@ impl Agent {
     }
 
     /// Writes the set's status if it changed; `false` when the write failed.
-    async fn write_status(&self, set: &NodeImageSet) -> bool {
+    async fn write_status(&mut self, set: &NodeImageSet) -> bool {
         let name = set.name_any();
         let status = match &set.spec.unreadable {
             Some(why) => unreadable_spec_status(set, why),
@@ -559,7 +636,23 @@ impl Agent {
         if set.status.as_ref() == Some(&status) {
             return true;
         }
-        self.write(&name, &status).await
+        // The cache shows the set as it was before our last write until the
+        // watch brings that write back: the same status is not written again
+        // meanwhile (in a burst of pulls finishing, every event used to
+        // rewrite every such set).
+        let uid = set.uid().unwrap_or_default();
+        let written = Written {
+            over: set.resource_version(),
+            status: fingerprint(&status),
+        };
+        if self.written.get(&uid) == Some(&written) {
+            return true;
+        }
+        let ok = self.write(&name, &status).await;
+        if ok {
+            self.written.insert(uid, written);
+        }
+        ok
     }
 
     /// The status the ledger says `set` has.

@@ -223,6 +223,24 @@ pub fn decide(
             ));
         }
     }
+    if let Some(budget) = config.node_budget
+        && let Some((node, others)) = fullest_node(
+            observed.sets,
+            owner.uid,
+            &selection.nodes,
+            allowed.len(),
+            budget,
+        )
+    {
+        return Ok(over_budget(
+            p,
+            allowed.len(),
+            others,
+            budget,
+            Budget::Node(node),
+            observed.now.clone(),
+        ));
+    }
     let view = cluster_view(observed, config);
     let selected: HashSet<&String> = selection.nodes.iter().collect();
     let selected_sets: Vec<&SetView> = owned
@@ -398,10 +416,34 @@ fn degraded(status: Option<&ImagePrefetchStatus>) -> Option<(String, String)> {
 /// and a Warning when that first says so. Sets it already has stay; it is
 /// looked at again soon, and proceeds once there is room.
 /// Whose share of node×image entries an ImagePrefetch would pass.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 enum Budget {
     Namespace,
     Cluster,
+    /// One node's entries, all ImagePrefetches together.
+    Node(String),
+}
+
+/// The selected node the other ImagePrefetches' sets fill most, with their
+/// entries there, when `adding` more would take it past `budget`.
+fn fullest_node(
+    sets: &[Arc<SetView>],
+    owner: &str,
+    selected: &[String],
+    adding: usize,
+    budget: usize,
+) -> Option<(String, usize)> {
+    let selected: HashSet<&str> = selected.iter().map(String::as_str).collect();
+    let mut held: HashMap<&str, usize> = HashMap::new();
+    for s in sets.iter().filter(|s| s.owner != owner) {
+        if let Some(node) = selected.get(s.spec.node_name.as_str()) {
+            *held.entry(node).or_default() += s.spec.image_set.len();
+        }
+    }
+    held.into_iter()
+        .filter(|(_, others)| others + adding > budget)
+        .max_by_key(|(node, others)| (*others, std::cmp::Reverse(*node)))
+        .map(|(node, others)| (node.to_string(), others))
 }
 
 fn over_budget(
@@ -418,6 +460,9 @@ fn over_budget(
         ),
         Budget::Cluster => format!(
             "would hold {entries} node×image entries; the cluster's other ImagePrefetches hold {others} of the {budget} allowed in all (the controller's --cluster-budget)"
+        ),
+        Budget::Node(node) => format!(
+            "would add {entries} entries on node {node}, where other ImagePrefetches hold {others} of the {budget} allowed per node (the controller's --node-budget)"
         ),
     };
     let status = status::held_back(p, status::BUDGET_EXCEEDED, &why, now);
@@ -701,6 +746,8 @@ mod tests {
         /// What the namespace's other ImagePrefetches hold.
         namespace_entries: usize,
         cluster_entries: usize,
+        /// Other ImagePrefetches' sets.
+        others: Vec<Arc<SetView>>,
     }
 
     impl World {
@@ -722,6 +769,7 @@ mod tests {
                 start: Instant::now(),
                 namespace_entries: 0,
                 cluster_entries: 0,
+                others: Vec::new(),
             }
         }
 
@@ -735,6 +783,7 @@ mod tests {
                     v.owner = names::label_value(p.metadata.uid.as_deref().unwrap());
                     Arc::new(v)
                 })
+                .chain(self.others.iter().cloned())
                 .collect();
             let observed = Observed {
                 prefetch: p,
@@ -882,6 +931,52 @@ mod tests {
         );
         w.cluster_entries = 97;
         assert_eq!(w.decide(&p, Duration::ZERO).apply.len(), 3, "room for 3");
+    }
+
+    /// One node selected by many ImagePrefetches: the node's budget bounds
+    /// what its agent holds, whatever the namespaces' and cluster's budgets.
+    #[test]
+    fn an_imageprefetch_past_a_nodes_budget_is_held_back() {
+        let mut w = World::new(3);
+        w.config.node_budget = Some(10);
+        let mut theirs = NodeImageSet::new(
+            "theirs-node-1",
+            NodeImageSetSpec {
+                node_name: "node-1".into(),
+                image_set: (0..9)
+                    .map(|i| NodeImage {
+                        name: format!("registry.example.com/t/{i}:1"),
+                        registry_policy: RegistryPolicy::Mirror,
+                        digest: None,
+                    })
+                    .collect(),
+                image_pull_secrets: vec![],
+                image_download_retry_limit: 3,
+                unreadable: None,
+            },
+        );
+        theirs.metadata.uid = Some("their-set".into());
+        let mut view = SetView::of(&theirs);
+        view.owner = "someone-else".into();
+        w.others.push(Arc::new(view));
+        let p = prefetch(&["registry.example.com/a:1", "registry.example.com/b:1"]);
+        let d = w.decide(&p, Duration::ZERO);
+        assert!(d.apply.is_empty(), "{d:?}");
+        let degraded = condition_of(&d, "Degraded");
+        assert_eq!(degraded.reason, "BudgetExceeded");
+        assert!(
+            degraded.message.contains("node node-1")
+                && degraded.message.contains("9 of the 10")
+                && degraded.message.contains("--node-budget"),
+            "{}",
+            degraded.message
+        );
+        let one = prefetch(&["registry.example.com/a:1"]);
+        assert_eq!(
+            w.decide(&one, Duration::ZERO).apply.len(),
+            3,
+            "room for 1 more"
+        );
     }
 
     #[test]

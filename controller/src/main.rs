@@ -12,7 +12,10 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
   --allowed-registries LIST      comma-separated registry/repository prefixes
                                  (env ALLOWED_REGISTRIES; default: allow all)
   --retry-limit N                imageDownloadRetryLimit for nodes (default 3)
-  --wave-cap N                   most mirror pulls of one image at once (default 32)
+  --pulls-per-holder K           mirror pulls of one image in flight per node holding it
+                                 (default 1: the holders double each round)
+  --wave-cap N                   most mirror pulls of one image at once, whatever the
+                                 holders; 0: no cap (default 0)
   --namespace-budget N           most node×image entries the ImagePrefetches of one
                                  namespace may hold together; one that would pass it is
                                  held back (Degraded BudgetExceeded); 0: no limit
@@ -21,6 +24,10 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
                                  together, so the controller's memory is bounded; one that
                                  would pass it is held back (Degraded BudgetExceeded);
                                  0: no limit (default 100000)
+  --node-budget N                most entries all ImagePrefetches may hold on one node
+                                 together, so each agent's memory is bounded; one that
+                                 would pass it is held back (Degraded BudgetExceeded);
+                                 0: no limit (default 4096)
   --seed-deadline-seconds S      replace a seed that fetched no more bytes for S (default 900)
   --seed-cooldown-seconds S      a node that failed as seed is not chosen again for S,
                                  doubling at each failure up to 10x (default 30)
@@ -64,6 +71,7 @@ fn parse_args() -> Config {
         // Installs that pass no flag (OLM's bundle) get the chart's bound.
         namespace_budget: Some(controller::run::DEFAULT_NAMESPACE_BUDGET),
         cluster_budget: Some(controller::run::DEFAULT_CLUSTER_BUDGET),
+        node_budget: Some(controller::run::DEFAULT_NODE_BUDGET),
         ..Config::default()
     };
     let mut args = telemetry::cli::Args::from_env(USAGE);
@@ -72,9 +80,17 @@ fn parse_args() -> Config {
             "--namespace" => config.namespace = Some(args.value(&flag)),
             "--allowed-registries" => config.allowed = AllowList::parse(&args.value(&flag)),
             "--retry-limit" => config.retry_limit = args.number(&flag) as i32,
-            "--wave-cap" => config.policy.wave_cap = args.number(&flag).max(1) as usize,
+            "--pulls-per-holder" => {
+                config.policy.pulls_per_holder = args.number(&flag).max(1) as usize
+            }
+            "--wave-cap" => {
+                config.policy.wave_cap = Some(args.number(&flag) as usize).filter(|&n| n > 0)
+            }
             "--namespace-budget" => {
                 config.namespace_budget = Some(args.number(&flag) as usize).filter(|&n| n > 0)
+            }
+            "--node-budget" => {
+                config.node_budget = Some(args.number(&flag) as usize).filter(|&n| n > 0)
             }
             "--cluster-budget" => {
                 config.cluster_budget = Some(args.number(&flag) as usize).filter(|&n| n > 0)

@@ -13,8 +13,10 @@
 //!   group holds the image, so its Default pull is served by the mirror;
 //! - once some node of the zone reports the image Available, the others get
 //!   `Mirror` entries pinned to the digest that was resolved, in growing waves:
-//!   at most as many in flight as there are nodes holding the image (each
-//!   finished node is one more source for the mirror), capped by a setting;
+//!   at most `pulls_per_holder` in flight per node holding the image (each
+//!   finished node is one more source for the mirror), so the holders double
+//!   each round and N nodes take about log₂ N peer rounds; an absolute cap
+//!   is an option;
 //! - a seed that fails past its retry limit, makes no progress for a deadline, or whose
 //!   node goes away is replaced; seeds are shared by every ImagePrefetch that
 //!   asks for the same image (the [`SeedBook`] lives as long as the controller).
@@ -33,8 +35,14 @@ use crate::select::score;
 pub struct Settings {
     /// `false`: every node pulls with `Default` at once (for comparison only).
     pub sequencing: bool,
-    /// Most Mirror pulls of one image in flight at once, per zone.
-    pub wave_cap: usize,
+    /// Mirror pulls of one image in flight per node that holds it, per
+    /// group: 1 keeps each holder's NIC to one stream at a time (spegel
+    /// spreads lookups over the least-used providers), and doubles the
+    /// holders each round.
+    pub pulls_per_holder: usize,
+    /// Most Mirror pulls of one image in flight at once, per group, whatever
+    /// the holders (`None`: no cap; the waves grow with the holders).
+    pub wave_cap: Option<usize>,
     /// A seed that has shown no progress (more bytes fetched) for this long
     /// is replaced.
     pub seed_deadline: Duration,
@@ -109,7 +117,8 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             sequencing: true,
-            wave_cap: 32,
+            pulls_per_holder: 1,
+            wave_cap: None,
             seed_deadline: Duration::from_secs(15 * 60),
             seed_cooldown: Duration::from_secs(30),
             seed_cooldown_cap: Duration::from_secs(5 * 60),
@@ -732,7 +741,10 @@ pub fn plan(
                     }
                 }
                 let budget = if release {
-                    sources.min(settings.wave_cap).saturating_sub(in_flight)
+                    sources
+                        .saturating_mul(settings.pulls_per_holder)
+                        .min(settings.wave_cap.unwrap_or(usize::MAX))
+                        .saturating_sub(in_flight)
                 } else {
                     0
                 };
@@ -1038,9 +1050,10 @@ mod tests {
         assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
     }
 
-    #[test]
-    fn mirrors_are_released_in_growing_waves_with_the_digest_pinned() {
-        let mut sim = Sim::new(16);
+    /// Rolls IMG out on `sim` with every released pull finishing before
+    /// the next reconcile: the seed, the nodes confirming its resolution,
+    /// then the size of each wave of Mirror pulls (each pinned to DIGEST).
+    fn waves(sim: &mut Sim) -> Vec<usize> {
         sim.step(&[IMG]);
         let seed = sim.with_policy(IMG, RegistryPolicy::Default)[0].clone();
         sim.report(&seed, IMG, PullState::Available);
@@ -1079,14 +1092,42 @@ mod tests {
                 done.insert(n.clone());
             }
         }
-        assert_eq!(waves, [2, 4, 8]);
-        assert_eq!(done.len(), 16);
+        assert_eq!(done.len(), sim.nodes.len());
+        waves
+    }
+
+    #[test]
+    fn mirrors_are_released_in_growing_waves_with_the_digest_pinned() {
+        assert_eq!(waves(&mut Sim::new(16)), [2, 4, 8]);
+    }
+
+    /// The rule at scale: the peer rounds after the seed's upstream pull
+    /// (the confirming pull, then the waves) are ⌈log₂ N⌉, a binomial tree's;
+    /// with an absolute cap of 32 (the rule before) they grow linearly with N.
+    #[test]
+    fn a_rollout_takes_log2_n_peer_rounds() {
+        for n in [1000usize, 5000] {
+            let ideal = n.next_power_of_two().trailing_zeros() as usize;
+            let rounds = 1 + waves(&mut Sim::new(n)).len();
+            assert_eq!(rounds, ideal, "{n} nodes");
+        }
+        let mut capped = Sim::new(1000);
+        capped.settings.wave_cap = Some(32);
+        assert_eq!(1 + waves(&mut capped).len(), 36, "1000 nodes capped at 32");
+    }
+
+    #[test]
+    fn each_holder_serves_at_most_its_share() {
+        let mut sim = Sim::new(40);
+        sim.settings.pulls_per_holder = 2;
+        // Holders triple each round: 2 → 6 → 18 → 40.
+        assert_eq!(waves(&mut sim), [4, 12, 22]);
     }
 
     #[test]
     fn waves_respect_the_cap() {
         let mut sim = Sim::new(12);
-        sim.settings.wave_cap = 2;
+        sim.settings.wave_cap = Some(2);
         sim.step(&[IMG]);
         sim.resolve(IMG);
         sim.step(&[IMG]); // in flight counts only unfinished Mirror pulls

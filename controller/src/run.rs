@@ -39,6 +39,11 @@ pub const DEFAULT_NAMESPACE_BUDGET: usize = 20_000;
 /// what bounds the controller's cache whatever tenants write (at most as
 /// many NodeImageSets; the chart's memory limit is sized for it).
 pub const DEFAULT_CLUSTER_BUDGET: usize = 100_000;
+/// The entries one node may hold by default: 64 ImagePrefetches of 64
+/// images. An agent holding them all, with names near the 512-character
+/// limit, stays well inside its 128 MiB limit (`cargo xtask bench
+/// agent-memory`, docs/security.md).
+pub const DEFAULT_NODE_BUDGET: usize = 4_096;
 
 /// Controller settings.
 #[derive(Clone, Debug)]
@@ -76,6 +81,9 @@ pub struct Config {
     pub namespace_budget: Option<usize>,
     /// Most node×image entries all ImagePrefetches may hold together.
     pub cluster_budget: Option<usize>,
+    /// Most entries all ImagePrefetches may hold on one node together (the
+    /// agent's memory grows with its node's entries).
+    pub node_budget: Option<usize>,
 }
 
 impl Default for Config {
@@ -95,6 +103,7 @@ impl Default for Config {
             node_scope: crate::select::NodeScope::default(),
             namespace_budget: None,
             cluster_budget: None,
+            node_budget: None,
         }
     }
 }

@@ -10,8 +10,7 @@
 
 mod support;
 
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -38,19 +37,6 @@ fn sample(port: u16, line_start: &str) -> Option<String> {
         .map(|v| v.trim().to_string())
 }
 
-async fn warnings(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
-    Api::<Event>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect()
-}
-
 fn condition(p: &ImagePrefetch, type_: &str) -> Option<(String, String, String)> {
     p.status
         .as_ref()?
@@ -58,20 +44,6 @@ fn condition(p: &ImagePrefetch, type_: &str) -> Option<(String, String, String)>
         .iter()
         .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-/// Reports every entry of `uid` Available until the ImagePrefetch is Ready
-/// on all `n` nodes (the seed first, then the mirrors, as agents would).
-async fn roll_out(client: &Client, ns: &str, name: &str, uid: &str, n: usize) {
-    poll(&format!("{ns}/{name} Ready {n}/{n}"), || async {
-        finish_all(client, uid).await;
-        let p = Api::<ImagePrefetch>::namespaced(client.clone(), ns)
-            .get(name)
-            .await
-            .ok()?;
-        (p.status?.ready == format!("{n}/{n}")).then_some(())
-    })
-    .await;
 }
 
 // Two threads: /metrics is read with a blocking client.

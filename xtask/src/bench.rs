@@ -241,18 +241,7 @@ pub async fn agent(layers_mib: &[usize]) -> Result<()> {
     // The agent, into another.
     let node = testbed::containerd::Containerd::start(&dir.join("node-agent"))?;
     node.configure_registry(&registry.host, &[])?;
-    let binary = crate::root().join("target/release/image-prefetch-agent");
-    let mut child = Command::new(&binary)
-        .args(["--node-name", "bench-node", "--containerd-socket"])
-        .arg(&node.socket)
-        .arg("--registry-config-dir")
-        .arg(&node.hosts_dir)
-        .arg("--mirror-config-dir")
-        .arg(dir.join("agent-hosts"))
-        .env("KUBECONFIG", &plane.kubeconfig)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .with_context(|| binary.display().to_string())?;
+    let mut child = start_agent(&plane, &node, &dir.join("agent-hosts"), "warn")?;
     let pid = child.id();
     let result = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -297,6 +286,133 @@ pub async fn agent(layers_mib: &[usize]) -> Result<()> {
     .await;
     let _ = child.kill();
     let _ = child.wait();
+    result
+}
+
+/// The release agent of node `bench-node`, on `node`'s containerd.
+fn start_agent(
+    plane: &testbed::ControlPlane,
+    node: &testbed::containerd::Containerd,
+    mirror_dir: &std::path::Path,
+    log: &str,
+) -> Result<std::process::Child> {
+    let binary = crate::root().join("target/release/image-prefetch-agent");
+    Command::new(&binary)
+        .args(["--node-name", "bench-node", "--containerd-socket"])
+        .arg(&node.socket)
+        .arg("--registry-config-dir")
+        .arg(&node.hosts_dir)
+        .arg("--mirror-config-dir")
+        .arg(mirror_dir)
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .env("RUST_LOG", log)
+        .spawn()
+        .with_context(|| binary.display().to_string())
+}
+
+/// `cargo xtask bench agent-memory`: the worst case the cluster budget
+/// allows one agent — every entry of the cluster on its node, in sets of 64
+/// images whose names are near the 512-character limit. Each entry is a
+/// Mirror pull on a node with no mirror configured, so it fails at once
+/// (`NoMirror`) with no traffic and no retry, and every status carries an error: the
+/// largest report an entry makes. The agent's RSS is sampled from /proc
+/// until every entry is reported, and for a minute after.
+pub async fn agent_memory(entries: usize) -> Result<()> {
+    prepare("image-prefetch-agent")?;
+    let dir = testbed::workdir::Workdir::new("bench-agent-memory");
+    let plane =
+        testbed::ControlPlane::start(&dir.join("cluster"), testbed::Lifetime::Owned).await?;
+    let client = plane.client().await?;
+    testbed::crds::install(&client).await?;
+    let node = testbed::containerd::Containerd::start(&dir.join("node"))?;
+    let mut child = start_agent(&plane, &node, &dir.join("agent-hosts"), "error")?;
+    let pid = child.id();
+    let result = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle = memory(pid)?;
+        let per_set = crd::prefetch::MAX_IMAGES;
+        let set_count = entries.div_ceil(per_set);
+        // Five 60-character path components and a 120-character tag: about
+        // 480 characters, each name valid and distinct.
+        let long = |s: usize, i: usize| {
+            let path: Vec<String> = (0..5).map(|c| format!("{c}{}", "t".repeat(59))).collect();
+            format!(
+                "registry.example.com/{}/app-{s:05}-{i:02}:{}",
+                path.join("/"),
+                "v".repeat(120)
+            )
+        };
+        let name_len = long(0, 0).len();
+        crd::reference::parse(&long(0, 0)).context("the bench's image names must be valid")?;
+        let sets: Api<NodeImageSet> = Api::all(client.clone());
+        let t = Instant::now();
+        futures::stream::iter((0..set_count).map(|s| {
+            let sets = sets.clone();
+            let images: Vec<_> = (0..per_set.min(entries - s * per_set))
+                .map(|i| json!({"name": long(s, i), "registryPolicy": "Mirror"}))
+                .collect();
+            async move {
+                let name = format!("bench-{s:05}");
+                let obj = json!({
+                    "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+                    "metadata": {"name": name, "labels": {crd::keys::NODE: "bench-node"}},
+                    "spec": {"nodeName": "bench-node", "imageDownloadRetryLimit": 0, "imageSet": images},
+                });
+                sets.patch(&name, &PatchParams::apply("bench"), &Patch::Apply(&obj))
+                    .await
+            }
+        }))
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+        println!(
+            "{entries} entries ({set_count} NodeImageSets, names of {name_len} characters) written in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        // Every entry in the agent's ledger and reported (Pulling at first):
+        // what it holds from then on is what these entries cost it.
+        let (mut peak, mut failed) = (memory(pid)?, 0);
+        loop {
+            let statuses: Vec<_> = sets
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|s| s.status)
+                .flat_map(|s| s.images)
+                .collect();
+            failed = statuses.iter().filter(|i| i.attempts > 0).count().max(failed);
+            peak.peak_kib = peak.peak_kib.max(memory(pid)?.peak_kib);
+            if statuses.len() >= entries {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(1800) {
+                bail!("only {} of {entries} entries reported within 30 minutes", statuses.len());
+            }
+            // Listing every set is itself heavy: not too often.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let all_reported = t.elapsed();
+        // Then a minute of the agent working through them.
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            peak.peak_kib = peak.peak_kib.max(memory(pid)?.peak_kib);
+        }
+        let steady = memory(pid)?;
+        println!(
+            "agent RSS: idle {:.1} MiB; every entry reported in {:.1}s; a minute later {:.1} MiB, peak {:.1} MiB ({:.2} KiB per entry above idle); {failed} entries had failed by then",
+            idle.now_kib as f64 / 1024.0,
+            all_reported.as_secs_f64(),
+            steady.now_kib as f64 / 1024.0,
+            steady.peak_kib.max(peak.peak_kib) as f64 / 1024.0,
+            steady.now_kib.saturating_sub(idle.now_kib) as f64 / entries as f64
+        );
+        Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    plane.stop();
     result
 }
 

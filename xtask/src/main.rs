@@ -29,6 +29,9 @@ cargo xtask <command>
                         fan-out of the release controller to N Node objects
                         (default 1000), then M ImagePrefetches (default 50)
   bench agent           the release agent's pull vs `ctr images pull`, and its memory
+  bench agent-memory [--entries N]
+                        the release agent's memory with N entries (default 100000,
+                        the cluster budget) of longest names on its one node
   bench rollout [--nodes N] [--uplink-mib M]
                         N nodes (default 5) with peer mirrors, registry behind an
                         M MiB/s uplink (default 32): sequenced vs all-Default rollout
@@ -51,6 +54,9 @@ fn main() -> Result<()> {
         ["cluster", "up", rest @ ..] => runtime()?.block_on(cluster_up(rest)),
         ["demo", rest @ ..] => runtime()?.block_on(demo::run(demo_options(rest)?)),
         ["bench", "agent"] => runtime()?.block_on(bench::agent(&[128, 64, 32, 8])),
+        ["bench", "agent-memory", rest @ ..] => {
+            runtime()?.block_on(bench::agent_memory(entries_option(rest)?))
+        }
         ["bench", "rollout", rest @ ..] => {
             runtime()?.block_on(bench::rollout(rollout_options(rest)?))
         }
@@ -115,6 +121,17 @@ fn bench_options(args: &[&str]) -> Result<bench::Options> {
         }
     }
     Ok(opts)
+}
+
+fn entries_option(args: &[&str]) -> Result<usize> {
+    let mut entries = controller::run::DEFAULT_CLUSTER_BUDGET;
+    for (flag, value) in numeric_flags(args)? {
+        match flag {
+            "--entries" if value >= 1 => entries = value as usize,
+            other => bail!("unknown option {other}\n\n{HELP}"),
+        }
+    }
+    Ok(entries)
 }
 
 fn rollout_options(args: &[&str]) -> Result<bench::RolloutOptions> {

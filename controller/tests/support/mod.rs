@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, ValidationDirective};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
@@ -236,6 +237,17 @@ pub async fn wait_for_nodes(client: &Client, uid: &str, want: &[&str]) -> Vec<No
 
 /// What a node's agent would write: the state of one image on that node.
 pub async fn report(client: &Client, set: &str, image: &str, state: PullState) {
+    report_digest(client, set, image, state, DIGEST).await
+}
+
+/// As `report`, with the digest the node says the image resolved to.
+pub async fn report_digest(
+    client: &Client,
+    set: &str,
+    image: &str,
+    state: PullState,
+    digest: &str,
+) {
     let api: Api<NodeImageSet> = Api::all(client.clone());
     let current = api.get_status(set).await.unwrap();
     let mut images = current.status.map(|s| s.images).unwrap_or_default();
@@ -244,7 +256,7 @@ pub async fn report(client: &Client, set: &str, image: &str, state: PullState) {
     images.push(NodeImageStatus {
         last_error: failed.then(|| "simulated: registry answered 500".to_string()),
         reason: failed.then(|| "PullFailed".to_string()),
-        digest: (state == PullState::Available).then(|| DIGEST.to_string()),
+        digest: (state == PullState::Available).then(|| digest.to_string()),
         ..NodeImageStatus::new(image, state, if failed { 4 } else { 1 })
     });
     let available = images
@@ -287,4 +299,32 @@ pub async fn finish_all(client: &Client, uid: &str) -> usize {
         }
     }
     n
+}
+
+/// Reports every entry of `uid` Available until the ImagePrefetch is Ready
+/// on all `n` nodes (the seed first, then the mirrors, as agents would).
+pub async fn roll_out(client: &Client, ns: &str, name: &str, uid: &str, n: usize) {
+    poll(&format!("{ns}/{name} Ready {n}/{n}"), || async {
+        finish_all(client, uid).await;
+        let p = Api::<ImagePrefetch>::namespaced(client.clone(), ns)
+            .get(name)
+            .await
+            .ok()?;
+        (p.status?.ready == format!("{n}/{n}")).then_some(())
+    })
+    .await;
+}
+
+/// The Warning Events about `name` in `ns`: (reason, note).
+pub async fn warnings(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
 }

@@ -10,4 +10,5 @@ pub mod ledger;
 pub mod metrics;
 pub mod pins;
 pub mod pull;
+pub mod report;
 pub mod work;

@@ -8,18 +8,16 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crd::{
-    NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullState, RegistryPolicy, keys,
-    reference,
+    NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, RegistryPolicy, keys, reference,
 };
 
 use crd::condition::{condition, now};
@@ -27,17 +25,18 @@ use crd::condition::{condition, now};
 use crate::credentials::Keyring;
 use crate::events::{self, Notice};
 use crate::hosts;
-use crate::ledger::{self, Action, Failure, Key, Ledger, Listed, Present, Want, store_name};
+use crate::ledger::{self, Action, Failure, Key, Ledger, Present, Want, store_name};
 use crate::metrics::{Metrics, PullLabels, SourceLabels};
 use crate::pins::Pins;
 use crate::pull::{self, Progress, PullError, Pulled, Runtime};
+use crate::report;
 
 /// First and longest wait before writing statuses again after a failed write.
 const STATUS_RETRY_MIN: Duration = Duration::from_secs(1);
 const STATUS_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Field manager of the agent's status writes.
-pub const AGENT_MANAGER: &str = "image-prefetch-agent";
+pub use crate::report::AGENT_MANAGER;
 
 /// Agent settings.
 #[derive(Clone, Debug)]
@@ -340,22 +339,7 @@ impl Agent {
         self.metrics.unreadable_sets.set(unreadable.len() as i64);
         self.ledger
             .hold(unreadable.into_iter().map(|(name, _)| name).collect());
-        let listed: Vec<Listed> = sets
-            .iter()
-            .flat_map(|set| {
-                set.spec.image_set.iter().map(|entry| Listed {
-                    key: (set.name_any(), entry.name.clone()),
-                    want: Want {
-                        set_uid: set.uid().unwrap_or_default(),
-                        entry: entry.clone(),
-                        retry_limit: set.spec.image_download_retry_limit,
-                        secrets: set.spec.image_pull_secrets.clone(),
-                        trace: set.annotations().get(keys::TRACEPARENT_ANNOTATION).cloned(),
-                    },
-                    reported: set.report_on(&entry.name).cloned(),
-                })
-            })
-            .collect();
+        let listed = report::listed(&sets);
         let actions = self.ledger.observe(listed, Instant::now());
         self.apply(actions);
         self.metrics
@@ -631,7 +615,7 @@ impl Agent {
         let name = set.name_any();
         let status = match &set.spec.unreadable {
             Some(why) => unreadable_spec_status(set, why),
-            None => self.status_of(set),
+            None => report::status(&self.ledger, set, &now()),
         };
         if set.status.as_ref() == Some(&status) {
             return true;
@@ -655,73 +639,9 @@ impl Agent {
         ok
     }
 
-    /// The status the ledger says `set` has.
-    fn status_of(&self, set: &NodeImageSet) -> NodeImageSetStatus {
-        let name = set.name_any();
-        let images: Vec<NodeImageStatus> = set
-            .spec
-            .image_set
-            .iter()
-            .filter_map(|e| self.ledger.status(&(name.clone(), e.name.clone())))
-            .collect();
-        let available = images
-            .iter()
-            .filter(|i| i.state == PullState::Available)
-            .count();
-        let failed: Vec<&str> = images
-            .iter()
-            .filter(|i| i.state == PullState::Failed)
-            .map(|i| i.name.as_str())
-            .collect();
-        let total = set.spec.image_set.len();
-        let (ready, reason, message) = if !failed.is_empty() {
-            (
-                false,
-                "PullFailed",
-                format!("gave up on: {}", failed.join(", ")),
-            )
-        } else if available == total {
-            (
-                true,
-                "AllImagesPresent",
-                format!("all {total} images are on the node"),
-            )
-        } else {
-            (
-                false,
-                "Pulling",
-                format!("{available} of {total} images are on the node"),
-            )
-        };
-        let old = set
-            .status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or(&[]);
-        let generation = set.metadata.generation;
-        let ready = condition(old, "Ready", ready, reason, &message, generation, &now());
-        NodeImageSetStatus {
-            available: available as i32,
-            total: total as i32,
-            images,
-            conditions: vec![ready],
-            unreadable: None,
-        }
-    }
-
     /// Writes `status` as the set's; `false` when the write failed.
     async fn write(&self, name: &str, status: &NodeImageSetStatus) -> bool {
-        let body = json!({
-            "apiVersion": NodeImageSet::api_version(&()),
-            "kind": NodeImageSet::kind(&()),
-            "status": status,
-        });
-        let params = PatchParams::apply(AGENT_MANAGER).force();
-        match self
-            .sets_api
-            .patch_status(name, &params, &Patch::Apply(&body))
-            .await
-        {
+        match report::write(&self.sets_api, name, status).await {
             Ok(_) => true,
             // Gone meanwhile: nothing to write to.
             Err(kube::Error::Api(e)) if e.code == 404 => true,

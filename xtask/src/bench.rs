@@ -19,7 +19,7 @@ pub struct Options {
 }
 
 /// Packages, fixtures, and a release build of the binary under test.
-fn prepare(package: &str) -> Result<()> {
+pub(crate) fn prepare(package: &str) -> Result<()> {
     crate::deps::install()?;
     crate::fixtures()?;
     crate::test::cargo(&["build", "--release", "--quiet", "-p", package])
@@ -174,12 +174,12 @@ async fn api_writes(client: &kube::Client) -> Result<u64> {
     .await?)
 }
 
-struct Memory {
-    now_kib: u64,
-    peak_kib: u64,
+pub(crate) struct Memory {
+    pub now_kib: u64,
+    pub peak_kib: u64,
 }
 
-fn memory(pid: u32) -> Result<Memory> {
+pub(crate) fn memory(pid: u32) -> Result<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .context("the controller exited; run it by hand to see why")?;
     let field = |name: &str| {

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod deps;
+mod swarm;
 pub mod test;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,14 @@ cargo xtask <command>
   bench agent-memory [--entries N]
                         the release agent's memory with N entries (default 100000,
                         the cluster budget) of longest names on its one node
+  bench swarm [--nodes N] [--images I] [--prefetches P] [--image-mib S]
+              [--uplink-mib U] [--nic-mib B]
+                        the release controller, N nodes (default 1000) and N simulated
+                        agents (their own watches, the agent's ledger and status code,
+                        pulls timed by a model of spegel's data plane): P ImagePrefetches
+                        (1) of I images (1) of S MiB (256), uplink U MiB/s (100), NIC B
+                        MiB/s (125); time to all Ready against the ideal, API requests,
+                        CPU and memory
   bench rollout [--nodes N] [--uplink-mib M]
                         N nodes (default 5) with peer mirrors, registry behind an
                         M MiB/s uplink (default 32): sequenced vs all-Default rollout
@@ -57,6 +66,7 @@ fn main() -> Result<()> {
         ["bench", "agent-memory", rest @ ..] => {
             runtime()?.block_on(bench::agent_memory(entries_option(rest)?))
         }
+        ["bench", "swarm", rest @ ..] => runtime()?.block_on(swarm::run(swarm_options(rest)?)),
         ["bench", "rollout", rest @ ..] => {
             runtime()?.block_on(bench::rollout(rollout_options(rest)?))
         }
@@ -118,6 +128,30 @@ fn bench_options(args: &[&str]) -> Result<bench::Options> {
             "--nodes" => opts.nodes = value as usize,
             "--prefetches" => opts.prefetches = value as usize,
             other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(opts)
+}
+
+fn swarm_options(args: &[&str]) -> Result<swarm::Options> {
+    let mut opts = swarm::Options {
+        nodes: 1000,
+        images: 1,
+        prefetches: 1,
+        image_mib: 256,
+        uplink_mib: 100,
+        nic_mib: 125,
+    };
+    for (flag, value) in numeric_flags(args)? {
+        match (flag, value) {
+            (_, 0) => bail!("{flag}: at least 1"),
+            ("--nodes", v) => opts.nodes = v as usize,
+            ("--images", v) if v <= 64 => opts.images = v as usize,
+            ("--prefetches", v) => opts.prefetches = v as usize,
+            ("--image-mib", v) => opts.image_mib = v,
+            ("--uplink-mib", v) => opts.uplink_mib = v,
+            ("--nic-mib", v) => opts.nic_mib = v,
+            (other, _) => bail!("unknown option or value {other}\n\n{HELP}"),
         }
     }
     Ok(opts)

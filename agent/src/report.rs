@@ -92,6 +92,16 @@ pub fn status(ledger: &Ledger, set: &NodeImageSet, now: &Time) -> NodeImageSetSt
     }
 }
 
+/// Whether `status` must be written to `set`: it differs from what is
+/// stored, and it says something. A set with no entry yet (the controller
+/// writes one per selected node before it releases anything to it — waiting
+/// is absence) gets no status until it has one: nobody reads "0 of 0", and
+/// on a large rollout it was one write per node.
+pub fn worth_writing(set: &NodeImageSet, status: &NodeImageSetStatus) -> bool {
+    let empty = set.spec.image_set.is_empty() && set.status.is_none();
+    !empty && set.status.as_ref() != Some(status)
+}
+
 /// Writes `status` as the set's (server-side apply, the agent's field manager).
 pub async fn write(
     api: &Api<NodeImageSet>,

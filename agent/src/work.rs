@@ -617,7 +617,12 @@ impl Agent {
             Some(why) => unreadable_spec_status(set, why),
             None => report::status(&self.ledger, set, &now()),
         };
-        if set.status.as_ref() == Some(&status) {
+        let worth = match &set.spec.unreadable {
+            // Says why nothing changes, even on a set that lists nothing.
+            Some(_) => set.status.as_ref() != Some(&status),
+            None => report::worth_writing(set, &status),
+        };
+        if !worth {
             return true;
         }
         // The cache shows the set as it was before our last write until the

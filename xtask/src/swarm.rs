@@ -34,6 +34,8 @@ pub struct Options {
     pub image_mib: u64,
     pub uplink_mib: u64,
     pub nic_mib: u64,
+    /// The controller's `--wave-cap` (0: none, its default).
+    pub wave_cap: u64,
 }
 
 /// What every simulated agent counts.
@@ -96,6 +98,7 @@ pub async fn run(opts: Options) -> Result<()> {
         .collect();
     let binary = crate::root().join("target/release/image-prefetch-controller");
     let mut controller = std::process::Command::new(&binary)
+        .arg(format!("--wave-cap={}", opts.wave_cap))
         .env("KUBECONFIG", &plane.kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
@@ -301,7 +304,7 @@ async fn simulated_agent(
         }
         for set in store.state() {
             let status = report::status(&ledger, &set, &crd::condition::now());
-            if set.status.as_ref() == Some(&status) {
+            if !report::worth_writing(&set, &status) {
                 continue;
             }
             let mark = (

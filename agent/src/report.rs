@@ -5,8 +5,12 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -17,6 +21,30 @@ use crate::ledger::{Ledger, Listed, Want};
 
 /// The field manager of the agent's status writes.
 pub const AGENT_MANAGER: &str = "image-prefetch-agent";
+
+/// The node's sets as the agent follows them: a cache, and the watch
+/// events that fill it (deletions too: a deleted set's pulls stop at once).
+/// The watch backs off while the API server is away. managedFields repeat
+/// every image name twice (the controller's spec, the agent's status) and
+/// nothing here reads them, so the cache drops them.
+pub fn follow(
+    api: &Api<NodeImageSet>,
+    node: &str,
+) -> (
+    Store<NodeImageSet>,
+    BoxStream<'static, Result<watcher::Event<NodeImageSet>, watcher::Error>>,
+) {
+    let (store, writer) = reflector::store();
+    let wc = watcher::Config::default().labels(&keys::on_node(node));
+    let events = reflector::reflector(
+        writer,
+        watcher(api.clone(), wc)
+            .backoff(crd::watch_backoff::backoff())
+            .modify(|set| set.managed_fields_mut().clear()),
+    )
+    .boxed();
+    (store, events)
+}
 
 /// Every entry of `sets`, as the ledger takes them.
 pub fn listed(sets: &[Arc<NodeImageSet>]) -> Vec<Listed> {

@@ -10,14 +10,14 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crd::{
-    NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, RegistryPolicy, keys, reference,
+    NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, RegistryPolicy, reference,
 };
 
 use crd::condition::{condition, now};
@@ -139,18 +139,7 @@ pub async fn run(
         .for_platform(config.platform.clone());
     health.set_ready(true);
     let sets_api: Api<NodeImageSet> = Api::all(client.clone());
-    let (store, writer) = reflector::store();
-    let wc = watcher::Config::default().labels(&keys::on_node(&config.node_name));
-    // Deletions too: a deleted set's pulls stop at once. The watch backs off
-    // while the API server is away. managedFields repeat every image name
-    // twice (the controller's spec, our status) and nothing here reads them.
-    let mut events = reflector::reflector(
-        writer,
-        watcher(sets_api.clone(), wc)
-            .backoff(crd::watch_backoff::backoff())
-            .modify(|set| set.managed_fields_mut().clear()),
-    )
-    .boxed();
+    let (store, mut events) = report::follow(&sets_api, &config.node_name);
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let (failed_backoff, progress_every) = (config.failed_backoff, config.progress_every);
     let sandbox_images = config.sandbox_images.clone();

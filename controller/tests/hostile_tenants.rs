@@ -41,6 +41,15 @@ async fn polite(client: &Client, name: &str, image: &str) -> Duration {
     started.elapsed()
 }
 
+async fn uid_of(client: &Client, ns: &str, name: &str) -> String {
+    Api::<ImagePrefetch>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap()
+        .uid()
+        .unwrap()
+}
+
 /// The Degraded condition's reason, once the ImagePrefetch has one.
 async fn degraded(client: &Client, ns: &str, name: &str) -> String {
     poll(&format!("{ns}/{name} Degraded"), || async {
@@ -85,12 +94,7 @@ async fn another_tenants_rollout_is_ready_whatever_one_tenant_does() {
     created(&client, "flood", &prefetch("flood", spec(&many))).await;
     let during = polite(&client, "during-flood", "registry.example.com/polite/web:2").await;
     assert_eq!(degraded(&client, "flood", "flood").await, "BudgetExceeded");
-    let flood_uid = Api::<ImagePrefetch>::namespaced(client.clone(), "flood")
-        .get("flood")
-        .await
-        .unwrap()
-        .uid()
-        .unwrap();
+    let flood_uid = uid_of(&client, "flood", "flood").await;
     assert!(
         sets(&client, &flood_uid).await.is_empty(),
         "nothing of the flood is written"
@@ -158,12 +162,7 @@ async fn another_tenants_rollout_is_ready_whatever_one_tenant_does() {
     let liar = sets(&client, &liar_uid).await.remove(0).name_any();
     report_digest(&client, &liar, tag, PullState::Available, FORGED).await;
     let during = polite(&client, "during-liar", tag).await;
-    let polite_uid = Api::<ImagePrefetch>::namespaced(client.clone(), "polite")
-        .get("during-liar")
-        .await
-        .unwrap()
-        .uid()
-        .unwrap();
+    let polite_uid = uid_of(&client, "polite", "during-liar").await;
     let pinned: Vec<String> = entries(&client, &polite_uid)
         .await
         .into_values()

@@ -315,8 +315,17 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
         };
         assert_eq!(of("team-a/web")[available], "1");
         assert_eq!(of("team-b/web")[available], "1");
-        // The refused image is on no node's list.
-        assert_eq!(of("team-b/refused")[table.column("IMAGES")], "0");
+        // The refused image is on no node's list, and a set that lists
+        // nothing gets no report from the agent: both columns stay empty.
+        let refused = of("team-b/refused");
+        assert_eq!(
+            (
+                refused[table.column("IMAGES")].as_str(),
+                refused[available].as_str()
+            ),
+            ("", ""),
+            "{out}"
+        );
     }
 
     // What one node was asked for and what its agent reports (the runbook's step 3).

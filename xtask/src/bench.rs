@@ -34,17 +34,10 @@ pub async fn controller(opts: Options) -> Result<()> {
 
     let started = Instant::now();
     let labels: BTreeMap<String, String> = [("bench".to_string(), "fanout".to_string())].into();
-    futures::stream::iter(
-        (0..opts.nodes).map(|i| {
-            let (client, labels) = (client.clone(), labels.clone());
-            async move {
-                testbed::nodes::register(&client, &format!("bench-node-{i:04}"), &labels).await
-            }
-        }),
-    )
-    .buffer_unordered(32)
-    .try_collect::<Vec<_>>()
-    .await?;
+    let names: Vec<String> = (0..opts.nodes)
+        .map(|i| format!("bench-node-{i:04}"))
+        .collect();
+    testbed::nodes::register_all(&client, &names, &labels).await?;
     println!(
         "registered {} Ready nodes in {:.1}s",
         opts.nodes,

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use agent::ledger::{self, Action, Backoff, Failure, Key, Ledger, Present, Want};
 use agent::report;
-use crd::{ImagePrefetch, NodeImageSet, RegistryPolicy, keys};
+use crd::{ImagePrefetch, NodeImageSet, RegistryPolicy};
 use dataplane::{DataPlane, Model};
 
 pub struct Options {
@@ -66,13 +66,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let names: Vec<String> = (0..opts.nodes).map(|i| format!("swarm-{i:05}")).collect();
     let labels: BTreeMap<String, String> = [("swarm".to_string(), "yes".to_string())].into();
     let t = Instant::now();
-    futures::stream::iter(names.iter().map(|n| {
-        let (client, labels) = (client.clone(), labels.clone());
-        async move { testbed::nodes::register(&client, n, &labels).await }
-    }))
-    .buffer_unordered(32)
-    .try_collect::<Vec<_>>()
-    .await?;
+    testbed::nodes::register_all(&client, &names, &labels).await?;
     println!(
         "{} nodes registered in {:.1}s; model: image {} MiB, uplink {} MiB/s, NIC {} MiB/s, advertisement 500 ms, 3 providers per lookup",
         opts.nodes,
@@ -244,15 +238,7 @@ async fn simulated_agent(
     counters: Arc<Counters>,
 ) {
     let api: Api<NodeImageSet> = Api::all(client);
-    let (store, writer) = reflector::store();
-    let wc = watcher::Config::default().labels(&keys::on_node(&node));
-    let mut events = reflector::reflector(
-        writer,
-        watcher(api.clone(), wc)
-            .backoff(crd::watch_backoff::backoff())
-            .modify(|s| s.managed_fields_mut().clear()),
-    )
-    .boxed();
+    let (store, mut events) = report::follow(&api, &node);
     let mut ledger = Ledger::new(Backoff::default());
     let (tx, mut rx) = mpsc::unbounded_channel::<Finished>();
     let mut tasks: HashMap<Key, JoinHandle<()>> = HashMap::new();

@@ -626,19 +626,20 @@ impl Agent {
         if self.written.get(&uid) == Some(&written) {
             return true;
         }
-        let ok = self.write(&name, &status).await;
-        if ok {
-            self.written.insert(uid, written);
-        }
-        ok
-    }
-
-    /// Writes `status` as the set's; `false` when the write failed.
-    async fn write(&self, name: &str, status: &NodeImageSetStatus) -> bool {
-        match report::write(&self.sets_api, name, status).await {
-            Ok(_) => true,
-            // Gone meanwhile: nothing to write to.
-            Err(kube::Error::Api(e)) if e.code == 404 => true,
+        match report::write(&self.sets_api, &name, &status).await {
+            Ok(_) => {
+                // Only a write that landed: one that did not (the set gone,
+                // or its status not served yet) is made again next time.
+                self.written.insert(uid, written);
+                true
+            }
+            // Gone meanwhile (then the watch drops it and nothing is tried
+            // again), or not served yet (a CRD just established can answer
+            // 404 for a while): tried again with the backoff either way.
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                debug!(set = %name, "NodeImageSet status not found; trying again");
+                false
+            }
             Err(e) => {
                 self.metrics.status_write_errors.inc();
                 warn!(set = %name, error = %e, "writing NodeImageSet status failed; retrying with backoff");

@@ -616,7 +616,7 @@ impl Agent {
         }
         // The cache shows the set as it was before our last write until the
         // watch brings that write back: the same status is not written again
-        // meanwhile (in a burst of pulls finishing, every event used to
+        // meanwhile (in a burst of pulls finishing, every event could
         // rewrite every such set).
         let uid = set.uid().unwrap_or_default();
         let written = Written {

@@ -1,6 +1,6 @@
 //! What the agent reads from its node's sets and what it writes back: the
 //! entries as the ledger takes them, and each set's status as the ledger
-//! says it is. Pure but for the write; `cargo xtask bench swarm`'s simulated
+//! says it is. Pure but for the write; `cargo run --release -p xtask --features swarm -- bench swarm`'s simulated
 //! agents use the same code.
 
 use std::sync::Arc;

@@ -3,7 +3,13 @@
 mod bench;
 mod demo;
 mod deps;
+#[cfg(feature = "swarm")]
 mod swarm;
+// The swarm's data-plane model is pure: its tests run in every test build.
+#[cfg(all(test, not(feature = "swarm")))]
+#[allow(dead_code)]
+#[path = "swarm/dataplane.rs"]
+mod dataplane;
 pub mod test;
 
 use std::path::{Path, PathBuf};
@@ -40,7 +46,8 @@ cargo xtask <command>
                         pulls timed by a model of spegel's data plane): P ImagePrefetches
                         (1) of I images (1) of S MiB (256), uplink U MiB/s (100), NIC B
                         MiB/s (125); time to all Ready against the ideal, API requests,
-                        CPU and memory; C: the controller's --wave-cap (32: the rule before)
+                        CPU and memory; C: the controller's --wave-cap (32: the rule before).
+                        Needs protoc: cargo run --release -p xtask --features swarm -- bench swarm
   bench rollout [--nodes N] [--uplink-mib M]
                         N nodes (default 5) with peer mirrors, registry behind an
                         M MiB/s uplink (default 32): sequenced vs all-Default rollout
@@ -66,7 +73,12 @@ fn main() -> Result<()> {
         ["bench", "agent-memory", rest @ ..] => {
             runtime()?.block_on(bench::agent_memory(entries_option(rest)?))
         }
+        #[cfg(feature = "swarm")]
         ["bench", "swarm", rest @ ..] => runtime()?.block_on(swarm::run(swarm_options(rest)?)),
+        #[cfg(not(feature = "swarm"))]
+        ["bench", "swarm", ..] => bail!(
+            "bench swarm links the agent crate, which needs protoc: run `cargo xtask deps`, then `cargo run --release -p xtask --features swarm -- bench swarm ...`"
+        ),
         ["bench", "rollout", rest @ ..] => {
             runtime()?.block_on(bench::rollout(rollout_options(rest)?))
         }
@@ -133,6 +145,7 @@ fn bench_options(args: &[&str]) -> Result<bench::Options> {
     Ok(opts)
 }
 
+#[cfg(feature = "swarm")]
 fn swarm_options(args: &[&str]) -> Result<swarm::Options> {
     let mut opts = swarm::Options {
         nodes: 1000,

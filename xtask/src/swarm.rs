@@ -1,4 +1,4 @@
-//! `cargo xtask bench swarm`: the release controller against N Node objects
+//! `cargo run --release -p xtask --features swarm -- bench swarm`: the release controller against N Node objects
 //! and N simulated agents in this one process. Each agent has its own watch
 //! of its node's NodeImageSets (so the API server's fan-out is real), runs
 //! the agent's own ledger and status-report code (`agent::ledger`,

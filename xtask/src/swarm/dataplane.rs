@@ -1,4 +1,4 @@
-//! A model of spegel's data plane for `cargo xtask bench swarm`: who can
+//! A model of spegel's data plane for `cargo run --release -p xtask --features swarm -- bench swarm`: who can
 //! serve an image, how long a pull takes, how many streams a holder serves.
 //! Pure: time comes in as an argument.
 //!

@@ -33,8 +33,14 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 pub struct Observed<'a> {
     pub prefetch: &'a ImagePrefetch,
     pub nodes: &'a [Arc<Node>],
-    /// Every NodeImageSet of the cluster (seeds are shared across ImagePrefetches).
-    pub sets: &'a [Arc<SetView>],
+    /// The ImagePrefetch's own NodeImageSets.
+    pub owned: &'a [Arc<SetView>],
+    /// Other ImagePrefetches' NodeImageSets that list one of its images
+    /// (seeds and holders are shared across ImagePrefetches).
+    pub sharing: &'a [Arc<SetView>],
+    /// Entries all ImagePrefetches list on each node (none: absent), for
+    /// the node budget.
+    pub entries_on: &'a HashMap<String, usize>,
     /// Wall clock, for conditions and node readiness.
     pub now: Time,
     /// Monotonic clock, for the seed book's deadlines and cool-downs.
@@ -167,7 +173,7 @@ pub fn decide(
         return Ok(unreadable_spec(p, why, observed.now.clone()));
     }
     let owned: Vec<&SetView> = observed
-        .sets
+        .owned
         .iter()
         .map(|s| s.as_ref())
         .filter(|s| owner.owns(s))
@@ -225,8 +231,8 @@ pub fn decide(
     }
     if let Some(budget) = config.node_budget
         && let Some((node, others)) = fullest_node(
-            observed.sets,
-            owner.uid,
+            observed.entries_on,
+            &owned,
             &selection.nodes,
             allowed.len(),
             budget,
@@ -426,24 +432,27 @@ enum Budget {
 
 /// The selected node the other ImagePrefetches' sets fill most, with their
 /// entries there, when `adding` more would take it past `budget`.
+/// `entries_on` counts every ImagePrefetch's entries, `owned` this one's.
 fn fullest_node(
-    sets: &[Arc<SetView>],
-    owner: &str,
+    entries_on: &HashMap<String, usize>,
+    owned: &[&SetView],
     selected: &[String],
     adding: usize,
     budget: usize,
 ) -> Option<(String, usize)> {
-    let selected: HashSet<&str> = selected.iter().map(String::as_str).collect();
-    let mut held: HashMap<&str, usize> = HashMap::new();
-    for s in sets.iter().filter(|s| s.owner != owner) {
-        if let Some(node) = selected.get(s.spec.node_name.as_str()) {
-            *held.entry(node).or_default() += s.spec.image_set.len();
-        }
-    }
-    held.into_iter()
+    let own: HashMap<&str, usize> = owned
+        .iter()
+        .map(|s| (s.spec.node_name.as_str(), s.spec.image_set.len()))
+        .collect();
+    selected
+        .iter()
+        .map(|node| {
+            let all = entries_on.get(node).copied().unwrap_or(0);
+            (node, all.saturating_sub(own.get(node.as_str()).copied().unwrap_or(0)))
+        })
         .filter(|(_, others)| others + adding > budget)
         .max_by_key(|(node, others)| (*others, std::cmp::Reverse(*node)))
-        .map(|(node, others)| (node.to_string(), others))
+        .map(|(node, others)| (node.clone(), others))
 }
 
 fn over_budget(
@@ -521,7 +530,13 @@ fn cluster_view(observed: &Observed<'_>, config: &Config) -> ClusterView {
             view.usable.insert(name);
         }
     }
-    view.add_sets(observed.sets.iter().map(|s| s.as_ref()));
+    view.add_sets(
+        observed
+            .owned
+            .iter()
+            .chain(observed.sharing)
+            .map(|s| s.as_ref()),
+    );
     view
 }
 
@@ -774,7 +789,7 @@ mod tests {
         }
 
         fn decide(&mut self, p: &ImagePrefetch, after: Duration) -> Decision {
-            let sets: Vec<Arc<SetView>> = self
+            let owned: Vec<Arc<SetView>> = self
                 .sets
                 .values()
                 .map(|s| {
@@ -783,12 +798,24 @@ mod tests {
                     v.owner = names::label_value(p.metadata.uid.as_deref().unwrap());
                     Arc::new(v)
                 })
-                .chain(self.others.iter().cloned())
                 .collect();
+            let keys: HashSet<String> = p.spec.images.iter().map(|i| policy::image_key(i)).collect();
+            let sharing: Vec<Arc<SetView>> = self
+                .others
+                .iter()
+                .filter(|s| s.keys.iter().any(|k| keys.contains(k.as_ref())))
+                .cloned()
+                .collect();
+            let mut entries_on: HashMap<String, usize> = HashMap::new();
+            for s in owned.iter().chain(&self.others) {
+                *entries_on.entry(s.spec.node_name.clone()).or_default() += s.spec.image_set.len();
+            }
             let observed = Observed {
                 prefetch: p,
                 nodes: &self.nodes,
-                sets: &sets,
+                owned: &owned,
+                sharing: &sharing,
+                entries_on: &entries_on,
                 now: crd::condition::now(),
                 at: self.start + after,
                 namespace_entries: self.namespace_entries,

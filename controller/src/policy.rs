@@ -189,9 +189,9 @@ impl ClusterView {
                 .then(|| set.spec().image_pull_secrets.first())
                 .flatten()
                 .map(|s| s.namespace.as_str());
-            for entry in &set.spec().image_set {
+            for (entry, key) in set.spec().image_set.iter().zip(set.keys().iter()) {
                 let report = set.report_on(&entry.name);
-                let key = shared_key(&image_key(&entry.name), private_to);
+                let key = shared_key(key, private_to);
                 let facts = self.images.entry(key).or_default();
                 let state = report.map(|r| r.state);
                 if state == Some(PullState::Available) {
@@ -233,9 +233,9 @@ impl Current {
         let mut entries = HashMap::new();
         let mut digests = HashMap::new();
         for set in sets {
-            for entry in &set.spec().image_set {
+            for (entry, key) in set.spec().image_set.iter().zip(set.keys().iter()) {
                 let report = set.report_on(&entry.name);
-                let slot = (set.spec().node_name.clone(), image_key(&entry.name));
+                let slot = (set.spec().node_name.clone(), key.to_string());
                 if let Some(d) = report
                     .filter(|r| r.state == PullState::Available)
                     .and_then(|r| r.digest.clone())

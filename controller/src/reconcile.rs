@@ -192,12 +192,33 @@ async fn apply(
     // nodes, and their NodeImageSets would be deleted.
     let _ = ctx.nodes.wait_until_ready().await;
     ctx.sets.wait_until_ready().await;
-    let (nodes, sets) = (ctx.nodes.state(), ctx.sets.state());
+    let nodes = ctx.nodes.state();
+    // Only the sets this decision reads, through the index's lookups.
+    let (owned, sharing, entries_on) = {
+        let sets = ctx.sets.read();
+        let owner = crd::names::label_value(&p.uid().unwrap_or_default());
+        let entries_on: HashMap<String, usize> = nodes
+            .iter()
+            .map(|n| n.name_any())
+            .map(|n| {
+                let entries = sets.entries_on(&n);
+                (n, entries)
+            })
+            .filter(|(_, entries)| *entries > 0)
+            .collect();
+        (
+            sets.owned_by(&owner),
+            sets.sharing(&owner, &p.spec.images),
+            entries_on,
+        )
+    };
     let (namespace_entries, cluster_entries) = entries_held_by_others(ctx, p);
     let observed = Observed {
         prefetch: p,
         nodes: &nodes,
-        sets: &sets,
+        owned: &owned,
+        sharing: &sharing,
+        entries_on: &entries_on,
         now: crd::condition::now(),
         at: Instant::now(),
         namespace_entries,
@@ -291,6 +312,7 @@ async fn act(
         .try_collect()
         .await?;
     for set in &applied {
+        ctx.sets.wrote(set);
         ctx.wrote();
         info!(node = %set.spec.node_name, set = %set.name_any(), images = set.spec.image_set.len(), "applied NodeImageSet");
     }

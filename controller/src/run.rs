@@ -155,11 +155,18 @@ pub async fn run(
         )
         .backoff(crd::watch_backoff::backoff())
         .inspect_err(watch_failed(&metrics, "nodeimagesets"))
-        .map_ok(move |event| {
-            sets.apply(&event);
-            event
+        // Only news reaches the owner's reconcile: not the echo of the
+        // controller's own writes.
+        .try_filter_map(move |event| {
+            let news = sets.apply(&event);
+            let set = match event {
+                watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
+                    news.then_some(s)
+                }
+                watcher::Event::Init | watcher::Event::InitDone => None,
+            };
+            futures::future::ready(Ok(set))
         })
-        .touched_objects()
     };
 
     let recorder = Recorder::new(
@@ -233,7 +240,11 @@ pub async fn run(
         .backoff(crd::watch_backoff::backoff())
         .inspect_err(watch_failed(&ctx.metrics, "imageprefetches"))
         .reflect(prefetch_writer)
-        .applied_objects();
+        .applied_objects()
+        .predicate_filter(
+            triggers::prefetch_change,
+            kube::runtime::PredicateConfig::default(),
+        );
     let controller = Controller::for_stream(prefetch_events, all_prefetches.clone())
         .with_config(
             kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),

@@ -6,6 +6,9 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, NodeStatus};
 
 use kube::runtime::watcher;
+use std::hash::{Hash, Hasher};
+
+use crd::ImagePrefetch;
 
 /// Keeps of a Node only what selection reads (labels, deletion, spec,
 /// the Ready condition). A node's status carries up to 50 image entries and
@@ -54,6 +57,21 @@ fn fingerprint(node: &Node) -> u64 {
     parts.push(format!("ready={ready}"));
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     crd::names::stable_hash(&refs)
+}
+
+/// What about an ImagePrefetch asks for its reconcile: its spec (the
+/// generation), its deletion, its finalizers, labels and annotations — not
+/// its status, which is the controller's own write (each status written
+/// would otherwise reconcile the ImagePrefetch once more for nothing).
+pub(crate) fn prefetch_change(p: &ImagePrefetch) -> Option<u64> {
+    let m = &p.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.generation.hash(&mut h);
+    m.deletion_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+    m.finalizers.hash(&mut h);
+    m.labels.hash(&mut h);
+    m.annotations.hash(&mut h);
+    Some(h.finish())
 }
 
 /// Node events that matter: deletions, and changes of [`fingerprint`].

@@ -74,6 +74,21 @@ impl Default for MirrorEndpoints {
     }
 }
 
+impl MirrorEndpoints {
+    /// The port a peer's mirror listens on at the peer's address: that of
+    /// the first endpoint (spegel's registry hostPort, 30020, by default).
+    pub fn peer_port(&self) -> Option<&str> {
+        self.0.first().and_then(|e| port_of(e))
+    }
+}
+
+/// The port of a host as `hosts.toml` names it (`http://10.0.0.5:30020`,
+/// `[fd00::5]:30020`, `:30020`).
+fn port_of(host: &str) -> Option<&str> {
+    let (_, port) = host_of(host).rsplit_once(':')?;
+    (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())).then_some(port)
+}
+
 impl std::fmt::Display for MirrorEndpoints {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0.join(","))
@@ -230,19 +245,60 @@ fn render(comment: &str, server: &str, upstream: Table, hosts: Vec<(String, Tabl
     )
 }
 
-/// The hosts.toml for a Mirror pull: the in-cluster mirrors, each with its
-/// own settings (headers, TLS, dial timeout) and `pull` and `resolve`; the
-/// upstream push-only; every other host left out.
-pub fn mirror_only_toml(hosts: &NodeHosts, endpoints: &MirrorEndpoints) -> String {
+/// The header spegel puts on its requests to peers: a peer serves what it
+/// holds and answers 404 for anything else, never asking further itself.
+pub const PEER_REQUEST_HEADER: (&str, &str) = ("X-Spegel-Mirrored", "true");
+
+/// The host table for a named peer at `address`: the node's in-cluster
+/// mirror at the peer port (its scheme, headers, TLS settings — the peer's
+/// mirror is configured as this node's), at the peer's address, with the
+/// peer request header. `None` when no mirror of the node is at that port.
+pub fn named_peer(
+    hosts: &NodeHosts,
+    endpoints: &MirrorEndpoints,
+    address: std::net::IpAddr,
+) -> Option<(String, Table)> {
+    let port = endpoints.peer_port()?;
+    let (h, t) = hosts
+        .mirrors(endpoints)
+        .find(|(h, _)| port_of(h) == Some(port))?;
+    let scheme = h.split_once("://").map(|(s, _)| format!("{s}://"));
+    let host = match address {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    };
+    let mut t = t.clone();
+    t.insert("capabilities".into(), capabilities(&["pull", "resolve"]));
+    let header = t
+        .entry("header")
+        .or_insert_with(|| Value::Table(Table::new()));
+    if let Value::Table(header) = header {
+        header.insert(
+            PEER_REQUEST_HEADER.0.into(),
+            Value::from(PEER_REQUEST_HEADER.1),
+        );
+    }
+    Some((format!("{}{host}", scheme.unwrap_or_default()), t))
+}
+
+/// The hosts.toml for a Mirror pull: the named peer first when there is
+/// one, then the in-cluster mirrors, each with its own settings (headers,
+/// TLS, dial timeout) and `pull` and `resolve`; the upstream push-only;
+/// every other host left out.
+pub fn mirror_only_toml(
+    hosts: &NodeHosts,
+    endpoints: &MirrorEndpoints,
+    peer: Option<(String, Table)>,
+) -> String {
     let mut upstream = hosts.upstream.clone();
     upstream.insert("capabilities".into(), capabilities(&["push"]));
-    let mirrors = hosts
-        .mirrors(endpoints)
-        .map(|(h, t)| {
+    let mirrors = peer
+        .into_iter()
+        .chain(hosts.mirrors(endpoints).map(|(h, t)| {
             let mut t = t.clone();
             t.insert("capabilities".into(), capabilities(&["pull", "resolve"]));
             (h.clone(), t)
-        })
+        }))
         .collect();
     render(
         "Written by image-prefetch-agent: pulls with policy Mirror must not reach the upstream.",
@@ -294,12 +350,19 @@ pub fn prepare_upstream_resolves(
     Ok(dir)
 }
 
-/// Writes the Mirror configuration for `registry` under `mirror_dir` and returns the directory to pass as `host_dir`.
+/// Where, under the agent's directory, the configurations for Mirror pulls
+/// from a named peer go: one directory per peer address.
+const VIA_PEER: &str = "_via-peer";
+
+/// Writes the Mirror configuration for `registry` under `mirror_dir` and
+/// returns the directory to pass as `host_dir`. With a named peer (`from`),
+/// that peer's mirror comes first, in a directory of its own.
 pub fn prepare_mirror(
     node_dir: &Path,
     mirror_dir: &Path,
     registry: &str,
     endpoints: &MirrorEndpoints,
+    from: Option<std::net::IpAddr>,
 ) -> Result<PathBuf, HostsError> {
     let hosts = read(node_dir, registry)?;
     if hosts.mirrors(endpoints).next().is_none() {
@@ -309,8 +372,17 @@ pub fn prepare_mirror(
             endpoints: endpoints.to_string(),
         });
     }
-    write_atomically(mirror_dir, registry, &mirror_only_toml(&hosts, endpoints))?;
-    Ok(mirror_dir.to_path_buf())
+    let peer = from.and_then(|a| named_peer(&hosts, endpoints, a).map(|p| (a, p)));
+    let dir = match &peer {
+        // `:` of an IPv6 address is kept out of the directory's name.
+        Some((a, _)) => mirror_dir
+            .join(VIA_PEER)
+            .join(a.to_string().replace(':', "_")),
+        None => mirror_dir.to_path_buf(),
+    };
+    let text = mirror_only_toml(&hosts, endpoints, peer.map(|(_, p)| p));
+    write_atomically(&dir, registry, &text)?;
+    Ok(dir)
 }
 
 /// Writes `<base>/<registry>/hosts.toml`.
@@ -384,7 +456,7 @@ mod tests {
         let endpoints = spegel();
         let mirrors: Vec<&str> = hosts.mirrors(&endpoints).map(|(h, _)| h.as_str()).collect();
         assert_eq!(mirrors, ["http://10.0.0.5:30020"]);
-        let parsed: Table = toml::from_str(&mirror_only_toml(&hosts, &spegel())).unwrap();
+        let parsed: Table = toml::from_str(&mirror_only_toml(&hosts, &spegel(), None)).unwrap();
         assert_eq!(parsed["capabilities"], capabilities(&["push"]));
         assert_eq!(parsed["host"].as_table().unwrap().len(), 1);
     }
@@ -401,7 +473,7 @@ mod tests {
         );
         let hosts = read(d.path(), "registry.example.com:5000").unwrap();
         assert_eq!(hosts.server, "https://registry.example.com:5000");
-        let parsed: Table = toml::from_str(&mirror_only_toml(&hosts, &spegel())).unwrap();
+        let parsed: Table = toml::from_str(&mirror_only_toml(&hosts, &spegel(), None)).unwrap();
         let written: Vec<(&String, &Value)> = parsed["host"].as_table().unwrap().iter().collect();
         assert_eq!(
             written[0].0, "http://10.0.0.5:30021",
@@ -429,6 +501,64 @@ mod tests {
         );
     }
 
+    /// A named peer comes first: the node's mirror at spegel's hostPort, at
+    /// the peer's address, with its settings and the peer request header;
+    /// the node's own mirrors follow, for when the peer does not answer.
+    #[test]
+    fn a_named_peer_is_asked_first_as_spegel_asks_its_peers() {
+        let d = dir_with(
+            "_default",
+            "[host.'http://10.0.0.5:30021']\ncapabilities = ['pull']\n\n\
+             [host.'http://10.0.0.5:30020']\ncapabilities = ['pull']\ndial_timeout = '200ms'\n[host.'http://10.0.0.5:30020'.header]\nAuthorization = 'Basic c3BlZ2VsOnNlY3JldA=='\n",
+        );
+        let out = tempdir::Dir::new();
+        let peer: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+        let dir = prepare_mirror(
+            d.path(),
+            out.path(),
+            "registry.example.com",
+            &spegel(),
+            Some(peer),
+        )
+        .unwrap();
+        assert_ne!(
+            dir,
+            out.path(),
+            "a directory per peer: pulls from others are unaffected"
+        );
+        let text = std::fs::read_to_string(dir.join("registry.example.com/hosts.toml")).unwrap();
+        let parsed: Table = toml::from_str(&text).unwrap();
+        let written: Vec<(&String, &Value)> = parsed["host"].as_table().unwrap().iter().collect();
+        let names: Vec<&str> = written.iter().map(|(h, _)| h.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "http://10.0.0.9:30020",
+                "http://10.0.0.5:30021",
+                "http://10.0.0.5:30020"
+            ]
+        );
+        let first = written[0].1.as_table().unwrap();
+        assert_eq!(first["dial_timeout"].as_str(), Some("200ms"));
+        assert_eq!(
+            first["header"]["Authorization"].as_str(),
+            Some("Basic c3BlZ2VsOnNlY3JldA==")
+        );
+        assert_eq!(first["header"]["X-Spegel-Mirrored"].as_str(), Some("true"));
+        assert_eq!(first["capabilities"], capabilities(&["pull", "resolve"]));
+        // The upstream stays unreachable for pulls.
+        assert_eq!(parsed["capabilities"], capabilities(&["push"]));
+        // IPv6, and no mirror at the peer port: no peer is named.
+        let v6: std::net::IpAddr = "fd00::9".parse().unwrap();
+        let hosts = read(d.path(), "registry.example.com").unwrap();
+        assert_eq!(
+            named_peer(&hosts, &spegel(), v6).unwrap().0,
+            "http://[fd00::9]:30020"
+        );
+        let elsewhere = MirrorEndpoints::new([":5000".to_string(), ":30021".to_string()]);
+        assert!(named_peer(&hosts, &elsewhere, peer).is_none());
+    }
+
     /// `prependExisting`, `additionalMirrorTargets` or an administrator's
     /// own pull-through cache: hosts that are not the in-cluster mirror are
     /// never used by a Mirror pull (they may reach the internet).
@@ -442,18 +572,19 @@ mod tests {
              [host.'https://mirror.gcr.io']\ncapabilities = ['pull']\n",
         );
         let hosts = read(d.path(), "registry.example.com").unwrap();
-        let parsed: Table = toml::from_str(&mirror_only_toml(&hosts, &spegel())).unwrap();
+        let parsed: Table = toml::from_str(&mirror_only_toml(&hosts, &spegel(), None)).unwrap();
         let kept: Vec<&String> = parsed["host"].as_table().unwrap().keys().collect();
         assert_eq!(kept, ["http://10.0.0.5:30020"]);
         // An administrator who names their mirror endpoints gets exactly those.
         let mine = MirrorEndpoints::new(["https://cache.corp.example:8443".to_string()]);
-        let parsed: Table = toml::from_str(&mirror_only_toml(&hosts, &mine)).unwrap();
+        let parsed: Table = toml::from_str(&mirror_only_toml(&hosts, &mine, None)).unwrap();
         let kept: Vec<&String> = parsed["host"].as_table().unwrap().keys().collect();
         assert_eq!(kept, ["https://cache.corp.example:8443"]);
         // No in-cluster mirror at all: a Mirror pull fails closed, saying so.
         let out = tempdir::Dir::new();
         let none = MirrorEndpoints::new([":6443".to_string()]);
-        let err = prepare_mirror(d.path(), out.path(), "registry.example.com", &none).unwrap_err();
+        let err =
+            prepare_mirror(d.path(), out.path(), "registry.example.com", &none, None).unwrap_err();
         assert!(err.to_string().contains(":6443"), "{err}");
     }
 
@@ -521,8 +652,14 @@ mod tests {
             "server = \"https://registry.example.com\"\n",
         );
         let out = tempdir::Dir::new();
-        let err =
-            prepare_mirror(d.path(), out.path(), "registry.example.com", &spegel()).unwrap_err();
+        let err = prepare_mirror(
+            d.path(),
+            out.path(),
+            "registry.example.com",
+            &spegel(),
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("spegel"), "{err}");
     }
 
@@ -545,8 +682,14 @@ mod tests {
             for _ in 0..8 {
                 s.spawn(|| {
                     for _ in 0..50 {
-                        prepare_mirror(d.path(), out.path(), "registry.example.com", &spegel())
-                            .expect("no writer renames another's file away");
+                        prepare_mirror(
+                            d.path(),
+                            out.path(),
+                            "registry.example.com",
+                            &spegel(),
+                            None,
+                        )
+                        .expect("no writer renames another's file away");
                     }
                 });
             }

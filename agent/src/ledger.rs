@@ -502,6 +502,7 @@ mod tests {
                 name: IMG.into(),
                 registry_policy: policy,
                 digest: digest.map(str::to_string),
+                source: None,
             },
             retry_limit: 3,
             secrets: vec![],

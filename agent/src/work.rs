@@ -952,6 +952,9 @@ impl Job {
                         &self.config.mirror_hosts_dir,
                         &registry,
                         &self.config.mirror_endpoints,
+                        // An address that does not parse names no peer: the
+                        // pull goes through the node's own mirror.
+                        entry.source.as_ref().and_then(|s| s.address.parse().ok()),
                     )
                     .map_err(|e| Failure {
                         message: e.to_string(),
@@ -1019,6 +1022,7 @@ mod tests {
             name: name.into(),
             registry_policy: policy,
             digest: digest.map(str::to_string),
+            source: None,
         }
     }
 

@@ -28,6 +28,7 @@ async fn mirror_pull(
         &dir.join("agent-hosts"),
         &upstream.host,
         &hosts::MirrorEndpoints::new([format!("http://{}", mirror.host)]),
+        None,
     )
     .unwrap();
     let pinned = format!("{}/team/app@{}", upstream.host, image.digest);

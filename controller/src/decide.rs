@@ -448,7 +448,10 @@ fn fullest_node(
         .iter()
         .map(|node| {
             let all = entries_on.get(node).copied().unwrap_or(0);
-            (node, all.saturating_sub(own.get(node.as_str()).copied().unwrap_or(0)))
+            (
+                node,
+                all.saturating_sub(own.get(node.as_str()).copied().unwrap_or(0)),
+            )
         })
         .filter(|(_, others)| others + adding > budget)
         .max_by_key(|(node, others)| (*others, std::cmp::Reverse(*node)))
@@ -526,6 +529,9 @@ fn cluster_view(observed: &Observed<'_>, config: &Config) -> ClusterView {
             .as_ref()
             .and_then(|s| s.unschedulable)
             .unwrap_or(false);
+        if let Some(address) = select::internal_ip(n) {
+            view.addresses.insert(name.clone(), address.to_string());
+        }
         if select::is_ready(n) && !cordoned && n.metadata.deletion_timestamp.is_none() {
             view.usable.insert(name);
         }
@@ -799,7 +805,8 @@ mod tests {
                     Arc::new(v)
                 })
                 .collect();
-            let keys: HashSet<String> = p.spec.images.iter().map(|i| policy::image_key(i)).collect();
+            let keys: HashSet<String> =
+                p.spec.images.iter().map(|i| policy::image_key(i)).collect();
             let sharing: Vec<Arc<SetView>> = self
                 .others
                 .iter()
@@ -975,6 +982,7 @@ mod tests {
                         name: format!("registry.example.com/t/{i}:1"),
                         registry_policy: RegistryPolicy::Mirror,
                         digest: None,
+                        source: None,
                     })
                     .collect(),
                 image_pull_secrets: vec![],

@@ -463,6 +463,7 @@ mod tests {
                 name: i.to_string(),
                 registry_policy: crd::RegistryPolicy::Default,
                 digest: None,
+                source: None,
             })
             .collect();
         s
@@ -487,8 +488,20 @@ mod tests {
         // news all the same, and the stale record is gone after it.
         let late = listing("a", "n1", "uid-1", &["busybox"], "7");
         index.wrote(&late);
-        assert!(index.apply(&watcher::Event::Apply(listing("a", "n1", "uid-1", &["busybox"], "8"))));
-        assert!(index.apply(&watcher::Event::Apply(listing("a", "n1", "uid-1", &["busybox"], "7"))));
+        assert!(index.apply(&watcher::Event::Apply(listing(
+            "a",
+            "n1",
+            "uid-1",
+            &["busybox"],
+            "8"
+        ))));
+        assert!(index.apply(&watcher::Event::Apply(listing(
+            "a",
+            "n1",
+            "uid-1",
+            &["busybox"],
+            "7"
+        ))));
         assert!(index.apply(&watcher::Event::Delete(written)));
     }
 
@@ -500,7 +513,13 @@ mod tests {
         let events = [
             listing("a1", "n1", "uid-a", &["busybox", "nginx:1"], "1"),
             listing("a2", "n2", "uid-a", &["busybox"], "2"),
-            listing("b1", "n1", "uid-b", &["docker.io/library/busybox:latest"], "3"),
+            listing(
+                "b1",
+                "n1",
+                "uid-b",
+                &["docker.io/library/busybox:latest"],
+                "3",
+            ),
             listing("c1", "n1", "uid-c", &["redis"], "4"),
         ];
         for e in &events {
@@ -511,17 +530,35 @@ mod tests {
             assert_eq!(names(sets.owned_by("uid-a")), ["a1", "a2"]);
             // One image however it is written; the owner's own sets left out.
             assert_eq!(names(sets.sharing("uid-a", &["busybox".into()])), ["b1"]);
-            assert_eq!(names(sets.sharing("uid-b", &["busybox".into()])), ["a1", "a2"]);
-            assert_eq!(names(sets.sharing("uid-b", &["nginx".into()])), Vec::<String>::new());
+            assert_eq!(
+                names(sets.sharing("uid-b", &["busybox".into()])),
+                ["a1", "a2"]
+            );
+            assert_eq!(
+                names(sets.sharing("uid-b", &["nginx".into()])),
+                Vec::<String>::new()
+            );
             assert_eq!(sets.entries_on("n1"), 4);
             assert_eq!(sets.entries_on("n2"), 1);
         }
         // a1 drops nginx; c1 is deleted.
-        index.apply(&watcher::Event::Apply(listing("a1", "n1", "uid-a", &["busybox"], "5")));
+        index.apply(&watcher::Event::Apply(listing(
+            "a1",
+            "n1",
+            "uid-a",
+            &["busybox"],
+            "5",
+        )));
         index.apply(&watcher::Event::Delete(events[3].clone()));
         let sets = index.read();
-        assert_eq!(names(sets.sharing("uid-x", &["nginx:1".into()])), Vec::<String>::new());
-        assert_eq!(names(sets.sharing("uid-x", &["redis".into()])), Vec::<String>::new());
+        assert_eq!(
+            names(sets.sharing("uid-x", &["nginx:1".into()])),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            names(sets.sharing("uid-x", &["redis".into()])),
+            Vec::<String>::new()
+        );
         assert_eq!(sets.entries_on("n1"), 2);
         assert!(sets.owned_by("uid-c").is_empty());
         // Nothing is left indexed under what no set lists any more.

@@ -33,6 +33,9 @@ Uses the in-cluster service account, or $KUBECONFIG outside a cluster.
                                  doubling at each failure up to 10x (default 30)
   --findable-after-seconds S     a node holding an image counts as a mirror source S after
                                  it reported it (spegel advertises asynchronously; default 2)
+  --no-named-sources             do not name a holder in Mirror entries: every Mirror pull
+                                 goes through spegel's lookup, holders count once findable
+                                 (default: named, from the holder's InternalIP)
   --reseed-after-seconds S       when no Mirror pull of an image in a zone has succeeded and
                                  some failed for S, one of those nodes pulls it from the
                                  registry again (default 300)
@@ -105,6 +108,7 @@ fn parse_args() -> Config {
             "--not-ready-grace-seconds" => config.not_ready_grace = args.seconds(&flag),
             "--agent-silent-seconds" => config.agent_silent_after = args.seconds(&flag),
             "--no-sequencing" => config.policy.sequencing = false,
+            "--no-named-sources" => config.policy.named_sources = false,
             "--leader-elect" => {
                 let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
                 let identity = std::env::var("POD_NAME").unwrap_or_else(|_| hostname());

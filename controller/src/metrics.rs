@@ -172,6 +172,7 @@ mod tests {
                     name: "i".into(),
                     registry_policy: crd::RegistryPolicy::Default,
                     digest: None,
+                    source: None,
                 }],
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,

@@ -57,6 +57,12 @@ pub struct Settings {
     /// was first seen Available: spegel advertises asynchronously, and a
     /// Default pull that misses the mirror goes to the registry.
     pub findable_after: Duration,
+    /// Name a holder in each Mirror entry (its address from its Node): the
+    /// agent asks that peer first, so a holder is a source as soon as it
+    /// reports the image, not `findable_after` later, and serves only the
+    /// pulls named to it. Holders without an address are counted on the
+    /// old way (findable, chosen by spegel).
+    pub named_sources: bool,
     /// When every Mirror pull of an image in a group has failed and none has
     /// succeeded for this long, no peer can serve it (spegel cannot find
     /// it, e.g. on containerd 2.0): one of those nodes seeds it again from
@@ -125,6 +131,7 @@ impl Default for Settings {
             private_images: PrivateImages::default(),
             zone_seeding: ZoneSeeding::default(),
             findable_after: Duration::from_secs(2),
+            named_sources: true,
             reseed_after: Duration::from_secs(5 * 60),
         }
     }
@@ -162,6 +169,8 @@ pub struct ImageFacts {
     pub seeding: BTreeMap<String, Option<PullState>>,
     /// Bytes each seed's pull under way has fetched so far, as it last told.
     pub progress: BTreeMap<String, i64>,
+    /// Mirror pulls under way named to each holder, every ImagePrefetch's.
+    pub serving: HashMap<String, usize>,
 }
 
 /// The cluster as the policy sees it.
@@ -174,6 +183,8 @@ pub struct ClusterView {
     pub groups: HashMap<String, String>,
     /// Nodes that are Ready and not being deleted or cordoned.
     pub usable: HashSet<String>,
+    /// Each node's InternalIP, where its mirror listens (named sources).
+    pub addresses: HashMap<String, String>,
     /// Images pulled with credentials are shared within their namespace only
     /// (see [`shared_key`]).
     pub isolate_private: bool,
@@ -198,6 +209,11 @@ impl ClusterView {
                     facts
                         .available
                         .insert(node.clone(), report.and_then(|r| r.digest.clone()));
+                }
+                if let Some(from) = &entry.source
+                    && !matches!(state, Some(PullState::Available | PullState::Failed))
+                {
+                    *facts.serving.entry(from.node.clone()).or_default() += 1;
                 }
                 if entry.registry_policy == RegistryPolicy::Default {
                     facts.seeding.insert(node.clone(), state);
@@ -634,6 +650,7 @@ pub fn plan(
             name: image.clone(),
             registry_policy: policy,
             digest,
+            source: None,
         };
         if !settings.sequencing {
             for n in nodes {
@@ -664,6 +681,20 @@ pub fn plan(
                 .filter(|n| view.group(n) == zone && agrees(n))
                 .count()
         };
+        // Holders a Mirror entry can name (reported, with an address),
+        // sources at once, findable or not.
+        let nameable_in = |zone: &str| -> Vec<&String> {
+            facts
+                .available
+                .keys()
+                .filter(|n| {
+                    settings.named_sources
+                        && view.group(n) == zone
+                        && agrees(n)
+                        && view.addresses.contains_key(*n)
+                })
+                .collect()
+        };
         // Groups that hold the image need no seed; groups that do not come
         // first, so that a new seed (which resolves the tag at the registry
         // too, while no digest is agreed) counts before confirmers are chosen.
@@ -677,8 +708,12 @@ pub fn plan(
             }
         }
         order.sort_by_key(|(_, _, sources)| *sources > 0);
-        for (zone, ours, sources) in order {
+        for (zone, ours, findable_sources) in order {
             let zone = &zone;
+            let nameable = nameable_in(zone);
+            // Findable holders and nameable ones, each counted once.
+            let sources =
+                findable_sources + nameable.iter().filter(|n| !findable.contains(**n)).count();
             if sources > 0 {
                 let mut in_flight = 0;
                 let mut waiting: Vec<&String> = Vec::new();
@@ -723,7 +758,10 @@ pub fn plan(
                         None => waiting.push(n),
                     }
                 }
-                if !release {
+                // Only once spegel can find a holder: a confirmer's blobs
+                // come through its lookup (a named holder is not yet a
+                // source for a Default pull).
+                if !release && findable_sources > 0 {
                     // Nodes that resolve the tag at the registry themselves
                     // until enough agree: those that hold the image first
                     // (no bytes move), then by score; their blobs come
@@ -749,9 +787,29 @@ pub fn plan(
                     0
                 };
                 waiting.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
+                let mut serving = facts.serving.clone();
                 for n in waiting.into_iter().take(budget) {
-                    let out = entries.get_mut(n).expect("selected");
-                    out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
+                    let mut e = entry(RegistryPolicy::Mirror, pinned.clone());
+                    if !nameable.is_empty() {
+                        // The least loaded holder with room; none: wait.
+                        let Some(from) = nameable
+                            .iter()
+                            .filter(|h| {
+                                serving.get(**h).copied().unwrap_or(0) < settings.pulls_per_holder
+                            })
+                            .min_by_key(|h| {
+                                (serving.get(**h).copied().unwrap_or(0), score(&key, h))
+                            })
+                        else {
+                            break;
+                        };
+                        *serving.entry((*from).clone()).or_default() += 1;
+                        e.source = Some(crd::PeerSource {
+                            node: (*from).clone(),
+                            address: view.addresses[*from].clone(),
+                        });
+                    }
+                    entries.get_mut(n).expect("selected").push(e);
                 }
                 // No peer has served a Mirror pull and some have failed: if
                 // it lasts, one of the failed nodes seeds from the registry.
@@ -870,6 +928,8 @@ mod tests {
         isolate: bool,
         /// Our ImagePrefetch's namespace, when it names pull secrets.
         private_to: Option<String>,
+        /// Nodes' InternalIPs (none: no source can be named).
+        addresses: HashMap<String, String>,
     }
 
     impl Sim {
@@ -891,6 +951,7 @@ mod tests {
                 clock: Duration::ZERO,
                 isolate: true,
                 private_to: None,
+                addresses: HashMap::new(),
             }
         }
 
@@ -899,6 +960,7 @@ mod tests {
                 groups: self.groups.clone(),
                 usable: self.usable.clone(),
                 isolate_private: self.isolate,
+                addresses: self.addresses.clone(),
                 ..Default::default()
             };
             v.add_sets(self.ours.values().chain(self.others.iter()));
@@ -1059,8 +1121,10 @@ mod tests {
         sim.report(&seed, IMG, PullState::Available);
         sim.step(&[IMG]);
         // No Mirror pull on the seed's word alone: one more node resolves
-        // the tag at the registry (its blobs through the mirror).
+        // the tag at the registry (its blobs through the mirror, once spegel
+        // can find the seed).
         assert!(sim.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        sim.clock += sim.settings.findable_after;
         let resolved = sim.resolve(IMG);
         assert_eq!(resolved.len(), CONFIRMATIONS);
         let mut waves = Vec::new();
@@ -1076,6 +1140,30 @@ mod tests {
                 break;
             }
             waves.push(released.len());
+            // A named source holds the image, at its address, and serves at
+            // most its share of the wave.
+            let mut named: HashMap<String, usize> = HashMap::new();
+            for n in &released {
+                let e = sim.ours[n]
+                    .spec
+                    .image_set
+                    .iter()
+                    .find(|e| e.name == IMG)
+                    .unwrap();
+                if let Some(from) = &e.source {
+                    assert!(
+                        done.contains(&from.node),
+                        "{} named before it holds the image",
+                        from.node
+                    );
+                    assert_eq!(Some(&from.address), sim.addresses.get(&from.node));
+                    *named.entry(from.node.clone()).or_default() += 1;
+                }
+            }
+            assert!(
+                named.values().all(|&k| k <= sim.settings.pulls_per_holder),
+                "{named:?}"
+            );
             for n in &released {
                 let e = sim.ours[n]
                     .spec
@@ -1124,6 +1212,38 @@ mod tests {
         assert_eq!(waves(&mut sim), [4, 12, 22]);
     }
 
+    /// With the holders' addresses, a holder is a source the moment it
+    /// reports the image — here spegel would never find one — and each
+    /// serves only the pulls named to it (`waves` checks the names).
+    #[test]
+    fn named_holders_are_sources_at_once() {
+        let mut sim = Sim::new(40);
+        sim.settings.findable_after = Duration::from_secs(3600);
+        sim.addresses = (0..40)
+            .map(|i| (format!("node-{i:02}"), format!("10.0.0.{i}")))
+            .collect();
+        assert_eq!(waves(&mut sim), [2, 4, 8, 16, 8]);
+        let mut two = Sim::new(40);
+        two.settings.findable_after = Duration::from_secs(3600);
+        two.settings.pulls_per_holder = 2;
+        two.addresses = sim.addresses.clone();
+        assert_eq!(waves(&mut two), [4, 12, 22]);
+        // Named or not, nothing moves until spegel can find the seed while
+        // the tag's resolution is not agreed: a confirmer's Default pull
+        // takes its blobs through spegel's lookup, or from the registry.
+        for addresses in [HashMap::new(), sim.addresses.clone()] {
+            let mut early = Sim::new(40);
+            early.settings.findable_after = Duration::from_secs(3600);
+            early.addresses = addresses;
+            early.step(&[IMG]);
+            let seed = early.with_policy(IMG, RegistryPolicy::Default)[0].clone();
+            early.report(&seed, IMG, PullState::Available);
+            early.step(&[IMG]);
+            assert_eq!(early.with_policy(IMG, RegistryPolicy::Default), [seed]);
+            assert!(early.with_policy(IMG, RegistryPolicy::Mirror).is_empty());
+        }
+    }
+
     #[test]
     fn waves_respect_the_cap() {
         let mut sim = Sim::new(12);
@@ -1147,6 +1267,7 @@ mod tests {
             name: "registry.example.com/app:1".into(),
             registry_policy: RegistryPolicy::Mirror,
             digest: None,
+            source: None,
         }];
         report(&mut elsewhere, IMG, PullState::Available);
         sim.others.push(elsewhere);
@@ -1439,6 +1560,7 @@ mod tests {
             name: IMG.into(),
             registry_policy: RegistryPolicy::Default,
             digest: None,
+            source: None,
         }];
         theirs.spec.image_pull_secrets = vec![crd::SecretReference {
             namespace: namespace.into(),
@@ -1504,6 +1626,7 @@ mod tests {
             name: IMG.into(),
             registry_policy: RegistryPolicy::Default,
             digest: None,
+            source: None,
         }];
         report(&mut theirs, IMG, PullState::Pulling);
         sim.usable.insert("their-node".into());

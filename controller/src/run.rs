@@ -160,9 +160,9 @@ pub async fn run(
         .try_filter_map(move |event| {
             let news = sets.apply(&event);
             let set = match event {
-                watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
-                    news.then_some(s)
-                }
+                watcher::Event::Apply(s)
+                | watcher::Event::InitApply(s)
+                | watcher::Event::Delete(s) => news.then_some(s),
                 watcher::Event::Init | watcher::Event::InitDone => None,
             };
             futures::future::ready(Ok(set))

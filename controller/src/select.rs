@@ -152,6 +152,17 @@ impl NodeScope {
 /// Rendezvous (highest-random-weight) score of `node` for `key`: the order
 /// it defines depends only on the pair, so a choice of k nodes keeps its
 /// nodes when unrelated nodes come and go, and across controller restarts.
+/// The node's first InternalIP, where its mirror listens.
+pub fn internal_ip(node: &Node) -> Option<&str> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.as_str())
+}
+
 pub fn score(key: &str, node: &str) -> u64 {
     crd::names::stable_hash(&[key, node])
 }

@@ -347,6 +347,7 @@ mod tests {
                         name: n.to_string(),
                         registry_policy: RegistryPolicy::Default,
                         digest: None,
+                        source: None,
                     })
                     .collect(),
                 image_pull_secrets: vec![],

@@ -11,8 +11,9 @@ use std::hash::{Hash, Hasher};
 use crd::ImagePrefetch;
 
 /// Keeps of a Node only what selection reads (labels, deletion, spec,
-/// the Ready condition). A node's status carries up to 50 image entries and
-/// its managed fields; thousands of nodes of that would dominate the cache.
+/// the Ready condition) and its InternalIP (a named source's address). A
+/// node's status carries up to 50 image entries and its managed fields;
+/// thousands of nodes of that would dominate the cache.
 pub fn slim_node(node: &mut Node) {
     node.metadata.managed_fields = None;
     node.metadata.annotations = None;
@@ -24,8 +25,17 @@ pub fn slim_node(node: &mut Node) {
             .into_iter()
             .filter(|c| c.type_ == "Ready")
             .collect();
+        let internal = status
+            .addresses
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .take(1)
+            .collect();
         *status = NodeStatus {
             conditions: Some(ready),
+            addresses: Some(internal),
             ..Default::default()
         };
     }
@@ -55,6 +65,10 @@ fn fingerprint(node: &Node) -> u64 {
         .map(|c| c.status.clone())
         .unwrap_or_default();
     parts.push(format!("ready={ready}"));
+    parts.push(format!(
+        "address={}",
+        crate::select::internal_ip(node).unwrap_or_default()
+    ));
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     crd::names::stable_hash(&refs)
 }

@@ -14,8 +14,8 @@ pub mod reference;
 pub mod watch_backoff;
 
 pub use node_image_set::{
-    NodeImage, NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus, PullSource,
-    PullState, RegistryPolicy, SecretReference,
+    NodeImage, NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus, PeerSource,
+    PullSource, PullState, RegistryPolicy, SecretReference,
 };
 pub use prefetch::{
     ImagePrefetch, ImagePrefetchSpec, ImagePrefetchStatus, ImageProgress, LocalSecretReference,

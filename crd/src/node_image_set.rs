@@ -97,6 +97,25 @@ pub struct NodeImage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_DIGEST_LEN))]
     pub digest: Option<String>,
+    /// For a Mirror pull, a node that holds the image, named by the
+    /// controller: the agent asks that node's mirror first, so the pull
+    /// needs no lookup (nor waits for the holder to be advertised) and each
+    /// holder serves only the pulls the controller gave it. Should that node
+    /// not answer, the pull goes on through the node's own mirror.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PeerSource>,
+}
+
+/// A node to fetch an image from, and its address.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerSource {
+    #[schemars(length(min = 1, max = 253))]
+    pub node: String,
+    /// The node's InternalIP: its mirror listens there, at the port of the
+    /// mirror the node's own registry configuration names.
+    #[schemars(length(min = 2, max = 45), regex(pattern = r"^[0-9A-Fa-f:.]+$"))]
+    pub address: String,
 }
 
 /// Where a node may fetch an image from.

@@ -259,3 +259,62 @@ async fn a_registry_down_for_a_minute_mid_rollout_then_back_ends_ready_with_no_r
         back.elapsed().as_secs_f64()
     );
 }
+
+/// spegel on containerd 2.0 never advertises what is pulled after it
+/// started (no content events), so Mirror pulls that look the seed up
+/// never find it. A Mirror entry names a holder and its address: the
+/// agent asks that node's mirror first, with spegel's peer header, and no
+/// lookup is needed. The rollout completes, each blob crosses the uplink
+/// once, and every byte the other nodes got was served by a holder.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_pulls_from_named_holders_need_no_advertisement() {
+    let work = testbed::workdir::Workdir::new("e2e-named-sources");
+    let nodes = [
+        ("named-0", "amd64"),
+        ("named-1", "amd64"),
+        ("named-2", "amd64"),
+        ("named-3", "amd64"),
+    ];
+    let settings = testbed::peer_mirror::Settings {
+        content_events: false,
+        ..Default::default()
+    };
+    let mut bed = PeerCluster::start_with_settings(&work, &nodes, Some(UPLINK), settings)
+        .await
+        .expect("the peer-mirror bed");
+    bed.start_controller(&[], "controller.log").unwrap();
+    let img = image(&bed, &work, "team/named", &[6 * MB, 2 * MB]);
+    // By digest: no second node resolves a tag at the registry (whose
+    // blobs would come through spegel's lookup, which finds nothing here).
+    let pinned = format!("{}/{}@{}", bed.registry_host(), img.repository, img.digest);
+    bed.rollout("named", &[&pinned], WITHIN).await.unwrap();
+
+    let counts = gets(&bed, &img);
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "each blob crossed the uplink once: {counts:?}"
+    );
+    let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
+    let all = sets.list(&ListParams::default()).await.unwrap().items;
+    let mirror: Vec<&crd::NodeImage> = all
+        .iter()
+        .flat_map(|s| s.spec.image_set.iter())
+        .filter(|e| e.registry_policy == RegistryPolicy::Mirror)
+        .collect();
+    assert_eq!(mirror.len(), nodes.len() - 1);
+    for (set, e) in all
+        .iter()
+        .flat_map(|s| s.spec.image_set.iter().map(move |e| (s, e)))
+    {
+        if e.registry_policy == RegistryPolicy::Mirror {
+            let from = e.source.as_ref().expect("a named holder");
+            assert_ne!(from.node, set.spec.node_name);
+        }
+    }
+    let from_peers = bed.peer_bytes();
+    let needed = img.size * (nodes.len() as u64 - 1);
+    assert!(
+        from_peers >= needed,
+        "the Mirror nodes' bytes were served by holders: {from_peers} < {needed}"
+    );
+}

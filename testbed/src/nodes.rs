@@ -47,6 +47,24 @@ pub async fn register(
     set_ready(client, name, true).await
 }
 
+/// Sets the node's InternalIP, as a kubelet would (a field manager of its
+/// own, so that [`set_ready`]'s applies leave it alone).
+pub async fn set_address(client: &kube::Client, name: &str, ip: &str) -> Result<Node> {
+    let api: Api<Node> = Api::all(client.clone());
+    let status = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+    });
+    Ok(api
+        .patch_status(
+            name,
+            &PatchParams::apply(&format!("{MANAGER}-address")).force(),
+            &Patch::Apply(&status),
+        )
+        .await?)
+}
+
 /// Sets the node's Ready condition, as a kubelet (or its absence) would.
 pub async fn set_ready(client: &kube::Client, name: &str, ready: bool) -> Result<Node> {
     let api: Api<Node> = Api::all(client.clone());

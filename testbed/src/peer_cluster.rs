@@ -48,6 +48,19 @@ impl PeerCluster {
         nodes: &[(&str, &str)],
         bytes_per_second: Option<u64>,
     ) -> Result<Self> {
+        Self::start_with_settings(dir, nodes, bytes_per_second, Settings::default()).await
+    }
+
+    /// [`PeerCluster::start_with_uplink`] with the stand-ins' `settings`
+    /// (every stand-in on one port, whatever `settings` says, as spegel's
+    /// hostPort is one for all nodes).
+    pub async fn start_with_settings(
+        dir: &Path,
+        nodes: &[(&str, &str)],
+        bytes_per_second: Option<u64>,
+        mut settings: Settings,
+    ) -> Result<Self> {
+        settings.port = Some(crate::process::free_ports::<1>()?[0]);
         let (plane, client) = crate::crds::control_plane(&dir.join("cluster")).await?;
         let upstream = Registry::start(&dir.join("upstream"))?;
         let link = match bytes_per_second {
@@ -63,7 +76,7 @@ impl PeerCluster {
             plane,
             dir: dir.to_path_buf(),
             directory: dir.join("peer-directory"),
-            settings: Settings::default(),
+            settings,
         };
         for (name, arch) in nodes {
             cluster.add_node(name, arch).await?;
@@ -181,9 +194,12 @@ impl PeerCluster {
         self.ready(name, &all, started, within).await
     }
 
-    /// Bytes the nodes' containerds got from peers, by the mirrors' own counters.
+    /// Bytes nodes got from peers, counted where they were served (a
+    /// mirror's local content sent to a request with spegel's peer header):
+    /// through a node's own mirror's lookup, or from a named source, each
+    /// byte once.
     pub fn peer_bytes(&self) -> u64 {
-        self.mirrors_counted("peer_mirror_peer_bytes_total")
+        self.mirrors_counted("peer_mirror_bytes_served_to_peers_total")
     }
 
     /// Requests the mirrors answered with a miss (no peer found yet).

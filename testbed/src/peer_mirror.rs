@@ -37,6 +37,10 @@ pub struct Settings {
     /// (`e2e/tests/headline.rs`: blobs then fetched upstream twice). The
     /// floor is scaled to the stand-in, not the rule.
     pub header_floor: Duration,
+    /// The port every node's stand-in listens on, at the node's own
+    /// address, as spegel's registry hostPort (30020) is the same on every
+    /// node: what a named source is reached at. `None`: a free port each.
+    pub port: Option<u16>,
 }
 
 impl Default for Settings {
@@ -48,6 +52,7 @@ impl Default for Settings {
             basic_auth: None,
             content_events: true,
             header_floor: Duration::from_secs(1),
+            port: None,
         }
     }
 }
@@ -79,8 +84,11 @@ impl PeerMirror {
         directory: &Path,
         settings: &Settings,
     ) -> Result<Self> {
-        // A port free on 127.0.0.1 is free on every loopback address.
-        let [port] = free_ports()?;
+        let port = match settings.port {
+            Some(port) => port,
+            // A port free on 127.0.0.1 is free on every loopback address.
+            None => free_ports::<1>()?[0],
+        };
         let at = Placement {
             host: format!("{ip}:{port}"),
             launch: &|program: &Path| Command::new(program),

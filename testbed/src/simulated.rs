@@ -177,6 +177,8 @@ impl SimulatedNode {
                     settings,
                 )?;
                 mirror.configure_node(&containerd.hosts_dir, &[&format!("http://{upstream}")])?;
+                // Where peers reach its mirror: a source the controller can name.
+                crate::nodes::set_address(client, name, ip).await?;
                 Some(mirror)
             }
         };

@@ -40,13 +40,14 @@ cargo xtask <command>
                         the release agent's memory with N entries (default 100000,
                         the cluster budget) of longest names on its one node
   bench swarm [--nodes N] [--images I] [--prefetches P] [--image-mib S]
-              [--uplink-mib U] [--nic-mib B] [--wave-cap C]
+              [--uplink-mib U] [--nic-mib B] [--wave-cap C] [--named-sources 0|1]
                         the release controller, N nodes (default 1000) and N simulated
                         agents (their own watches, the agent's ledger and status code,
                         pulls timed by a model of spegel's data plane): P ImagePrefetches
                         (1) of I images (1) of S MiB (256), uplink U MiB/s (100), NIC B
                         MiB/s (125); time to all Ready against the ideal, API requests,
-                        CPU and memory; C: the controller's --wave-cap (32: the rule before).
+                        CPU and memory; C: the controller's --wave-cap (32: the rule before);
+                        --named-sources 0: the controller's --no-named-sources.
                         Needs protoc: cargo run --release -p xtask --features swarm -- bench swarm
   bench rollout [--nodes N] [--uplink-mib M]
                         N nodes (default 5) with peer mirrors, registry behind an
@@ -155,10 +156,12 @@ fn swarm_options(args: &[&str]) -> Result<swarm::Options> {
         uplink_mib: 100,
         nic_mib: 125,
         wave_cap: 0,
+        named_sources: true,
     };
     for (flag, value) in numeric_flags(args)? {
         match (flag, value) {
             ("--wave-cap", v) => opts.wave_cap = v,
+            ("--named-sources", v) => opts.named_sources = v != 0,
             (_, 0) => bail!("{flag}: at least 1"),
             ("--nodes", v) => opts.nodes = v as usize,
             ("--images", v) if v <= 64 => opts.images = v as usize,

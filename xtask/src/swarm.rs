@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -36,6 +36,8 @@ pub struct Options {
     pub nic_mib: u64,
     /// The controller's `--wave-cap` (0: none, its default).
     pub wave_cap: u64,
+    /// `false`: the controller's `--no-named-sources`.
+    pub named_sources: bool,
 }
 
 /// What every simulated agent counts.
@@ -67,6 +69,18 @@ pub async fn run(opts: Options) -> Result<()> {
     let labels: BTreeMap<String, String> = [("swarm".to_string(), "yes".to_string())].into();
     let t = Instant::now();
     testbed::nodes::register_all(&client, &names, &labels).await?;
+    // Addresses for named sources: only written into Node objects; the
+    // simulated agents send nothing to them.
+    futures::stream::iter(names.iter().enumerate().map(|(i, n)| {
+        let client = client.clone();
+        async move {
+            let ip = format!("127.1.{}.{}", i / 256, i % 256);
+            testbed::nodes::set_address(&client, n, &ip).await
+        }
+    }))
+    .buffer_unordered(32)
+    .try_collect::<Vec<_>>()
+    .await?;
     println!(
         "{} nodes registered in {:.1}s; model: image {} MiB, uplink {} MiB/s, NIC {} MiB/s, advertisement 500 ms, 3 providers per lookup",
         opts.nodes,
@@ -93,6 +107,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let binary = crate::root().join("target/release/image-prefetch-controller");
     let mut controller = std::process::Command::new(&binary)
         .arg(format!("--wave-cap={}", opts.wave_cap))
+        .args((!opts.named_sources).then_some("--no-named-sources"))
         .env("KUBECONFIG", &plane.kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
@@ -329,7 +344,12 @@ async fn pull(
             .expect("not poisoned")
             .entry(image.clone())
             .or_insert_with(|| DataPlane::new(model))
-            .start(&node, mirror_only, Instant::now());
+            .start(
+                &node,
+                mirror_only,
+                want.entry.source.as_ref().map(|s| s.node.as_str()),
+                Instant::now(),
+            );
         match started {
             Some(s) => {
                 tokio::time::sleep(s.takes).await;

@@ -58,6 +58,9 @@ pub struct Counters {
     pub misses: AtomicU64,
     /// Blob GETs served locally to another mirror.
     pub served_to_peers: AtomicU64,
+    /// Bytes of content served locally to requests with the peer header:
+    /// another node's mirror, or its containerd asking a named source.
+    pub bytes_served_to_peers: AtomicU64,
     /// Requests refused for want of the Basic-auth header.
     pub unauthorized: AtomicU64,
     /// Requests answered with an empty 404 by spegel's filters.
@@ -372,6 +375,11 @@ impl Mirror {
             return response;
         }
         self.counters.local_bytes.fetch_add(len, Ordering::Relaxed);
+        if from_peer {
+            self.counters
+                .bytes_served_to_peers
+                .fetch_add(len, Ordering::Relaxed);
+        }
         if from_peer && r.kind == Kind::Blob {
             self.counters
                 .served_to_peers
@@ -572,6 +580,7 @@ impl Mirror {
              # TYPE peer_mirror_peer_bytes_total counter\npeer_mirror_peer_bytes_total {}\n\
              # TYPE peer_mirror_misses_total counter\npeer_mirror_misses_total {}\n\
              # TYPE peer_mirror_blobs_served_to_peers_total counter\npeer_mirror_blobs_served_to_peers_total {}\n\
+             # TYPE peer_mirror_bytes_served_to_peers_total counter\npeer_mirror_bytes_served_to_peers_total {}\n\
              # TYPE peer_mirror_unauthorized_total counter\npeer_mirror_unauthorized_total {}\n\
              # TYPE peer_mirror_filtered_total counter\npeer_mirror_filtered_total {}\n\
              # TYPE peer_mirror_peer_timeouts_total counter\npeer_mirror_peer_timeouts_total {}\n",
@@ -579,6 +588,7 @@ impl Mirror {
             c.peer_bytes.load(Ordering::Relaxed),
             c.misses.load(Ordering::Relaxed),
             c.served_to_peers.load(Ordering::Relaxed),
+            c.bytes_served_to_peers.load(Ordering::Relaxed),
             c.unauthorized.load(Ordering::Relaxed),
             c.filtered.load(Ordering::Relaxed),
             c.peer_timeouts.load(Ordering::Relaxed),

@@ -11,6 +11,9 @@
 //!   streams it serves: a pull's rate is fixed when it starts, at
 //!   `nic / (streams + 1)`.
 //! - A Default pull goes to the mirror first and to the registry on a miss.
+//! - A pull that names a holder (the controller's named source) is served
+//!   by it, findable or not, as the agent asks that peer first; a named
+//!   node that does not hold the image sends the pull on to the lookup.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -84,8 +87,18 @@ impl DataPlane {
         }
     }
 
-    /// A pull by `node`; `None` is a miss (no findable peer, Mirror only).
-    pub fn start(&mut self, node: &str, mirror_only: bool, now: Instant) -> Option<Started> {
+    /// A pull by `node`, from the holder `named` first when there is one;
+    /// `None` is a miss (no findable peer, Mirror only).
+    pub fn start(
+        &mut self,
+        node: &str,
+        mirror_only: bool,
+        named: Option<&str>,
+        now: Instant,
+    ) -> Option<Started> {
+        if let Some(peer) = named.filter(|n| *n != node && self.holders.contains_key(*n)) {
+            return Some(self.served_by(peer.to_string()));
+        }
         let mut providers: Vec<(&String, &Holder)> = self
             .holders
             .iter()
@@ -106,17 +119,7 @@ impl DataPlane {
             .min_by_key(|(n, h)| (h.streams, (*n).clone()))
             .map(|(n, _)| n.clone());
         match chosen {
-            Some(peer) => {
-                let holder = self.holders.get_mut(&peer).expect("chosen from holders");
-                holder.streams += 1;
-                self.most_streams = self.most_streams.max(holder.streams);
-                self.peer_pulls += 1;
-                let rate = self.model.nic / holder.streams as u64;
-                Some(Started {
-                    source: Source::Peer(peer),
-                    takes: self.model.transfer(rate),
-                })
-            }
+            Some(peer) => Some(self.served_by(peer)),
             None if mirror_only => {
                 self.misses += 1;
                 None
@@ -130,6 +133,19 @@ impl DataPlane {
                     takes: self.model.transfer(rate),
                 })
             }
+        }
+    }
+
+    /// A pull served by the holder `peer`, its NIC shared with its other streams.
+    fn served_by(&mut self, peer: String) -> Started {
+        let holder = self.holders.get_mut(&peer).expect("a holder");
+        holder.streams += 1;
+        self.most_streams = self.most_streams.max(holder.streams);
+        self.peer_pulls += 1;
+        let rate = self.model.nic / holder.streams as u64;
+        Started {
+            source: Source::Peer(peer),
+            takes: self.model.transfer(rate),
         }
     }
 
@@ -182,15 +198,15 @@ mod tests {
     fn a_seed_goes_upstream_and_is_findable_after_the_advertisement_delay() {
         let mut d = DataPlane::new(model());
         let t0 = Instant::now();
-        assert_eq!(d.start("b", true, t0), None, "nobody holds it: a miss");
-        let seed = d.start("a", false, t0).unwrap();
+        assert_eq!(d.start("b", true, None, t0), None, "nobody holds it: a miss");
+        let seed = d.start("a", false, None, t0).unwrap();
         assert_eq!(seed.source, Source::Registry);
         assert_eq!(seed.takes, Duration::from_secs(10));
         let done = t0 + seed.takes;
         d.finish("a", &seed, done);
-        assert_eq!(d.start("b", true, done), None, "not advertised yet");
+        assert_eq!(d.start("b", true, None, done), None, "not advertised yet");
         let peer = d
-            .start("b", true, done + Duration::from_millis(500))
+            .start("b", true, None, done + Duration::from_millis(500))
             .unwrap();
         assert_eq!(peer.source, Source::Peer("a".into()));
         assert_eq!(peer.takes, Duration::from_secs(1));
@@ -201,11 +217,11 @@ mod tests {
     fn a_holders_nic_is_shared_by_the_streams_it_serves() {
         let mut d = DataPlane::new(model());
         let t0 = Instant::now();
-        let seed = d.start("a", false, t0).unwrap();
+        let seed = d.start("a", false, None, t0).unwrap();
         d.finish("a", &seed, t0);
         let later = t0 + Duration::from_secs(1);
-        let first = d.start("b", true, later).unwrap();
-        let second = d.start("c", true, later).unwrap();
+        let first = d.start("b", true, None, later).unwrap();
+        let second = d.start("c", true, None, later).unwrap();
         assert_eq!(first.takes, Duration::from_secs(1));
         assert_eq!(
             second.takes,
@@ -215,8 +231,22 @@ mod tests {
         assert_eq!(d.most_streams, 2);
         // A Default pull with a findable holder is served by the mirror.
         assert_eq!(
-            d.start("d", false, later).unwrap().source,
+            d.start("d", false, None, later).unwrap().source,
             Source::Peer("a".into())
         );
+    }
+
+    #[test]
+    fn a_named_holder_serves_before_it_is_advertised() {
+        let mut d = DataPlane::new(model());
+        let t0 = Instant::now();
+        let seed = d.start("a", false, None, t0).unwrap();
+        d.finish("a", &seed, t0);
+        // Not findable yet, but named.
+        let named = d.start("b", true, Some("a"), t0).unwrap();
+        assert_eq!(named.source, Source::Peer("a".into()));
+        // A named node that does not hold it: the lookup, which misses.
+        assert_eq!(d.start("c", true, Some("z"), t0), None);
+        assert_eq!((d.peer_pulls, d.misses), (1, 1));
     }
 }

@@ -282,6 +282,11 @@ pub fn decide(
     let by_name: HashMap<&str, &SetView> = owned.iter().map(|s| (s.name.as_str(), *s)).collect();
     let mut apply = Vec::new();
     let mut after: Vec<SetView> = Vec::with_capacity(plan.entries.len());
+    // A set written with an image its node already reports Available (it
+    // held it before, for this or another ImagePrefetch) makes that node a
+    // holder by the controller's own write, whose echo triggers nothing:
+    // the next wave is decided by looking again at once.
+    let mut made_holders = false;
     for (node, entries) in &plan.entries {
         let desired = desired_set(p, &owner, node, entries.clone(), config);
         let existing = by_name.get(desired.name_any().as_str()).copied();
@@ -293,6 +298,11 @@ pub fn decide(
                     view.has_status = e.has_status;
                     view.reports = e.reports.clone();
                     view.unreadable_report = e.unreadable_report.clone();
+                    made_holders |= view.spec.image_set.iter().any(|entry| {
+                        !e.spec.image_set.iter().any(|old| old.name == entry.name)
+                            && view.report_on(&entry.name).map(|r| r.state)
+                                == Some(crd::PullState::Available)
+                    });
                 }
                 after.push(view);
                 apply.push(desired);
@@ -371,7 +381,8 @@ pub fn decide(
                 .map(|at| at.saturating_duration_since(observed.at))
                 .unwrap_or(RESYNC)
                 .max(Duration::from_secs(1)),
-        );
+        )
+        .min(if made_holders { LOOK_AGAIN } else { RESYNC });
     Ok(Decision {
         apply,
         delete,
@@ -404,6 +415,10 @@ fn unreadable_spec(p: &ImagePrefetch, why: &crd::lenient::Unreadable, now: Time)
         RESYNC,
     )
 }
+
+/// How soon a decision that made holders by its own writes is followed by
+/// the next: time for those writes to come back through the watch.
+pub const LOOK_AGAIN: Duration = Duration::from_millis(200);
 
 /// How soon an ImagePrefetch over its namespace's budget is looked at
 /// again: room may have been made (another deleted or shrunk).
@@ -1062,6 +1077,33 @@ mod tests {
             w.report(s, A, PullState::Available);
         }
         (w, p)
+    }
+
+    /// A node whose report still says Available for an image it is not
+    /// listed for yet (it held it before the controller restarted) becomes
+    /// a holder by the controller's own write, whose echo triggers
+    /// nothing: the decision that lists it looks again at once.
+    #[test]
+    fn listing_an_image_a_node_already_reports_looks_again_at_once() {
+        let (mut w, mut p) = seeded(4);
+        let waiting: Vec<String> = w
+            .sets
+            .values()
+            .filter(|s| s.spec.image_set.is_empty())
+            .map(|s| s.spec.node_name.clone())
+            .collect();
+        assert_eq!(waiting.len(), 2);
+        for n in &waiting {
+            w.report(n, A, PullState::Available);
+        }
+        let d = w.decide(&p, Duration::from_secs(2));
+        assert!(!d.apply.is_empty());
+        assert_eq!(d.requeue, LOOK_AGAIN);
+        w.act(&mut p, &d);
+        // Nothing new: the usual requeue.
+        let d = w.decide(&p, Duration::from_secs(3));
+        assert!(d.apply.is_empty());
+        assert!(d.requeue > LOOK_AGAIN);
     }
 
     #[test]

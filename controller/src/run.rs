@@ -239,12 +239,8 @@ pub async fn run(
     let prefetch_events = watcher(prefetches, watcher::Config::default())
         .backoff(crd::watch_backoff::backoff())
         .inspect_err(watch_failed(&ctx.metrics, "imageprefetches"))
-        .reflect(prefetch_writer)
-        .applied_objects()
-        .predicate_filter(
-            triggers::prefetch_change,
-            kube::runtime::PredicateConfig::default(),
-        );
+        .reflect(prefetch_writer);
+    let prefetch_events = triggers::prefetch_changes(prefetch_events);
     let controller = Controller::for_stream(prefetch_events, all_prefetches.clone())
         .with_config(
             kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),

@@ -77,7 +77,7 @@ fn fingerprint(node: &Node) -> u64 {
 /// generation), its deletion, its finalizers, labels and annotations — not
 /// its status, which is the controller's own write (each status written
 /// would otherwise reconcile the ImagePrefetch once more for nothing).
-pub(crate) fn prefetch_change(p: &ImagePrefetch) -> Option<u64> {
+fn prefetch_fingerprint(p: &ImagePrefetch) -> u64 {
     let m = &p.metadata;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     m.generation.hash(&mut h);
@@ -85,7 +85,36 @@ pub(crate) fn prefetch_change(p: &ImagePrefetch) -> Option<u64> {
     m.finalizers.hash(&mut h);
     m.labels.hash(&mut h);
     m.annotations.hash(&mut h);
-    Some(h.finish())
+    h.finish()
+}
+
+/// ImagePrefetch events worth a reconcile: every object of a (re)list —
+/// what changed while the watch was away, a status write lost with it
+/// included, is unknown — and updates that change [`prefetch_fingerprint`].
+pub(crate) fn prefetch_changes(
+    events: impl Stream<Item = Result<watcher::Event<ImagePrefetch>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<ImagePrefetch, watcher::Error>> + Send + 'static {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    events.filter_map(move |event| {
+        let key = |p: &ImagePrefetch| p.metadata.uid.clone().unwrap_or_default();
+        let news = match event {
+            Ok(watcher::Event::InitApply(p)) => {
+                seen.insert(key(&p), prefetch_fingerprint(&p));
+                Some(Ok(p))
+            }
+            Ok(watcher::Event::Apply(p)) => {
+                let fp = prefetch_fingerprint(&p);
+                (seen.insert(key(&p), fp) != Some(fp)).then_some(Ok(p))
+            }
+            Ok(watcher::Event::Delete(p)) => {
+                seen.remove(&key(&p));
+                None
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        futures::future::ready(news)
+    })
 }
 
 /// Node events that matter: deletions, and changes of [`fingerprint`].
@@ -114,4 +143,57 @@ pub(crate) fn node_changes(
             futures::stream::iter(changed.into_iter().map(Ok).collect::<Vec<_>>())
         })
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crd::ImagePrefetchSpec;
+
+    fn prefetch(generation: i64, status: Option<&str>) -> ImagePrefetch {
+        let mut p = ImagePrefetch::new(
+            "p",
+            serde_json::from_value::<ImagePrefetchSpec>(serde_json::json!({"images": ["busybox"]}))
+                .unwrap(),
+        );
+        p.metadata.uid = Some("uid-1".into());
+        p.metadata.generation = Some(generation);
+        p.status = status.map(|r| crd::ImagePrefetchStatus {
+            ready: r.into(),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[tokio::test]
+    async fn a_status_write_is_no_reason_to_reconcile_but_a_relist_is() {
+        use watcher::Event::*;
+        let events = vec![
+            Ok(Init),
+            Ok(InitApply(prefetch(1, None))),
+            Ok(InitDone),
+            Ok(Apply(prefetch(1, Some("0/3")))),
+            Ok(Apply(prefetch(1, Some("3/3")))),
+            Ok(Apply(prefetch(2, Some("3/3")))),
+            Ok(Init),
+            Ok(InitApply(prefetch(2, Some("3/3")))),
+            Ok(InitDone),
+        ];
+        let passed: Vec<(Option<i64>, Option<String>)> =
+            prefetch_changes(futures::stream::iter(events))
+                .map(|p| {
+                    let p = p.unwrap();
+                    (p.metadata.generation, p.status.map(|s| s.ready))
+                })
+                .collect()
+                .await;
+        assert_eq!(
+            passed,
+            [
+                (Some(1), None),
+                (Some(2), Some("3/3".into())),
+                (Some(2), Some("3/3".into()))
+            ]
+        );
+    }
 }

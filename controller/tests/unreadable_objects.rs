@@ -10,7 +10,7 @@
 
 mod support;
 
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -120,6 +120,30 @@ async fn objects_that_do_not_decode_cost_only_themselves() {
             .is_some(),
         "the stored object keeps its value under the real schema"
     );
+
+    // The API server serves a resource from a new cache after its CRD
+    // changed; a watch that lists before that cache holds everything
+    // starts without it (seen: the restarted controller never saw "huge").
+    // Wait until the cache watches list from has every object.
+    poll(
+        "the API server's caches serve the stored objects",
+        || async {
+            let cached = ListParams::default().match_any();
+            let huge_listed = prefetches
+                .list(&cached)
+                .await
+                .ok()?
+                .items
+                .iter()
+                .any(|p| p.name_any() == "huge");
+            let report_listed = sets_api.list(&cached).await.ok()?.items.iter().any(|s| {
+                s.name_any() == reporter
+                    && s.status.as_ref().is_some_and(|st| st.unreadable.is_some())
+            });
+            (huge_listed && report_listed).then_some(())
+        },
+    )
+    .await;
 
     // A controller restarted with all of that in the cluster.
     let second = controller(&client, port);

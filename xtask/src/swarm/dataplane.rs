@@ -198,7 +198,11 @@ mod tests {
     fn a_seed_goes_upstream_and_is_findable_after_the_advertisement_delay() {
         let mut d = DataPlane::new(model());
         let t0 = Instant::now();
-        assert_eq!(d.start("b", true, None, t0), None, "nobody holds it: a miss");
+        assert_eq!(
+            d.start("b", true, None, t0),
+            None,
+            "nobody holds it: a miss"
+        );
         let seed = d.start("a", false, None, t0).unwrap();
         assert_eq!(seed.source, Source::Registry);
         assert_eq!(seed.takes, Duration::from_secs(10));

@@ -73,6 +73,9 @@ pub struct SetView {
     pub unreadable_report: Option<crd::lenient::Unreadable>,
     /// [`managed_meta`] of the set's labels and annotations.
     pub meta: u64,
+    /// The resource version it was cached at, as a number (0: not one):
+    /// what tells the controller's own write from a newer one.
+    pub version: u64,
     /// The [`image_key`] of each entry, parsed once when the set is cached
     /// (shared with the index's, so one image's key is held once).
     pub keys: Vec<Arc<str>>,
@@ -111,6 +114,10 @@ impl SetView {
             reports: set.reported().to_vec(),
             unreadable_report: set.status.as_ref().and_then(|s| s.unreadable.clone()),
             meta: managed_meta(&set.metadata.labels, &set.metadata.annotations),
+            version: set
+                .resource_version()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
             keys: set.keys().into_owned(),
         }
     }
@@ -317,7 +324,11 @@ impl SetIndex {
     }
 
     /// Records the controller's own write of `set` (as the API server
-    /// returned it), so its watch event triggers no reconcile.
+    /// returned it): its watch event triggers no reconcile, and the cache
+    /// holds it at once — a reconcile that starts before the watch brings
+    /// it back must not decide again what this one decided (a node
+    /// released twice, to another holder, would restart its pull). A newer
+    /// version the watch brought meanwhile is kept.
     pub fn wrote(&self, set: &NodeImageSet) {
         if let Some(rv) = set.resource_version() {
             self.inner
@@ -325,6 +336,15 @@ impl SetIndex {
                 .lock()
                 .expect("own writes lock")
                 .insert(set.name_any(), rv);
+        }
+        let view = SetView::of(set);
+        let mut sets = self.write();
+        let newer_cached = sets
+            .by_name
+            .get(&view.name)
+            .is_some_and(|c| view.version == 0 || c.version >= view.version);
+        if !newer_cached {
+            sets.insert(view);
         }
     }
 
@@ -503,6 +523,25 @@ mod tests {
             "7"
         ))));
         assert!(index.apply(&watcher::Event::Delete(written)));
+    }
+
+    #[test]
+    fn an_own_write_is_cached_at_once_unless_the_watch_brought_newer() {
+        let index = SetIndex::default();
+        index.wrote(&listing("a", "n1", "uid-1", &["busybox"], "5"));
+        assert_eq!(
+            index.read().owned_by("uid-1").len(),
+            1,
+            "cached before its echo"
+        );
+        // The agent's report came through the watch before our answer.
+        let mut reported = listing("a", "n1", "uid-1", &["busybox", "nginx"], "9");
+        reported.status = Some(NodeImageSetStatus::default());
+        index.apply(&watcher::Event::Apply(reported));
+        index.wrote(&listing("a", "n1", "uid-1", &["busybox", "nginx"], "8"));
+        let cached = index.read().owned_by("uid-1");
+        assert_eq!(cached[0].version, 9);
+        assert!(cached[0].has_status);
     }
 
     #[test]

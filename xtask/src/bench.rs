@@ -16,6 +16,8 @@ use crd::{ImagePrefetch, NodeImageSet};
 pub struct Options {
     pub nodes: usize,
     pub prefetches: usize,
+    /// Write an agent's report into every set, then force a re-list.
+    pub reports: bool,
 }
 
 /// Packages, fixtures, and a release build of the binary under test.
@@ -52,7 +54,8 @@ pub async fn controller(opts: Options) -> Result<()> {
         .spawn()
         .with_context(|| binary.display().to_string())?;
     let pid = child.id();
-    let result = measure(&client, &plane, pid, &opts).await;
+    let mut plane = plane;
+    let result = measure(&client, &mut plane, pid, &opts).await;
     let _ = child.kill();
     let _ = child.wait();
     plane.stop();
@@ -61,7 +64,7 @@ pub async fn controller(opts: Options) -> Result<()> {
 
 async fn measure(
     client: &kube::Client,
-    plane: &testbed::ControlPlane,
+    plane: &mut testbed::ControlPlane,
     pid: u32,
     opts: &Options,
 ) -> Result<()> {
@@ -127,7 +130,95 @@ async fn measure(
             idle_writes
         );
     }
-    let _ = plane;
+    if opts.reports {
+        reports_and_relist(client, plane, pid, &sets).await?;
+    }
+    Ok(())
+}
+
+/// What an agent writes once its image is there, into every set; then the
+/// controller's memory with those reports, idle, and through a re-list
+/// forced by stopping and starting the API server.
+async fn reports_and_relist(
+    client: &kube::Client,
+    plane: &mut testbed::ControlPlane,
+    pid: u32,
+    sets: &Api<NodeImageSet>,
+) -> Result<()> {
+    use futures::{StreamExt, TryStreamExt};
+    let listed = sets.list_metadata(&ListParams::default()).await?.items;
+    let t = Instant::now();
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let writes = listed.iter().map(|m| {
+        let name = m.metadata.name.clone().unwrap_or_default();
+        let prefetch = m
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crd::keys::PREFETCH_NAME))
+            .cloned()
+            .unwrap_or_default();
+        let i: usize = prefetch.trim_start_matches("bench-").parse().unwrap_or(0);
+        let status = json!({
+            "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+            "status": {
+                "available": 1, "total": 1,
+                "images": [{
+                    "name": format!("registry.example.com/bench/app{i}:1"),
+                    "state": "Available", "attempts": 1,
+                    "digest": format!("sha256:{:064x}", i + 1),
+                    "sizeBytes": 268_435_456i64, "pullDurationMillis": 2_100,
+                    "source": "Mirror",
+                }],
+                "conditions": [{
+                    "type": "Ready", "status": "True", "reason": "AllImagesPresent",
+                    "message": "1 of 1 images present", "lastTransitionTime": now,
+                }],
+            },
+        });
+        let sets = sets.clone();
+        async move {
+            sets.patch_status(
+                &name,
+                &PatchParams::apply("image-prefetch-agent").force(),
+                &Patch::Apply(&status),
+            )
+            .await
+        }
+    });
+    futures::stream::iter(writes)
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    println!(
+        "an agent's report written into each of {} sets in {:.1}s",
+        listed.len(),
+        t.elapsed().as_secs_f64()
+    );
+    // Steady state: the reports taken in, nothing left to do.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let idle_from = api_writes(client).await?;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let idle_writes = api_writes(client).await? - idle_from;
+    let rss = memory(pid)?;
+    println!(
+        "with every report: controller RSS {:.1} MiB (peak so far {:.1} MiB), {} API writes in 30s idle",
+        rss.now_kib as f64 / 1024.0,
+        rss.peak_kib as f64 / 1024.0,
+        idle_writes
+    );
+    plane.stop_apiserver();
+    plane.start_apiserver().await?;
+    let t = Instant::now();
+    // The watches come back after their backoff and list everything again.
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    let rss = memory(pid)?;
+    println!(
+        "after a forced re-list (API server stopped and started, {:.0}s): controller RSS {:.1} MiB, peak {:.1} MiB",
+        t.elapsed().as_secs_f64(),
+        rss.now_kib as f64 / 1024.0,
+        rss.peak_kib as f64 / 1024.0
+    );
     Ok(())
 }
 

@@ -50,6 +50,8 @@ pub struct Context {
     granted: tokio::sync::Mutex<HashMap<String, Vec<String>>>,
     /// Closed once leadership is lost: no write passes it after.
     pub fence: crate::leader::Fence,
+    /// True once the node store has its first full list.
+    nodes_ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Context {
@@ -62,7 +64,22 @@ impl Context {
         metrics: Metrics,
         fence: crate::leader::Fence,
     ) -> Self {
+        // kube's `Store::wait_until_ready` wakes only the last of several
+        // waiters (one oneshot receiver, one waker): reconciles started
+        // together at start-up waited on it, and one of them for ever
+        // (seen in `controller/tests/unreadable_objects.rs`). One task
+        // waits on it; reconciles wait on this channel, which wakes all.
+        let nodes_ready = tokio::sync::watch::Sender::new(false);
+        {
+            let (nodes, ready) = (nodes.clone(), nodes_ready.clone());
+            tokio::spawn(async move {
+                if nodes.wait_until_ready().await.is_ok() {
+                    ready.send_replace(true);
+                }
+            });
+        }
         Context {
+            nodes_ready,
             client,
             nodes,
             sets,
@@ -190,7 +207,7 @@ async fn apply(
 ) -> Result<Action, Error> {
     // Before the first full list a partial cache would look like missing
     // nodes, and their NodeImageSets would be deleted.
-    let _ = ctx.nodes.wait_until_ready().await;
+    let _ = ctx.nodes_ready.subscribe().wait_for(|ready| *ready).await;
     ctx.sets.wait_until_ready().await;
     let nodes = ctx.nodes.state();
     // Only the sets this decision reads, through the index's lookups.

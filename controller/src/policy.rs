@@ -1152,25 +1152,13 @@ mod tests {
                     .unwrap();
                 if let Some(from) = &e.source {
                     assert!(
-                        done.contains(&from.node),
+                        !released.contains(&from.node) && done.contains(&from.node),
                         "{} named before it holds the image",
                         from.node
                     );
                     assert_eq!(Some(&from.address), sim.addresses.get(&from.node));
                     *named.entry(from.node.clone()).or_default() += 1;
                 }
-            }
-            assert!(
-                named.values().all(|&k| k <= sim.settings.pulls_per_holder),
-                "{named:?}"
-            );
-            for n in &released {
-                let e = sim.ours[n]
-                    .spec
-                    .image_set
-                    .iter()
-                    .find(|e| e.name == IMG)
-                    .unwrap();
                 assert_eq!(
                     e.digest.as_deref(),
                     Some(DIGEST),
@@ -1179,6 +1167,10 @@ mod tests {
                 sim.report(n, IMG, PullState::Available);
                 done.insert(n.clone());
             }
+            assert!(
+                named.values().all(|&k| k <= sim.settings.pulls_per_holder),
+                "{named:?}"
+            );
         }
         assert_eq!(done.len(), sim.nodes.len());
         waves

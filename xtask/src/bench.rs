@@ -48,6 +48,9 @@ pub async fn controller(opts: Options) -> Result<()> {
 
     let binary = crate::root().join("target/release/image-prefetch-controller");
     let mut child = Command::new(&binary)
+        // All ImagePrefetches are in one namespace: its budget (20,000
+        // entries by default) would hold all but four back.
+        .arg("--namespace-budget=0")
         .env("KUBECONFIG", &plane.kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

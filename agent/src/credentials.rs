@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use serde::Deserialize;
 
-use crd::SecretReference;
+use crd::{PullFailure, SecretReference};
 
 /// Most bytes one pull secret's data may hold: logins for many registries
 /// fit many times over, and an agent holds at most one per pull at a time.
@@ -56,11 +56,11 @@ pub enum CredentialError {
 }
 
 impl CredentialError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> PullFailure {
         match self {
-            CredentialError::NotFound { .. } => "SecretNotFound",
-            CredentialError::Invalid { .. } => "SecretInvalid",
-            CredentialError::Api { .. } => "SecretUnreadable",
+            CredentialError::NotFound { .. } => PullFailure::SecretNotFound,
+            CredentialError::Invalid { .. } => PullFailure::SecretInvalid,
+            CredentialError::Api { .. } => PullFailure::SecretUnreadable,
         }
     }
 }

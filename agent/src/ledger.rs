@@ -10,7 +10,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use crd::{NodeImage, NodeImageStatus, PullSource, PullState, RegistryPolicy, SecretReference};
+use crd::{
+    NodeImage, NodeImageStatus, PullFailure, PullSource, PullState, RegistryPolicy, SecretReference,
+};
 
 /// (NodeImageSet name, image as listed).
 pub type Key = (String, String);
@@ -40,8 +42,8 @@ pub struct Listed {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
     pub message: String,
-    /// Machine-readable cause (`NotFound`, `SecretNotFound`, ...).
-    pub reason: String,
+    /// Machine-readable cause.
+    pub reason: PullFailure,
 }
 
 /// A finished pull.
@@ -430,7 +432,7 @@ impl Ledger {
                 s.progress_bytes = told.map(|t| t.bytes as i64);
                 if let Some(f) = last {
                     s.last_error = Some(crd::node_image_set::error_message(&f.message));
-                    s.reason = Some(f.reason.clone());
+                    s.reason = Some(f.reason);
                 }
             }
             State::Available {
@@ -454,7 +456,7 @@ impl Ledger {
                 s.state = PullState::Failed;
                 s.attempts = *attempts;
                 s.last_error = Some(crd::node_image_set::error_message(&failure.message));
-                s.reason = Some(failure.reason.clone());
+                s.reason = Some(failure.reason);
             }
         }
         Some(s)
@@ -530,10 +532,10 @@ mod tests {
         }
     }
 
-    fn failure(reason: &str) -> Failure {
+    fn failure(reason: PullFailure) -> Failure {
         Failure {
             message: format!("{reason} happened"),
-            reason: reason.into(),
+            reason,
         }
     }
 
@@ -581,7 +583,7 @@ mod tests {
         let w = want("u1", RegistryPolicy::Default, None);
         let t0 = Instant::now();
         l.observe(vec![listed("s", &w)], t0);
-        l.finished(&key("s"), &w, Err((failure("NotFound"), 4)), t0);
+        l.finished(&key("s"), &w, Err((failure(PullFailure::NotFound), 4)), t0);
         assert_eq!(l.status(&key("s")).unwrap().state, PullState::Failed);
         assert_eq!(l.next_retry(), Some(t0 + Duration::from_secs(30)));
         assert_eq!(
@@ -591,15 +593,15 @@ mod tests {
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(starts(&l.observe(vec![listed("s", &w)], t1)), 1);
         // Failing again doubles the wait, up to the cap.
-        l.finished(&key("s"), &w, Err((failure("NotFound"), 4)), t1);
+        l.finished(&key("s"), &w, Err((failure(PullFailure::NotFound), 4)), t1);
         assert_eq!(l.next_retry(), Some(t1 + Duration::from_secs(60)));
         let t2 = t1 + Duration::from_secs(60);
         l.observe(vec![listed("s", &w)], t2);
-        l.finished(&key("s"), &w, Err((failure("NotFound"), 4)), t2);
+        l.finished(&key("s"), &w, Err((failure(PullFailure::NotFound), 4)), t2);
         assert_eq!(l.next_retry(), Some(t2 + Duration::from_secs(120)));
         let t3 = t2 + Duration::from_secs(120);
         l.observe(vec![listed("s", &w)], t3);
-        l.finished(&key("s"), &w, Err((failure("NotFound"), 4)), t3);
+        l.finished(&key("s"), &w, Err((failure(PullFailure::NotFound), 4)), t3);
         assert_eq!(
             l.next_retry(),
             Some(t3 + Duration::from_secs(120)),
@@ -621,7 +623,7 @@ mod tests {
         l.finished(
             &key("s"),
             &seed,
-            Err((failure("RegistryUnreachable"), 4)),
+            Err((failure(PullFailure::RegistryUnreachable), 4)),
             now,
         );
         let mirror = want("u1", RegistryPolicy::Mirror, Some(D));
@@ -729,13 +731,18 @@ mod tests {
         let now = Instant::now();
         let w = want("u1", RegistryPolicy::Default, None);
         l.observe(vec![listed("s", &w)], now);
-        l.attempt_failed(&key("s"), 1, failure("SecretNotFound"));
+        l.attempt_failed(&key("s"), 1, failure(PullFailure::SecretNotFound));
         let s = l.status(&key("s")).unwrap();
         assert_eq!(
-            (s.state, s.reason.as_deref()),
-            (PullState::Pulling, Some("SecretNotFound"))
+            (s.state, s.reason),
+            (PullState::Pulling, Some(PullFailure::SecretNotFound))
         );
-        l.finished(&key("s"), &w, Err((failure("SecretNotFound"), 4)), now);
+        l.finished(
+            &key("s"),
+            &w,
+            Err((failure(PullFailure::SecretNotFound), 4)),
+            now,
+        );
         // The secret now exists: the next round (read afresh) succeeds.
         let later = now + Backoff::default().first;
         assert_eq!(starts(&l.observe(vec![listed("s", &w)], later)), 1);
@@ -840,7 +847,7 @@ mod tests {
                 .is_empty()
         );
         // A failed attempt keeps what was reported.
-        l.attempt_failed(&key("s"), 1, failure("RegistryUnreachable"));
+        l.attempt_failed(&key("s"), 1, failure(PullFailure::RegistryUnreachable));
         assert_eq!(told(&l), Some(700));
         // Available: progress is over.
         l.finished(&key("s"), &seed, Ok((present(), 1)), t0 + every * 6);

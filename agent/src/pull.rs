@@ -1,6 +1,7 @@
 //! Pulls through the node's containerd (Transfer service), in the namespace
 //! kubelet uses, so the images are what kubelet sees.
 
+use crd::PullFailure;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -47,7 +48,7 @@ pub const CRI_MANAGED: (&str, &str) = ("io.cri-containerd.image", "managed");
 pub const CRI_PINNED: (&str, &str) = ("io.cri-containerd.pinned", "pinned");
 /// Set beside CRI's pin when the agent pins: the agent removes only pins it
 /// set (a sandbox image CRI pinned stays pinned when a prefetch ends).
-pub const OWN_PIN: (&str, &str) = ("imageprefetch.io/pinned", "true");
+pub const OWN_PIN: (&str, &str) = crd::keys::PINNED_BY_AGENT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -72,17 +73,17 @@ fn status_error(s: containerd_client::tonic::Status) -> PullError {
 
 impl PullError {
     /// Machine-readable cause, as NodeImageSet status `reason`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> PullFailure {
         match self {
-            PullError::Connect { .. } => "RuntimeUnavailable",
-            PullError::Timeout { .. } => "PullTimeout",
-            PullError::Unsupported => "RuntimeUnsupported",
+            PullError::Connect { .. } => PullFailure::RuntimeUnavailable,
+            PullError::Timeout { .. } => PullFailure::PullTimeout,
+            PullError::Unsupported => PullFailure::RuntimeUnsupported,
             PullError::Containerd(m) => classify(m),
         }
     }
 }
 
-fn classify(message: &str) -> &'static str {
+fn classify(message: &str) -> PullFailure {
     let m = message.to_lowercase();
     // Words, not bare status numbers: a message names hosts and ports too
     // (port 44031 contains "403").
@@ -95,13 +96,13 @@ fn classify(message: &str) -> &'static str {
         "no route",
         "connection reset",
     ]) {
-        "RegistryUnreachable"
+        PullFailure::RegistryUnreachable
     } else if any(&["unauthorized", "forbidden", "denied"]) {
-        "Unauthorized"
+        PullFailure::Unauthorized
     } else if any(&["not found", "manifest unknown", "name unknown"]) {
-        "NotFound"
+        PullFailure::NotFound
     } else {
-        "PullFailed"
+        PullFailure::PullFailed
     }
 }
 
@@ -810,27 +811,27 @@ mod tests {
     fn errors_are_classified_for_status() {
         assert_eq!(
             classify("failed to resolve reference: not found"),
-            "NotFound"
+            PullFailure::NotFound
         );
         assert_eq!(
             classify("unexpected status 401 Unauthorized"),
-            "Unauthorized"
+            PullFailure::Unauthorized
         );
         assert_eq!(
             classify("dial tcp 127.0.0.1:1: connect: connection refused"),
-            "RegistryUnreachable"
+            PullFailure::RegistryUnreachable
         );
-        assert_eq!(classify("something else"), "PullFailed");
+        assert_eq!(classify("something else"), PullFailure::PullFailed);
         // A port that contains 403 is not an authorisation failure.
         assert_eq!(
             classify(
                 "Head \"http://127.0.0.1:44031/v2/x/manifests/1\": dial tcp 127.0.0.1:44031: connect: connection refused"
             ),
-            "RegistryUnreachable"
+            PullFailure::RegistryUnreachable
         );
         assert_eq!(
             classify("unexpected status from HEAD request: 403 Forbidden"),
-            "Unauthorized"
+            PullFailure::Unauthorized
         );
     }
 }

@@ -15,12 +15,15 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crd::condition::condition;
-use crd::{NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullState, keys};
+use crd::{
+    ConditionReason, ConditionType, NodeImageSet, NodeImageSetStatus, NodeImageStatus, PullState,
+    keys,
+};
 
 use crate::ledger::{Ledger, Listed, Want};
 
 /// The field manager of the agent's status writes.
-pub const AGENT_MANAGER: &str = "image-prefetch-agent";
+pub use crd::keys::AGENT_MANAGER;
 
 /// The node's sets as the agent follows them: a cache, and the watch
 /// events that fill it (deletions too: a deleted set's pulls stop at once).
@@ -88,19 +91,19 @@ pub fn status(ledger: &Ledger, set: &NodeImageSet, now: &Time) -> NodeImageSetSt
     let (ready, reason, message) = if !failed.is_empty() {
         (
             false,
-            "PullFailed",
+            ConditionReason::PullFailed,
             format!("gave up on: {}", failed.join(", ")),
         )
     } else if available == total {
         (
             true,
-            "AllImagesPresent",
+            ConditionReason::AllImagesPresent,
             format!("all {total} images are on the node"),
         )
     } else {
         (
             false,
-            "Pulling",
+            ConditionReason::Pulling,
             format!("{available} of {total} images are on the node"),
         )
     };
@@ -110,7 +113,15 @@ pub fn status(ledger: &Ledger, set: &NodeImageSet, now: &Time) -> NodeImageSetSt
         .map(|s| s.conditions.as_slice())
         .unwrap_or(&[]);
     let generation = set.metadata.generation;
-    let ready = condition(old, "Ready", ready, reason, &message, generation, now);
+    let ready = condition(
+        old,
+        ConditionType::Ready,
+        ready,
+        reason,
+        &message,
+        generation,
+        now,
+    );
     NodeImageSetStatus {
         available: available as i32,
         total: total as i32,

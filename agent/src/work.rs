@@ -17,7 +17,8 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument as _, debug, field, info, info_span, warn};
 
 use crd::{
-    NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus, RegistryPolicy, reference,
+    ConditionReason, ConditionType, NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus,
+    PullFailure, RegistryPolicy, reference,
 };
 
 use crd::condition::{condition, now};
@@ -468,7 +469,7 @@ impl Agent {
     fn count(&self, policy: RegistryPolicy, result: &Result<(Present, i32), (Failure, i32)>) {
         let result_label = match result {
             Ok(_) => "success".to_string(),
-            Err((f, _)) => f.reason.clone(),
+            Err((f, _)) => f.reason.to_string(),
         };
         let labels = PullLabels {
             policy: format!("{policy:?}"),
@@ -662,9 +663,9 @@ fn unreadable_spec_status(
     );
     let ready = condition(
         &status.conditions,
-        "Ready",
+        ConditionType::Ready,
         false,
-        "SpecUnreadable",
+        ConditionReason::SpecUnreadable,
         &message,
         set.metadata.generation,
         &now(),
@@ -889,7 +890,7 @@ impl Job {
             match self.attempt(name).await {
                 Err(miss)
                     if self.wanted.entry.registry_policy == RegistryPolicy::Mirror
-                        && miss.reason == "NotFound" =>
+                        && miss.reason == PullFailure::NotFound =>
                 {
                     let Some(wait) = waits.next() else {
                         return Err(miss);
@@ -911,7 +912,7 @@ impl Job {
             Ok(usage) => crate::disk::check(path, usage, self.config.image_fs_high_percent)
                 .map_err(|e| Failure {
                     message: e.to_string(),
-                    reason: "DiskPressure".into(),
+                    reason: PullFailure::DiskPressure,
                 }),
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "image filesystem unreadable; no disk guard");
@@ -937,14 +938,14 @@ impl Job {
             )
             .map_err(|e| Failure {
                 message: e.to_string(),
-                reason: "HostsUnreadable".into(),
+                reason: PullFailure::HostsUnreadable,
             })?,
             // Fail closed: bytes a runtime would fetch from the registry
             // are never reported as the mirror's.
             RegistryPolicy::Mirror => pull::mirror_only(self.runtime.version())
                 .map_err(|message| Failure {
                     message,
-                    reason: "RuntimeUnsupported".into(),
+                    reason: PullFailure::RuntimeUnsupported,
                 })
                 .and_then(|()| {
                     hosts::prepare_mirror(
@@ -958,7 +959,7 @@ impl Job {
                     )
                     .map_err(|e| Failure {
                         message: e.to_string(),
-                        reason: "NoMirror".into(),
+                        reason: PullFailure::NoMirror,
                     })
                 })?,
         };
@@ -966,7 +967,7 @@ impl Job {
         // however many entries wait.
         let _permit = self.limit.acquire().await.map_err(|e| Failure {
             message: e.to_string(),
-            reason: "Stopping".into(),
+            reason: PullFailure::Stopping,
         })?;
         // Read at every attempt: a secret created or fixed after a failure is used on the next try.
         let keyring = if self.wanted.secrets.is_empty() {
@@ -976,7 +977,7 @@ impl Job {
                 .await
                 .map_err(|e| Failure {
                     message: e.to_string(),
-                    reason: e.reason().into(),
+                    reason: e.reason(),
                 })?;
             Some((ring, repository))
         };
@@ -989,7 +990,7 @@ impl Job {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(e)) => Err(Failure {
                 message: format!("pulling {} from {registry}: {e}", entry.name),
-                reason: e.reason().into(),
+                reason: e.reason(),
             }),
             Err(_) => {
                 let e = PullError::Timeout {
@@ -998,7 +999,7 @@ impl Job {
                 };
                 Err(Failure {
                     message: e.to_string(),
-                    reason: e.reason().into(),
+                    reason: e.reason(),
                 })
             }
         }

@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use agent::work::{self, Config};
-use crd::{NodeImageSet, PullSource, PullState, keys};
+use crd::{NodeImageSet, PullFailure, PullSource, PullState, keys};
 use testbed::containerd::Containerd;
 use testbed::images;
 use testbed::poll::eventually;
@@ -96,7 +96,7 @@ async fn pulls_reports_retries_and_repulls() {
     .await;
     let failed = st.images.iter().find(|i| i.name == missing).unwrap();
     assert_eq!(failed.attempts, 3, "first attempt and 2 retries");
-    assert_eq!(failed.reason.as_deref(), Some("NoMirror"));
+    assert_eq!(failed.reason, Some(PullFailure::NoMirror));
     assert!(
         failed.last_error.as_deref().unwrap().contains("spegel"),
         "{failed:?}"
@@ -276,7 +276,7 @@ async fn pulls_with_credentials_from_pull_secrets() {
         s.images.iter().any(|i| i.state == PullState::Failed)
     })
     .await;
-    assert_eq!(missing.images[0].reason.as_deref(), Some("SecretNotFound"));
+    assert_eq!(missing.images[0].reason, Some(PullFailure::SecretNotFound));
     assert!(
         missing.images[0]
             .last_error
@@ -306,8 +306,8 @@ async fn pulls_with_credentials_from_pull_secrets() {
     })
     .await;
     assert_eq!(
-        none.images[0].reason.as_deref(),
-        Some("Unauthorized"),
+        none.images[0].reason,
+        Some(PullFailure::Unauthorized),
         "{:?}",
         none.images[0]
     );
@@ -316,7 +316,7 @@ async fn pulls_with_credentials_from_pull_secrets() {
         s.images.iter().any(|i| i.state == PullState::Failed)
     })
     .await;
-    assert_eq!(wrong.images[0].reason.as_deref(), Some("Unauthorized"));
+    assert_eq!(wrong.images[0].reason, Some(PullFailure::Unauthorized));
     assert!(
         wrong.images[0]
             .last_error
@@ -337,8 +337,8 @@ async fn pulls_with_credentials_from_pull_secrets() {
     })
     .await;
     assert_eq!(
-        (bypass.images[0].state, bypass.images[0].reason.as_deref()),
-        (PullState::Failed, Some("Unauthorized")),
+        (bypass.images[0].state, bypass.images[0].reason),
+        (PullState::Failed, Some(PullFailure::Unauthorized)),
         "{:?}",
         bypass.images[0]
     );
@@ -786,7 +786,7 @@ async fn no_pull_starts_while_the_image_filesystem_is_over_its_threshold() {
     let st = wait_status(&client, "disk-guard", "refused for disk pressure", |s| {
         s.images
             .iter()
-            .any(|i| i.reason.as_deref() == Some("DiskPressure"))
+            .any(|i| i.reason == Some(PullFailure::DiskPressure))
     })
     .await;
     let message = st.images[0].last_error.clone().unwrap_or_default();
@@ -856,7 +856,7 @@ async fn mirror_entries_fail_closed_on_containerd_before_2() {
         .iter()
         .find(|i| i.name == mirrored.reference)
         .unwrap();
-    assert_eq!(failed.reason.as_deref(), Some("RuntimeUnsupported"));
+    assert_eq!(failed.reason, Some(PullFailure::RuntimeUnsupported));
     let message = failed.last_error.as_deref().unwrap();
     assert!(
         message.contains("1.6.") && message.contains("upgrade containerd to 2.0"),

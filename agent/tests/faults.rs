@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use agent::work::Config;
-use crd::PullState;
+use crd::{PullFailure, PullState};
 use testbed::containerd::Containerd;
 use testbed::images;
 use testbed::registry::{HungRegistry, Registry};
@@ -46,8 +46,8 @@ async fn a_registry_that_comes_back_within_the_budget_is_used() {
     .await;
     assert_eq!(st.images[0].state, PullState::Pulling);
     assert_eq!(
-        st.images[0].reason.as_deref(),
-        Some("RegistryUnreachable"),
+        st.images[0].reason,
+        Some(PullFailure::RegistryUnreachable),
         "{:?}",
         st.images[0]
     );
@@ -79,7 +79,7 @@ async fn a_registry_that_comes_back_within_the_budget_is_used() {
     .await;
     let img = &st.images[0];
     assert_eq!(img.attempts, 2);
-    assert_eq!(img.reason.as_deref(), Some("RegistryUnreachable"));
+    assert_eq!(img.reason, Some(PullFailure::RegistryUnreachable));
     let error = img.last_error.as_deref().unwrap();
     assert!(
         error.contains(&gone.reference) && error.contains(&registry.host),
@@ -122,8 +122,8 @@ async fn a_hung_registry_times_out_and_the_rest_completes() {
     .await;
     let stuck_status = st.images.iter().find(|i| i.name == stuck).unwrap();
     assert_eq!(
-        stuck_status.reason.as_deref(),
-        Some("PullTimeout"),
+        stuck_status.reason,
+        Some(PullFailure::PullTimeout),
         "{stuck_status:?}"
     );
     assert!(

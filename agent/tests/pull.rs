@@ -146,7 +146,7 @@ async fn mirror_pull_never_reaches_the_upstream() {
         before,
         "a Mirror pull fell back to the upstream"
     );
-    assert_eq!(err.reason(), "NotFound", "{err}");
+    assert_eq!(err.reason(), crd::PullFailure::NotFound, "{err}");
 }
 
 /// The node's file as spegel writes it with Basic auth and `prependExisting`

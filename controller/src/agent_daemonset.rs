@@ -10,7 +10,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 /// Field manager for the DaemonSet.
-const MANAGER: &str = "image-prefetch-controller/agent";
+const MANAGER: &str = crd::keys::AGENT_DAEMONSET_MANAGER;
 
 /// What the agent DaemonSet looks like.
 #[derive(Clone, Debug)]

@@ -15,9 +15,10 @@ use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use tracing::{Span, info_span};
 
+use crd::condition;
 use crd::{
-    ImagePrefetch, ImagePrefetchStatus, NodeImage, NodeImageSet, NodeImageSetSpec, SecretReference,
-    keys, names,
+    ConditionReason, ConditionType, EventReason, ImagePrefetch, ImagePrefetchStatus, NodeImage,
+    NodeImageSet, NodeImageSetSpec, SecretReference, Word, keys, names,
 };
 
 use crate::index::{SetFacts, SetView};
@@ -67,7 +68,7 @@ pub struct Memory<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Announcement {
     pub type_: EventType,
-    pub reason: String,
+    pub reason: EventReason,
     pub note: String,
     /// The node it is about: the Event's related object, so Events of one
     /// reason about different nodes are not merged into one.
@@ -95,7 +96,7 @@ impl Announcement {
         };
         kube::runtime::events::Event {
             type_: self.type_,
-            reason: self.reason.clone(),
+            reason: self.reason.to_string(),
             note: Some(names::shortened(&self.note, MAX_NOTE)),
             action,
             secondary: self.node.as_ref().map(|node| ObjectReference {
@@ -327,7 +328,7 @@ pub fn decide(
         .iter()
         .map(|(image, node)| Announcement {
             type_: EventType::Normal,
-            reason: "SeedChosen".into(),
+            reason: EventReason::SeedChosen,
             node: Some(node.clone()),
             image: Some(image.clone()),
             note: format!(
@@ -337,7 +338,7 @@ pub fn decide(
         .collect();
     events.extend(plan.reseeds.iter().map(|(image, node)| Announcement {
         type_: EventType::Warning,
-        reason: "Reseeded".into(),
+        reason: EventReason::Reseeded,
         node: Some(node.clone()),
         image: Some(image.clone()),
         note: format!(
@@ -367,7 +368,7 @@ pub fn decide(
     let progressing = status
         .conditions
         .iter()
-        .any(|c| c.type_ == "Progressing" && c.status == "True");
+        .any(|c| c.type_ == ConditionType::Progressing.as_str() && c.status == "True");
     events.extend(announcements(p, &owner, &refs, &status, memory.announced));
 
     // Back when the first cool-down ends: a blocked image gets its seed then.
@@ -404,11 +405,11 @@ fn unreadable_spec(p: &ImagePrefetch, why: &crd::lenient::Unreadable, now: Time)
     let message = format!(
         "the spec cannot be read ({why}); its NodeImageSets are left as they are: apply the ImagePrefetch again (the API server now checks it) or delete it"
     );
-    let status = status::held_back(p, status::SPEC_UNREADABLE, &message, now);
+    let status = status::held_back(p, ConditionReason::SpecUnreadable, &message, now);
     announce_hold(
         p,
         status,
-        status::SPEC_UNREADABLE,
+        ConditionReason::SpecUnreadable,
         format!(
             "the spec cannot be read: {why}; nothing is done for this ImagePrefetch until it is applied again"
         ),
@@ -425,11 +426,12 @@ pub const LOOK_AGAIN: Duration = Duration::from_millis(200);
 pub const OVER_BUDGET_RECHECK: Duration = Duration::from_secs(10);
 
 /// The reason and message of `status`'s Degraded condition, when it is True.
-fn degraded(status: Option<&ImagePrefetchStatus>) -> Option<(String, String)> {
+/// A reason this version does not know reads as none.
+fn degraded(status: Option<&ImagePrefetchStatus>) -> Option<(ConditionReason, String)> {
     status
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"))
+        .and_then(|s| condition::find(&s.conditions, ConditionType::Degraded))
         .filter(|c| c.status == "True")
-        .map(|c| (c.reason.clone(), c.message.clone()))
+        .and_then(|c| Some((ConditionReason::parse(&c.reason)?, c.message.clone())))
 }
 
 /// An ImagePrefetch that would take its namespace past the node×image
@@ -492,8 +494,14 @@ fn over_budget(
             "would add {entries} entries on node {node}, where other ImagePrefetches hold {others} of the {budget} allowed per node (the controller's --node-budget)"
         ),
     };
-    let status = status::held_back(p, status::BUDGET_EXCEEDED, &why, now);
-    announce_hold(p, status, status::BUDGET_EXCEEDED, why, OVER_BUDGET_RECHECK)
+    let status = status::held_back(p, ConditionReason::BudgetExceeded, &why, now);
+    announce_hold(
+        p,
+        status,
+        ConditionReason::BudgetExceeded,
+        why,
+        OVER_BUDGET_RECHECK,
+    )
 }
 
 /// The decision for an ImagePrefetch held back for `reason`: its new
@@ -501,20 +509,20 @@ fn over_budget(
 fn announce_hold(
     p: &ImagePrefetch,
     status: ImagePrefetchStatus,
-    reason: &str,
+    reason: ConditionReason,
     why: String,
     requeue: Duration,
 ) -> Decision {
-    let events = if degraded(p.status.as_ref()).map(|(r, _)| r).as_deref() == Some(reason) {
-        Vec::new()
-    } else {
-        vec![Announcement {
+    let before = degraded(p.status.as_ref()).map(|(r, _)| r);
+    let events = match reason.announced_as() {
+        Some(event) if before != Some(reason) => vec![Announcement {
             type_: EventType::Warning,
-            reason: reason.into(),
+            reason: event,
             note: why,
             node: None,
             image: None,
-        }]
+        }],
+        _ => Vec::new(),
     };
     Decision {
         apply: Vec::new(),
@@ -605,16 +613,6 @@ fn agent_silence(
     Silence { silent, next }
 }
 
-/// Reasons of Degraded the controller itself decides (not a node's pull,
-/// which has its own PullFailed Event).
-const DECIDED_DEGRADED: [&str; 5] = [
-    "RegistryNotAllowed",
-    "NoMatchingNodes",
-    "InsufficientNodes",
-    "NoSeedAvailable",
-    status::AGENT_NOT_REPORTING,
-];
-
 /// Events for what changed since the last status: a Degraded reason the
 /// controller decides (a Warning when it first appears, so `kubectl
 /// describe` and event-based alerting show it too), images ready
@@ -628,13 +626,15 @@ fn announcements(
 ) -> Vec<Announcement> {
     let mut out = Vec::new();
     let before = p.status.as_ref();
+    // A Degraded reason the controller itself decided (a node's failed pull
+    // has its own Event, per node and image).
     if let Some((reason, message)) = degraded(Some(status))
-        && DECIDED_DEGRADED.contains(&reason.as_str())
-        && degraded(before).map(|(r, _)| r) != Some(reason.clone())
+        && let Some(event) = reason.announced_as()
+        && degraded(before).map(|(r, _)| r) != Some(reason)
     {
         out.push(Announcement {
             type_: EventType::Warning,
-            reason,
+            reason: event,
             note: message,
             node: None,
             image: None,
@@ -649,7 +649,7 @@ fn announcements(
         {
             out.push(Announcement {
                 type_: EventType::Normal,
-                reason: "ImageReady".into(),
+                reason: EventReason::ImageReady,
                 node: None,
                 image: Some(img.image.clone()),
                 note: format!("{} is on all {} nodes", img.image, status.desired_nodes),
@@ -668,7 +668,7 @@ fn announcements(
         )) {
             out.push(Announcement {
                 type_: EventType::Warning,
-                reason: "ReportUnreadable".into(),
+                reason: EventReason::ReportUnreadable,
                 node: Some(node.clone()),
                 image: None,
                 note: format!(
@@ -682,7 +682,7 @@ fn announcements(
         if announced.insert((owner.uid.to_string(), f.node.clone(), f.image.clone())) {
             out.push(Announcement {
                 type_: EventType::Warning,
-                reason: "PullFailed".into(),
+                reason: EventReason::PullFailed,
                 node: Some(f.node.clone()),
                 image: Some(f.image.clone()),
                 note: format!(
@@ -885,7 +885,7 @@ mod tests {
             st.images.retain(|r| r.name != image);
             st.images.push(NodeImageStatus {
                 digest: (state == PullState::Available).then(|| DIGEST.to_string()),
-                reason: (state == PullState::Failed).then(|| "NotFound".to_string()),
+                reason: (state == PullState::Failed).then_some(crd::PullFailure::NotFound),
                 ..NodeImageStatus::new(image, state, 1)
             });
         }
@@ -1173,7 +1173,7 @@ mod tests {
     fn events_name_their_node_and_image_and_fit_the_api() {
         let failed = |node: &str, image: &str| Announcement {
             type_: EventType::Warning,
-            reason: "PullFailed".into(),
+            reason: EventReason::PullFailed,
             note: "x".repeat(5000),
             node: Some(node.into()),
             image: Some(image.into()),

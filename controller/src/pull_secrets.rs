@@ -57,7 +57,7 @@ fn meta(namespace: &str) -> ObjectMeta {
         namespace: Some(namespace.to_string()),
         labels: Some(
             [(
-                "app.kubernetes.io/managed-by".to_string(),
+                keys::MANAGED_BY.to_string(),
                 keys::CONTROLLER_MANAGER.to_string(),
             )]
             .into(),

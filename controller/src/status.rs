@@ -3,7 +3,10 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crd::condition::condition;
-use crd::{ImagePrefetch, ImagePrefetchStatus, ImageProgress, PullState};
+use crd::{
+    ConditionReason as Reason, ConditionType as Type, ImagePrefetch, ImagePrefetchStatus,
+    ImageProgress, PullFailure, PullState,
+};
 
 use crate::index::SetFacts;
 
@@ -36,7 +39,7 @@ pub struct NoSeed {
 pub struct Failure {
     pub node: String,
     pub image: String,
-    pub reason: String,
+    pub reason: PullFailure,
     pub message: String,
 }
 
@@ -49,7 +52,7 @@ pub fn failures<S: SetFacts>(sets: &[&S]) -> Vec<Failure> {
                 out.push(Failure {
                     node: set.spec().node_name.clone(),
                     image: r.name.clone(),
-                    reason: r.reason.clone().unwrap_or_else(|| "PullFailed".into()),
+                    reason: r.reason.unwrap_or(PullFailure::PullFailed),
                     message: r.last_error.clone().unwrap_or_default(),
                 });
             }
@@ -114,7 +117,7 @@ pub fn compute<S: SetFacts>(
         .map(|s| s.conditions.as_slice())
         .unwrap_or(&[]);
     let generation = prefetch.metadata.generation;
-    let cond = |type_: &str, status: bool, reason: &str, message: String| {
+    let cond = |type_: Type, status: bool, reason: Reason, message: String| {
         condition(old, type_, status, reason, &message, generation, &now)
     };
 
@@ -130,9 +133,9 @@ pub fn compute<S: SetFacts>(
         .any(|p| p.pulling > 0 || (p.waiting - silent_on(&p.image) > 0 && !blocked(&p.image)));
     let ready = if all_ready {
         cond(
-            "Ready",
+            Type::Ready,
             true,
-            "AllImagesPresent",
+            Reason::AllImagesPresent,
             match images.len() {
                 1 => format!("the image is on all {desired} nodes"),
                 n => format!("all {n} images are on all {desired} nodes"),
@@ -140,41 +143,44 @@ pub fn compute<S: SetFacts>(
         )
     } else {
         let (reason, message) = match &degraded {
-            Some((reason, message)) if !moving || desired == 0 => {
-                (reason.as_str(), message.clone())
-            }
+            Some((reason, message)) if !moving || desired == 0 => (*reason, message.clone()),
             _ => (
-                "Pulling",
+                Reason::Pulling,
                 format!("{ready_nodes} of {desired} nodes have every image"),
             ),
         };
-        cond("Ready", false, reason, message)
+        cond(Type::Ready, false, reason, message)
     };
     let progressing = if !all_ready && moving && desired > 0 {
         cond(
-            "Progressing",
+            Type::Progressing,
             true,
-            "Pulling",
+            Reason::Pulling,
             format!("{ready_nodes} of {desired} nodes have every image"),
         )
     } else if all_ready {
         cond(
-            "Progressing",
+            Type::Progressing,
             false,
-            "Complete",
+            Reason::Complete,
             "nothing left to pull".into(),
         )
     } else {
         cond(
-            "Progressing",
+            Type::Progressing,
             false,
-            "Stalled",
+            Reason::Stalled,
             "no pull is under way".into(),
         )
     };
     let degraded = match degraded {
-        Some((reason, message)) => cond("Degraded", true, &reason, message),
-        None => cond("Degraded", false, "AsExpected", "no problems".into()),
+        Some((reason, message)) => cond(Type::Degraded, true, reason, message),
+        None => cond(
+            Type::Degraded,
+            false,
+            Reason::AsExpected,
+            "no problems".into(),
+        ),
     };
 
     ImagePrefetchStatus {
@@ -194,7 +200,7 @@ pub fn compute<S: SetFacts>(
 /// and conditions saying why nothing moves.
 pub fn held_back(
     prefetch: &ImagePrefetch,
-    reason: &str,
+    reason: Reason,
     message: &str,
     now: Time,
 ) -> ImagePrefetchStatus {
@@ -202,62 +208,54 @@ pub fn held_back(
     status.unreadable = None;
     let generation = prefetch.metadata.generation;
     let old = std::mem::take(&mut status.conditions);
-    let cond = |type_: &str, status: bool, message: &str| {
+    let cond = |type_: Type, status: bool, message: &str| {
         condition(&old, type_, status, reason, message, generation, &now)
     };
     status.conditions = vec![
-        cond("Ready", false, message),
+        cond(Type::Ready, false, message),
         cond(
-            "Progressing",
+            Type::Progressing,
             false,
             "nothing is done until this is resolved",
         ),
-        cond("Degraded", true, message),
+        cond(Type::Degraded, true, message),
     ];
     status.observed_generation = generation;
     status
 }
 
-/// The reason of a rollout some node's agent says nothing about.
-pub const AGENT_NOT_REPORTING: &str = "AgentNotReporting";
-/// The reason of an ImagePrefetch whose spec cannot be read.
-pub const SPEC_UNREADABLE: &str = "SpecUnreadable";
-/// The reason of an ImagePrefetch its namespace's budget has no room for.
-pub const BUDGET_EXCEEDED: &str = "BudgetExceeded";
-
 /// The first problem, in order of how much it explains, with a message
 /// naming every problem of that kind.
-fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(String, String)> {
+fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(Reason, String)> {
     if inputs.desired == 0 {
         return Some((
-            "NoMatchingNodes".into(),
+            Reason::NoMatchingNodes,
             "no Ready, schedulable node matches the nodeSelector".into(),
         ));
     }
     if !inputs.not_allowed.is_empty() {
         return Some((
-            "RegistryNotAllowed".into(),
+            Reason::RegistryNotAllowed,
             format!(
                 "not in the allowed registries, so not pulled: {}",
                 inputs.not_allowed.join(", ")
             ),
         ));
     }
-    // (the agent's reason, the condition's): a node whose runtime cannot
-    // keep the promise is named before any other failure.
-    for (kind, reason) in [
-        ("RuntimeUnsupported", "RuntimeUnsupported"),
-        ("SecretNotFound", "SecretNotFound"),
-        ("SecretInvalid", "SecretNotFound"),
-    ] {
-        let of_kind: Vec<&Failure> = failures.iter().filter(|f| f.reason == kind).collect();
+    // A node whose runtime cannot keep the promise is named before any
+    // other failure, then missing secrets: both need an administrator.
+    for reason in [Reason::RuntimeUnsupported, Reason::SecretNotFound] {
+        let of_kind: Vec<&Failure> = failures
+            .iter()
+            .filter(|f| f.reason.degraded_reason() == reason)
+            .collect();
         if !of_kind.is_empty() {
-            return Some((reason.into(), describe(&of_kind)));
+            return Some((reason, describe(&of_kind)));
         }
     }
     if !failures.is_empty() {
         let all: Vec<&Failure> = failures.iter().collect();
-        return Some(("PullFailed".into(), describe(&all)));
+        return Some((Reason::PullFailed, describe(&all)));
     }
     if !inputs.silent.is_empty() {
         let mut nodes: Vec<&str> = inputs.silent.iter().map(|(n, _)| n.as_str()).collect();
@@ -265,7 +263,7 @@ fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(String,
         let more = nodes.len().saturating_sub(5);
         nodes.truncate(5);
         return Some((
-            AGENT_NOT_REPORTING.into(),
+            Reason::AgentNotReporting,
             format!(
                 "no report from the agent on {}{} since its images were released to it: is image-prefetch-agent running there? (the rollout goes on without it)",
                 nodes.join(", "),
@@ -288,11 +286,11 @@ fn degraded_reason(inputs: &Inputs<'_>, failures: &[Failure]) -> Option<(String,
         if inputs.no_seed.len() > 1 {
             message.push_str(&format!(" (and {} more images)", inputs.no_seed.len() - 1));
         }
-        return Some(("NoSeedAvailable".into(), message));
+        return Some((Reason::NoSeedAvailable, message));
     }
     if let Some((asked, have)) = inputs.insufficient {
         return Some((
-            "InsufficientNodes".into(),
+            Reason::InsufficientNodes,
             format!("replicas is {asked} but only {have} nodes qualify; using all {have}"),
         ));
     }
@@ -360,7 +358,7 @@ mod tests {
                 .iter()
                 .map(|(n, st, reason)| NodeImageStatus {
                     last_error: reason.map(|r| format!("{r} happened")),
-                    reason: reason.map(str::to_string),
+                    reason: reason.map(|r| crd::Word::parse(r).expect("a pull failure")),
                     ..NodeImageStatus::new(n, *st, 1)
                 })
                 .collect(),

@@ -1070,7 +1070,7 @@ async fn each_node_failure_is_its_own_event() {
         let mut nodes: Vec<String> = list
             .items
             .into_iter()
-            .filter(|e| e.reason.as_deref() == Some("PullFailed"))
+            .filter(|e| e.reason.as_deref() == Some(crd::EventReason::PullFailed.as_str()))
             .filter_map(|e| e.related.and_then(|r| r.name))
             .collect();
         nodes.sort();

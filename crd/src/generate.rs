@@ -1,4 +1,6 @@
-//! The CRD manifests that the Helm chart and the OLM bundle ship.
+//! What is generated from the crd crate and checked in: the CRD manifests
+//! that the Helm chart and the OLM bundle ship, and the reference of
+//! reasons, conditions and Events in `docs/`.
 
 use kube::CustomResourceExt;
 
@@ -13,6 +15,23 @@ pub struct Manifest {
 
 /// Where, relative to the workspace root, the generated manifests are checked in.
 pub const DESTINATIONS: &[&str] = &["helm/image-prefetch/crds", "bundle/manifests"];
+
+/// Where, relative to the workspace root, the reference of the vocabulary is checked in.
+pub const REFERENCE: &str = "docs/reference.md";
+
+/// Every generated file: (path relative to the workspace root, content).
+pub fn files() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = DESTINATIONS
+        .iter()
+        .flat_map(|dir| {
+            manifests()
+                .into_iter()
+                .map(move |m| (format!("{dir}/{}", m.file_name), m.yaml))
+        })
+        .collect();
+    out.push((REFERENCE.to_string(), crate::vocabulary::reference()));
+    out
+}
 
 pub fn manifests() -> Vec<Manifest> {
     [ImagePrefetch::crd(), NodeImageSet::crd()]
@@ -32,20 +51,18 @@ mod tests {
 
     use super::*;
 
-    /// The checked-in YAML must be what the types generate today.
+    /// The checked-in YAML and reference must be what the types generate today.
     #[test]
-    fn checked_in_crds_are_current() {
+    fn checked_in_files_are_current() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for dir in DESTINATIONS {
-            for m in manifests() {
-                let path = root.join(dir).join(&m.file_name);
-                let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-                assert!(
-                    on_disk == m.yaml,
-                    "{} is stale: run `cargo xtask crdgen` and commit the result",
-                    path.display()
-                );
-            }
+        for (path, content) in files() {
+            let path = root.join(path);
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == content,
+                "{} is stale: run `cargo xtask crdgen` and commit the result",
+                path.display()
+            );
         }
     }
 

@@ -1,4 +1,5 @@
-//! Every label, annotation and finalizer key the operator writes, in one place.
+//! Every label, annotation and finalizer key and every field manager the
+//! operator writes, in one place.
 
 use crate::names::label_value;
 
@@ -8,6 +9,15 @@ pub const FINALIZER: &str = "imageprefetch.io/cleanup";
 
 /// Server-side apply field manager of the controller.
 pub const CONTROLLER_MANAGER: &str = "image-prefetch-controller";
+/// Field manager of the agent DaemonSet the controller keeps (its own, so
+/// an administrator's `kubectl apply` of other fields is not taken over).
+pub const AGENT_DAEMONSET_MANAGER: &str = "image-prefetch-controller/agent";
+/// Server-side apply field manager of the agent (the NodeImageSet status).
+pub const AGENT_MANAGER: &str = "image-prefetch-agent";
+/// Label on objects the controller creates for tenants (pull-secret grants).
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// containerd label the agent puts on images it pinned, so it unpins only its own.
+pub const PINNED_BY_AGENT: (&str, &str) = ("imageprefetch.io/pinned", "true");
 
 /// Uid of the owning ImagePrefetch: the key the controller selects by (always <= 63 chars).
 pub const PREFETCH_UID: &str = "imageprefetch.io/prefetch-uid";

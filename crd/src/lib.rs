@@ -11,6 +11,7 @@ pub mod node_image_set;
 pub mod platform;
 pub mod prefetch;
 pub mod reference;
+pub mod vocabulary;
 pub mod watch_backoff;
 
 pub use node_image_set::{
@@ -20,6 +21,7 @@ pub use node_image_set::{
 pub use prefetch::{
     ImagePrefetch, ImagePrefetchSpec, ImagePrefetchStatus, ImageProgress, LocalSecretReference,
 };
+pub use vocabulary::{ConditionReason, ConditionType, EventReason, PullFailure, Word};
 
 /// API group of both custom resources.
 pub const GROUP: &str = "imageprefetch.io";

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::lenient::Unreadable;
 use crate::prefetch::{MAX_IMAGES, MAX_PULL_SECRETS};
 use crate::reference;
+use crate::vocabulary::PullFailure;
 
 /// Default for `imageDownloadRetryLimit`.
 pub const DEFAULT_RETRY_LIMIT: i32 = 3;
@@ -189,11 +190,11 @@ pub struct NodeImageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_ERROR_LEN))]
     pub last_error: Option<String>,
-    /// Machine-readable cause of the last failure: `SecretNotFound`,
-    /// `SecretInvalid`, `RegistryUnreachable`, `NotFound`, `Unauthorized`, `PullFailed`.
+    // Machine-readable cause of the last failure: the schema's description
+    // (what `kubectl explain` shows) lists the values, from the enum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = MAX_REASON_LEN))]
-    pub reason: Option<String>,
+    #[schemars(schema_with = "crate::vocabulary::pull_failure_schema")]
+    pub reason: Option<PullFailure>,
     /// Digest the image resolved to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_DIGEST_LEN))]

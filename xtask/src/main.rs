@@ -23,7 +23,7 @@ cargo xtask <command>
   fixtures              build the Go test fixtures (kube-apiserver, containerd, helm, bundle validators, jaeger,
                         kubelet, kube-scheduler, kube-controller-manager, kube-proxy) into the cache
   fixtures --cluster    build the kubelet cluster test bed's (kubelet, kube-scheduler, kube-controller-manager, kube-proxy)
-  crdgen [--check]      write the CRD YAML into helm/ and bundle/ (or fail if stale)
+  crdgen [--check]      write the CRD YAML into helm/ and bundle/ and docs/reference.md (or fail if stale)
   cluster up [--nodes N] the kubelet cluster test bed (docs/testbed.md) with the CRDs installed,
                         printing its KUBECONFIG; runs until Ctrl-C, which takes it down
   testbed up|down|status
@@ -241,26 +241,25 @@ pub fn build_fixtures(list: &[&testbed::fixtures::GoFixture]) -> Result<()> {
 fn crdgen(check: bool) -> Result<()> {
     let root = root();
     let mut stale = Vec::new();
-    for dir in crd::generate::DESTINATIONS {
-        let dir = root.join(dir);
-        std::fs::create_dir_all(&dir)?;
-        for m in crd::generate::manifests() {
-            let path = dir.join(&m.file_name);
-            let current = std::fs::read_to_string(&path).unwrap_or_default();
-            if current == m.yaml {
-                continue;
+    for (path, content) in crd::generate::files() {
+        let path = root.join(path);
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        if current == content {
+            continue;
+        }
+        if check {
+            stale.push(path.display().to_string());
+        } else {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
             }
-            if check {
-                stale.push(path.display().to_string());
-            } else {
-                std::fs::write(&path, &m.yaml).with_context(|| path.display().to_string())?;
-                eprintln!("crdgen: wrote {}", path.display());
-            }
+            std::fs::write(&path, &content).with_context(|| path.display().to_string())?;
+            eprintln!("crdgen: wrote {}", path.display());
         }
     }
     if !stale.is_empty() {
         bail!(
-            "stale CRD YAML (run `cargo xtask crdgen` and commit): {}",
+            "stale generated files (run `cargo xtask crdgen` and commit): {}",
             stale.join(", ")
         );
     }

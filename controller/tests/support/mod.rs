@@ -255,7 +255,7 @@ pub async fn report_digest(
     let failed = state == PullState::Failed;
     images.push(NodeImageStatus {
         last_error: failed.then(|| "simulated: registry answered 500".to_string()),
-        reason: failed.then(|| "PullFailed".to_string()),
+        reason: failed.then_some(crd::PullFailure::PullFailed),
         digest: (state == PullState::Available).then(|| digest.to_string()),
         ..NodeImageStatus::new(image, state, if failed { 4 } else { 1 })
     });

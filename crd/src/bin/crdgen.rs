@@ -13,13 +13,13 @@ fn main() -> std::io::Result<()> {
             }
         }
         [flag, root] if flag == "--write" => {
-            for dir in crd::generate::DESTINATIONS {
-                let dir = PathBuf::from(root).join(dir);
-                std::fs::create_dir_all(&dir)?;
-                for m in &manifests {
-                    std::fs::write(dir.join(&m.file_name), &m.yaml)?;
-                    eprintln!("wrote {}", dir.join(&m.file_name).display());
+            for (path, content) in crd::generate::files() {
+                let path = PathBuf::from(root).join(path);
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
                 }
+                std::fs::write(&path, content)?;
+                eprintln!("wrote {}", path.display());
             }
         }
         _ => {

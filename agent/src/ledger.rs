@@ -101,7 +101,7 @@ pub enum Action {
 }
 
 /// Backoff between a Failed entry's rounds of pulls.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     pub first: Duration,
     pub cap: Duration,

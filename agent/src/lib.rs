@@ -2,6 +2,7 @@
 //! NodeImageSets, pulls their images through the node's containerd with the
 //! policy each entry names, and reports per-image state back.
 
+pub mod cli;
 pub mod credentials;
 pub mod disk;
 pub mod events;

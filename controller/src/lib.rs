@@ -6,6 +6,7 @@
 //! `run` wires watches, stores and the kube-runtime `Controller` together.
 
 pub mod agent_daemonset;
+pub mod cli;
 pub mod decide;
 pub mod error;
 pub mod index;

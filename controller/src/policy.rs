@@ -31,7 +31,7 @@ use crate::index::SetFacts;
 use crate::select::score;
 
 /// Sequencing settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// `false`: every node pulls with `Default` at once (for comparison only).
     pub sequencing: bool,

@@ -5,7 +5,6 @@
 //! Traces go over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and
 //! nowhere otherwise: no exporter, no connection attempts, no cost.
 
-pub mod cli;
 pub mod propagation;
 pub mod serve;
 

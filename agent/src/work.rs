@@ -135,10 +135,23 @@ pub async fn run(
     if let Some(addr) = config.metrics_addr {
         telemetry::serve::serve(addr, Arc::new(registry), health.clone()).await;
     }
+    health.set(
+        false,
+        format!(
+            "connecting to containerd at {}",
+            config.containerd_socket.display()
+        ),
+    );
     let runtime = Runtime::connect(&config.containerd_socket)
         .await?
         .for_platform(config.platform.clone());
-    health.set_ready(true);
+    health.set(
+        true,
+        format!(
+            "connected to containerd; following node {}",
+            config.node_name
+        ),
+    );
     let sets_api: Api<NodeImageSet> = Api::all(client.clone());
     let (store, mut events) = report::follow(&sets_api, &config.node_name);
     let (tx, mut rx) = mpsc::channel::<Message>(64);

@@ -51,7 +51,7 @@ pub struct Context {
     /// Closed once leadership is lost: no write passes it after.
     pub fence: crate::leader::Fence,
     /// True once the node store has its first full list.
-    nodes_ready: tokio::sync::watch::Sender<bool>,
+    pub(crate) nodes_ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Context {

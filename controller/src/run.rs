@@ -11,6 +11,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{Controller, WatchStreamExt, watcher};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crd::{ImagePrefetch, NodeImageSet, keys, node_image_set::DEFAULT_RETRY_LIMIT};
@@ -118,19 +119,39 @@ pub async fn run(
     let shutdown = shutdown.shared();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = crate::metrics::Metrics::register(&mut registry);
-    // Ready means serving its role: leading, or standing by for the lease.
+    // Ready means serving its role: standing by for the lease, or leading
+    // (or alone) with every cache synced — before that, reconciles would
+    // decide on a partial view of the cluster, and `/readyz` says which
+    // cache it waits for.
     let health = telemetry::serve::Health::default();
-    health.set_ready(true);
     if let Some(addr) = config.metrics_addr {
-        telemetry::serve::serve(addr, std::sync::Arc::new(registry), health).await;
+        telemetry::serve::serve(addr, std::sync::Arc::new(registry), health.clone()).await;
     }
     let leadership = match config.leader.clone() {
-        Some(lease) => tokio::select! {
-            held = leader::acquire(client.clone(), lease) => Some(held),
-            _ = shutdown.clone() => None,
-        },
+        Some(lease) => {
+            health.set(
+                true,
+                format!(
+                    "standing by for the Lease {}/{}",
+                    lease.namespace, lease.name
+                ),
+            );
+            tokio::select! {
+                held = leader::acquire(client.clone(), lease) => Some(held),
+                _ = shutdown.clone() => None,
+            }
+        }
         None => None,
     };
+    let role = if leadership.is_some() {
+        "leading"
+    } else {
+        "running"
+    };
+    health.set(
+        false,
+        format!("{role}; waiting for the caches of Nodes, NodeImageSets and ImagePrefetches"),
+    );
     let prefetches: Api<ImagePrefetch> = match &config.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -236,10 +257,20 @@ pub async fn run(
     };
 
     let (all_prefetches, prefetch_writer) = reflector::store();
-    let prefetch_events = watcher(prefetches, watcher::Config::default())
-        .backoff(crd::watch_backoff::backoff())
-        .inspect_err(watch_failed(&ctx.metrics, "imageprefetches"))
-        .reflect(prefetch_writer);
+    let prefetches_listed = watch::Sender::new(false);
+    let prefetch_events = {
+        let listed = prefetches_listed.clone();
+        watcher(prefetches, watcher::Config::default())
+            .backoff(crd::watch_backoff::backoff())
+            .inspect_err(watch_failed(&ctx.metrics, "imageprefetches"))
+            .reflect(prefetch_writer)
+            .inspect_ok(move |event| {
+                if matches!(event, watcher::Event::InitDone) {
+                    listed.send_replace(true);
+                }
+            })
+    };
+    let readiness = tokio::spawn(report_ready(ctx.clone(), prefetches_listed, health, role));
     let prefetch_events = triggers::prefetch_changes(prefetch_events);
     let controller = Controller::for_stream(prefetch_events, all_prefetches.clone())
         .with_config(
@@ -283,12 +314,39 @@ pub async fn run(
         .await;
     info!("image-prefetch controller stopped");
     housekeeping.abort();
+    readiness.abort();
     let _ = keeper_stop.send(());
     if let Some(k) = keeper {
         let _ = k.await;
     }
     drop(leadership);
     ctx
+}
+
+/// Marks the controller ready once the first list of every cache is in,
+/// saying which it still waits for meanwhile.
+async fn report_ready(
+    ctx: Arc<Context>,
+    prefetches_listed: watch::Sender<bool>,
+    health: telemetry::serve::Health,
+    role: &'static str,
+) {
+    let mut nodes = ctx.nodes_ready.subscribe();
+    let _ = nodes.wait_for(|ready| *ready).await;
+    health.set(
+        false,
+        format!("{role}; waiting for the caches of NodeImageSets and ImagePrefetches"),
+    );
+    ctx.sets.wait_until_ready().await;
+    health.set(
+        false,
+        format!("{role}; waiting for the cache of ImagePrefetches"),
+    );
+    let _ = prefetches_listed
+        .subscribe()
+        .wait_for(|listed| *listed)
+        .await;
+    health.set(true, format!("{role}; caches synced"));
 }
 
 /// What a failed watch request does: a warning (an object the API server

@@ -856,7 +856,8 @@ async fn serves_metrics_and_health() {
         testbed::process::http_get(&host, "/healthz").unwrap().0,
         200
     );
-    assert_eq!(testbed::process::http_get(&host, "/readyz").unwrap().0, 200);
+    let (code, body) = testbed::process::http_get(&host, "/readyz").unwrap();
+    assert_eq!((code, body.trim()), (200, "running; caches synced"));
 }
 
 #[tokio::test]

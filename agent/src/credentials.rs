@@ -167,36 +167,19 @@ fn decode(entry: Entry) -> Result<Credential, String> {
     })
 }
 
+/// The `auth` field as Docker writes it (standard alphabet, padded), and as
+/// hand-made secrets have it too: unpadded, URL-safe, wrapped in lines.
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let clean: Vec<u8> = s
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let clean: String = s
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace() && *c != '=')
         .collect();
-    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
-    for chunk in clean.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= value(*c)? << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        match chunk.len() {
-            4 => out.extend_from_slice(&bytes),
-            3 => out.extend_from_slice(&bytes[..2]),
-            2 => out.push(bytes[0]),
-            _ => return None,
-        }
-    }
-    Some(out)
+    STANDARD_NO_PAD
+        .decode(&clean)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(&clean))
+        .ok()
 }
 
 impl Keyring {

@@ -26,15 +26,15 @@ pub enum Notice {
     CheckAll,
 }
 
-const FIRST_RETRY: Duration = Duration::from_millis(200);
-const LAST_RETRY: Duration = Duration::from_secs(10);
+const RETRY: crd::backoff::Doubling =
+    crd::backoff::Doubling::new(Duration::from_millis(200), Duration::from_secs(10));
 const SUBSCRIBE_SETTLE: Duration = Duration::from_millis(100);
 
 /// Starts the watcher; it stops when the receiver is dropped.
 pub fn watch(socket: PathBuf) -> mpsc::Receiver<Notice> {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
-        let mut delay = FIRST_RETRY;
+        let mut delay = RETRY.first;
         while !tx.is_closed() {
             match subscribe(&socket, &tx, &mut delay).await {
                 Ok(()) => debug!("containerd event stream ended; subscribing again"),
@@ -43,7 +43,7 @@ pub fn watch(socket: PathBuf) -> mpsc::Receiver<Notice> {
                 }
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(LAST_RETRY);
+            delay = RETRY.next(Some(delay));
         }
     });
     rx
@@ -74,7 +74,7 @@ async fn subscribe(
         _ = tokio::time::sleep(SUBSCRIBE_SETTLE) => None,
     };
     info!("following containerd image deletions");
-    *delay = FIRST_RETRY;
+    *delay = RETRY.first;
     if tx.send(Notice::CheckAll).await.is_err() {
         return Ok(());
     }

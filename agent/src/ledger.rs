@@ -101,30 +101,11 @@ pub enum Action {
 }
 
 /// Backoff between a Failed entry's rounds of pulls.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Backoff {
-    pub first: Duration,
-    pub cap: Duration,
-}
+pub type Backoff = crd::backoff::Doubling;
 
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            first: Duration::from_secs(30),
-            cap: Duration::from_secs(5 * 60),
-        }
-    }
-}
-
-impl Backoff {
-    /// The wait after the `n`-th failed round (1-based): first, 2×, 4×, … up to the cap.
-    pub fn after(&self, n: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(n.saturating_sub(1).min(16))
-            .unwrap_or(u32::MAX);
-        self.first.saturating_mul(factor).min(self.cap)
-    }
-}
+/// A Failed entry is tried again after 30 s, doubling up to 5 minutes.
+pub const FAILED_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(30), Duration::from_secs(5 * 60));
 
 #[derive(Clone, Debug)]
 struct Record {
@@ -135,7 +116,7 @@ struct Record {
 }
 
 /// The ledger of every entry of this node's sets.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Ledger {
     records: HashMap<Key, Record>,
     /// Sets whose spec cannot be read: their entries stay as they are.
@@ -175,6 +156,12 @@ impl Ledger {
             backoff,
             progress_every: PROGRESS_EVERY,
         }
+    }
+
+    /// A ledger for unit tests: the default backoff, and every progress reported.
+    #[cfg(test)]
+    fn default() -> Self {
+        Ledger::new(FAILED_BACKOFF).with_progress_every(Duration::ZERO)
     }
 
     /// Reports a seed's progress at most once per `every`.
@@ -744,7 +731,7 @@ mod tests {
             now,
         );
         // The secret now exists: the next round (read afresh) succeeds.
-        let later = now + Backoff::default().first;
+        let later = now + FAILED_BACKOFF.first;
         assert_eq!(starts(&l.observe(vec![listed("s", &w)], later)), 1);
         l.finished(&key("s"), &w, Ok((present(), 1)), later);
         assert_eq!(l.status(&key("s")).unwrap().state, PullState::Available);
@@ -806,20 +793,9 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_its_cap() {
-        let b = Backoff {
-            first: Duration::from_secs(30),
-            cap: Duration::from_secs(300),
-        };
-        let waits: Vec<u64> = (1..=6).map(|n| b.after(n).as_secs()).collect();
-        assert_eq!(waits, [30, 60, 120, 240, 300, 300]);
-        assert_eq!(b.after(1000), Duration::from_secs(300));
-    }
-
-    #[test]
     fn a_seeds_progress_is_reported_at_most_once_per_interval() {
         let every = Duration::from_secs(30);
-        let mut l = Ledger::new(Backoff::default()).with_progress_every(every);
+        let mut l = Ledger::new(FAILED_BACKOFF).with_progress_every(every);
         let t0 = Instant::now();
         let seed = want("u1", RegistryPolicy::Default, None);
         l.observe(vec![listed("s", &seed)], t0);
@@ -860,7 +836,7 @@ mod tests {
 
     #[test]
     fn progress_of_mirror_pulls_and_of_stale_tasks_is_not_reported() {
-        let mut l = Ledger::new(Backoff::default());
+        let mut l = Ledger::new(FAILED_BACKOFF);
         let t0 = Instant::now();
         let mirror = want("u1", RegistryPolicy::Mirror, Some(D));
         l.observe(vec![listed("s", &mirror)], t0);

@@ -42,7 +42,7 @@ pub fn follow(
     let events = reflector::reflector(
         writer,
         watcher(api.clone(), wc)
-            .backoff(crd::watch_backoff::backoff())
+            .backoff(crd::backoff::watch())
             .modify(|set| set.managed_fields_mut().clear()),
     )
     .boxed();

@@ -33,8 +33,8 @@ use crate::pull::{self, Progress, PullError, Pulled, Runtime};
 use crate::report;
 
 /// First and longest wait before writing statuses again after a failed write.
-const STATUS_RETRY_MIN: Duration = Duration::from_secs(1);
-const STATUS_RETRY_MAX: Duration = Duration::from_secs(30);
+const STATUS_RETRY: crd::backoff::Doubling =
+    crd::backoff::Doubling::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// Field manager of the agent's status writes.
 pub use crate::report::AGENT_MANAGER;
@@ -91,7 +91,7 @@ impl Config {
             metrics_addr: None,
             platform: crd::platform::Platform::host(),
             sandbox_images: crate::pins::SandboxImages::default(),
-            failed_backoff: ledger::Backoff::default(),
+            failed_backoff: ledger::FAILED_BACKOFF,
             progress_every: ledger::PROGRESS_EVERY,
             image_fs: "/var/lib/containerd".into(),
             image_fs_high_percent: crate::disk::DEFAULT_HIGH_PERCENT,
@@ -358,10 +358,7 @@ impl Agent {
         // A failed write is tried again, sooner at first, then less often
         // (the API server may be away), until one round succeeds.
         self.write_retry = if failed {
-            let wait = self
-                .write_retry
-                .map(|(_, wait)| (wait * 2).min(STATUS_RETRY_MAX))
-                .unwrap_or(STATUS_RETRY_MIN);
+            let wait = STATUS_RETRY.next(self.write_retry.map(|(_, wait)| wait));
             Some((Instant::now() + wait, wait))
         } else {
             None

@@ -139,7 +139,7 @@ pub async fn keep(
     let desired = spec.daemonset();
     let wc = watcher::Config::default().fields(&format!("metadata.name={}", spec.name));
     let mut events = watcher(api.clone(), wc)
-        .backoff(crd::watch_backoff::backoff())
+        .backoff(crd::backoff::watch())
         .boxed();
     tokio::pin!(shutdown);
     loop {

@@ -447,12 +447,12 @@ impl SeedBook {
                         times: 0,
                     });
                 e.times += 1;
-                let factor = 1u32 << (e.times - 1).min(16);
                 e.until = now
-                    + settings
-                        .seed_cooldown
-                        .saturating_mul(factor)
-                        .min(settings.seed_cooldown_cap);
+                    + crd::backoff::Doubling::new(
+                        settings.seed_cooldown,
+                        settings.seed_cooldown_cap,
+                    )
+                    .after(e.times);
             }
             if failed || stalled || gone || orphaned {
                 self.claims.remove(&slot);

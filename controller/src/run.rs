@@ -161,9 +161,9 @@ pub async fn run(
     let node_events = reflector::reflector(
         node_writer,
         // Every watch backs off while the API server is away (0.8 s doubling
-        // to 10 s, jittered: `crd::watch_backoff`), instead of retrying at once.
+        // to 10 s, jittered: `crd::backoff`), instead of retrying at once.
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-            .backoff(crd::watch_backoff::backoff())
+            .backoff(crd::backoff::watch())
             .inspect_err(watch_failed(&metrics, "nodes"))
             .modify(triggers::slim_node),
     );
@@ -174,7 +174,7 @@ pub async fn run(
             Api::<NodeImageSet>::all(client.clone()),
             watcher::Config::default().labels(keys::PREFETCH_UID),
         )
-        .backoff(crd::watch_backoff::backoff())
+        .backoff(crd::backoff::watch())
         .inspect_err(watch_failed(&metrics, "nodeimagesets"))
         // Only news reaches the owner's reconcile: not the echo of the
         // controller's own writes.
@@ -261,7 +261,7 @@ pub async fn run(
     let prefetch_events = {
         let listed = prefetches_listed.clone();
         watcher(prefetches, watcher::Config::default())
-            .backoff(crd::watch_backoff::backoff())
+            .backoff(crd::backoff::watch())
             .inspect_err(watch_failed(&ctx.metrics, "imageprefetches"))
             .reflect(prefetch_writer)
             .inspect_ok(move |event| {
@@ -377,7 +377,7 @@ fn release_freed_memory() {
 }
 
 /// The controller's backoff over its trigger streams: none, because every
-/// stream brings its own (`crd::watch_backoff`).
+/// stream brings its own (`crd::backoff`).
 struct EachWatchBacksOff;
 
 impl Iterator for EachWatchBacksOff {

@@ -2,6 +2,7 @@
 //! `NodeImageSet` (cluster-scoped, written by the controller, read by the agent),
 //! plus the label keys and naming rules that tie them together.
 
+pub mod backoff;
 pub mod condition;
 pub mod generate;
 pub mod keys;
@@ -12,7 +13,6 @@ pub mod platform;
 pub mod prefetch;
 pub mod reference;
 pub mod vocabulary;
-pub mod watch_backoff;
 
 pub use node_image_set::{
     NodeImage, NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, NodeImageStatus, PeerSource,

@@ -120,7 +120,7 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
         stopped.elapsed().as_secs_f64()
     );
     // Two processes, four watches, each backing off on its own from 0.8 s to
-    // 10 s (`crd::watch_backoff`): about six each. Without backoff it is
+    // 10 s (`crd::backoff`): about six each. Without backoff it is
     // thousands.
     assert!(attempts <= 60, "{attempts} attempts during a 30 s outage");
 

@@ -70,7 +70,7 @@ fn unknown_values_are_rejected() {
 fn the_chart_and_the_managed_agent_daemonset_agree() {
     let (ok, out) = template(&chart(), "image.tag=1.0");
     assert!(ok, "{out}");
-    let chart_ds = serde_yaml::Deserializer::from_str(&out)
+    let chart_ds = serde_yaml_ng::Deserializer::from_str(&out)
         .map(|doc| serde_json::Value::deserialize(doc).expect("YAML"))
         .find(|d| d["kind"] == "DaemonSet")
         .expect("the chart renders a DaemonSet");
@@ -318,7 +318,7 @@ fn shipped_arguments_are_accepted_by_the_binaries() {
         .map(str::to_string)
         .collect::<Vec<_>>();
     for doc in &docs {
-        let Ok(value) = serde_yaml::from_str::<serde_json::Value>(doc) else {
+        let Ok(value) = serde_yaml_ng::from_str::<serde_json::Value>(doc) else {
             continue;
         };
         let mut containers = Vec::new();
@@ -525,7 +525,7 @@ fn the_bundle_grants_what_the_chart_grants() {
     let (ok, rendered) = template(&chart(), "image.pullPolicy=IfNotPresent");
     assert!(ok, "{rendered}");
     let mut chart_rules = std::collections::BTreeMap::new();
-    for doc in serde_yaml::Deserializer::from_str(&rendered) {
+    for doc in serde_yaml_ng::Deserializer::from_str(&rendered) {
         let v = serde_json::Value::deserialize(doc).unwrap();
         if v["kind"] == "ClusterRole" {
             let name = v["metadata"]["name"].as_str().unwrap();
@@ -533,7 +533,7 @@ fn the_bundle_grants_what_the_chart_grants() {
             chart_rules.insert(account, v["rules"].clone());
         }
     }
-    let csv: serde_json::Value = serde_yaml::from_str(
+    let csv: serde_json::Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(
             chart().join("../../bundle/manifests/image-prefetch.clusterserviceversion.yaml"),
         )

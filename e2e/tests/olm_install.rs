@@ -35,7 +35,7 @@ async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
     push_product_images(registry);
     testbed::crds::install(&client).await.unwrap();
 
-    let csv: serde_json::Value = serde_yaml::from_str(
+    let csv: serde_json::Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(
             testbed::helm::chart()
                 .join("../../bundle/manifests/image-prefetch.clusterserviceversion.yaml"),

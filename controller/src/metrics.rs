@@ -11,7 +11,8 @@ use crate::index::SetView;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    /// `Error::category()`: kube, finalizer, metadata.
+    /// `Error::category()`: the operation that failed (`apply-node-image-set`,
+    /// `write-status`, ...).
     pub category: String,
 }
 

@@ -156,7 +156,14 @@ pub async fn reconcile(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Resul
 /// The wait before the `n`-th retry of a reconcile that keeps failing
 /// (1-based): 1 s, doubling, at most 5 minutes.
 pub fn retry_delay(n: u32) -> Duration {
-    Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300))
+    crd::backoff::Doubling::new(Duration::from_secs(1), Duration::from_secs(300)).after(n)
+}
+
+/// Whether the `n`-th failure in a row is told as a Warning Event: the
+/// first, then at 2, 4, 8, …, so a long outage is heard of without an Event
+/// per retry (the API server's Event series counts them anyway).
+pub fn announce_failure(n: u32) -> bool {
+    n.is_power_of_two()
 }
 
 async fn reconcile_inner(prefetch: Arc<ImagePrefetch>, ctx: &Context) -> Result<Action, Error> {
@@ -189,12 +196,35 @@ pub fn error_policy(prefetch: Arc<ImagePrefetch>, error: &Error, ctx: Arc<Contex
     warn!(
         namespace = prefetch.namespace(),
         name = %prefetch.name_any(),
-        category = error.category(),
+        operation = error.category(),
         %error,
         failed_in_a_row = n,
         retry_in = ?delay,
         "reconcile failed; retrying with backoff"
     );
+    if error.is_announced() && announce_failure(n) {
+        let announcement = crate::decide::Announcement {
+            type_: EventType::Warning,
+            reason: crd::EventReason::ReconcileFailed,
+            note: format!(
+                "{error} (failed {n} times in a row; trying again in {}s)",
+                delay.as_secs().max(1)
+            ),
+            node: None,
+            image: None,
+        };
+        let mut event = announcement.event();
+        event.secondary = error.related().or(event.secondary);
+        tokio::spawn(async move {
+            if let Err(e) = ctx
+                .recorder
+                .publish(&event, &prefetch.object_ref(&()))
+                .await
+            {
+                warn!(error = %e, reason = %event.reason, "could not publish an Event");
+            }
+        });
+    }
     Action::requeue(delay)
 }
 
@@ -316,10 +346,13 @@ async fn act(
                         .annotations_mut()
                         .insert(keys::TRACEPARENT_ANNOTATION.to_string(), traceparent);
                 }
-                Ok::<_, Error>(
-                    api.patch(&desired.name_any(), &params, &Patch::Apply(&desired))
-                        .await?,
-                )
+                api.patch(&desired.name_any(), &params, &Patch::Apply(&desired))
+                    .await
+                    .map_err(|source| Error::ApplyNodeImageSet {
+                        set: desired.name_any(),
+                        node: desired.spec.node_name.clone(),
+                        source,
+                    })
             }
             .instrument(span)
         })
@@ -335,7 +368,13 @@ async fn act(
     }
     for stale in &decision.delete {
         ctx.fence.check()?;
-        delete_decided(&sets_api, &stale.name, &stale.uid).await?;
+        delete_decided(&sets_api, &stale.name, &stale.uid)
+            .await
+            .map_err(|source| Error::DeleteNodeImageSet {
+                set: stale.name.clone(),
+                node: stale.node.clone(),
+                source,
+            })?;
         ctx.wrote();
         info!(node = %stale.node, set = %stale.name, "deleted NodeImageSet of a node no longer selected");
     }
@@ -355,7 +394,11 @@ async fn act(
             "status": status,
         });
         api.patch_status(&p.name_any(), &params, &Patch::Apply(&body))
-            .await?;
+            .await
+            .map_err(|source| Error::WriteStatus {
+                prefetch: format!("{}/{}", owner_namespace(p), p.name_any()),
+                source,
+            })?;
         ctx.wrote();
     }
     Ok(())
@@ -379,7 +422,11 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
     ctx.fence.check()?;
     sets_api
         .delete_collection(&DeleteParams::default(), &selector)
-        .await?;
+        .await
+        .map_err(|source| Error::DeleteOwnedNodeImageSets {
+            prefetch: format!("{}/{}", owner.namespace, p.name_any()),
+            source,
+        })?;
     ctx.wrote();
     ctx.announced
         .lock()
@@ -408,7 +455,12 @@ async fn grant_pull_secrets(ctx: &Context, namespace: &str) -> Result<(), Error>
         return Ok(());
     }
     ctx.fence.check()?;
-    pull_secrets::write(&ctx.client, namespace, &secrets, agent).await?;
+    pull_secrets::write(&ctx.client, namespace, &secrets, agent)
+        .await
+        .map_err(|source| Error::GrantPullSecrets {
+            namespace: namespace.to_string(),
+            source,
+        })?;
     ctx.wrote();
     info!(namespace, secrets = %secrets.join(","), "pull secrets the agent may read");
     granted.insert(namespace.to_string(), secrets);
@@ -418,7 +470,7 @@ async fn grant_pull_secrets(ctx: &Context, namespace: &str) -> Result<(), Error>
 /// Deletes the set `name` if it is still the one of `uid` the decision was
 /// made on: one deleted and created again meanwhile (another reconcile, an
 /// administrator) is not ours to delete, and one already gone is fine.
-async fn delete_decided(api: &Api<NodeImageSet>, name: &str, uid: &str) -> Result<(), Error> {
+async fn delete_decided(api: &Api<NodeImageSet>, name: &str, uid: &str) -> Result<(), kube::Error> {
     let params = DeleteParams {
         preconditions: (!uid.is_empty()).then(|| kube::api::Preconditions {
             uid: Some(uid.to_string()),
@@ -429,7 +481,7 @@ async fn delete_decided(api: &Api<NodeImageSet>, name: &str, uid: &str) -> Resul
     match api.delete(name, &params).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 

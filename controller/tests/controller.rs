@@ -1226,3 +1226,103 @@ async fn a_deposed_leader_makes_no_write_once_its_link_is_back() {
     assert!(late.is_empty(), "the deposed leader wrote: {late:?}");
     let _ = b.stop().await;
 }
+
+/// A write the API server refuses is a Warning Event on the ImagePrefetch
+/// that names the operation and the NodeImageSet (its related object), and
+/// the rollout goes on by itself once the cause is gone. The refusal is a
+/// real ValidatingAdmissionPolicy of the API server.
+#[tokio::test]
+async fn a_refused_write_is_an_event_naming_the_operation_and_object() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use kube::api::{Patch, PatchParams, PostParams};
+    let sc = Scenario::new("refused", 1).await;
+    let (client, ns) = (sc.client.clone(), sc.ns.clone());
+    let node = sc.nodes[0].clone();
+    let name = format!("refuse-{ns}");
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    let params = PatchParams::apply("test");
+    policies
+        .patch(&name, &params, &Patch::Apply(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{
+                    "apiGroups": [crd::GROUP], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["nodeimagesets"],
+                }]},
+                "validations": [{
+                    "expression": format!("object.spec.nodeName != '{node}'"),
+                    "message": "refused by the test's admission policy",
+                }],
+            },
+        })))
+        .await
+        .unwrap();
+    bindings
+        .patch(&name, &params, &Patch::Apply(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {"policyName": name, "validationActions": ["Deny"]},
+        })))
+        .await
+        .unwrap();
+    // The policy is in force once a dry run of such a set is refused.
+    let sets_api: Api<NodeImageSet> = Api::all(client.clone());
+    let probe: NodeImageSet = serde_json::from_value(json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+        "metadata": {"name": format!("probe-{ns}")},
+        "spec": {"nodeName": node, "imageSet": []},
+    }))
+    .unwrap();
+    poll("the admission policy in force", || async {
+        let dry = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        sets_api.create(&dry, &probe).await.is_err().then_some(())
+    })
+    .await;
+
+    let uid = sc
+        .prefetch("app", &["registry.example.com/refused/app:1"], json!({}))
+        .await;
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let event = poll("a ReconcileFailed Event", || async {
+        api.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(crd::EventReason::ReconcileFailed.as_str()))
+    })
+    .await;
+    let note = event.note.clone().unwrap_or_default();
+    assert!(
+        note.contains("applying NodeImageSet")
+            && note.contains(&node)
+            && note.contains("refused by the test's admission policy"),
+        "{note}"
+    );
+    let related = event
+        .related
+        .clone()
+        .expect("the set is the related object");
+    assert_eq!(related.kind.as_deref(), Some("NodeImageSet"));
+    assert!(sets(&client, &uid).await.is_empty());
+
+    // The cause gone, the rollout goes on with no edit.
+    bindings
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let written = wait_for_nodes(&client, &uid, &[node.as_str()]).await;
+    assert_eq!(Some(written[0].name_any()), related.name);
+    policies
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+}

@@ -133,6 +133,9 @@ pub enum EventReason {
     SpecUnreadable,
     /// The namespace's budget has no room for this ImagePrefetch (Warning).
     BudgetExceeded,
+    /// A reconcile failed: the note names the operation and the object (a
+    /// NodeImageSet is the related object); it is retried with backoff (Warning).
+    ReconcileFailed,
 }
 
 /// What a reason is written as.

@@ -8,11 +8,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::Config;
+use crate::config::{DEFAULT_CLUSTER_BUDGET, DEFAULT_NAMESPACE_BUDGET, DEFAULT_NODE_BUDGET};
 use crate::leader::LeaseConfig;
 use crate::policy::{PrivateImages, Settings, ZoneSeeding};
 use crate::pull_secrets::Grantee;
 use crate::registries::AllowList;
-use crate::run::{DEFAULT_CLUSTER_BUDGET, DEFAULT_NAMESPACE_BUDGET, DEFAULT_NODE_BUDGET};
 
 /// Reconciles ImagePrefetch objects into per-node NodeImageSets.
 ///

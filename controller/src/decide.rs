@@ -21,9 +21,9 @@ use crd::{
     NodeImageSet, NodeImageSetSpec, SecretReference, Word, keys, names,
 };
 
+use crate::config::Config;
 use crate::index::{SetFacts, SetView};
 use crate::policy::{self, ClusterView, Current, SeedBook};
-use crate::run::Config;
 use crate::status::{self, Inputs};
 use crate::{Error, select};
 

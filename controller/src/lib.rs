@@ -7,6 +7,7 @@
 
 pub mod agent_daemonset;
 pub mod cli;
+pub mod config;
 pub mod decide;
 pub mod error;
 pub mod index;
@@ -23,5 +24,6 @@ pub mod trace;
 pub mod triggers;
 pub mod uninstall;
 
+pub use config::Config;
 pub use error::Error;
-pub use run::{Config, run};
+pub use run::run;

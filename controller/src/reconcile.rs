@@ -19,11 +19,11 @@ use tracing::{Instrument as _, Span, field, info, info_span, warn};
 
 use crd::{ImagePrefetch, NodeImageSet, keys};
 
+use crate::config::Config;
 use crate::decide::{Decision, Memory, Observed, Owner, decide};
 use crate::index::SetIndex;
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::policy::SeedBook;
-use crate::run::Config;
 use crate::trace::Rollouts;
 use crate::{Error, pull_secrets};
 

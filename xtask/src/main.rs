@@ -180,7 +180,7 @@ fn swarm_options(args: &[&str]) -> Result<swarm::Options> {
 }
 
 fn entries_option(args: &[&str]) -> Result<usize> {
-    let mut entries = controller::run::DEFAULT_CLUSTER_BUDGET;
+    let mut entries = controller::config::DEFAULT_CLUSTER_BUDGET;
     for (flag, value) in numeric_flags(args)? {
         match flag {
             "--entries" if value >= 1 => entries = value as usize,

@@ -5,7 +5,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() {
     let config = Cli::parse().config();
-    let _telemetry = telemetry::init("image-prefetch-agent");
+    let _traces = plumbing::init("image-prefetch-agent");
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
@@ -13,7 +13,7 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = work::run(client, config, telemetry::shutdown_signal()).await {
+    if let Err(e) = work::run(client, config, plumbing::shutdown_signal()).await {
         tracing::error!(error = %e, "agent stopped");
         std::process::exit(1);
     }

@@ -267,7 +267,7 @@ impl Runtime {
         if let Ok(namespace) = MetadataValue::try_from(self.namespace.as_str()) {
             metadata.insert("containerd-namespace", namespace);
         }
-        for (key, value) in telemetry::propagation::headers(span) {
+        for (key, value) in plumbing::propagation::headers(span) {
             if let (Ok(key), Ok(value)) = (
                 MetadataKey::from_bytes(key.as_bytes()),
                 MetadataValue::try_from(value.as_str()),

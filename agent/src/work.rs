@@ -131,9 +131,9 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let health = telemetry::serve::Health::default();
+    let health = plumbing::serve::Health::default();
     if let Some(addr) = config.metrics_addr {
-        telemetry::serve::serve(addr, Arc::new(registry), health.clone()).await;
+        plumbing::serve::serve(addr, Arc::new(registry), health.clone()).await;
     }
     health.set(
         false,
@@ -760,9 +760,9 @@ fn pull_span(wanted: &Want, node: &str) -> tracing::Span {
     if let Some(parent) = wanted
         .trace
         .as_deref()
-        .and_then(telemetry::propagation::parse)
+        .and_then(plumbing::propagation::parse)
     {
-        telemetry::propagation::set_parent(&span, &parent);
+        plumbing::propagation::set_parent(&span, &parent);
     }
     span
 }

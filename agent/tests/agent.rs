@@ -10,20 +10,20 @@ use tokio::sync::oneshot;
 
 use agent::work::{self, Config};
 use crd::{NodeImageSet, PullFailure, PullSource, PullState, keys};
-use testbed::containerd::Containerd;
-use testbed::images;
-use testbed::poll::eventually;
-use testbed::registry::Registry;
-use testbed::workdir::Workdir;
+use testbed::builds::images;
+use testbed::servers::containerd::Containerd;
+use testbed::servers::registry::Registry;
+use testbed::support::poll::eventually;
+use testbed::support::workdir::Workdir;
 
 use support::{MB, NodeAndRegistry, agent_process, config, ctr, run, set, wait_status};
 
 #[tokio::test]
 async fn pulls_reports_retries_and_repulls() {
     if std::env::var_os("RUST_LOG").is_some() {
-        std::mem::forget(telemetry::init("agent-tests"));
+        std::mem::forget(plumbing::init("agent-tests"));
     }
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-agent");
     let NodeAndRegistry {
         upstream,
@@ -202,7 +202,7 @@ async fn pulls_with_credentials_from_pull_secrets() {
     use kube::api::PostParams;
 
     const PASSWORD: &str = "s3cr3t-pw-7731";
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-creds");
     let registry = Registry::start_with_login(&dir.join("private"), "puller", PASSWORD).unwrap();
     let work = dir.join("images");
@@ -227,7 +227,8 @@ async fn pulls_with_credentials_from_pull_secrets() {
         .await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for (name, password) in [("regcred", PASSWORD), ("wrongcred", "not-the-password")] {
-        let secret = testbed::registry::pull_secret(name, &registry.host, "puller", password);
+        let secret =
+            testbed::servers::registry::pull_secret(name, &registry.host, "puller", password);
         let _ = secrets.create(&PostParams::default(), &secret).await;
     }
 
@@ -370,7 +371,7 @@ async fn pulls_with_credentials_from_pull_secrets() {
 // agent's server runs on the same runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_pulls_and_bytes_by_source() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-metrics");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let mirror = Registry::start(&dir.join("mirror")).unwrap();
@@ -383,7 +384,7 @@ async fn metrics_count_pulls_and_bytes_by_source() {
     let node = Containerd::start(&dir.join("node")).unwrap();
     node.configure_registry(&upstream.host, &[&mirror.host])
         .unwrap();
-    let [port] = testbed::process::free_ports().unwrap();
+    let [port] = testbed::support::process::free_ports().unwrap();
     let config = Config {
         metrics_addr: Some(([127, 0, 0, 1], port).into()),
         ..config("agent-node-metrics", &node, &dir)
@@ -406,7 +407,7 @@ async fn metrics_count_pulls_and_bytes_by_source() {
     wait_status(&client, "metrics-a", "both present", |s| s.available == 2).await;
 
     let host = format!("127.0.0.1:{port}");
-    let (code, text) = testbed::process::http_get(&host, "/metrics").unwrap();
+    let (code, text) = testbed::support::process::http_get(&host, "/metrics").unwrap();
     assert_eq!(code, 200);
     let value = |series: &str| {
         support::sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
@@ -436,10 +437,17 @@ async fn metrics_count_pulls_and_bytes_by_source() {
     assert_eq!(value("image_prefetch_agent_watch_errors_total"), 0.0);
     assert_eq!(value("image_prefetch_agent_status_write_errors_total"), 0.0);
     assert_eq!(
-        testbed::process::http_get(&host, "/healthz").unwrap().0,
+        testbed::support::process::http_get(&host, "/healthz")
+            .unwrap()
+            .0,
         200
     );
-    assert_eq!(testbed::process::http_get(&host, "/readyz").unwrap().0, 200);
+    assert_eq!(
+        testbed::support::process::http_get(&host, "/readyz")
+            .unwrap()
+            .0,
+        200
+    );
 
     let _ = stop.send(());
     running.await.unwrap().unwrap();
@@ -447,7 +455,7 @@ async fn metrics_count_pulls_and_bytes_by_source() {
 
 #[tokio::test]
 async fn pins_only_what_it_pinned_and_puts_lost_pins_back() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-pins");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let ours = images::build_and_push(
@@ -563,7 +571,7 @@ async fn pins_only_what_it_pinned_and_puts_lost_pins_back() {
 
 #[tokio::test]
 async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_returns() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-orphan-pins");
     let NodeAndRegistry {
         upstream: _upstream,
@@ -606,7 +614,7 @@ async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_retu
 
 #[tokio::test]
 async fn a_failed_seed_turned_into_a_mirror_entry_is_pulled_at_once() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-failed-to-mirror");
     let mut upstream = Registry::start(&dir.join("upstream")).unwrap();
     let image = images::build_and_push(
@@ -671,7 +679,7 @@ async fn a_failed_seed_turned_into_a_mirror_entry_is_pulled_at_once() {
 
 #[tokio::test]
 async fn a_seed_resolves_its_tag_at_the_registry_not_on_the_node_or_a_mirror() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-tags");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     // A peer's mirror that stored the tag a week ago: spegel answers a tag
@@ -756,7 +764,7 @@ async fn a_seed_resolves_its_tag_at_the_registry_not_on_the_node_or_a_mirror() {
 
 #[tokio::test]
 async fn no_pull_starts_while_the_image_filesystem_is_over_its_threshold() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-disk-guard");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let image = images::build_and_push(&dir.join("images"), &upstream.host, "team/big", "1", &[MB])
@@ -818,7 +826,7 @@ async fn no_pull_starts_while_the_image_filesystem_is_over_its_threshold() {
 /// Default entry of the same set is pulled (through CRI).
 #[tokio::test]
 async fn mirror_entries_fail_closed_on_containerd_before_2() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-runtime-floor");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let mirror = Registry::start(&dir.join("mirror")).unwrap();
@@ -828,8 +836,11 @@ async fn mirror_entries_fail_closed_on_containerd_before_2() {
     let mirrored =
         images::build_and_push(&work_dir, &upstream.host, "team/mirrored", "1", &[MB]).unwrap();
     images::build_and_push(&work_dir, &mirror.host, "team/mirrored", "1", &[MB]).unwrap();
-    let node =
-        Containerd::start_flavor(&dir.join("node"), testbed::containerd::Flavor::Debian16).unwrap();
+    let node = Containerd::start_flavor(
+        &dir.join("node"),
+        testbed::servers::containerd::Flavor::Debian16,
+    )
+    .unwrap();
     node.configure_registry(&upstream.host, &[&mirror.host])
         .unwrap();
     let (stop, running) = run(&client, config("agent-node-floor", &node, &dir));
@@ -878,7 +889,7 @@ async fn mirror_entries_fail_closed_on_containerd_before_2() {
 /// attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_miss_is_not_yet_a_failed_attempt() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-mirror-miss");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let mirror = Registry::start(&dir.join("mirror")).unwrap();
@@ -887,7 +898,7 @@ async fn a_mirror_miss_is_not_yet_a_failed_attempt() {
     let node = Containerd::start(&dir.join("node")).unwrap();
     node.configure_registry(&upstream.host, &[&mirror.host])
         .unwrap();
-    let [port] = testbed::process::free_ports().unwrap();
+    let [port] = testbed::support::process::free_ports().unwrap();
     let config = Config {
         metrics_addr: Some(([127, 0, 0, 1], port).into()),
         ..config("agent-node-miss", &node, &dir)
@@ -927,7 +938,7 @@ async fn a_mirror_miss_is_not_yet_a_failed_attempt() {
     assert_eq!(st.images[0].attempts, 1, "{:?}", st.images[0]);
     assert_eq!(st.images[0].source, Some(PullSource::Mirror));
     let (_, metrics) =
-        testbed::process::http_get(&format!("127.0.0.1:{port}"), "/metrics").unwrap();
+        testbed::support::process::http_get(&format!("127.0.0.1:{port}"), "/metrics").unwrap();
     let misses = support::sample(&metrics, "image_prefetch_agent_mirror_misses_total").unwrap();
     assert!(misses >= 1.0, "{misses}");
     assert!(
@@ -947,7 +958,7 @@ async fn kubelet_finds_the_image_by_tag_digest_and_both() {
     use k8s_cri::v1::image_service_client::ImageServiceClient;
     use k8s_cri::v1::{ImageSpec, ImageStatusRequest};
 
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-e2e-references");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let image =

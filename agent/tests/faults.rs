@@ -11,16 +11,16 @@ use serde_json::json;
 
 use agent::work::Config;
 use crd::{PullFailure, PullState};
-use testbed::containerd::Containerd;
-use testbed::images;
-use testbed::registry::{HungRegistry, Registry};
-use testbed::workdir::Workdir;
+use testbed::builds::images;
+use testbed::servers::containerd::Containerd;
+use testbed::servers::registry::{HungRegistry, Registry};
+use testbed::support::workdir::Workdir;
 
 use support::{MB, agent_process, config, ctr, run, set, wait_status};
 
 #[tokio::test]
 async fn a_registry_that_comes_back_within_the_budget_is_used() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-faults-down");
     let mut registry = Registry::start(&dir.join("registry")).unwrap();
     let work_dir = dir.join("images");
@@ -92,7 +92,7 @@ async fn a_registry_that_comes_back_within_the_budget_is_used() {
 
 #[tokio::test]
 async fn a_hung_registry_times_out_and_the_rest_completes() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-faults-hung");
     let hung = HungRegistry::start().unwrap();
     let registry = Registry::start(&dir.join("registry")).unwrap();
@@ -140,7 +140,7 @@ async fn a_hung_registry_times_out_and_the_rest_completes() {
 
 #[tokio::test]
 async fn an_agent_killed_mid_pull_completes_after_restart() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-faults-kill");
     let registry = Registry::start(&dir.join("registry")).unwrap();
     let big = images::build_and_push(
@@ -193,9 +193,9 @@ async fn an_agent_killed_mid_pull_completes_after_restart() {
 #[tokio::test]
 async fn a_set_deleted_mid_pull_aborts_the_pull_releases_its_pins_and_gets_no_more_writes() {
     use agent::pull::Runtime;
-    use testbed::slow_link::SlowLink;
+    use testbed::servers::slow_link::SlowLink;
 
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-faults-deleted");
     let registry = Registry::start(&dir.join("registry")).unwrap();
     // 2 MB/s: the big image takes about 16 s, long enough to delete its set
@@ -260,7 +260,7 @@ async fn a_set_deleted_mid_pull_aborts_the_pull_releases_its_pins_and_gets_no_mo
     );
 
     let missing_writes = || {
-        testbed::api_metrics::count(&client, |r| {
+        testbed::support::api_metrics::count(&client, |r| {
             r.is("resource", "nodeimagesets")
                 && r.is("subresource", "status")
                 && r.is("code", "404")
@@ -273,7 +273,7 @@ async fn a_set_deleted_mid_pull_aborts_the_pull_releases_its_pins_and_gets_no_mo
         .unwrap();
     // The pull stops (its containerd lease goes with it) and the pin comes
     // off, well before the big image could have finished.
-    testbed::poll::eventually(
+    testbed::support::poll::eventually(
         "the pull aborted and the pin released",
         Duration::from_secs(10),
         || async {
@@ -344,7 +344,7 @@ async fn a_set_deleted_mid_pull_aborts_the_pull_releases_its_pins_and_gets_no_mo
 /// restart of its own.
 #[tokio::test]
 async fn a_containerd_that_comes_back_empty_gets_its_images_again() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-faults-wiped");
     let registry = Registry::start(&dir.join("registry")).unwrap();
     let image = images::build_and_push(
@@ -374,7 +374,7 @@ async fn a_containerd_that_comes_back_empty_gets_its_images_again() {
     std::fs::remove_dir_all(dir.join("node").join("root")).unwrap();
     std::fs::remove_dir_all(dir.join("node").join("state")).unwrap();
     let node = Containerd::start(&dir.join("node")).unwrap();
-    testbed::poll::eventually(
+    testbed::support::poll::eventually(
         "the image back on the wiped node",
         Duration::from_secs(60),
         || async {

@@ -5,10 +5,10 @@ mod support;
 
 use agent::hosts;
 use agent::pull::Runtime;
-use testbed::containerd::{Containerd, Flavor};
-use testbed::images;
-use testbed::registry::Registry;
-use testbed::workdir::Workdir;
+use testbed::builds::images;
+use testbed::servers::containerd::{Containerd, Flavor};
+use testbed::servers::registry::Registry;
+use testbed::support::workdir::Workdir;
 
 const MB: usize = 1024 * 1024;
 

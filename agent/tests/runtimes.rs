@@ -12,16 +12,16 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use crd::{PullSource, PullState};
-use testbed::containerd::{Containerd, Flavor};
-use testbed::images;
-use testbed::registry::Registry;
-use testbed::workdir::Workdir;
+use testbed::builds::images;
+use testbed::servers::containerd::{Containerd, Flavor};
+use testbed::servers::registry::Registry;
+use testbed::support::workdir::Workdir;
 
 use support::{MB, config, run, set, wait_status};
 
 #[tokio::test]
 async fn seeds_and_mirror_pulls_count_the_same_on_every_containerd() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     for (flavor, tag) in [(Flavor::V2, "v2-2"), (Flavor::V2Latest, "v2-4")] {
         let dir = Workdir::new(&format!("agent-runtime-{tag}"));
         let upstream = Registry::start(&dir.join("upstream")).unwrap();

@@ -16,11 +16,11 @@ use serde_json::json;
 
 use agent::work::Config;
 use crd::{NodeImageSet, PullState};
-use testbed::containerd::Containerd;
-use testbed::images;
-use testbed::poll::eventually;
-use testbed::registry::Registry;
-use testbed::workdir::Workdir;
+use testbed::builds::images;
+use testbed::servers::containerd::Containerd;
+use testbed::servers::registry::Registry;
+use testbed::support::poll::eventually;
+use testbed::support::workdir::Workdir;
 
 use support::{MB, config, run, sample, set, wait_status};
 
@@ -29,7 +29,7 @@ const NODE: &str = "unreadable-node";
 // Two threads: /metrics is read with a blocking client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sets_that_do_not_decode_cost_only_themselves() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let dir = Workdir::new("agent-unreadable");
     let upstream = Registry::start(&dir.join("upstream")).unwrap();
     let kept = images::build_and_push(&dir.join("images"), &upstream.host, "team/kept", "1", &[MB])
@@ -45,7 +45,7 @@ async fn sets_that_do_not_decode_cost_only_themselves() {
     let node = Containerd::start(&dir.join("node")).unwrap();
     node.configure_registry(&upstream.host, &[]).unwrap();
     // A port each: the first agent's metrics server outlives its stop.
-    let [first_port, port] = testbed::process::free_ports().unwrap();
+    let [first_port, port] = testbed::support::process::free_ports().unwrap();
     let config = Config {
         metrics_addr: Some(([127, 0, 0, 1], port).into()),
         resync: Duration::from_secs(3600),
@@ -57,7 +57,7 @@ async fn sets_that_do_not_decode_cost_only_themselves() {
     };
     let metric = |series: &str| {
         let (_, body) =
-            testbed::process::http_get(&format!("127.0.0.1:{port}"), "/metrics").ok()?;
+            testbed::support::process::http_get(&format!("127.0.0.1:{port}"), "/metrics").ok()?;
         sample(&body, series)
     };
 
@@ -72,7 +72,7 @@ async fn sets_that_do_not_decode_cost_only_themselves() {
 
     // What an older CRD let into storage: a spec of a newer release, and a
     // report past i32 on a set of another tenant.
-    testbed::crds::install_without_schema(&client)
+    testbed::support::crds::install_without_schema(&client)
         .await
         .unwrap();
     let sets: Api<NodeImageSet> = Api::all(client.clone());
@@ -90,7 +90,7 @@ async fn sets_that_do_not_decode_cost_only_themselves() {
     sets.patch_status("other", &PatchParams::default(), &Patch::Merge(&report))
         .await
         .unwrap();
-    testbed::crds::install(&client).await.unwrap();
+    testbed::support::crds::install(&client).await.unwrap();
     assert!(sets.get("held").await.unwrap().spec.unreadable.is_some());
 
     // The agent restarted with both in its node's list.

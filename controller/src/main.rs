@@ -15,13 +15,13 @@ async fn main() {
         return;
     }
     let config = cli.run.config(hostname, std::env::vars());
-    let _telemetry = telemetry::init("image-prefetch-controller");
+    let _traces = plumbing::init("image-prefetch-controller");
     let client = client_or_exit().await;
     let leader_elected = config.leader.is_some();
     let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stopping.clone();
     let shutdown = async move {
-        telemetry::shutdown_signal().await;
+        plumbing::shutdown_signal().await;
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     controller::run(client, config, shutdown).await;
@@ -32,7 +32,7 @@ async fn main() {
 }
 
 async fn uninstall(wait: std::time::Duration) {
-    let _telemetry = telemetry::init("image-prefetch-controller");
+    let _traces = plumbing::init("image-prefetch-controller");
     let client = client_or_exit().await;
     if let Err(e) = controller::uninstall::uninstall(client, wait).await {
         tracing::error!(error = %e, "uninstall failed");

@@ -120,10 +120,10 @@ pub async fn reconcile(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Resul
     );
     match ctx.rollouts.parent(&uid, generation) {
         Some(parent) => {
-            telemetry::propagation::set_parent(&span, &parent);
+            plumbing::propagation::set_parent(&span, &parent);
         }
         None => {
-            if let Some(root) = telemetry::propagation::span_context(&span) {
+            if let Some(root) = plumbing::propagation::span_context(&span) {
                 ctx.rollouts.begin(&uid, generation, root);
             }
         }
@@ -341,7 +341,7 @@ async fn act(
             async move {
                 fence.check()?;
                 // The agent continues the trace from this span.
-                if let Some(traceparent) = telemetry::propagation::traceparent(&Span::current()) {
+                if let Some(traceparent) = plumbing::propagation::traceparent(&Span::current()) {
                     desired
                         .annotations_mut()
                         .insert(keys::TRACEPARENT_ANNOTATION.to_string(), traceparent);

@@ -45,9 +45,9 @@ pub async fn run(
     // (or alone) with every cache synced — before that, reconciles would
     // decide on a partial view of the cluster, and `/readyz` says which
     // cache it waits for.
-    let health = telemetry::serve::Health::default();
+    let health = plumbing::serve::Health::default();
     if let Some(addr) = config.metrics_addr {
-        telemetry::serve::serve(addr, std::sync::Arc::new(registry), health.clone()).await;
+        plumbing::serve::serve(addr, std::sync::Arc::new(registry), health.clone()).await;
     }
     let leadership = match config.leader.clone() {
         Some(lease) => {
@@ -250,7 +250,7 @@ pub async fn run(
 async fn report_ready(
     ctx: Arc<Context>,
     prefetches_listed: watch::Sender<bool>,
-    health: telemetry::serve::Health,
+    health: plumbing::serve::Health,
     role: &'static str,
 ) {
     let mut nodes = ctx.nodes_ready.subscribe();

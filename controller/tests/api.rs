@@ -12,7 +12,7 @@ use support::{apply as create, namespace, prefetch};
 
 #[tokio::test]
 async fn crds_are_established() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let api: Api<CustomResourceDefinition> = Api::all(client);
     for name in [
         "imageprefetches.imageprefetch.io",
@@ -31,7 +31,7 @@ async fn crds_are_established() {
 
 #[tokio::test]
 async fn valid_prefetches_are_accepted() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let ns = namespace(&client, "valid").await;
     for (i, image) in reference::examples::VALID.iter().enumerate() {
         let obj = prefetch(
@@ -54,7 +54,7 @@ const UNKNOWN_FIELD: &str = "unknown field|not declared in schema";
 
 #[tokio::test]
 async fn bad_input_is_rejected_naming_the_field() {
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let ns = namespace(&client, "invalid").await;
     let mut cases: Vec<(Value, Vec<String>)> = vec![
         (
@@ -159,7 +159,7 @@ async fn bad_node_reports_are_rejected_naming_the_field() {
     use crd::{NodeImageSet, NodeImageSetSpec};
     use kube::api::{Patch, PatchParams, PostParams};
 
-    let client = testbed::shared::client().await;
+    let client = testbed::beds::shared::client().await;
     let api: Api<NodeImageSet> = Api::all(client);
     let set = NodeImageSet::new(
         "report-bounds",

@@ -334,7 +334,7 @@ async fn a_failed_or_deleted_seed_is_replaced() {
     assert_ne!(third, first);
 
     // Its node NotReady: another node seeds.
-    testbed::nodes::set_ready(&client, &third, false)
+    testbed::support::nodes::set_ready(&client, &third, false)
         .await
         .unwrap();
     let fourth = seed_other_than(Some(third.clone())).await;
@@ -459,7 +459,9 @@ async fn replicas_are_stable_across_restarts_and_follow_node_changes() {
 
     // A removed node is replaced, the others stay; a cordoned node is never chosen.
     let unchosen: Vec<&String> = names.iter().filter(|n| !chosen.contains(*n)).collect();
-    testbed::nodes::cordon(&client, unchosen[0]).await.unwrap();
+    testbed::support::nodes::cordon(&client, unchosen[0])
+        .await
+        .unwrap();
     let gone = chosen.iter().next().unwrap().clone();
     Api::<Node>::all(client.clone())
         .delete(&gone, &DeleteParams::default())
@@ -815,7 +817,7 @@ async fn keeps_the_agent_daemonset() {
 async fn serves_metrics_and_health() {
     let client = client().await;
     let ns = namespace(&client, "metrics").await;
-    let [port] = testbed::process::free_ports().unwrap();
+    let [port] = testbed::support::process::free_ports().unwrap();
     let _controller = Running::start(
         &client,
         controller::Config {
@@ -833,7 +835,7 @@ async fn serves_metrics_and_health() {
     wait_for_nodes(&client, &uid, &["metrics-0", "metrics-1"]).await;
     let host = format!("127.0.0.1:{port}");
     let text = poll("metrics counted the work", || async {
-        let (code, text) = testbed::process::http_get(&host, "/metrics").ok()?;
+        let (code, text) = testbed::support::process::http_get(&host, "/metrics").ok()?;
         let writes = text
             .lines()
             .find(|l| l.starts_with("image_prefetch_controller_api_writes_total"))?
@@ -853,10 +855,12 @@ async fn serves_metrics_and_health() {
         "{text}"
     );
     assert_eq!(
-        testbed::process::http_get(&host, "/healthz").unwrap().0,
+        testbed::support::process::http_get(&host, "/healthz")
+            .unwrap()
+            .0,
         200
     );
-    let (code, body) = testbed::process::http_get(&host, "/readyz").unwrap();
+    let (code, body) = testbed::support::process::http_get(&host, "/readyz").unwrap();
     assert_eq!((code, body.trim()), (200, "running; caches synced"));
 }
 
@@ -867,9 +871,9 @@ async fn a_leader_that_cannot_renew_steps_down_before_a_standby_takes_over() {
     let client = client().await;
     let ns = namespace(&client, "renew").await;
     // The leader reaches the API server through a link the test cuts.
-    let shared = testbed::shared::get();
+    let shared = testbed::beds::shared::get();
     let server = shared.server.trim_start_matches("https://");
-    let link = testbed::slow_link::SlowLink::start(server, 1 << 40).unwrap();
+    let link = testbed::servers::slow_link::SlowLink::start(server, 1 << 40).unwrap();
     let kubeconfig = Kubeconfig::read_from(&shared.kubeconfig).unwrap();
     let mut config =
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -1092,19 +1096,21 @@ async fn each_node_failure_is_its_own_event() {
 async fn a_deposed_leader_makes_no_write_once_its_link_is_back() {
     use kube::config::{KubeConfigOptions, Kubeconfig};
     use std::time::SystemTime;
-    let work = testbed::workdir::Workdir::new("controller-fence");
-    let plane = testbed::control_plane::ControlPlane::start_audited(
+    let work = testbed::support::workdir::Workdir::new("controller-fence");
+    let plane = testbed::servers::control_plane::ControlPlane::start_audited(
         &work.join("plane"),
-        testbed::process::Lifetime::Owned,
+        testbed::support::process::Lifetime::Owned,
     )
     .await
     .expect("kube-apiserver (cargo xtask fixtures)");
     let admin = plane.client().await.unwrap();
-    testbed::crds::install(&admin).await.unwrap();
+    testbed::support::crds::install(&admin).await.unwrap();
     let ns = namespace(&admin, "fence").await;
-    let link =
-        testbed::slow_link::SlowLink::start(plane.server.trim_start_matches("https://"), 1 << 40)
-            .unwrap();
+    let link = testbed::servers::slow_link::SlowLink::start(
+        plane.server.trim_start_matches("https://"),
+        1 << 40,
+    )
+    .unwrap();
     let as_user = |user: &'static str, through: Option<String>| {
         let kubeconfig = plane.kubeconfig.clone();
         async move {

@@ -17,15 +17,15 @@ use support::*;
 
 #[tokio::test]
 async fn uninstall_finishes_the_controllers_work_when_it_is_gone() {
-    let work = testbed::workdir::Workdir::new("controller-uninstall");
-    let plane = testbed::control_plane::ControlPlane::start(
+    let work = testbed::support::workdir::Workdir::new("controller-uninstall");
+    let plane = testbed::servers::control_plane::ControlPlane::start(
         &work.join("plane"),
-        testbed::process::Lifetime::Owned,
+        testbed::support::process::Lifetime::Owned,
     )
     .await
     .expect("kube-apiserver (cargo xtask fixtures)");
     let client = plane.client().await.unwrap();
-    testbed::crds::install(&client).await.unwrap();
+    testbed::support::crds::install(&client).await.unwrap();
     let ns = namespace(&client, "tenant").await;
     nodes(&client, "gone", 2, &[]).await;
     let controller = Running::in_namespace(&client, &ns);

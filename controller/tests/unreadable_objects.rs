@@ -31,7 +31,8 @@ fn controller(client: &Client, port: u16) -> Running {
 
 /// The value of one sample of the controller's /metrics.
 fn sample(port: u16, line_start: &str) -> Option<String> {
-    let (_, body) = testbed::process::http_get(&format!("127.0.0.1:{port}"), "/metrics").ok()?;
+    let (_, body) =
+        testbed::support::process::http_get(&format!("127.0.0.1:{port}"), "/metrics").ok()?;
     body.lines()
         .find_map(|l| l.strip_prefix(line_start))
         .map(|v| v.trim().to_string())
@@ -61,7 +62,7 @@ async fn objects_that_do_not_decode_cost_only_themselves() {
 
     // A healthy rollout, with the controller the cluster had before.
     // A port each: the first controller's metrics server outlives its stop.
-    let [first_port, port] = testbed::process::free_ports().unwrap();
+    let [first_port, port] = testbed::support::process::free_ports().unwrap();
     let first = controller(&client, first_port);
     let good = prefetch(
         "web",
@@ -72,7 +73,7 @@ async fn objects_that_do_not_decode_cost_only_themselves() {
     first.stop().await;
 
     // What an older CRD (or a pre-1.36 API server) let into storage.
-    testbed::crds::install_without_schema(&client)
+    testbed::support::crds::install_without_schema(&client)
         .await
         .unwrap();
     let prefetches: Api<ImagePrefetch> = Api::namespaced(client.clone(), &bad_ns);
@@ -109,7 +110,7 @@ async fn objects_that_do_not_decode_cost_only_themselves() {
         .patch(&rewritten, &PatchParams::default(), &Patch::Merge(&newer))
         .await
         .unwrap();
-    testbed::crds::install(&client).await.unwrap();
+    testbed::support::crds::install(&client).await.unwrap();
     assert!(
         prefetches
             .get("huge")

@@ -52,7 +52,7 @@ fn product_code_spells_no_reason_as_a_string() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let words = words();
     let mut found = Vec::new();
-    for krate in ["crd", "controller", "agent", "telemetry"] {
+    for krate in ["crd", "controller", "agent", "plumbing"] {
         let mut files = Vec::new();
         sources(&root.join(krate).join("src"), &mut files);
         for file in files {

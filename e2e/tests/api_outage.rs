@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use kube::api::Api;
 
 use crd::ImagePrefetch;
-use testbed::poll::eventually;
-use testbed::registry::Registry;
-use testbed::simulated::{Binary, CONTROLLER};
-use testbed::slow_link::SlowLink;
+use testbed::beds::simulated::{Binary, CONTROLLER};
+use testbed::servers::registry::Registry;
+use testbed::servers::slow_link::SlowLink;
+use testbed::support::poll::eventually;
 
 const OUTAGE: Duration = Duration::from_secs(30);
 
@@ -24,7 +24,7 @@ const OUTAGE: Duration = Duration::from_secs(30);
 async fn prefetch(api: &Api<ImagePrefetch>, name: &str, image: &str) -> Option<()> {
     let ns = api.namespace().unwrap_or("default").to_string();
     let client = api.clone().into_client();
-    testbed::crds::apply_prefetch(&client, &ns, name, &[image], &[("pool", "outage")])
+    testbed::support::crds::apply_prefetch(&client, &ns, name, &[image], &[("pool", "outage")])
         .await
         .ok()
         .map(drop)
@@ -46,8 +46,8 @@ async fn ready(api: &Api<ImagePrefetch>, name: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
-    let work = testbed::workdir::Workdir::new("e2e-api-outage");
-    let (mut plane, client) = testbed::crds::control_plane(&work.join("cluster"))
+    let work = testbed::support::workdir::Workdir::new("e2e-api-outage");
+    let (mut plane, client) = testbed::support::crds::control_plane(&work.join("cluster"))
         .await
         .expect("control plane");
     // The product's processes reach the API server only through the link.
@@ -67,7 +67,7 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
     let images: Vec<_> = ["before", "after"]
         .iter()
         .map(|t| {
-            testbed::images::build_and_push(
+            testbed::builds::images::build_and_push(
                 &work.join("images"),
                 &upstream.host,
                 "team/app",
@@ -78,7 +78,7 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
         })
         .collect();
     let labels = [("pool".to_string(), "outage".to_string())].into();
-    let nodes = testbed::simulated::nodes_with_registry_mirror(
+    let nodes = testbed::beds::simulated::nodes_with_registry_mirror(
         &work.join("nodes"),
         &client,
         &kubeconfig,
@@ -150,7 +150,9 @@ async fn an_api_server_outage_costs_few_requests_and_everything_recovers() {
     // answered 429 while it was still starting): 12 measured for four
     // watches, not a storm of re-lists.
     let product = ["nodes", "nodeimagesets", "imageprefetches"];
-    let relists = testbed::api_metrics::requests(&client).await.unwrap();
+    let relists = testbed::support::api_metrics::requests(&client)
+        .await
+        .unwrap();
     let relists: Vec<_> = relists
         .iter()
         .filter(|r| product.iter().any(|p| r.is("resource", p)))

@@ -19,14 +19,14 @@ use kubelet_support::{
     apply, install_product, kubectl, product_ready, push_product_images, rollout_ready, try_apply,
     until,
 };
-use testbed::cluster::Cluster;
-use testbed::helm::NAMESPACE;
+use testbed::beds::cluster::Cluster;
+use testbed::support::helm::NAMESPACE;
 
 const OUTAGE: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_installed_product_recovers_from_an_api_server_restart() {
-    let work = testbed::workdir::Workdir::new("e2e-apiserver-restart");
+    let work = testbed::support::workdir::Workdir::new("e2e-apiserver-restart");
     let mut cluster = Cluster::start(&work.join("cluster"), 2)
         .await
         .expect("the kubelet cluster bed (cargo xtask fixtures --cluster)");
@@ -35,7 +35,7 @@ async fn the_installed_product_recovers_from_an_api_server_restart() {
     let registry = cluster.registry.host.clone();
     push_product_images(&registry);
     for tag in ["before", "after"] {
-        testbed::images::push_pause(&work.join(tag), &registry, &format!("team/web:{tag}"))
+        testbed::builds::images::push_pause(&work.join(tag), &registry, &format!("team/web:{tag}"))
             .unwrap();
     }
     install_product(&kubeconfig, &registry);

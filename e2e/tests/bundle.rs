@@ -9,10 +9,10 @@ fn root() -> PathBuf {
 }
 
 fn validate(bundle: &Path) -> (bool, String) {
-    let tool = testbed::fixtures::BUNDLE_VALIDATE
+    let tool = testbed::builds::fixtures::BUNDLE_VALIDATE
         .require()
         .expect("bundle-validate (cargo xtask fixtures)");
-    testbed::process::run(Command::new(tool).arg(bundle).arg("1.33"))
+    testbed::support::process::run(Command::new(tool).arg(bundle).arg("1.33"))
 }
 
 #[test]
@@ -25,7 +25,7 @@ fn bundle_passes_the_operator_framework_validators() {
 #[test]
 fn the_validators_catch_a_broken_bundle() {
     // Proof the check can fail: the same bundle without its install modes.
-    let copy = testbed::workdir::Workdir::new("broken-bundle");
+    let copy = testbed::support::workdir::Workdir::new("broken-bundle");
     for dir in ["manifests", "metadata"] {
         std::fs::create_dir_all(copy.join(dir)).unwrap();
         for entry in std::fs::read_dir(root().join("bundle").join(dir)).unwrap() {

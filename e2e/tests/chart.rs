@@ -10,11 +10,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 fn chart() -> PathBuf {
-    testbed::helm::chart()
+    testbed::support::helm::chart()
 }
 
 fn helm(args: &[&str]) -> (bool, String) {
-    testbed::helm::run(&testbed::shared::get().kubeconfig, args)
+    testbed::support::helm::run(&testbed::beds::shared::get().kubeconfig, args)
 }
 
 /// `helm template` against the Kubernetes version we test on, with one `--set`.
@@ -141,9 +141,9 @@ fn tracing_settings_reach_both_binaries() {
 
 #[tokio::test]
 async fn installs_and_enforces_the_allow_list_at_admission() {
-    let client = testbed::shared::client().await;
-    testbed::helm::install(
-        &testbed::shared::get().kubeconfig,
+    let client = testbed::beds::shared::client().await;
+    testbed::support::helm::install(
+        &testbed::beds::shared::get().kubeconfig,
         &["--set", "allowedRegistries={registry.example.com}"],
     );
     let chart = chart();
@@ -275,7 +275,7 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
         )
         .await
         .expect("the finalizer comes off whatever the allow-list says");
-    testbed::poll::eventually(
+    testbed::support::poll::eventually(
         "the ImagePrefetch gone once its finalizer is off",
         std::time::Duration::from_secs(30),
         || async {
@@ -335,7 +335,7 @@ fn shipped_arguments_are_accepted_by_the_binaries() {
                 .iter()
                 .map(|a| a.as_str().unwrap().to_string())
                 .collect();
-            let path = testbed::simulated::binary(binary);
+            let path = testbed::beds::simulated::binary(binary);
             let out = Command::new(&path)
                 .args(&args)
                 .arg("--help")
@@ -377,13 +377,13 @@ fn collect_containers(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
 #[tokio::test]
 async fn the_admission_policy_and_the_controller_agree_on_every_allow_list_example() {
     use controller::registries::examples::{CASES, LIST};
-    let work = testbed::workdir::Workdir::new("e2e-allow-list-table");
-    let (plane, client) = testbed::crds::control_plane(&work.join("cluster"))
+    let work = testbed::support::workdir::Workdir::new("e2e-allow-list-table");
+    let (plane, client) = testbed::support::crds::control_plane(&work.join("cluster"))
         .await
         .expect("control plane");
     let values = work.join("values.yaml");
     std::fs::write(&values, json!({ "allowedRegistries": LIST }).to_string()).unwrap();
-    testbed::helm::install(&plane.kubeconfig, &["-f", values.to_str().unwrap()]);
+    testbed::support::helm::install(&plane.kubeconfig, &["-f", values.to_str().unwrap()]);
 
     let prefetches: Api<crd::ImagePrefetch> = Api::namespaced(client.clone(), "default");
     let params = PatchParams::apply("test").dry_run();
@@ -409,7 +409,7 @@ async fn the_admission_policy_and_the_controller_agree_on_every_allow_list_examp
         }
     };
     // The binding takes a moment to be enforced.
-    testbed::poll::eventually(
+    testbed::support::poll::eventually(
         "the allow-list enforced",
         std::time::Duration::from_secs(30),
         || async { judge("elsewhere.example/app:1").await.err() },
@@ -442,7 +442,7 @@ async fn the_admission_policy_and_the_controller_agree_on_every_allow_list_examp
 #[test]
 fn a_release_pushes_the_image_tags_the_chart_and_the_csv_pull() {
     let root = chart().join("../..");
-    let work = testbed::workdir::Workdir::new("e2e-release-tags");
+    let work = testbed::support::workdir::Workdir::new("e2e-release-tags");
     let cargo = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     let version = cargo
         .lines()

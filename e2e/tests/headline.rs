@@ -16,8 +16,8 @@ use std::time::Duration;
 use kube::api::{Api, ListParams};
 
 use crd::{NodeImageSet, RegistryPolicy};
-use testbed::peer_cluster::PeerCluster;
-use testbed::registry::Registry;
+use testbed::beds::peer_cluster::PeerCluster;
+use testbed::servers::registry::Registry;
 
 /// (name, architecture)
 const NODES: [(&str, &str); 3] = [("amd-0", "amd64"), ("amd-1", "amd64"), ("arm-0", "arm64")];
@@ -35,14 +35,14 @@ fn gets(upstream: &Registry, repository: &str, blobs: &[String]) -> BTreeMap<Str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
-    let work = testbed::workdir::Workdir::new("e2e-headline");
+    let work = testbed::support::workdir::Workdir::new("e2e-headline");
     let mut bed = PeerCluster::start(&work, &NODES)
         .await
         .expect("the peer-mirror bed (agent and peer-mirror built by cargo test --workspace)");
     bed.start_controller(&[], "controller.log").unwrap();
     let images_dir = work.join("images");
     let host = bed.upstream.host.clone();
-    let web = testbed::images::build_and_push(
+    let web = testbed::builds::images::build_and_push(
         &images_dir,
         &host,
         "team/web",
@@ -50,7 +50,7 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
         &[3 * MB, MB, MB / 2],
     )
     .unwrap();
-    let multi = testbed::images::build_and_push_multi_platform(
+    let multi = testbed::builds::images::build_and_push_multi_platform(
         &images_dir,
         &host,
         "team/multi",
@@ -145,7 +145,7 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
 
     // A two-platform image for the amd64 nodes only: not one arm64 blob
     // crosses the uplink.
-    let amd_only = testbed::images::build_and_push_multi_platform(
+    let amd_only = testbed::builds::images::build_and_push_multi_platform(
         &images_dir,
         &host,
         "team/amd-only",
@@ -183,7 +183,7 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
     // starts at once, the peers have nothing yet, and the uplink pays.
     bed.start_controller(&["--no-sequencing"], "controller-unsequenced.log")
         .unwrap();
-    let web2 = testbed::images::build_and_push(
+    let web2 = testbed::builds::images::build_and_push(
         &images_dir,
         &host,
         "team/web2",
@@ -223,7 +223,7 @@ async fn two_zones_cross_the_uplink_once() {
         ("zone-b-0", "amd64"),
         ("zone-b-1", "amd64"),
     ];
-    let work = testbed::workdir::Workdir::new("e2e-two-zones");
+    let work = testbed::support::workdir::Workdir::new("e2e-two-zones");
     // A slow uplink (1 MiB/s): seeds of two zones at once would both be
     // fetching from the registry, the peers holding nothing yet.
     let mut bed = PeerCluster::start_with_uplink(&work, &ZONED, Some(MB as u64))
@@ -240,7 +240,7 @@ async fn two_zones_cross_the_uplink_once() {
             .unwrap();
     }
     bed.start_controller(&[], "controller.log").unwrap();
-    let app = testbed::images::build_and_push(
+    let app = testbed::builds::images::build_and_push(
         &work.join("images"),
         &bed.registry_host(),
         "team/zoned",

@@ -1,6 +1,6 @@
 //! The administrator's path, for real: the project's images built with
 //! buildah and pushed to the bed's registry, `helm install` onto a kubelet
-//! node (`testbed::cluster`), the chart's pods Ready — two controller
+//! node (`testbed::beds::cluster`), the chart's pods Ready — two controller
 //! replicas, one leader, and the agent — an ImagePrefetch rolled out through
 //! them and followed with kubectl, then a Deployment of that image with
 //! `imagePullPolicy: Never` Running without a pull — named by its tag, its
@@ -19,14 +19,14 @@ mod kubelet_support;
 use kubelet_support::{
     apply, install_product, kubectl, product_ready, push_product_images, rollout_ready, until,
 };
-use testbed::cluster::Cluster;
-use testbed::helm::NAMESPACE;
+use testbed::beds::cluster::Cluster;
+use testbed::support::helm::NAMESPACE;
 
 const WORKLOAD: &str = "team/web:1";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() {
-    let work = testbed::workdir::Workdir::new("e2e-helm-install");
+    let work = testbed::support::workdir::Workdir::new("e2e-helm-install");
     // Three nodes: a seed, a node confirming its digest, and a Mirror pull.
     let cluster = Cluster::start(&work.join("cluster"), 3)
         .await
@@ -36,7 +36,7 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
     let registry = &cluster.registry;
 
     push_product_images(&registry.host);
-    testbed::images::push_pause(&work.join("workload"), &registry.host, WORKLOAD).unwrap();
+    testbed::builds::images::push_pause(&work.join("workload"), &registry.host, WORKLOAD).unwrap();
 
     // helm install, as documented.
     install_product(&kubeconfig, &registry.host);
@@ -170,7 +170,7 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
     for (name, _) in &forms {
         kubectl(&kubeconfig, &["delete", "deployment", name, "-n", "team"]);
     }
-    let labels_of_images = |node: &testbed::cluster::ClusterNode| {
+    let labels_of_images = |node: &testbed::beds::cluster::ClusterNode| {
         let out = std::process::Command::new("ctr")
             .arg("--address")
             .arg(&node.containerd.socket)
@@ -186,11 +186,11 @@ async fn helm_install_onto_kubelet_nodes_and_a_workload_starts_without_a_pull() 
             node.name
         );
     }
-    let (ok, out) = testbed::helm::run(
+    let (ok, out) = testbed::support::helm::run(
         &kubeconfig,
         &[
             "uninstall",
-            testbed::helm::RELEASE,
+            testbed::support::helm::RELEASE,
             "--namespace",
             NAMESPACE,
             "--wait",

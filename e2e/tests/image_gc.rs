@@ -8,27 +8,32 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use crd::{NodeImageSet, PullState, keys};
-use testbed::cluster::{Cluster, ImageFs};
-use testbed::poll::eventually;
-use testbed::simulated::{AGENT, Binary};
+use testbed::beds::cluster::{Cluster, ImageFs};
+use testbed::beds::simulated::{AGENT, Binary};
+use testbed::support::poll::eventually;
 
 const MB: usize = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubelets_garbage_collection_keeps_prefetched_images_and_takes_the_rest() {
-    let work = testbed::workdir::Workdir::new("e2e-image-gc");
+    let work = testbed::support::workdir::Workdir::new("e2e-image-gc");
     let cluster = Cluster::start_with(&work.join("cluster"), 1, ImageFs::UnderPressure)
         .await
         .expect("the kubelet cluster bed (cargo xtask fixtures)");
     let client = cluster.plane.client().await.unwrap();
-    testbed::crds::install(&client).await.unwrap();
+    testbed::support::crds::install(&client).await.unwrap();
     let node = &cluster.nodes[0];
     let registry = &cluster.registry.host;
     let kept = format!("{registry}/team/kept:1");
-    testbed::images::push_pause(&work.join("kept"), registry, "team/kept:1").unwrap();
-    let other =
-        testbed::images::build_and_push(&work.join("other"), registry, "team/other", "1", &[MB])
-            .unwrap();
+    testbed::builds::images::push_pause(&work.join("kept"), registry, "team/kept:1").unwrap();
+    let other = testbed::builds::images::build_and_push(
+        &work.join("other"),
+        registry,
+        "team/other",
+        "1",
+        &[MB],
+    )
+    .unwrap();
 
     // The agent of the node (as a process, against the node's containerd).
     let socket = node.containerd.socket.display().to_string();

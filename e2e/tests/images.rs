@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use testbed::containerd::{Containerd, Flavor};
-use testbed::registry::Registry;
-use testbed::workdir::Workdir;
+use testbed::servers::containerd::{Containerd, Flavor};
+use testbed::servers::registry::Registry;
+use testbed::support::workdir::Workdir;
 
 fn ctr(node: &Containerd, args: &[&str]) -> (bool, String) {
-    testbed::process::run(
+    testbed::support::process::run(
         Command::new("ctr")
             .arg("--address")
             .arg(&node.socket)
@@ -26,10 +26,15 @@ fn images_build_push_pull_and_run() {
     let node = Containerd::start_flavor(&dir.join("node"), Flavor::Debian16).unwrap();
     let binaries = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug");
     for name in ["image-prefetch-controller", "image-prefetch-agent"] {
-        let local =
-            testbed::oci::build(&binaries.join(name), name, "test", testbed::oci::NONROOT).unwrap();
+        let local = testbed::builds::oci::build(
+            &binaries.join(name),
+            name,
+            "test",
+            testbed::builds::oci::NONROOT,
+        )
+        .unwrap();
         let remote = format!("{}/image-prefetch/{name}:test", registry.host);
-        testbed::oci::push(&local, &remote).unwrap();
+        testbed::builds::oci::push(&local, &remote).unwrap();
 
         let (ok, out) = ctr(&node, &["images", "pull", "--plain-http", &remote]);
         assert!(ok, "pull {remote}: {out}");

@@ -13,8 +13,8 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
 use crd::{ImagePrefetch, NodeImageSet};
-use testbed::peer_cluster::{POOL, PeerCluster};
-use testbed::poll::eventually;
+use testbed::beds::peer_cluster::{POOL, PeerCluster};
+use testbed::support::poll::eventually;
 
 const NODES: [&str; 2] = ["kubectl-node-a", "kubectl-node-b"];
 
@@ -165,7 +165,7 @@ fn ready_reason(p: &ImagePrefetch) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
-    let work = testbed::workdir::Workdir::new("e2e-kubectl");
+    let work = testbed::support::workdir::Workdir::new("e2e-kubectl");
     // Two nodes of the peer-mirror bed; only its registry is allowed, so the
     // "refused" rollout below names another.
     let nodes: Vec<(&str, &str)> = NODES.iter().map(|n| (*n, "amd64")).collect();
@@ -179,7 +179,7 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
     let kubectl = Kubectl {
         kubeconfig: bed.plane.kubeconfig.clone(),
     };
-    let image = testbed::images::build_and_push(
+    let image = testbed::builds::images::build_and_push(
         &work.join("images"),
         &registry,
         "team/web",

@@ -13,7 +13,7 @@ use serde_json::json;
 use kubelet_support::{
     apply, kubectl, kubectl_output, product_ready, push_product_images, rollout_ready, until,
 };
-use testbed::cluster::Cluster;
+use testbed::beds::cluster::Cluster;
 
 /// The OLM bundle's install, applied the way OLM applies a CSV (OLM's own
 /// modules are not served here): its ServiceAccounts, its permissions as a
@@ -25,7 +25,7 @@ use testbed::cluster::Cluster;
 /// through a rollout.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
-    let work = testbed::workdir::Workdir::new("e2e-olm-install");
+    let work = testbed::support::workdir::Workdir::new("e2e-olm-install");
     let cluster = Cluster::start(&work.join("cluster"), 2)
         .await
         .expect("the kubelet cluster bed (cargo xtask fixtures --cluster)");
@@ -33,11 +33,11 @@ async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
     let kubeconfig = cluster.plane.kubeconfig.clone();
     let registry = &cluster.registry.host;
     push_product_images(registry);
-    testbed::crds::install(&client).await.unwrap();
+    testbed::support::crds::install(&client).await.unwrap();
 
     let csv: serde_json::Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(
-            testbed::helm::chart()
+            testbed::support::helm::chart()
                 .join("../../bundle/manifests/image-prefetch.clusterserviceversion.yaml"),
         )
         .unwrap(),
@@ -95,7 +95,7 @@ async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
     let rendered = work.join("policies.yaml");
     let args = documented_policy_render(registry, ns);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, policies) = testbed::helm::run(&kubeconfig, &args);
+    let (ok, policies) = testbed::support::helm::run(&kubeconfig, &args);
     assert!(ok, "helm template: {policies}");
     std::fs::write(&rendered, &policies).unwrap();
     kubectl(&kubeconfig, &["apply", "-f", rendered.to_str().unwrap()]);
@@ -122,7 +122,7 @@ async fn the_olm_bundles_deployment_brings_the_agent_up_on_every_node() {
 
     // The agents' status writes pass the node-bound policy: a rollout.
     let image = format!("{registry}/team/web:1");
-    testbed::images::push_pause(&work.join("workload"), registry, "team/web:1").unwrap();
+    testbed::builds::images::push_pause(&work.join("workload"), registry, "team/web:1").unwrap();
     apply(&kubeconfig, &prefetch(&image));
     rollout_ready(&cluster, "team", "web").await;
 
@@ -208,7 +208,7 @@ fn documented_policy_render(registry: &str, namespace: &str) -> Vec<String> {
     let end = command
         .find("| kubectl apply -f -")
         .expect("the rendered policies piped to kubectl apply");
-    let chart = testbed::helm::chart();
+    let chart = testbed::support::helm::chart();
     let args: Vec<String> = command[..end]
         .replace("\\\n", " ")
         .split_whitespace()

@@ -16,11 +16,11 @@ use serde_json::json;
 
 use crd::{ImagePrefetch, NodeImageSet};
 use testbed::ControlPlane;
-use testbed::poll::eventually;
-use testbed::registry::{Registry, pull_secret};
-use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
+use testbed::beds::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, Registries, SimulatedNode};
+use testbed::servers::registry::{Registry, pull_secret};
+use testbed::support::poll::eventually;
 
-const RELEASE_NS: &str = testbed::helm::NAMESPACE;
+const RELEASE_NS: &str = testbed::support::helm::NAMESPACE;
 const TEAM: &str = "team-rbac";
 const MB: usize = 1 << 20;
 
@@ -58,7 +58,7 @@ async fn identity(
     };
     let path = plane.dir.join(file);
     plane.kubeconfig_with_token(&token, &path).unwrap();
-    let client = testbed::control_plane::client_from_kubeconfig(&path)
+    let client = testbed::servers::control_plane::client_from_kubeconfig(&path)
         .await
         .unwrap();
     (path, client)
@@ -74,15 +74,15 @@ fn code<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
-    let work = testbed::workdir::Workdir::new("e2e-rbac");
-    let (plane, admin) = testbed::crds::control_plane(&work.join("cluster"))
+    let work = testbed::support::workdir::Workdir::new("e2e-rbac");
+    let (plane, admin) = testbed::support::crds::control_plane(&work.join("cluster"))
         .await
         .expect("control plane");
-    testbed::helm::install(&plane.kubeconfig, &[]);
+    testbed::support::helm::install(&plane.kubeconfig, &[]);
 
     // A private image, its pull secret, and a secret no ImagePrefetch names.
     let registry = Registry::start_with_login(&work.join("registry"), "puller", "s3cret").unwrap();
-    let image = testbed::images::build_and_push_as(
+    let image = testbed::builds::images::build_and_push_as(
         &work.join("images"),
         &registry.host,
         "team/private",
@@ -111,10 +111,10 @@ async fn the_chart_identities_carry_a_rollout_and_nothing_more() {
 
     // Identities: the controller's, and one agent token per node, bound to it.
     let labels = [("pool".to_string(), "rbac".to_string())].into();
-    let node_a = testbed::nodes::register(&admin, "rbac-node-a", &labels)
+    let node_a = testbed::support::nodes::register(&admin, "rbac-node-a", &labels)
         .await
         .unwrap();
-    let node_b = testbed::nodes::register(&admin, "rbac-node-b", &Default::default())
+    let node_b = testbed::support::nodes::register(&admin, "rbac-node-b", &Default::default())
         .await
         .unwrap();
     let uid = |n: &k8s_openapi::api::core::v1::Node| n.metadata.uid.clone().unwrap();

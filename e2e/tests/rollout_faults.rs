@@ -10,9 +10,9 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 
 use crd::{NodeImageSet, PullState, RegistryPolicy};
-use testbed::images::Image;
-use testbed::peer_cluster::PeerCluster;
-use testbed::poll::eventually;
+use testbed::beds::peer_cluster::PeerCluster;
+use testbed::builds::images::Image;
+use testbed::support::poll::eventually;
 
 const MB: usize = 1 << 20;
 /// 16 MB/s: the 8 MB image below takes about half a second upstream.
@@ -28,7 +28,7 @@ async fn bed(work: &std::path::Path, nodes: &[(&str, &str)], controller: &[&str]
 }
 
 fn image(bed: &PeerCluster, work: &std::path::Path, repository: &str, layers: &[usize]) -> Image {
-    testbed::images::build_and_push(
+    testbed::builds::images::build_and_push(
         &work.join("images"),
         &bed.registry_host(),
         repository,
@@ -68,7 +68,7 @@ async fn seed_in(bed: &PeerCluster, state: PullState) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_that_joins_mid_rollout_gets_the_images_from_peers() {
-    let work = testbed::workdir::Workdir::new("e2e-fault-join");
+    let work = testbed::support::workdir::Workdir::new("e2e-fault-join");
     let mut bed = bed(&work, &[("join-0", "amd64"), ("join-1", "amd64")], &[]).await;
     let img = image(&bed, &work, "team/joined", &[6 * MB, 2 * MB]);
     let started = Instant::now();
@@ -85,7 +85,7 @@ async fn a_node_that_joins_mid_rollout_gets_the_images_from_peers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_removed_mid_rollout_loses_its_set_and_disturbs_no_other() {
-    let work = testbed::workdir::Workdir::new("e2e-fault-remove");
+    let work = testbed::support::workdir::Workdir::new("e2e-fault-remove");
     let nodes = [("rm-0", "amd64"), ("rm-1", "amd64"), ("rm-2", "amd64")];
     let bed = bed(&work, &nodes, &[]).await;
     let img = image(&bed, &work, "team/removed", &[6 * MB, 2 * MB]);
@@ -124,7 +124,7 @@ async fn a_node_removed_mid_rollout_loses_its_set_and_disturbs_no_other() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_seed_whose_containerd_dies_mid_pull_is_replaced_and_the_rollout_completes() {
-    let work = testbed::workdir::Workdir::new("e2e-fault-seed");
+    let work = testbed::support::workdir::Workdir::new("e2e-fault-seed");
     let nodes = [
         ("seed-0", "amd64"),
         ("seed-1", "amd64"),
@@ -139,7 +139,7 @@ async fn a_seed_whose_containerd_dies_mid_pull_is_replaced_and_the_rollout_compl
     // Its runtime dies, and its kubelet's heartbeat with it.
     let node = bed.nodes.iter_mut().find(|n| n.name == seed).unwrap();
     node.containerd.crash();
-    testbed::nodes::set_ready(&bed.client, &seed, false)
+    testbed::support::nodes::set_ready(&bed.client, &seed, false)
         .await
         .unwrap();
 
@@ -159,7 +159,7 @@ async fn a_seed_whose_containerd_dies_mid_pull_is_replaced_and_the_rollout_compl
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_one_node_pool_whose_image_is_pushed_late_becomes_ready_by_itself() {
-    let work = testbed::workdir::Workdir::new("e2e-fault-late");
+    let work = testbed::support::workdir::Workdir::new("e2e-fault-late");
     // One attempt per round, and a 5 s cool-down before the node seeds again.
     let controller = ["--retry-limit", "0", "--seed-cooldown-seconds", "5"];
     let bed = bed(&work, &[("late-0", "amd64")], &controller).await;
@@ -195,7 +195,7 @@ async fn a_one_node_pool_whose_image_is_pushed_late_becomes_ready_by_itself() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_registry_down_for_a_minute_mid_rollout_then_back_ends_ready_with_no_restart() {
-    let work = testbed::workdir::Workdir::new("e2e-fault-registry-down");
+    let work = testbed::support::workdir::Workdir::new("e2e-fault-registry-down");
     let nodes = [("down-0", "amd64"), ("down-1", "amd64")];
     // One retry per round and a short cool-down, so the outage is felt at once.
     let controller = ["--retry-limit", "1", "--seed-cooldown-seconds", "5"];
@@ -268,14 +268,14 @@ async fn a_registry_down_for_a_minute_mid_rollout_then_back_ends_ready_with_no_r
 /// once, and every byte the other nodes got was served by a holder.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirror_pulls_from_named_holders_need_no_advertisement() {
-    let work = testbed::workdir::Workdir::new("e2e-named-sources");
+    let work = testbed::support::workdir::Workdir::new("e2e-named-sources");
     let nodes = [
         ("named-0", "amd64"),
         ("named-1", "amd64"),
         ("named-2", "amd64"),
         ("named-3", "amd64"),
     ];
-    let settings = testbed::peer_mirror::Settings {
+    let settings = testbed::servers::peer_mirror::Settings {
         content_events: false,
         ..Default::default()
     };

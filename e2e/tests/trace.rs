@@ -13,22 +13,22 @@ use kube::api::Api;
 use serde_json::Value;
 
 use crd::ImagePrefetch;
-use testbed::jaeger::Jaeger;
-use testbed::registry::Registry;
-use testbed::simulated::{AGENT, Binary, CONTROLLER};
+use testbed::beds::simulated::{AGENT, Binary, CONTROLLER};
+use testbed::servers::jaeger::Jaeger;
+use testbed::servers::registry::Registry;
 
 const NODES: [&str; 3] = ["trace-node-a", "trace-node-b", "trace-node-c"];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
-    let work = testbed::workdir::Workdir::new("e2e-trace");
+    let work = testbed::support::workdir::Workdir::new("e2e-trace");
     let jaeger = Jaeger::start(&work.join("jaeger")).expect("jaeger (cargo xtask fixtures)");
-    let (plane, client) = testbed::crds::control_plane(&work.join("cluster"))
+    let (plane, client) = testbed::support::crds::control_plane(&work.join("cluster"))
         .await
         .expect("control plane");
 
     let upstream = Registry::start(&work.join("upstream")).unwrap();
-    let image = testbed::images::build_and_push(
+    let image = testbed::builds::images::build_and_push(
         &work.join("images"),
         &upstream.host,
         "team/traced",
@@ -41,7 +41,7 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
             .unwrap();
 
     let labels = [("pool".to_string(), "traced".to_string())].into();
-    let nodes = testbed::simulated::nodes_with_registry_mirror(
+    let nodes = testbed::beds::simulated::nodes_with_registry_mirror(
         &work.join("nodes"),
         &client,
         &plane.kubeconfig,
@@ -289,7 +289,7 @@ async fn one_trace_runs_from_the_reconcile_to_every_nodes_pull() {
 async fn prefetch(api: &Api<ImagePrefetch>, name: &str, image: &str) {
     let ns = api.namespace().unwrap_or("default").to_string();
     let client = api.clone().into_client();
-    testbed::crds::apply_prefetch(&client, &ns, name, &[image], &[("pool", "traced")])
+    testbed::support::crds::apply_prefetch(&client, &ns, name, &[image], &[("pool", "traced")])
         .await
         .unwrap();
 }

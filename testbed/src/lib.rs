@@ -1,28 +1,21 @@
-//! A real local control plane for tests and the demo: etcd and kube-apiserver
-//! on 127.0.0.1, built from their official sources and cached outside the clone.
+//! The test bed: real parts for tests, benchmarks and the demo, started and
+//! stopped by the tests on loopback or in network namespaces of their own.
+//!
+//! - [`servers`]: the real parts one at a time (kube-apiserver, containerd,
+//!   the registry, the peer-mirror stand-in for spegel, Jaeger, a slow link);
+//! - [`beds`]: servers put together for one kind of test (the shared control
+//!   plane, simulated nodes, the peer-mirror bed, the kubelet bed);
+//! - [`builds`]: what is built rather than downloaded (fixtures from Go
+//!   modules, test images, images of our binaries);
+//! - [`support`]: helpers they share (processes, scratch directories, polls).
 
-pub mod api_metrics;
-pub mod cluster;
-pub mod containerd;
-pub mod control_plane;
-pub mod crds;
-pub mod fixtures;
-pub mod helm;
-pub mod images;
-pub mod jaeger;
-pub mod netns;
-pub mod nodes;
-pub mod oci;
-pub mod peer_cluster;
-pub mod peer_mirror;
-pub mod poll;
-pub mod process;
-pub mod registry;
-pub mod simulated;
-pub mod slow_link;
+pub mod beds;
+pub mod builds;
+pub mod servers;
+pub mod support;
 
-pub use control_plane::ControlPlane;
-pub use process::Lifetime;
+pub use servers::control_plane::ControlPlane;
+pub use support::process::Lifetime;
 
 /// Everything that can go wrong bringing the test bed up, each with what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +58,3 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> E
         source,
     }
 }
-
-pub mod shared;
-pub mod workdir;

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Command;
 
-use testbed::netns::NetNs;
+use testbed::support::netns::NetNs;
 
 /// Inside `ns`: connect to 127.0.0.1:`port`, send a line, print the answer.
 fn ask(ns: &NetNs, port: u16) -> std::process::Output {

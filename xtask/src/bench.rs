@@ -32,14 +32,14 @@ pub async fn controller(opts: Options) -> Result<()> {
     let dir = crate::root().join(".testbed").join("bench");
     let plane = testbed::ControlPlane::start(&dir, testbed::Lifetime::Owned).await?;
     let client = plane.client().await?;
-    testbed::crds::install(&client).await?;
+    testbed::support::crds::install(&client).await?;
 
     let started = Instant::now();
     let labels: BTreeMap<String, String> = [("bench".to_string(), "fanout".to_string())].into();
     let names: Vec<String> = (0..opts.nodes)
         .map(|i| format!("bench-node-{i:04}"))
         .collect();
-    testbed::nodes::register_all(&client, &names, &labels).await?;
+    testbed::support::nodes::register_all(&client, &names, &labels).await?;
     println!(
         "registered {} Ready nodes in {:.1}s",
         opts.nodes,
@@ -254,7 +254,7 @@ async fn api_writes(client: &kube::Client) -> Result<u64> {
         "DELETE",
         "DELETECOLLECTION",
     ];
-    Ok(testbed::api_metrics::count(client, |r| {
+    Ok(testbed::support::api_metrics::count(client, |r| {
         (r.is("resource", "nodeimagesets") || r.is("resource", "imageprefetches"))
             && WRITES.iter().any(|v| r.is("verb", v))
     })
@@ -288,14 +288,14 @@ pub(crate) fn memory(pid: u32) -> Result<Memory> {
 /// containerd, and the agent's memory idle and while pulling.
 pub async fn agent(layers_mib: &[usize]) -> Result<()> {
     prepare("image-prefetch-agent")?;
-    let dir = testbed::workdir::Workdir::new("bench-agent");
+    let dir = testbed::support::workdir::Workdir::new("bench-agent");
     let plane =
         testbed::ControlPlane::start(&dir.join("cluster"), testbed::Lifetime::Owned).await?;
     let client = plane.client().await?;
-    testbed::crds::install(&client).await?;
-    let registry = testbed::registry::Registry::start(&dir.join("registry"))?;
+    testbed::support::crds::install(&client).await?;
+    let registry = testbed::servers::registry::Registry::start(&dir.join("registry"))?;
     let sizes: Vec<usize> = layers_mib.iter().map(|m| m * 1024 * 1024).collect();
-    let image = testbed::images::build_and_push(
+    let image = testbed::builds::images::build_and_push(
         &dir.join("images"),
         &registry.host,
         "bench/app",
@@ -306,7 +306,7 @@ pub async fn agent(layers_mib: &[usize]) -> Result<()> {
     println!("image: {} layers, {:.0} MiB", sizes.len(), mib);
 
     // ctr, into its own containerd.
-    let ctr_node = testbed::containerd::Containerd::start(&dir.join("node-ctr"))?;
+    let ctr_node = testbed::servers::containerd::Containerd::start(&dir.join("node-ctr"))?;
     let t = Instant::now();
     let out = Command::new("ctr")
         .arg("--address")
@@ -326,7 +326,7 @@ pub async fn agent(layers_mib: &[usize]) -> Result<()> {
     let ctr_time = t.elapsed();
 
     // The agent, into another.
-    let node = testbed::containerd::Containerd::start(&dir.join("node-agent"))?;
+    let node = testbed::servers::containerd::Containerd::start(&dir.join("node-agent"))?;
     node.configure_registry(&registry.host, &[])?;
     let mut child = start_agent(&plane, &node, &dir.join("agent-hosts"), "warn")?;
     let pid = child.id();
@@ -379,7 +379,7 @@ pub async fn agent(layers_mib: &[usize]) -> Result<()> {
 /// The release agent of node `bench-node`, on `node`'s containerd.
 fn start_agent(
     plane: &testbed::ControlPlane,
-    node: &testbed::containerd::Containerd,
+    node: &testbed::servers::containerd::Containerd,
     mirror_dir: &std::path::Path,
     log: &str,
 ) -> Result<std::process::Child> {
@@ -406,12 +406,12 @@ fn start_agent(
 /// until every entry is reported, and for a minute after.
 pub async fn agent_memory(entries: usize) -> Result<()> {
     prepare("image-prefetch-agent")?;
-    let dir = testbed::workdir::Workdir::new("bench-agent-memory");
+    let dir = testbed::support::workdir::Workdir::new("bench-agent-memory");
     let plane =
         testbed::ControlPlane::start(&dir.join("cluster"), testbed::Lifetime::Owned).await?;
     let client = plane.client().await?;
-    testbed::crds::install(&client).await?;
-    let node = testbed::containerd::Containerd::start(&dir.join("node"))?;
+    testbed::support::crds::install(&client).await?;
+    let node = testbed::servers::containerd::Containerd::start(&dir.join("node"))?;
     let mut child = start_agent(&plane, &node, &dir.join("agent-hosts"), "error")?;
     let pid = child.id();
     let result = async {
@@ -539,11 +539,11 @@ pub async fn rollout(opts: RolloutOptions) -> Result<()> {
         "-p",
         "image-prefetch-peer-mirror",
     ])?;
-    testbed::simulated::use_binaries_from(crate::root().join("target/release"));
-    let work = testbed::workdir::Workdir::new("bench-rollout");
+    testbed::beds::simulated::use_binaries_from(crate::root().join("target/release"));
+    let work = testbed::support::workdir::Workdir::new("bench-rollout");
     let names: Vec<String> = (0..opts.nodes).map(|i| format!("bench-{i}")).collect();
     let nodes: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "amd64")).collect();
-    let mut bed = testbed::peer_cluster::PeerCluster::start_with_uplink(
+    let mut bed = testbed::beds::peer_cluster::PeerCluster::start_with_uplink(
         &work,
         &nodes,
         Some(opts.uplink_mib << 20),
@@ -567,7 +567,7 @@ pub async fn rollout(opts: RolloutOptions) -> Result<()> {
         ("all-default", &["--no-sequencing"][..]),
     ] {
         bed.start_controller(args, &format!("controller-{name}.log"))?;
-        let image = testbed::images::build_and_push(
+        let image = testbed::builds::images::build_and_push(
             &work.join("images"),
             &bed.registry_host(),
             &format!("bench/{name}"),

@@ -22,10 +22,10 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 use crd::{ImagePrefetch, NodeImageSet, PullState, RegistryPolicy};
-use testbed::jaeger::Jaeger;
-use testbed::peer_mirror::Settings;
-use testbed::registry::Registry;
-use testbed::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
+use testbed::beds::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
+use testbed::servers::jaeger::Jaeger;
+use testbed::servers::peer_mirror::Settings;
+use testbed::servers::registry::Registry;
 
 const NODES: &[&str] = &["demo-worker-1", "demo-worker-2", "demo-worker-3"];
 /// Each node's peer mirror listens on a loopback address of its own.
@@ -44,7 +44,7 @@ pub async fn run(opts: Options) -> Result<()> {
     crate::deps::install()?;
     // Only what the demo starts: a fresh clone must not wait for the kubelet
     // bed's, helm's or the bundle validators' builds before its first look.
-    crate::build_fixtures(testbed::fixtures::DEMO)?;
+    crate::build_fixtures(testbed::builds::fixtures::DEMO)?;
     step("building the agent, the controller and the peer mirror stand-in");
     crate::test::cargo(&[
         "build",
@@ -56,7 +56,7 @@ pub async fn run(opts: Options) -> Result<()> {
         "-p",
         "image-prefetch-peer-mirror",
     ])?;
-    let work = testbed::workdir::Workdir::new("demo");
+    let work = testbed::support::workdir::Workdir::new("demo");
 
     step("starting Jaeger (OTLP in, traces in memory) on 127.0.0.1");
     let trace_view = crate::root().join("xtask/assets/trace-view");
@@ -67,7 +67,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let plane =
         testbed::ControlPlane::start(&work.join("cluster"), testbed::Lifetime::Owned).await?;
     let client = plane.client().await?;
-    testbed::crds::install(&client).await?;
+    testbed::support::crds::install(&client).await?;
     done(&format!(
         "API server ready at {} in {:.1}s; CRDs installed",
         plane.server,
@@ -77,14 +77,14 @@ pub async fn run(opts: Options) -> Result<()> {
     step("starting the \"external\" registry and building two images (3 layers each)");
     let upstream = Registry::start(&work.join("upstream"))?;
     let images_dir = work.join("images");
-    let web = testbed::images::build_and_push(
+    let web = testbed::builds::images::build_and_push(
         &images_dir,
         &upstream.host,
         "team/web",
         "1.4.2",
         &[12 * MB, 6 * MB, 2 * MB],
     )?;
-    let worker = testbed::images::build_and_push(
+    let worker = testbed::builds::images::build_and_push(
         &images_dir,
         &upstream.host,
         "team/worker",
@@ -240,7 +240,7 @@ pub async fn run(opts: Options) -> Result<()> {
             "\nEverything keeps running until Ctrl-C. In another terminal:\n  export KUBECONFIG={}\n  kubectl get image-prefetch -A",
             plane.kubeconfig.display()
         );
-        telemetry::shutdown_signal().await;
+        plumbing::shutdown_signal().await;
     }
     drop(controller);
     drop(nodes);
@@ -311,7 +311,7 @@ fn screenshot(jaeger: &Jaeger, trace_id: &str, path: &Path) -> Result<()> {
 /// Runs headless Chromium with a fresh profile and no background traffic
 /// (this machine's network is closed); returns what it printed.
 fn chromium(args: &[String]) -> Result<String> {
-    let profile = testbed::workdir::Workdir::new("chromium-profile");
+    let profile = testbed::support::workdir::Workdir::new("chromium-profile");
     let out = Command::new("chromium")
         .args([
             "--headless",

@@ -64,7 +64,7 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["deps"] => deps::install(),
         ["fixtures"] => fixtures(),
-        ["fixtures", "--cluster"] => build_fixtures(testbed::fixtures::CLUSTER),
+        ["fixtures", "--cluster"] => build_fixtures(testbed::builds::fixtures::CLUSTER),
         ["crdgen"] => crdgen(false),
         ["crdgen", "--check"] => crdgen(true),
         ["testbed", "up"] => runtime()?.block_on(testbed_up()),
@@ -226,10 +226,10 @@ pub fn testbed_dir() -> PathBuf {
 }
 
 pub fn fixtures() -> Result<()> {
-    build_fixtures(testbed::fixtures::ALL)
+    build_fixtures(testbed::builds::fixtures::ALL)
 }
 
-pub fn build_fixtures(list: &[&testbed::fixtures::GoFixture]) -> Result<()> {
+pub fn build_fixtures(list: &[&testbed::builds::fixtures::GoFixture]) -> Result<()> {
     let started = std::time::Instant::now();
     for fixture in list {
         fixture.build(&mut |line| eprintln!("fixtures: {line}"))?;
@@ -270,11 +270,11 @@ async fn testbed_up() -> Result<()> {
     deps::install()?;
     fixtures()?;
     let dir = testbed_dir();
-    if testbed::control_plane::detached_running(&dir) {
+    if testbed::servers::control_plane::detached_running(&dir) {
         eprintln!("testbed: already running; `cargo xtask testbed down` stops it");
     } else {
         let plane = testbed::ControlPlane::start(&dir, testbed::Lifetime::Detached).await?;
-        testbed::crds::install(&plane.client().await?).await?;
+        testbed::support::crds::install(&plane.client().await?).await?;
         eprintln!(
             "testbed: kube-apiserver ready at {} in {:.1}s (logs in {})",
             plane.server,
@@ -298,8 +298,8 @@ async fn cluster_up(args: &[&str]) -> Result<()> {
     fixtures()?;
     let dir = root().join(".testbed").join("kubelet-cluster");
     let _ = std::fs::remove_dir_all(&dir);
-    let cluster = testbed::cluster::Cluster::start(&dir, nodes).await?;
-    testbed::crds::install(&cluster.plane.client().await?).await?;
+    let cluster = testbed::beds::cluster::Cluster::start(&dir, nodes).await?;
+    testbed::support::crds::install(&cluster.plane.client().await?).await?;
     eprintln!(
         "cluster: {nodes} kubelet node(s) Ready; registry at {} (logs in {})",
         cluster.registry.host,
@@ -315,7 +315,7 @@ async fn cluster_up(args: &[&str]) -> Result<()> {
 
 fn testbed_down() -> Result<()> {
     let dir = testbed_dir();
-    if testbed::control_plane::stop_detached(&dir)? {
+    if testbed::servers::control_plane::stop_detached(&dir)? {
         eprintln!("testbed: stopped");
     } else {
         eprintln!("testbed: was not running");
@@ -325,7 +325,7 @@ fn testbed_down() -> Result<()> {
 
 fn testbed_status() -> Result<()> {
     let dir = testbed_dir();
-    if testbed::control_plane::detached_running(&dir) {
+    if testbed::servers::control_plane::detached_running(&dir) {
         println!("running; KUBECONFIG={}", dir.join("kubeconfig").display());
     } else {
         println!("not running");

@@ -54,11 +54,11 @@ type Finished = (Key, Want, Result<(Present, i32), (Failure, i32)>);
 
 pub async fn run(opts: Options) -> Result<()> {
     crate::bench::prepare("image-prefetch-controller")?;
-    let dir = testbed::workdir::Workdir::new("bench-swarm");
+    let dir = testbed::support::workdir::Workdir::new("bench-swarm");
     let plane =
         testbed::ControlPlane::start(&dir.join("cluster"), testbed::Lifetime::Owned).await?;
     let client = plane.client().await?;
-    testbed::crds::install(&client).await?;
+    testbed::support::crds::install(&client).await?;
     let model = Model {
         image_bytes: opts.image_mib << 20,
         uplink: opts.uplink_mib << 20,
@@ -68,14 +68,14 @@ pub async fn run(opts: Options) -> Result<()> {
     let names: Vec<String> = (0..opts.nodes).map(|i| format!("swarm-{i:05}")).collect();
     let labels: BTreeMap<String, String> = [("swarm".to_string(), "yes".to_string())].into();
     let t = Instant::now();
-    testbed::nodes::register_all(&client, &names, &labels).await?;
+    testbed::support::nodes::register_all(&client, &names, &labels).await?;
     // Addresses for named sources: only written into Node objects; the
     // simulated agents send nothing to them.
     futures::stream::iter(names.iter().enumerate().map(|(i, n)| {
         let client = client.clone();
         async move {
             let ip = format!("127.1.{}.{}", i / 256, i % 256);
-            testbed::nodes::set_address(&client, n, &ip).await
+            testbed::support::nodes::set_address(&client, n, &ip).await
         }
     }))
     .buffer_unordered(32)
@@ -403,7 +403,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// API requests by (verb, resource), from the API server's own counters.
 async fn requests_by_verb(client: &Client) -> Result<BTreeMap<(String, String), u64>> {
     let mut by = BTreeMap::new();
-    for r in testbed::api_metrics::requests(client).await? {
+    for r in testbed::support::api_metrics::requests(client).await? {
         let label = |n: &str| r.labels.get(n).cloned().unwrap_or_default();
         *by.entry((label("verb"), label("resource"))).or_default() += r.count;
     }

@@ -62,7 +62,7 @@ pub async fn wait_status<F: Fn(&crd::NodeImageSetStatus) -> bool>(
 /// The real agent binary for `node`, logging (at debug) into `log`.
 pub fn agent_process(
     node: &str,
-    containerd: &testbed::containerd::Containerd,
+    containerd: &testbed::servers::containerd::Containerd,
     mirror_dir: &Path,
     log: &Path,
 ) -> Child {
@@ -81,7 +81,7 @@ pub fn agent_process(
         .args(["--mirror-endpoints", &containerd.mirror_endpoints()])
         // The machine's disk is no node's image filesystem under pressure.
         .args(["--image-fs-high-percent", "100"])
-        .env("KUBECONFIG", &testbed::shared::get().kubeconfig)
+        .env("KUBECONFIG", &testbed::beds::shared::get().kubeconfig)
         .args(["--metrics-addr", "127.0.0.1:0"])
         // A failed image is tried again soon: tests see convergence quickly.
         .args(["--failed-retry-seconds", "2"])
@@ -92,7 +92,7 @@ pub fn agent_process(
 }
 
 /// `ctr`, Debian's containerd client, against a test node.
-pub fn ctr(containerd: &testbed::containerd::Containerd, args: &[&str]) -> String {
+pub fn ctr(containerd: &testbed::servers::containerd::Containerd, args: &[&str]) -> String {
     containerd.ctr(args)
 }
 
@@ -108,8 +108,8 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
 /// The agent's settings for a node of the test's own, with quick retries.
 pub fn config(
     node: &str,
-    containerd: &testbed::containerd::Containerd,
-    dir: &testbed::workdir::Workdir,
+    containerd: &testbed::servers::containerd::Containerd,
+    dir: &testbed::support::workdir::Workdir,
 ) -> agent::work::Config {
     agent::work::Config {
         containerd_socket: containerd.socket.clone(),
@@ -158,20 +158,20 @@ pub fn run(
 /// What most agent tests start from: a registry holding `repository:tag`
 /// (layers of `layers` bytes) and a node whose containerd pulls from it.
 pub struct NodeAndRegistry {
-    pub upstream: testbed::registry::Registry,
-    pub image: testbed::images::Image,
-    pub node: testbed::containerd::Containerd,
+    pub upstream: testbed::servers::registry::Registry,
+    pub image: testbed::builds::images::Image,
+    pub node: testbed::servers::containerd::Containerd,
 }
 
 impl NodeAndRegistry {
     pub fn start(
-        dir: &testbed::workdir::Workdir,
+        dir: &testbed::support::workdir::Workdir,
         repository: &str,
         tag: &str,
         layers: &[usize],
     ) -> Self {
-        let upstream = testbed::registry::Registry::start(&dir.join("upstream")).unwrap();
-        let image = testbed::images::build_and_push(
+        let upstream = testbed::servers::registry::Registry::start(&dir.join("upstream")).unwrap();
+        let image = testbed::builds::images::build_and_push(
             &dir.join("images"),
             &upstream.host,
             repository,
@@ -179,7 +179,7 @@ impl NodeAndRegistry {
             layers,
         )
         .unwrap();
-        let node = testbed::containerd::Containerd::start(&dir.join("node"))
+        let node = testbed::servers::containerd::Containerd::start(&dir.join("node"))
             .expect("containerd 2 (cargo xtask fixtures)");
         node.configure_registry(&upstream.host, &[]).unwrap();
         NodeAndRegistry {

@@ -25,9 +25,9 @@ pub async fn client() -> Client {
     // Controller logs when RUST_LOG asks for them (cargo test shows them for failing tests).
     static LOGS: std::sync::Once = std::sync::Once::new();
     if std::env::var_os("RUST_LOG").is_some() {
-        LOGS.call_once(|| std::mem::forget(telemetry::init("controller-tests")));
+        LOGS.call_once(|| std::mem::forget(plumbing::init("controller-tests")));
     }
-    testbed::shared::client().await
+    testbed::beds::shared::client().await
 }
 
 /// A namespace of the test's own, so tests sharing the API server stay apart.
@@ -59,7 +59,7 @@ pub async fn node(client: &Client, name: &str, group: &str, extra: &[(&str, &str
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     labels.insert("test-group".into(), group.into());
-    testbed::nodes::register(client, name, &labels)
+    testbed::support::nodes::register(client, name, &labels)
         .await
         .unwrap();
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::api::Api;
 
-use testbed::poll::eventually;
-use testbed::simulated::{AGENT, CONTROLLER, binary};
+use testbed::beds::simulated::{AGENT, CONTROLLER, binary};
+use testbed::support::poll::eventually;
 
 /// How long the bed's pods and rollouts may take: generous, for a CI
 /// machine of 2 cores running a whole cluster per test.
@@ -35,13 +35,14 @@ pub fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The project's images, as a release would publish them (`testbed::oci`,
+/// The project's images, as a release would publish them (`testbed::builds::oci`,
 /// the Dockerfiles' layout), tagged `dev`.
 pub fn push_product_images(registry: &str) {
     for name in [CONTROLLER, AGENT] {
-        let local = testbed::oci::build(&binary(name), name, "dev", testbed::oci::NONROOT)
-            .expect("buildah image of a workspace binary");
-        testbed::oci::push(&local, &format!("{registry}/{name}:dev")).unwrap();
+        let local =
+            testbed::builds::oci::build(&binary(name), name, "dev", testbed::builds::oci::NONROOT)
+                .expect("buildah image of a workspace binary");
+        testbed::builds::oci::push(&local, &format!("{registry}/{name}:dev")).unwrap();
     }
 }
 
@@ -52,7 +53,7 @@ pub fn push_product_images(registry: &str) {
 /// filesystem is under pressure (the disk guard has tests of its own).
 pub fn install_product(kubeconfig: &std::path::Path, registry: &str) {
     let registry_value = format!("image.registry={registry}");
-    testbed::helm::install(
+    testbed::support::helm::install(
         kubeconfig,
         &[
             "--set",
@@ -103,8 +104,8 @@ pub fn try_apply(kubeconfig: &std::path::Path, manifest: &serde_json::Value) -> 
 /// What to look at when the bed does not get where a test waits for: the
 /// ImagePrefetches, NodeImageSets and pods as the API server has them. (The
 /// end of every pod's log, and of every process's, follows from
-/// `testbed::workdir` as the failed test's directory goes.)
-pub fn diagnostics(cluster: &testbed::cluster::Cluster) -> String {
+/// `testbed::support::workdir` as the failed test's directory goes.)
+pub fn diagnostics(cluster: &testbed::beds::cluster::Cluster) -> String {
     let get = |args: &[&str]| {
         String::from_utf8_lossy(&kubectl_output(&cluster.plane.kubeconfig, args).stdout)
             .into_owned()
@@ -116,7 +117,7 @@ pub fn diagnostics(cluster: &testbed::cluster::Cluster) -> String {
 /// Waits until kubectl shows the ImagePrefetch `namespace/name` Ready on
 /// every node of the bed (`N/N` in its READY column); what it printed then.
 pub async fn rollout_ready(
-    cluster: &testbed::cluster::Cluster,
+    cluster: &testbed::beds::cluster::Cluster,
     namespace: &str,
     name: &str,
 ) -> String {
@@ -131,7 +132,11 @@ pub async fn rollout_ready(
 
 /// Polls `check` until it gives `Some` or [`PATIENCE`] has passed; then
 /// panics saying `what` and what the bed looks like.
-pub async fn until<T, F, Fut>(cluster: &testbed::cluster::Cluster, what: &str, mut check: F) -> T
+pub async fn until<T, F, Fut>(
+    cluster: &testbed::beds::cluster::Cluster,
+    what: &str,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use testbed::containerd::Containerd;
-use testbed::peer_mirror::{PeerMirror, Settings};
-use testbed::process::{HttpResponse, http_request};
-use testbed::registry::Registry;
+use testbed::servers::containerd::Containerd;
+use testbed::servers::peer_mirror::{PeerMirror, Settings};
+use testbed::servers::registry::Registry;
+use testbed::support::process::{HttpResponse, http_request};
 
 fn sha256(b: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(b))
@@ -23,7 +23,7 @@ fn sha256(b: &[u8]) -> String {
 
 /// `ctr images pull` from the registry itself, as a node that seeded would.
 fn pull(containerd: &Containerd, reference: &str) {
-    let (ok, out) = testbed::process::run(
+    let (ok, out) = testbed::support::process::run(
         Command::new("ctr")
             .arg("--address")
             .arg(&containerd.socket)
@@ -77,10 +77,10 @@ fn breaking_peer(directory: &Path, digest: &str, blob: Vec<u8>) -> Arc<AtomicUsi
 
 #[test]
 fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_registry() {
-    let work = testbed::workdir::Workdir::new("peer-mirror");
+    let work = testbed::support::workdir::Workdir::new("peer-mirror");
     let upstream = Registry::start(&work.join("upstream")).unwrap();
     // One layer above the 4 MiB that spegel fingerprints, one below.
-    let image = testbed::images::build_and_push(
+    let image = testbed::builds::images::build_and_push(
         &work.join("images"),
         &upstream.host,
         "team/web",
@@ -88,7 +88,7 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
         &[5 << 20, 300 << 10],
     )
     .unwrap();
-    let later = testbed::images::build_and_push(
+    let later = testbed::builds::images::build_and_push(
         &work.join("images"),
         &upstream.host,
         "team/later",
@@ -307,10 +307,10 @@ fn serves_local_and_peer_content_misses_with_404_resumes_and_never_calls_the_reg
 /// content again at its start).
 #[test]
 fn basic_auth_filters_and_containerd_2_0_without_content_events() {
-    let work = testbed::workdir::Workdir::new("peer-mirror-set-ups");
+    let work = testbed::support::workdir::Workdir::new("peer-mirror-set-ups");
     let upstream = Registry::start(&work.join("upstream")).unwrap();
     let build = |repo: &str| {
-        testbed::images::build_and_push(
+        testbed::builds::images::build_and_push(
             &work.join("images"),
             &upstream.host,
             repo,

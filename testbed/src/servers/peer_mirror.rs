@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::process::{self, Lifetime, free_ports};
+use crate::support::process::{self, Lifetime, free_ports};
 use crate::{Error, Result, io_err};
 
 pub const BINARY: &str = "peer-mirror";
@@ -109,7 +109,7 @@ impl PeerMirror {
         directory: &Path,
         settings: &Settings,
     ) -> Result<Self> {
-        let bin = crate::simulated::binary(BINARY);
+        let bin = crate::beds::simulated::binary(BINARY);
         if !bin.exists() {
             return Err(Error::MissingFixture {
                 what: "the peer mirror stand-in (cargo build --workspace)",
@@ -188,7 +188,7 @@ impl PeerMirror {
     ) -> Result<()> {
         let mut targets = vec![format!("http://{}", self.host)];
         targets.extend(additional_targets.iter().map(|t| t.to_string()));
-        let mut cmd = Command::new(crate::simulated::binary(BINARY));
+        let mut cmd = Command::new(crate::beds::simulated::binary(BINARY));
         cmd.args(["configuration", "--containerd-registry-config-path"])
             .arg(hosts_dir)
             .args(["--mirror-targets", &targets.join(",")])

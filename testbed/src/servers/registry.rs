@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::fixtures::require_tool;
-use crate::process::{self, Lifetime, free_ports};
+use crate::builds::fixtures::require_tool;
+use crate::support::process::{self, Lifetime, free_ports};
 use crate::{Error, Result, io_err};
 
 pub struct Registry {

@@ -118,7 +118,7 @@ pub const BUNDLE_VALIDATE: GoFixture = GoFixture {
     tags: "",
     ldflags: "",
     extra_go_mod: |_| String::new(),
-    main_go: Some(include_str!("../go/bundle-validate/main.go")),
+    main_go: Some(include_str!("../../go/bundle-validate/main.go")),
 };
 
 /// Jaeger v2 (an OpenTelemetry Collector distribution): OTLP in, memory

@@ -40,7 +40,7 @@ pub fn get() -> &'static Shared {
 
 /// A cluster-admin client for the shared control plane.
 pub async fn client() -> kube::Client {
-    crate::control_plane::client_from_kubeconfig(&get().kubeconfig)
+    crate::servers::control_plane::client_from_kubeconfig(&get().kubeconfig)
         .await
         .expect("client for the shared test bed")
 }
@@ -54,7 +54,7 @@ fn keeper(tx: mpsc::Sender<Result<Shared, String>>) {
     let dir = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
     let started = rt.block_on(async {
         let plane = ControlPlane::start(&dir, Lifetime::Owned).await?;
-        crate::crds::install(&plane.client().await?).await?;
+        crate::support::crds::install(&plane.client().await?).await?;
         Ok::<_, crate::Error>(plane)
     });
     match started {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::fixtures::{KUBE_APISERVER, require_tool};
-use crate::process::{self, Lifetime, free_ports};
+use crate::builds::fixtures::{KUBE_APISERVER, require_tool};
+use crate::support::process::{self, Lifetime, free_ports};
 use crate::{Error, Result, io_err};
 
 /// How long etcd and the API server get to become ready.

@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::fixtures::require_tool;
+use crate::builds::fixtures::require_tool;
 use crate::{Error, Result, io_err};
 
 /// What was pushed.
@@ -307,14 +307,16 @@ impl Layout {
 
 /// The pod sandbox's pause image of the cluster bed, built from
 /// `testbed/go/pause` (static, no C library) and pushed as `name` (the bed
-/// pushes it as [`crate::cluster::PAUSE`]; tests use it as a workload that
+/// pushes it as [`crate::beds::cluster::PAUSE`]; tests use it as a workload that
 /// runs and does nothing).
 pub fn push_pause(work: &Path, registry: &str, name: &str) -> Result<()> {
-    let source = include_str!("../go/pause/main.go");
-    let bin = crate::fixtures::cache_dir().join("bin").join(format!(
-        "pause-{:08x}",
-        crd::names::stable_hash(&[source]) as u32
-    ));
+    let source = include_str!("../../go/pause/main.go");
+    let bin = crate::builds::fixtures::cache_dir()
+        .join("bin")
+        .join(format!(
+            "pause-{:08x}",
+            crd::names::stable_hash(&[source]) as u32
+        ));
     if !bin.is_file() {
         std::fs::create_dir_all(work).map_err(io_err(work))?;
         std::fs::write(work.join("main.go"), source).map_err(io_err(work))?;
@@ -339,6 +341,6 @@ pub fn push_pause(work: &Path, registry: &str, name: &str) -> Result<()> {
         std::fs::rename(&built, &bin).map_err(io_err(&bin))?;
     }
     let (repository, tag) = name.rsplit_once(':').unwrap_or((name, "latest"));
-    let local = crate::oci::build(&bin, repository, tag, crate::oci::NONROOT)?;
-    crate::oci::push(&local, &format!("{registry}/{repository}:{tag}"))
+    let local = crate::builds::oci::build(&bin, repository, tag, crate::builds::oci::NONROOT)?;
+    crate::builds::oci::push(&local, &format!("{registry}/{repository}:{tag}"))
 }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::fixtures::CONTAINERD;
-use crate::process::{self, Lifetime};
+use crate::builds::fixtures::CONTAINERD;
+use crate::support::process::{self, Lifetime};
 use crate::{Error, Result, io_err};
 
 pub struct Containerd {
@@ -39,7 +39,7 @@ impl Containerd {
     /// containerd 2.x exporting its own spans to `jaeger`: the server side
     /// of each call the agent makes joins the agent's trace when the call
     /// carries its context.
-    pub fn start_traced(dir: &Path, jaeger: &crate::jaeger::Jaeger) -> Result<Self> {
+    pub fn start_traced(dir: &Path, jaeger: &crate::servers::jaeger::Jaeger) -> Result<Self> {
         let mut env: Vec<(&str, String)> = jaeger.exporter_env().into();
         env.push(("OTEL_SERVICE_NAME", "containerd".into()));
         Self::start_with(dir, Flavor::V2, &env, "", None)
@@ -86,8 +86,8 @@ impl Containerd {
     ) -> Result<Self> {
         let bin = match flavor {
             Flavor::V2 => CONTAINERD.require()?,
-            Flavor::V2Latest => crate::fixtures::CONTAINERD_LATEST.require()?,
-            Flavor::Debian16 => crate::fixtures::require_tool("containerd")?,
+            Flavor::V2Latest => crate::builds::fixtures::CONTAINERD_LATEST.require()?,
+            Flavor::Debian16 => crate::builds::fixtures::require_tool("containerd")?,
         };
         let hosts_dir = dir.join("certs.d");
         std::fs::create_dir_all(&hosts_dir).map_err(io_err(&hosts_dir))?;

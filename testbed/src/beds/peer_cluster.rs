@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use kube::api::Api;
 
-use crate::peer_mirror::Settings;
-use crate::registry::Registry;
-use crate::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
-use crate::slow_link::SlowLink;
+use crate::beds::simulated::{Binary, CONTROLLER, Mirror, NodeSetup, SimulatedNode};
+use crate::servers::peer_mirror::Settings;
+use crate::servers::registry::Registry;
+use crate::servers::slow_link::SlowLink;
 use crate::{ControlPlane, Result};
 
 /// Label every node of the cluster carries; rollouts select by it.
@@ -60,8 +60,8 @@ impl PeerCluster {
         bytes_per_second: Option<u64>,
         mut settings: Settings,
     ) -> Result<Self> {
-        settings.port = Some(crate::process::free_ports::<1>()?[0]);
-        let (plane, client) = crate::crds::control_plane(&dir.join("cluster")).await?;
+        settings.port = Some(crate::support::process::free_ports::<1>()?[0]);
+        let (plane, client) = crate::support::crds::control_plane(&dir.join("cluster")).await?;
         let upstream = Registry::start(&dir.join("upstream"))?;
         let link = match bytes_per_second {
             Some(rate) => Some(SlowLink::start(&upstream.host, rate)?),
@@ -153,7 +153,8 @@ impl PeerCluster {
         let selector: Vec<(&str, &str)> = std::iter::once(POOL)
             .chain(selector.iter().copied())
             .collect();
-        crate::crds::apply_prefetch(&self.client, "default", name, images, &selector).await?;
+        crate::support::crds::apply_prefetch(&self.client, "default", name, images, &selector)
+            .await?;
         Ok(())
     }
 

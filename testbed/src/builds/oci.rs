@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::fixtures::require_tool;
+use crate::builds::fixtures::require_tool;
 use crate::{Error, Result};
 
 /// The user the images run as (distroless "nonroot").

@@ -16,11 +16,11 @@ pub const NAMESPACE: &str = "image-prefetch-system";
 /// Runs helm with `args` against the API server of `kubeconfig`: whether it
 /// succeeded, and what it printed.
 pub fn run(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
-    let helm = crate::fixtures::HELM
+    let helm = crate::builds::fixtures::HELM
         .require()
         .expect("helm (cargo xtask fixtures)");
     let home = std::env::temp_dir().join(format!("image-prefetch-helm-{}", std::process::id()));
-    crate::process::run(
+    crate::support::process::run(
         Command::new(helm)
             .args(args)
             .env("KUBECONFIG", kubeconfig)

@@ -6,7 +6,7 @@
 //! No address of the machine's own namespace is used but its loopback: the
 //! API server and the registry listen there, and each node reaches them
 //! through relays whose sockets are opened inside the node's namespace
-//! ([`crate::netns`]), at `127.0.0.1:<port>` (kubelet, containerd) and at the
+//! ([`crate::support::netns`]), at `127.0.0.1:<port>` (kubelet, containerd) and at the
 //! API server's advertised address (pods, through the `kubernetes` Service
 //! and kube-proxy).
 //!
@@ -33,12 +33,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 
-use crate::containerd::Containerd;
-use crate::fixtures::{KUBE_CONTROLLER_MANAGER, KUBE_PROXY, KUBE_SCHEDULER, KUBELET};
-use crate::netns::{NetNs, Relay};
-use crate::peer_mirror::{PeerMirror, Placement, Settings};
-use crate::registry::Registry;
-use crate::{ControlPlane, Error, Lifetime, Result, io_err, process};
+use crate::builds::fixtures::{KUBE_CONTROLLER_MANAGER, KUBE_PROXY, KUBE_SCHEDULER, KUBELET};
+use crate::servers::containerd::Containerd;
+use crate::servers::peer_mirror::{PeerMirror, Placement, Settings};
+use crate::servers::registry::Registry;
+use crate::support::netns::{NetNs, Relay};
+use crate::support::process;
+use crate::{ControlPlane, Error, Lifetime, Result, io_err};
 
 /// The API server's address as the pods see it: inside every node's
 /// namespace, a relay to the real one listens there.
@@ -162,7 +163,7 @@ impl Cluster {
         )
         .await?;
         let registry = Registry::start(&dir.join("registry"))?;
-        crate::images::push_pause(&dir.join("pause"), &registry.host, PAUSE)?;
+        crate::builds::images::push_pause(&dir.join("pause"), &registry.host, PAUSE)?;
         let ca = plane.dir.join("certs").join("apiserver.crt");
         let key = plane.dir.join("service-account.key");
         // The scheduler and the controller manager (ServiceAccounts,

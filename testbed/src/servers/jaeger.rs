@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::fixtures::JAEGER;
-use crate::process::{self, Lifetime, free_ports};
+use crate::builds::fixtures::JAEGER;
+use crate::support::process::{self, Lifetime, free_ports};
 use crate::{Error, Result, io_err};
 
 pub struct Jaeger {

@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
-use crate::containerd::Containerd;
-use crate::jaeger::Jaeger;
-use crate::peer_mirror::{PeerMirror, Settings};
-use crate::process::{self, Lifetime, free_ports};
+use crate::servers::containerd::Containerd;
+use crate::servers::jaeger::Jaeger;
+use crate::servers::peer_mirror::{PeerMirror, Settings};
+use crate::support::process::{self, Lifetime, free_ports};
 use crate::{Result, io_err};
 
 /// The agent's binary name.
@@ -152,7 +152,7 @@ impl SimulatedNode {
         setup: NodeSetup<'_>,
     ) -> Result<Self> {
         let name = setup.name;
-        crate::nodes::register(client, name, &setup.labels).await?;
+        crate::support::nodes::register(client, name, &setup.labels).await?;
         let containerd = match setup.jaeger {
             Some(j) => Containerd::start_traced(&dir.join(name), j)?,
             None => Containerd::start(&dir.join(name))?,
@@ -178,7 +178,7 @@ impl SimulatedNode {
                 )?;
                 mirror.configure_node(&containerd.hosts_dir, &[&format!("http://{upstream}")])?;
                 // Where peers reach its mirror: a source the controller can name.
-                crate::nodes::set_address(client, name, ip).await?;
+                crate::support::nodes::set_address(client, name, ip).await?;
                 Some(mirror)
             }
         };

@@ -1,5 +1,7 @@
-//! Process set-up shared by the controller and the agent: logging,
-//! tracing, and the shutdown signal.
+//! Process plumbing shared by the controller and the agent: logging,
+//! tracing and its propagation across processes (`propagation`), the
+//! shutdown signal, and the operational HTTP endpoints `/metrics`,
+//! `/healthz` and `/readyz` (`serve`).
 //!
 //! Logs go to stderr (`RUST_LOG` filters, `LOG_FORMAT=json` for JSON lines).
 //! Traces go over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and

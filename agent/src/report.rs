@@ -1,18 +1,14 @@
 //! What the agent reads from its node's sets and what it writes back: the
-//! entries as the ledger takes them, and each set's status as the ledger
-//! says it is. Pure but for the write; `cargo run --release -p xtask --features swarm -- bench swarm`'s simulated
-//! agents use the same code.
+//! entries as the ledger takes them, each set's status as the ledger says
+//! it is, and whether a write is due. Pure (the I/O is in `sets`), and
+//! `cargo run --release -p xtask --features swarm -- bench swarm`'s
+//! simulated agents use the same code.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Resource, ResourceExt};
-use serde_json::json;
+use kube::ResourceExt;
 
 use crd::condition::condition;
 use crd::{
@@ -21,33 +17,6 @@ use crd::{
 };
 
 use crate::ledger::{Ledger, Listed, Want};
-
-/// The field manager of the agent's status writes.
-pub use crd::keys::AGENT_MANAGER;
-
-/// The node's sets as the agent follows them: a cache, and the watch
-/// events that fill it (deletions too: a deleted set's pulls stop at once).
-/// The watch backs off while the API server is away. managedFields repeat
-/// every image name twice (the controller's spec, the agent's status) and
-/// nothing here reads them, so the cache drops them.
-pub fn follow(
-    api: &Api<NodeImageSet>,
-    node: &str,
-) -> (
-    Store<NodeImageSet>,
-    BoxStream<'static, Result<watcher::Event<NodeImageSet>, watcher::Error>>,
-) {
-    let (store, writer) = reflector::store();
-    let wc = watcher::Config::default().labels(&keys::on_node(node));
-    let events = reflector::reflector(
-        writer,
-        watcher(api.clone(), wc)
-            .backoff(crd::backoff::watch())
-            .modify(|set| set.managed_fields_mut().clear()),
-    )
-    .boxed();
-    (store, events)
-}
 
 /// Every entry of `sets`, as the ledger takes them.
 pub fn listed(sets: &[Arc<NodeImageSet>]) -> Vec<Listed> {
@@ -141,17 +110,172 @@ pub fn worth_writing(set: &NodeImageSet, status: &NodeImageSetStatus) -> bool {
     !empty && set.status.as_ref() != Some(status)
 }
 
-/// Writes `status` as the set's (server-side apply, the agent's field manager).
-pub async fn write(
-    api: &Api<NodeImageSet>,
-    name: &str,
-    status: &NodeImageSetStatus,
-) -> Result<NodeImageSet, kube::Error> {
-    let body = json!({
-        "apiVersion": NodeImageSet::api_version(&()),
-        "kind": NodeImageSet::kind(&()),
-        "status": status,
-    });
-    let params = PatchParams::apply(AGENT_MANAGER).force();
-    api.patch_status(name, &params, &Patch::Apply(&body)).await
+/// The status of a set whose spec this agent cannot read: the reports it
+/// had, and a Ready condition saying why nothing changes.
+pub fn unreadable_spec_status(
+    set: &NodeImageSet,
+    why: &crd::lenient::Unreadable,
+    now: &Time,
+) -> NodeImageSetStatus {
+    let mut status = set.status.clone().unwrap_or_default();
+    status.unreadable = None;
+    let message = format!(
+        "this node's agent cannot read the spec ({why}); the images it asked for before are kept as they were"
+    );
+    let ready = condition(
+        &status.conditions,
+        ConditionType::Ready,
+        false,
+        ConditionReason::SpecUnreadable,
+        &message,
+        set.metadata.generation,
+        now,
+    );
+    status.conditions = vec![ready];
+    status
+}
+
+/// A status write the watch has not brought back yet: the set's
+/// resourceVersion it was written over, and the status's fingerprint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    over: Option<String>,
+    status: u64,
+}
+
+fn fingerprint(status: &NodeImageSetStatus) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(status).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+/// The status to write to `set` now, if one is due, and the record of that
+/// write. None when the stored status already says it (a set whose spec
+/// this agent cannot read gets one saying why, even when it lists nothing),
+/// or when `last` — the agent's previous write, not yet brought back by the
+/// watch — wrote the same over the same version: in a burst of pulls
+/// finishing, every event would otherwise rewrite every such set.
+pub fn due(
+    ledger: &Ledger,
+    set: &NodeImageSet,
+    now: &Time,
+    last: Option<&Written>,
+) -> Option<(NodeImageSetStatus, Written)> {
+    let (status, worth) = match &set.spec.unreadable {
+        Some(why) => {
+            let status = unreadable_spec_status(set, why, now);
+            let worth = set.status.as_ref() != Some(&status);
+            (status, worth)
+        }
+        None => {
+            let status = status(ledger, set, now);
+            let worth = worth_writing(set, &status);
+            (status, worth)
+        }
+    };
+    if !worth {
+        return None;
+    }
+    let written = Written {
+        over: set.resource_version(),
+        status: fingerprint(&status),
+    };
+    (last != Some(&written)).then_some((status, written))
+}
+
+/// Status entries by image for one set, for tests and tools.
+pub fn by_image(status: &NodeImageSetStatus) -> BTreeMap<&str, &NodeImageStatus> {
+    status.images.iter().map(|i| (i.name.as_str(), i)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use crd::{NodeImage, NodeImageSetSpec, RegistryPolicy, keys};
+
+    use super::*;
+    use crate::ledger::{FAILED_BACKOFF, Ledger};
+
+    fn set(images: &[&str], version: &str) -> NodeImageSet {
+        let mut s = NodeImageSet::new(
+            "ns-app-node-1",
+            NodeImageSetSpec {
+                node_name: "node-1".into(),
+                image_set: images
+                    .iter()
+                    .map(|i| NodeImage {
+                        name: i.to_string(),
+                        registry_policy: RegistryPolicy::Default,
+                        digest: None,
+                        source: None,
+                    })
+                    .collect(),
+                image_pull_secrets: vec![],
+                image_download_retry_limit: 3,
+                unreadable: None,
+            },
+        );
+        s.metadata.uid = Some("uid-1".into());
+        s.metadata.resource_version = Some(version.into());
+        s.metadata.labels = Some(keys::node_image_set_labels("ns", "app", "p-uid", "node-1"));
+        s
+    }
+
+    fn observed(sets: &[&NodeImageSet]) -> Ledger {
+        let mut ledger = Ledger::new(FAILED_BACKOFF);
+        let sets: Vec<Arc<NodeImageSet>> = sets.iter().map(|s| Arc::new((*s).clone())).collect();
+        ledger.observe(listed(&sets), Instant::now());
+        ledger
+    }
+
+    #[test]
+    fn a_set_that_lists_nothing_gets_no_status() {
+        let empty = set(&[], "1");
+        let now = crd::condition::now();
+        assert_eq!(due(&observed(&[&empty]), &empty, &now, None), None);
+    }
+
+    #[test]
+    fn a_status_is_due_once_and_not_again_until_the_set_moves_on() {
+        let s = set(&["registry.example.com/app:1"], "7");
+        let ledger = observed(&[&s]);
+        let now = crd::condition::now();
+        let (status, written) = due(&ledger, &s, &now, None).expect("a first report is due");
+        assert_eq!(status.total, 1);
+        assert_eq!(status.images.len(), 1);
+        // The same status over the same version: the watch has not brought
+        // the write back yet, so it is not made again.
+        assert_eq!(due(&ledger, &s, &now, Some(&written)), None);
+        // Another version of the set (the controller wrote it) without that
+        // status: due again.
+        let newer = set(&["registry.example.com/app:1"], "8");
+        assert!(due(&ledger, &newer, &now, Some(&written)).is_some());
+        // Stored as it is: nothing is due.
+        let mut stored = newer.clone();
+        stored.status = Some(status);
+        assert_eq!(due(&ledger, &stored, &now, None), None);
+    }
+
+    #[test]
+    fn a_set_whose_spec_cannot_be_read_says_so_and_keeps_its_reports() {
+        let mut s = set(&[], "3");
+        s.spec.unreadable = Some(crd::lenient::Unreadable {
+            field: "spec.imageSet[0].registryPolicy".into(),
+            error: "unknown variant `Sideways`".into(),
+        });
+        let now = crd::condition::now();
+        let (status, _) = due(&observed(&[]), &s, &now, None).expect("says why");
+        let ready = crd::condition::find(&status.conditions, ConditionType::Ready).unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason, ConditionReason::SpecUnreadable.as_str());
+        assert!(
+            ready.message.contains("registryPolicy"),
+            "{}",
+            ready.message
+        );
+        s.status = Some(status);
+        assert_eq!(due(&observed(&[]), &s, &now, None), None);
+    }
 }

@@ -1,12 +1,11 @@
 //! The agent's loop: follow this node's NodeImageSets, run one pull task per
 //! (set, image) entry, report per-image state on change.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -14,30 +13,28 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{Instrument as _, debug, field, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
-use crd::{
-    ConditionReason, ConditionType, NodeImage, NodeImageSet, NodeImageSetStatus, NodeImageStatus,
-    PullFailure, RegistryPolicy, reference,
-};
+use crd::{NodeImageSet, RegistryPolicy};
 
-use crd::condition::{condition, now};
+use crd::condition::now;
 
-use crate::credentials::Keyring;
 use crate::events::{self, Notice};
 use crate::hosts;
+use crate::job::{Job, Message, Outcome, forward_progress, pull_span, record_outcome};
 use crate::ledger::{self, Action, Failure, Key, Ledger, Present, Want, store_name};
 use crate::metrics::{Metrics, PullLabels, SourceLabels};
 use crate::pins::Pins;
-use crate::pull::{self, Progress, PullError, Pulled, Runtime};
-use crate::report;
+use crate::pull::{Progress, PullError, Runtime};
+use crate::report::{self, Written};
+use crate::sets;
 
 /// First and longest wait before writing statuses again after a failed write.
 const STATUS_RETRY: crd::backoff::Doubling =
     crd::backoff::Doubling::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// Field manager of the agent's status writes.
-pub use crate::report::AGENT_MANAGER;
+pub use crate::sets::AGENT_MANAGER;
 
 /// Agent settings.
 #[derive(Clone, Debug)]
@@ -105,24 +102,6 @@ pub enum Error {
     Pull(#[from] PullError),
 }
 
-/// How one entry's pull ended: what was pulled, or why not; and the attempts made.
-type PullResult = Result<(Pulled, i32), (Failure, i32)>;
-
-/// What a pull task tells the loop.
-enum Outcome {
-    /// An attempt failed; the task goes on retrying.
-    Attempt {
-        attempts: i32,
-        failure: Failure,
-    },
-    Done(PullResult),
-    /// The pull has fetched this many bytes so far.
-    Progress(u64),
-}
-
-/// A message from the pull task of `key`, started for `want`.
-type Message = (Key, Want, Outcome);
-
 /// Runs until `shutdown` completes.
 pub async fn run(
     client: kube::Client,
@@ -153,7 +132,7 @@ pub async fn run(
         ),
     );
     let sets_api: Api<NodeImageSet> = Api::all(client.clone());
-    let (store, mut events) = report::follow(&sets_api, &config.node_name);
+    let (store, mut events) = sets::follow(&sets_api, &config.node_name);
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let (failed_backoff, progress_every) = (config.failed_backoff, config.progress_every);
     let sandbox_images = config.sandbox_images.clone();
@@ -307,21 +286,6 @@ impl Queue {
         }
         None
     }
-}
-
-/// A status write the watch has not brought back yet: the set's
-/// resourceVersion it was written over, and the status's fingerprint.
-#[derive(Debug, PartialEq)]
-struct Written {
-    over: Option<String>,
-    status: u64,
-}
-
-fn fingerprint(status: &NodeImageSetStatus) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_vec(status).unwrap_or_default().hash(&mut h);
-    h.finish()
 }
 
 impl Agent {
@@ -610,34 +574,16 @@ impl Agent {
         }
     }
 
-    /// Writes the set's status if it changed; `false` when the write failed.
+    /// Writes the set's status if one is due; `false` when the write failed.
     async fn write_status(&mut self, set: &NodeImageSet) -> bool {
         let name = set.name_any();
-        let status = match &set.spec.unreadable {
-            Some(why) => unreadable_spec_status(set, why),
-            None => report::status(&self.ledger, set, &now()),
-        };
-        let worth = match &set.spec.unreadable {
-            // Says why nothing changes, even on a set that lists nothing.
-            Some(_) => set.status.as_ref() != Some(&status),
-            None => report::worth_writing(set, &status),
-        };
-        if !worth {
-            return true;
-        }
-        // The cache shows the set as it was before our last write until the
-        // watch brings that write back: the same status is not written again
-        // meanwhile (in a burst of pulls finishing, every event could
-        // rewrite every such set).
         let uid = set.uid().unwrap_or_default();
-        let written = Written {
-            over: set.resource_version(),
-            status: fingerprint(&status),
-        };
-        if self.written.get(&uid) == Some(&written) {
+        let Some((status, written)) =
+            report::due(&self.ledger, set, &now(), self.written.get(&uid))
+        else {
             return true;
-        }
-        match report::write(&self.sets_api, &name, &status).await {
+        };
+        match sets::write(&self.sets_api, &name, &status).await {
             Ok(_) => {
                 // Only a write that landed: one that did not (the set gone,
                 // or its status not served yet) is made again next time.
@@ -657,414 +603,5 @@ impl Agent {
                 false
             }
         }
-    }
-}
-
-/// The status of a set whose spec this agent cannot read: the reports it
-/// had, and a Ready condition saying why nothing changes.
-fn unreadable_spec_status(
-    set: &NodeImageSet,
-    why: &crd::lenient::Unreadable,
-) -> NodeImageSetStatus {
-    let mut status = set.status.clone().unwrap_or_default();
-    status.unreadable = None;
-    let message = format!(
-        "this node's agent cannot read the spec ({why}); the images it asked for before are kept as they were"
-    );
-    let ready = condition(
-        &status.conditions,
-        ConditionType::Ready,
-        false,
-        ConditionReason::SpecUnreadable,
-        &message,
-        set.metadata.generation,
-        &now(),
-    );
-    status.conditions = vec![ready];
-    status
-}
-
-/// Hands a pull's progress to the loop, at most once a second (containerd
-/// tells it far more often); the ledger decides what gets reported. Ends
-/// when the pull's task ends (its sender is dropped).
-async fn forward_progress(
-    mut told: watch::Receiver<Progress>,
-    tx: mpsc::Sender<Message>,
-    key: Key,
-    want: Want,
-) {
-    while told.changed().await.is_ok() {
-        let bytes = told.borrow_and_update().total();
-        let message = (key.clone(), want.clone(), Outcome::Progress(bytes));
-        if tx.try_send(message).is_err() && tx.is_closed() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-/// Whether the entry names its content by digest (pinned by the controller,
-/// or written so): content by digest never changes.
-fn names_digest(entry: &NodeImage) -> bool {
-    entry.digest.is_some() || reference::parse(&entry.name).is_ok_and(|r| r.digest.is_some())
-}
-
-/// Whether a local copy at `digest` is what the entry asks for without
-/// asking a registry: the digest it names; or, for a Mirror entry naming
-/// only a tag (no registry to ask), any copy.
-fn current(entry: &NodeImage, digest: &str) -> bool {
-    // A seed (Default) always asks its registry, with its set's credentials:
-    // a local copy — another tenant's private image, named by its digest —
-    // is not confirmed on the node's word (with `privateImages: isolate`
-    // the registry decides who gets it). Nothing moves when the copy is
-    // current; the cost is one manifest request per seed.
-    if entry.registry_policy == RegistryPolicy::Default {
-        return false;
-    }
-    let named = entry
-        .digest
-        .clone()
-        .or_else(|| reference::parse(&entry.name).ok().and_then(|r| r.digest));
-    match named {
-        Some(named) => named == digest,
-        None => entry.registry_policy == RegistryPolicy::Mirror,
-    }
-}
-
-/// What to pull: the pinned digest when the controller gave one.
-fn source(entry: &NodeImage) -> String {
-    match (reference::parse(&entry.name), &entry.digest) {
-        (Ok(r), Some(d)) => format!("{}/{}@{d}", r.registry, r.repository),
-        (Ok(r), None) => r.canonical(),
-        (Err(_), _) => entry.name.clone(),
-    }
-}
-
-/// The span of one entry's pull, all attempts included, continuing the
-/// controller's trace when the set names one.
-fn pull_span(wanted: &Want, node: &str) -> tracing::Span {
-    let entry = &wanted.entry;
-    let span = info_span!(
-        "pull",
-        image = %entry.name,
-        policy = ?entry.registry_policy,
-        node = %node,
-        digest = entry.digest.as_deref(),
-        attempts = field::Empty,
-        bytes = field::Empty,
-        result = field::Empty,
-        error.r#type = field::Empty,
-        otel.status_code = field::Empty,
-        otel.status_description = field::Empty,
-    );
-    if let Some(parent) = wanted
-        .trace
-        .as_deref()
-        .and_then(plumbing::propagation::parse)
-    {
-        plumbing::propagation::set_parent(&span, &parent);
-    }
-    span
-}
-
-fn record_outcome(span: &tracing::Span, outcome: &PullResult) {
-    match outcome {
-        Ok((pulled, attempts)) => {
-            span.record("digest", pulled.digest.as_str());
-            span.record("attempts", attempts);
-            if let Some(bytes) = pulled.size {
-                span.record("bytes", bytes);
-            }
-            let result = if pulled.duration.is_zero() {
-                "already-present"
-            } else {
-                "success"
-            };
-            span.record("result", result);
-        }
-        Err((failure, attempts)) => {
-            span.record("attempts", attempts);
-            span.record("result", failure.reason.as_str());
-            span.record("error.type", failure.reason.as_str());
-            span.record("otel.status_code", "ERROR");
-            span.record("otel.status_description", failure.message.as_str());
-        }
-    }
-}
-
-/// One entry's pull, with everything it needs.
-struct Job {
-    config: Arc<Config>,
-    client: kube::Client,
-    runtime: Runtime,
-    limit: Arc<Semaphore>,
-    tx: mpsc::Sender<Message>,
-    key: Key,
-    wanted: Want,
-    /// Where a seed's pull tells its progress.
-    progress: Option<watch::Sender<Progress>>,
-    /// Counts Mirror pulls asked again after a miss.
-    mirror_misses: prometheus_client::metrics::counter::Counter,
-}
-
-impl Job {
-    /// The pull (or the confirmation of a local copy), then the image named
-    /// by its digest too, as CRI names what it pulls.
-    async fn pull_with_retries(&self) -> PullResult {
-        let result = self.pull_or_confirm().await;
-        if result.is_ok() {
-            let name = store_name(&self.wanted.entry.name);
-            if let Err(e) = self.runtime.name_by_digest(&name).await {
-                warn!(image = %name, error = %e, "could not name the image by its digest too; a pod naming the digest may pull it again");
-            }
-        }
-        result
-    }
-
-    async fn pull_or_confirm(&self) -> PullResult {
-        let entry = &self.wanted.entry;
-        let name = store_name(&entry.name);
-        let local = self.runtime.image(&name).await.ok().flatten();
-        // Already there (kubelet pulled it, or an earlier run of the agent)
-        // and known current: confirm only. A tag is known current only once
-        // its registry says so; the pull below asks it, and moves no bytes
-        // when the local copy is current.
-        if let Some((digest, size)) = &local
-            && current(entry, digest)
-        {
-            return Ok((
-                Pulled {
-                    digest: digest.clone(),
-                    size: *size,
-                    duration: Duration::ZERO,
-                },
-                0,
-            ));
-        }
-        let attempts = std::sync::atomic::AtomicI32::new(0);
-        let attempt = || async {
-            let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            let span = info_span!(
-                "attempt",
-                attempt = n,
-                otel.status_code = field::Empty,
-                otel.status_description = field::Empty
-            );
-            let result = self
-                .attempt_past_misses(&name)
-                .instrument(span.clone())
-                .await;
-            if let Err(failure) = &result {
-                span.record("otel.status_code", "ERROR");
-                span.record("otel.status_description", failure.message.as_str());
-            }
-            result
-        };
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.config.backoff_min)
-            .with_max_delay(self.config.backoff_max)
-            .with_jitter()
-            .with_max_times(self.wanted.retry_limit.max(0) as usize);
-        let result = attempt
-            .retry(backoff)
-            .notify(|failure: &Failure, wait: Duration| {
-                let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
-                warn!(image = %entry.name, error = %failure.message, retry_in = ?wait, attempt = n, "pull failed; retrying");
-                let progress = Outcome::Attempt {
-                    attempts: n,
-                    failure: failure.clone(),
-                };
-                let _ = self
-                    .tx
-                    .try_send((self.key.clone(), self.wanted.clone(), progress));
-            })
-            .await;
-        let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
-        result
-            .map(|mut p| {
-                // The registry confirmed the local copy: nothing was pulled.
-                if local.as_ref().is_some_and(|(d, _)| *d == p.digest) {
-                    p.duration = Duration::ZERO;
-                }
-                (p, n)
-            })
-            .map_err(|f| (f, n))
-    }
-
-    /// One attempt; for a Mirror pull, a miss ("not found": no peer has it
-    /// yet, or spegel still caches an empty lookup) is asked again on
-    /// [`ledger::mirror_miss_waits`] before it counts as a failed attempt.
-    async fn attempt_past_misses(&self, name: &str) -> Result<Pulled, Failure> {
-        let mut waits = ledger::mirror_miss_waits();
-        loop {
-            match self.attempt(name).await {
-                Err(miss)
-                    if self.wanted.entry.registry_policy == RegistryPolicy::Mirror
-                        && miss.reason == PullFailure::NotFound =>
-                {
-                    let Some(wait) = waits.next() else {
-                        return Err(miss);
-                    };
-                    self.mirror_misses.inc();
-                    debug!(image = %self.wanted.entry.name, retry_in = ?wait, "no peer has the image yet; asking the mirror again");
-                    tokio::time::sleep(wait).await;
-                }
-                result => return result,
-            }
-        }
-    }
-
-    /// The disk guard: no pull starts while the image filesystem is over
-    /// its threshold. A filesystem that cannot be read is no reason to stop.
-    fn room_on_disk(&self) -> Result<(), Failure> {
-        let path = &self.config.image_fs;
-        match crate::disk::usage(path) {
-            Ok(usage) => crate::disk::check(path, usage, self.config.image_fs_high_percent)
-                .map_err(|e| Failure {
-                    message: e.to_string(),
-                    reason: PullFailure::DiskPressure,
-                }),
-            Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "image filesystem unreadable; no disk guard");
-                Ok(())
-            }
-        }
-    }
-
-    async fn attempt(&self, name: &str) -> Result<Pulled, Failure> {
-        let entry = &self.wanted.entry;
-        let parsed = reference::parse(&entry.name).ok();
-        let registry = parsed
-            .as_ref()
-            .map(|r| r.registry.clone())
-            .unwrap_or_default();
-        let repository = parsed.map(|r| r.repository).unwrap_or_default();
-        let host_dir = match entry.registry_policy {
-            RegistryPolicy::Default if names_digest(entry) => self.config.node_hosts_dir.clone(),
-            RegistryPolicy::Default => hosts::prepare_upstream_resolves(
-                &self.config.node_hosts_dir,
-                &self.config.mirror_hosts_dir,
-                &registry,
-            )
-            .map_err(|e| Failure {
-                message: e.to_string(),
-                reason: PullFailure::HostsUnreadable,
-            })?,
-            // Fail closed: bytes a runtime would fetch from the registry
-            // are never reported as the mirror's.
-            RegistryPolicy::Mirror => pull::mirror_only(self.runtime.version())
-                .map_err(|message| Failure {
-                    message,
-                    reason: PullFailure::RuntimeUnsupported,
-                })
-                .and_then(|()| {
-                    hosts::prepare_mirror(
-                        &self.config.node_hosts_dir,
-                        &self.config.mirror_hosts_dir,
-                        &registry,
-                        &self.config.mirror_endpoints,
-                        // An address that does not parse names no peer: the
-                        // pull goes through the node's own mirror.
-                        entry.source.as_ref().and_then(|s| s.address.parse().ok()),
-                    )
-                    .map_err(|e| Failure {
-                        message: e.to_string(),
-                        reason: PullFailure::NoMirror,
-                    })
-                })?,
-        };
-        // The permit first: at most `concurrency` keyrings are held at once,
-        // however many entries wait.
-        let _permit = self.limit.acquire().await.map_err(|e| Failure {
-            message: e.to_string(),
-            reason: PullFailure::Stopping,
-        })?;
-        // Read at every attempt: a secret created or fixed after a failure is used on the next try.
-        let keyring = if self.wanted.secrets.is_empty() {
-            None
-        } else {
-            let ring = Keyring::load(&self.client, &self.wanted.secrets)
-                .await
-                .map_err(|e| Failure {
-                    message: e.to_string(),
-                    reason: e.reason(),
-                })?;
-            Some((ring, repository))
-        };
-        self.room_on_disk()?;
-        let source = source(entry);
-        let pull = self
-            .runtime
-            .pull(&source, name, &host_dir, keyring, self.progress.clone());
-        match tokio::time::timeout(self.config.pull_timeout, pull).await {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err(Failure {
-                message: format!("pulling {} from {registry}: {e}", entry.name),
-                reason: e.reason(),
-            }),
-            Err(_) => {
-                let e = PullError::Timeout {
-                    image: entry.name.clone(),
-                    secs: self.config.pull_timeout.as_secs(),
-                };
-                Err(Failure {
-                    message: e.to_string(),
-                    reason: e.reason(),
-                })
-            }
-        }
-    }
-}
-
-/// Status entries by image for one set, for tests and tools.
-pub fn by_image(status: &NodeImageSetStatus) -> BTreeMap<&str, &NodeImageStatus> {
-    status.images.iter().map(|i| (i.name.as_str(), i)).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
-
-    fn entry(name: &str, policy: RegistryPolicy, digest: Option<&str>) -> NodeImage {
-        NodeImage {
-            name: name.into(),
-            registry_policy: policy,
-            digest: digest.map(str::to_string),
-            source: None,
-        }
-    }
-
-    #[test]
-    fn a_local_copy_of_a_tag_is_current_only_once_the_registry_says_so() {
-        let tag = "registry.example.com/app:latest";
-        // A seed's tag: the registry is asked, whatever is on the node.
-        let seed = entry(tag, RegistryPolicy::Default, None);
-        assert!(!current(&seed, D1));
-        assert!(!names_digest(&seed));
-        // A seed's digest, pinned or written: the registry is asked too
-        // (it decides whether this set's credentials get the image).
-        let pinned = entry(tag, RegistryPolicy::Default, Some(D1));
-        assert!(!current(&pinned, D1) && !current(&pinned, D2));
-        assert!(names_digest(&pinned));
-        let by_digest = entry(
-            &format!("registry.example.com/app@{D2}"),
-            RegistryPolicy::Default,
-            None,
-        );
-        assert!(!current(&by_digest, D2));
-        assert!(names_digest(&by_digest));
-        let mirror_by_digest = entry(
-            &format!("registry.example.com/app@{D2}"),
-            RegistryPolicy::Mirror,
-            None,
-        );
-        assert!(current(&mirror_by_digest, D2) && !current(&mirror_by_digest, D1));
-        // A Mirror entry pinned to a digest: that digest; without one there
-        // is no registry to ask, and the local copy stands.
-        assert!(!current(&entry(tag, RegistryPolicy::Mirror, Some(D1)), D2));
-        assert!(current(&entry(tag, RegistryPolicy::Mirror, None), D2));
     }
 }

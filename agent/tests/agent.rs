@@ -731,7 +731,7 @@ async fn a_seed_resolves_its_tag_at_the_registry_not_on_the_node_or_a_mirror() {
     )
     .await;
     let st = wait_status(&client, "tags", "both Available", |s| s.available == 2).await;
-    let by = work::by_image(&st);
+    let by = agent::report::by_image(&st);
     // The registry's `latest`, not the node's copy nor the peer's answer.
     assert_eq!(
         by[new.reference.as_str()].digest.as_deref(),

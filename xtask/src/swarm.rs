@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use agent::ledger::{self, Action, Backoff, Failure, Key, Ledger, Present, Want};
+use agent::ledger::{self, Action, Failure, Key, Ledger, Present, Want};
 use agent::report;
 use crd::{ImagePrefetch, NodeImageSet, RegistryPolicy};
 use dataplane::{DataPlane, Model};
@@ -253,8 +253,8 @@ async fn simulated_agent(
     counters: Arc<Counters>,
 ) {
     let api: Api<NodeImageSet> = Api::all(client);
-    let (store, mut events) = report::follow(&api, &node);
-    let mut ledger = Ledger::new(Backoff::default());
+    let (store, mut events) = agent::sets::follow(&api, &node);
+    let mut ledger = Ledger::new(agent::ledger::FAILED_BACKOFF);
     let (tx, mut rx) = mpsc::unbounded_channel::<Finished>();
     let mut tasks: HashMap<Key, JoinHandle<()>> = HashMap::new();
     // What each set was last written with, over which resourceVersion (as the agent).
@@ -316,7 +316,10 @@ async fn simulated_agent(
             if written.get(&uid) == Some(&mark) {
                 continue;
             }
-            if report::write(&api, &set.name_any(), &status).await.is_ok() {
+            if agent::sets::write(&api, &set.name_any(), &status)
+                .await
+                .is_ok()
+            {
                 counters.status_writes.fetch_add(1, Ordering::Relaxed);
                 written.insert(uid, mark);
             }
@@ -374,7 +377,7 @@ async fn pull(
                     break Err((
                         Failure {
                             message: format!("no peer has {image}"),
-                            reason: "NotFound".into(),
+                            reason: crd::PullFailure::NotFound,
                         },
                         1,
                     ));

@@ -382,6 +382,10 @@ pub struct SeedBook {
     starved: HashMap<(String, String), Instant>,
     /// (image key, node) told to seed again, and when.
     reseeded: HashMap<(String, String), Instant>,
+    /// (image key, node) whose failed seed pull was turned into a Mirror
+    /// pull, and when: until its agent reports on that pull, its report is
+    /// still the failed seed's, and the Mirror pull is in flight all the same.
+    mirrored: HashMap<(String, String), Instant>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -417,6 +421,26 @@ impl SeedBook {
         settings: &Settings,
         now: Instant,
     ) -> Result<(String, bool), Option<Blocked>> {
+        if let Some(node) = self.sound_claim(key, zone, ours, facts, view, settings, now) {
+            return Ok((node, false));
+        }
+        self.choose(key, zone, ours, facts, view, now)
+    }
+
+    /// The standing claim of `key` in `zone` while it is sound; a claim on a
+    /// seed that failed, stalled, went away or was orphaned is dropped (a
+    /// failed or stalled seed cools down before it may seed again).
+    #[allow(clippy::too_many_arguments)]
+    fn sound_claim(
+        &mut self,
+        key: &str,
+        zone: &str,
+        ours: &[&String],
+        facts: &ImageFacts,
+        view: &ClusterView,
+        settings: &Settings,
+        now: Instant,
+    ) -> Option<String> {
         let deadline = settings.seed_deadline;
         let slot = (key.to_string(), zone.to_string());
         if let Some(claim) = self.claims.get_mut(&slot) {
@@ -457,9 +481,24 @@ impl SeedBook {
             if failed || stalled || gone || orphaned {
                 self.claims.remove(&slot);
             } else {
-                return Ok((claim.node, false));
+                return Some(claim.node);
             }
         }
+        None
+    }
+
+    /// A new seed of `key` in `zone`: a node some NodeImageSet already has
+    /// as seed, else the best-scoring usable node of `ours`, none cooling.
+    fn choose(
+        &mut self,
+        key: &str,
+        zone: &str,
+        ours: &[&String],
+        facts: &ImageFacts,
+        view: &ClusterView,
+        now: Instant,
+    ) -> Result<(String, bool), Option<Blocked>> {
+        let slot = (key.to_string(), zone.to_string());
         let cooling = |node: &String| {
             self.excluded
                 .get(&(key.to_string(), node.clone()))
@@ -572,6 +611,15 @@ impl SeedBook {
         }
     }
 
+    /// Whether `node`'s failed seed pull of `key` was turned into a Mirror
+    /// pull so recently that its report may still be the seed pull's.
+    fn mirrored_recently(&mut self, key: &str, node: &str, now: Instant) -> bool {
+        self.mirrored
+            .retain(|_, at| now.saturating_duration_since(*at) < CLAIM_SETTLE);
+        self.mirrored
+            .contains_key(&(key.to_string(), node.to_string()))
+    }
+
     /// Whether `node` was told to seed `key` again so recently that its
     /// report may still be the failed Mirror pull's.
     fn reseeded_recently(&mut self, key: &str, node: &str, now: Instant) -> bool {
@@ -582,9 +630,20 @@ impl SeedBook {
     }
 
     /// The image is on some node of the zone: no seed is needed any more.
+    /// When its seed settles, the nodes that failed to fetch it from the
+    /// registry are candidates again (through the mirror now) — once: a
+    /// node that fails after that cools down as any other. (Clearing at
+    /// every reconcile while a zone held the image made a failing node a
+    /// seed again at once, its entry dropped and written back at every
+    /// other reconcile: found by the sequencing property test.)
     fn settle(&mut self, key: &str, zone: &str) {
-        self.claims.remove(&(key.to_string(), zone.to_string()));
-        self.excluded.retain(|(k, _), _| k != key);
+        if self
+            .claims
+            .remove(&(key.to_string(), zone.to_string()))
+            .is_some()
+        {
+            self.excluded.retain(|(k, _), _| k != key);
+        }
     }
 
     /// The node currently claimed as seed of `image` in `zone`, if any.
@@ -702,9 +761,16 @@ pub fn plan(
             .iter()
             .map(|(zone, ours)| (*zone, ours, sources_in(zone)))
             .collect();
-        for (zone, _, sources) in &order {
+        for (zone, ours, sources) in &order {
             if *sources > 0 {
                 book.settle(&shared, zone);
+            } else {
+                // Claims that no longer hold are dropped before any group
+                // asks whether another is seeding: a group must not wait
+                // on a seed this very plan replaces (found by the
+                // sequencing property test: a zone then waited for the
+                // next reconcile, which an agent's silence could put off).
+                book.sound_claim(&shared, zone, ours, facts, view, settings, now);
             }
         }
         order.sort_by_key(|(_, _, sources)| *sources > 0);
@@ -732,12 +798,18 @@ pub fn plan(
                                 out.push(e.clone());
                             } else {
                                 in_flight += 1;
+                                book.mirrored.insert((shared.clone(), n.to_string()), now);
                                 out.push(entry(RegistryPolicy::Mirror, pinned.clone()));
                             }
                         }
                         Some((e, state)) => {
-                            let done =
-                                matches!(state, Some(PullState::Available | PullState::Failed));
+                            // (A failed seed just turned into a Mirror pull
+                            // still shows the seed's failure.)
+                            let relabelled = e.registry_policy == RegistryPolicy::Mirror
+                                && *state == Some(PullState::Failed)
+                                && book.mirrored_recently(&shared, n, now);
+                            let done = !relabelled
+                                && matches!(state, Some(PullState::Available | PullState::Failed));
                             let silent = current.silent.contains(&(n.to_string(), key.clone()));
                             // A node that holds the image (by another set's
                             // report) only confirms it: no pull in flight.
@@ -819,6 +891,7 @@ pub fn plan(
                     .filter(|n| {
                         matches!(current.get(n, &key),
                             Some((e, Some(PullState::Failed))) if e.registry_policy == RegistryPolicy::Mirror)
+                            && !book.mirrored.contains_key(&(shared.clone(), n.to_string()))
                     })
                     .collect();
                 let served = facts
@@ -1814,5 +1887,160 @@ mod tests {
             super::resolution(IMG, &sim.nodes, &Current::from_sets(sim.ours.values())),
             Resolution::Agreed(DIGEST.into())
         );
+    }
+
+    /// The sequencing invariants, over random clusters (nodes in up to
+    /// three groups, k pulls per holder, a cap or none, sources named or
+    /// not) and random agents (each pull stays, moves on, finishes or
+    /// fails, round after round):
+    /// - while a group holds nothing, at most one node in it pulls from its
+    ///   registry (one Default entry not failed);
+    /// - no Mirror entry in a group before a node in it holds the image;
+    /// - Mirror pulls in flight in a group at most k per holder there (and
+    ///   the cap);
+    /// - planning again with nothing new changes nothing (nothing written).
+    ///
+    /// Time passes between rounds (cool-downs end, holders become findable).
+    mod invariants {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Clone, Debug)]
+        struct Cluster {
+            groups: Vec<u8>,
+            pulls_per_holder: usize,
+            wave_cap: Option<usize>,
+            named: bool,
+            /// Per round, per node: what its agent does with an entry under way.
+            rounds: Vec<Vec<u8>>,
+            /// Per round: seconds that pass before the agents act.
+            waits: Vec<u64>,
+        }
+
+        fn clusters() -> impl Strategy<Value = Cluster> {
+            (1usize..=24)
+                .prop_flat_map(|n| {
+                    (
+                        proptest::collection::vec(0u8..3, n),
+                        1usize..=3,
+                        proptest::option::of(1usize..=4),
+                        any::<bool>(),
+                        proptest::collection::vec(proptest::collection::vec(0u8..10, n), 1..24),
+                        proptest::collection::vec(0u64..40, 24),
+                    )
+                })
+                .prop_map(
+                    |(groups, pulls_per_holder, wave_cap, named, rounds, waits)| Cluster {
+                        groups,
+                        pulls_per_holder,
+                        wave_cap,
+                        named,
+                        rounds,
+                        waits,
+                    },
+                )
+        }
+
+        fn sim_of(c: &Cluster) -> Sim {
+            let mut sim = Sim::new(c.groups.len());
+            for (node, g) in sim.nodes.clone().iter().zip(&c.groups) {
+                sim.groups.insert(node.clone(), format!("zone-{g}"));
+                if c.named {
+                    sim.addresses
+                        .insert(node.clone(), format!("10.0.0.{}", sim.addresses.len() + 1));
+                }
+            }
+            sim.settings.pulls_per_holder = c.pulls_per_holder;
+            sim.settings.wave_cap = c.wave_cap;
+            sim
+        }
+
+        fn check(sim: &Sim, c: &Cluster) -> Result<(), TestCaseError> {
+            let mut by_group: HashMap<&str, Vec<&String>> = HashMap::new();
+            for n in &sim.nodes {
+                by_group.entry(sim.groups[n].as_str()).or_default().push(n);
+            }
+            for (group, nodes) in by_group {
+                let holders = nodes
+                    .iter()
+                    .filter(|n| sim.state_of(n, IMG) == Some(PullState::Available))
+                    .count();
+                let under_way = |policy| {
+                    nodes
+                        .iter()
+                        .filter(|n| {
+                            sim.policy_of(n, IMG) == Some(policy)
+                                && !matches!(
+                                    sim.state_of(n, IMG),
+                                    Some(PullState::Available | PullState::Failed)
+                                )
+                        })
+                        .count()
+                };
+                let mirrors = nodes
+                    .iter()
+                    .filter(|n| sim.policy_of(n, IMG) == Some(RegistryPolicy::Mirror))
+                    .count();
+                if holders == 0 {
+                    prop_assert!(
+                        under_way(RegistryPolicy::Default) <= 1,
+                        "{group}: two nodes pull from the registry while it holds nothing"
+                    );
+                    prop_assert_eq!(mirrors, 0, "{}: a Mirror entry before a holder", group);
+                }
+                let limit = (holders * c.pulls_per_holder).min(c.wave_cap.unwrap_or(usize::MAX));
+                prop_assert!(
+                    under_way(RegistryPolicy::Mirror) <= limit,
+                    "{}: {} Mirror pulls in flight for {} holders",
+                    group,
+                    under_way(RegistryPolicy::Mirror),
+                    holders
+                );
+            }
+            Ok(())
+        }
+
+        fn entries(sim: &Sim) -> BTreeMap<String, Vec<NodeImage>> {
+            sim.ours
+                .iter()
+                .map(|(n, s)| (n.clone(), s.spec.image_set.clone()))
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+            #[test]
+            fn sequencing_holds_whatever_the_agents_do(c in clusters()) {
+                let mut sim = sim_of(&c);
+                sim.step(&[IMG]);
+                check(&sim, &c)?;
+                for (round, wait) in c.rounds.iter().zip(&c.waits) {
+                    sim.clock += Duration::from_secs(*wait);
+                    for (n, roll) in sim.nodes.clone().iter().zip(round) {
+                        if sim.policy_of(n, IMG).is_none()
+                            || matches!(
+                                sim.state_of(n, IMG),
+                                Some(PullState::Available | PullState::Failed)
+                            )
+                        {
+                            continue;
+                        }
+                        match roll {
+                            0..=2 => {}
+                            3..=4 => sim.report(n, IMG, PullState::Pulling),
+                            5..=8 => sim.report(n, IMG, PullState::Available),
+                            _ => sim.report(n, IMG, PullState::Failed),
+                        }
+                    }
+                    sim.step(&[IMG]);
+                    check(&sim, &c)?;
+                    let planned = entries(&sim);
+                    sim.step(&[IMG]);
+                    prop_assert_eq!(&entries(&sim), &planned, "planning again changed the entries");
+                }
+            }
+        }
     }
 }

@@ -51,6 +51,6 @@ fn images_build_push_pull_and_run() {
             ],
         );
         assert!(ok, "{name} does not run in its image: {out}");
-        assert!(out.contains("usage:"), "{out}");
+        assert!(out.contains("Usage:"), "{out}");
     }
 }

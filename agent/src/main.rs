@@ -1,3 +1,6 @@
+//! `image-prefetch-agent`: the command line (`agent::cli`), then the agent
+//! on its node (`agent::work`).
+
 use agent::cli::Cli;
 use agent::work;
 use clap::Parser;

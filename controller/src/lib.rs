@@ -2,8 +2,11 @@
 //! NodeImageSet per selected node and reports progress on the ImagePrefetch.
 //!
 //! `select`, `policy`, `registries`, `status` and `decide` (which joins
-//! them into one reconcile's writes) are pure decisions; `reconcile` does the API I/O;
-//! `run` wires watches, stores and the kube-runtime `Controller` together.
+//! them into one reconcile's writes) are pure decisions; `index` caches the
+//! NodeImageSets they read, `triggers` says what is worth a reconcile,
+//! `reconcile` does the API I/O, and `run` wires watches, caches and the
+//! kube-runtime `Controller` together. `cli` reads the command line into a
+//! `config::Config`; `error` says what failed on what.
 
 pub mod agent_daemonset;
 pub mod cli;

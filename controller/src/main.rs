@@ -1,3 +1,6 @@
+//! `image-prefetch-controller`: the command line (`controller::cli`), then
+//! the controller (`controller::run`) or its `uninstall` subcommand.
+
 use clap::Parser;
 use controller::cli::{Cli, Command};
 

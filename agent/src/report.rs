@@ -199,23 +199,13 @@ mod tests {
     use crate::ledger::{FAILED_BACKOFF, Ledger};
 
     fn set(images: &[&str], version: &str) -> NodeImageSet {
+        let entries = images
+            .iter()
+            .map(|i| NodeImage::of(*i, RegistryPolicy::Default))
+            .collect();
         let mut s = NodeImageSet::new(
             "ns-app-node-1",
-            NodeImageSetSpec {
-                node_name: "node-1".into(),
-                image_set: images
-                    .iter()
-                    .map(|i| NodeImage {
-                        name: i.to_string(),
-                        registry_policy: RegistryPolicy::Default,
-                        digest: None,
-                        source: None,
-                    })
-                    .collect(),
-                image_pull_secrets: vec![],
-                image_download_retry_limit: 3,
-                unreadable: None,
-            },
+            NodeImageSetSpec::for_node("node-1", entries),
         );
         s.metadata.uid = Some("uid-1".into());
         s.metadata.resource_version = Some(version.into());

@@ -988,22 +988,17 @@ mod tests {
     fn an_imageprefetch_past_a_nodes_budget_is_held_back() {
         let mut w = World::new(3);
         w.config.node_budget = Some(10);
+        let entries = (0..9)
+            .map(|i| {
+                NodeImage::of(
+                    format!("registry.example.com/t/{i}:1"),
+                    RegistryPolicy::Mirror,
+                )
+            })
+            .collect();
         let mut theirs = NodeImageSet::new(
             "theirs-node-1",
-            NodeImageSetSpec {
-                node_name: "node-1".into(),
-                image_set: (0..9)
-                    .map(|i| NodeImage {
-                        name: format!("registry.example.com/t/{i}:1"),
-                        registry_policy: RegistryPolicy::Mirror,
-                        digest: None,
-                        source: None,
-                    })
-                    .collect(),
-                image_pull_secrets: vec![],
-                image_download_retry_limit: 3,
-                unreadable: None,
-            },
+            NodeImageSetSpec::for_node("node-1", entries),
         );
         theirs.metadata.uid = Some("their-set".into());
         let mut view = SetView::of(&theirs);

@@ -385,16 +385,7 @@ mod tests {
     use crd::{NodeImageSetStatus, PullState};
 
     fn set(name: &str, node: &str) -> NodeImageSet {
-        let mut s = NodeImageSet::new(
-            name,
-            NodeImageSetSpec {
-                node_name: node.into(),
-                image_set: vec![],
-                image_pull_secrets: vec![],
-                image_download_retry_limit: 3,
-                unreadable: None,
-            },
-        );
+        let mut s = NodeImageSet::new(name, NodeImageSetSpec::for_node(node, vec![]));
         s.metadata.labels = Some(keys::node_image_set_labels("ns", "p", "uid-1", node));
         s.metadata.annotations = Some(
             [

@@ -406,27 +406,6 @@ pub struct Blocked {
 }
 
 impl SeedBook {
-    /// The seed of `key` in `zone`: the standing claim while it is sound, else
-    /// a seed some NodeImageSet already has (after a restart, or another
-    /// ImagePrefetch's), else the best-scoring usable node of `ours`.
-    /// Returns the node and whether it was newly chosen.
-    #[allow(clippy::too_many_arguments)]
-    fn seed(
-        &mut self,
-        key: &str,
-        zone: &str,
-        ours: &[&String],
-        facts: &ImageFacts,
-        view: &ClusterView,
-        settings: &Settings,
-        now: Instant,
-    ) -> Result<(String, bool), Option<Blocked>> {
-        if let Some(node) = self.sound_claim(key, zone, ours, facts, view, settings, now) {
-            return Ok((node, false));
-        }
-        self.choose(key, zone, ours, facts, view, now)
-    }
-
     /// The standing claim of `key` in `zone` while it is sound; a claim on a
     /// seed that failed, stalled, went away or was orphaned is dropped (a
     /// failed or stalled seed cools down before it may seed again).
@@ -927,7 +906,12 @@ pub fn plan(
                     }
                 }
             } else {
-                let seed = match book.seed(&shared, zone, ours, facts, view, settings, now) {
+                // The standing claim while it is sound, else a new seed.
+                let seed = match book
+                    .sound_claim(&shared, zone, ours, facts, view, settings, now)
+                    .map(|node| Ok((node, false)))
+                    .unwrap_or_else(|| book.choose(&shared, zone, ours, facts, view, now))
+                {
                     Ok((node, new)) => {
                         if new {
                             new_seeds.push((image.clone(), node.clone()));
@@ -1144,16 +1128,7 @@ mod tests {
     }
 
     fn set_for(node: &str) -> NodeImageSet {
-        NodeImageSet::new(
-            node,
-            NodeImageSetSpec {
-                node_name: node.to_string(),
-                image_set: vec![],
-                image_pull_secrets: vec![],
-                image_download_retry_limit: 3,
-                unreadable: None,
-            },
-        )
+        NodeImageSet::new(node, NodeImageSetSpec::for_node(node, vec![]))
     }
 
     fn report(set: &mut NodeImageSet, image: &str, state: PullState) {

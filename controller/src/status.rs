@@ -335,24 +335,11 @@ mod tests {
     }
 
     fn set(node: &str, states: &[(&str, PullState, Option<&str>)]) -> NodeImageSet {
-        let mut s = NodeImageSet::new(
-            node,
-            NodeImageSetSpec {
-                node_name: node.into(),
-                image_set: states
-                    .iter()
-                    .map(|(n, _, _)| NodeImage {
-                        name: n.to_string(),
-                        registry_policy: RegistryPolicy::Default,
-                        digest: None,
-                        source: None,
-                    })
-                    .collect(),
-                image_pull_secrets: vec![],
-                image_download_retry_limit: 3,
-                unreadable: None,
-            },
-        );
+        let entries = states
+            .iter()
+            .map(|(n, _, _)| NodeImage::of(*n, RegistryPolicy::Default))
+            .collect();
+        let mut s = NodeImageSet::new(node, NodeImageSetSpec::for_node(node, entries));
         s.status = Some(NodeImageSetStatus {
             images: states
                 .iter()

@@ -85,6 +85,32 @@ fn default_retry_limit() -> i32 {
     DEFAULT_RETRY_LIMIT
 }
 
+impl NodeImageSetSpec {
+    /// The spec of `node`'s set listing `entries`, with no pull secrets and
+    /// the default retry limit.
+    pub fn for_node(node: &str, entries: Vec<NodeImage>) -> Self {
+        NodeImageSetSpec {
+            node_name: node.to_string(),
+            image_set: entries,
+            image_pull_secrets: Vec::new(),
+            image_download_retry_limit: DEFAULT_RETRY_LIMIT,
+            unreadable: None,
+        }
+    }
+}
+
+impl NodeImage {
+    /// An entry for `image` with `policy`: no digest pinned, no source named.
+    pub fn of(image: impl Into<String>, policy: RegistryPolicy) -> Self {
+        NodeImage {
+            name: image.into(),
+            registry_policy: policy,
+            digest: None,
+            source: None,
+        }
+    }
+}
+
 /// One image on one node.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -205,23 +205,13 @@ pub async fn entries(client: &Client, uid: &str) -> BTreeMap<String, Vec<NodeIma
         .collect()
 }
 
-/// Polls `f` every 100 ms until it gives `Some`, failing after `DEADLINE`.
-pub async fn poll<T, F, Fut>(what: &str, mut f: F) -> T
+/// Polls `f` until it gives `Some`, failing after `DEADLINE`.
+pub async fn poll<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    testbed::support::poll::eventually(what, DEADLINE, f).await
 }
 
 /// Node names holding NodeImageSets of `uid`, once they equal `want`.

@@ -132,23 +132,10 @@ pub async fn rollout_ready(
 
 /// Polls `check` until it gives `Some` or [`PATIENCE`] has passed; then
 /// panics saying `what` and what the bed looks like.
-pub async fn until<T, F, Fut>(
-    cluster: &testbed::beds::cluster::Cluster,
-    what: &str,
-    mut check: F,
-) -> T
+pub async fn until<T, F, Fut>(cluster: &testbed::beds::cluster::Cluster, what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if std::time::Instant::now() > deadline {
-            panic!("{what}: not within {PATIENCE:?}\n{}", diagnostics(cluster));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    testbed::support::poll::eventually_or(what, PATIENCE, check, || diagnostics(cluster)).await
 }

@@ -6,7 +6,22 @@ use std::time::{Duration, Instant};
 
 /// Calls `check` every 100 ms until it gives `Some`, and returns that; panics
 /// saying what did not happen once `within` has passed.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_or(what, within, check, String::new).await
+}
+
+/// [`eventually`], and on timeout the panic adds what `describe` says (the
+/// state of the bed, for a reader of the failed run).
+pub async fn eventually_or<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut check: F,
+    describe: impl FnOnce() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -16,7 +31,9 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        if Instant::now() >= deadline {
+            panic!("{what}: not within {within:?}\n{}", describe());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -183,7 +183,7 @@ pub fn decide(
     let selection = info_span!("select", nodes = observed.nodes.len()).in_scope(|| {
         select::select(
             owner.uid,
-            &p.spec.node_selector,
+            &select::Target::of(&p.spec),
             p.spec.replicas,
             observed
                 .nodes
@@ -759,6 +759,9 @@ mod tests {
             ImagePrefetchSpec {
                 images: images.iter().map(|s| s.to_string()).collect(),
                 node_selector: Default::default(),
+                node_selector_expressions: vec![],
+                node_names: vec![],
+                tolerations: vec![],
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,

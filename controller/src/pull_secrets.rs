@@ -162,6 +162,9 @@ mod tests {
             ImagePrefetchSpec {
                 images: vec!["registry.example.com/app:1".into()],
                 node_selector: Default::default(),
+                node_selector_expressions: vec![],
+                node_names: vec![],
+                tolerations: vec![],
                 replicas: None,
                 image_pull_secrets: secrets
                     .iter()

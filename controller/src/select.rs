@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Taint};
+
+use crd::{NodeSelectorExpression, SelectorOperator, TaintEffect, Toleration, TolerationOperator};
 use k8s_openapi::jiff::Timestamp;
 
 /// Label that places a node in a topology zone.
@@ -77,12 +79,107 @@ pub fn matches(selector: &BTreeMap<String, String>, node: &Node) -> bool {
         .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
+/// Taints the node's lifecycle sets (not ready, unreachable, cordoned,
+/// out of disk ...): selection answers those itself (readiness with a grace
+/// period, cordons), so no toleration is asked for them.
+const LIFECYCLE_TAINTS: &str = "node.kubernetes.io/";
+
+/// The nodes an ImagePrefetch's spec targets, before readiness and the
+/// administrator's scope: its labels, label expressions, node names and
+/// tolerations.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub labels: &'a BTreeMap<String, String>,
+    pub expressions: &'a [NodeSelectorExpression],
+    pub names: &'a [String],
+    pub tolerations: &'a [Toleration],
+    /// A taint key the product itself puts on joining nodes (the readiness
+    /// gate): never a reason to leave a node out.
+    pub own_taint: Option<&'a str>,
+}
+
+impl<'a> Target<'a> {
+    pub fn of(spec: &'a crd::ImagePrefetchSpec) -> Self {
+        Target {
+            labels: &spec.node_selector,
+            expressions: &spec.node_selector_expressions,
+            names: &spec.node_names,
+            tolerations: &spec.tolerations,
+            own_taint: None,
+        }
+    }
+
+    /// Every label node (of `labels` only).
+    pub fn labels(labels: &'a BTreeMap<String, String>) -> Self {
+        Target {
+            labels,
+            expressions: &[],
+            names: &[],
+            tolerations: &[],
+            own_taint: None,
+        }
+    }
+
+    pub fn admits(&self, node: &Node) -> bool {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        let labels = node.metadata.labels.as_ref();
+        let label = |k: &str| labels.and_then(|l| l.get(k));
+        matches(self.labels, node)
+            && (self.names.is_empty() || self.names.iter().any(|n| n == name))
+            && self.expressions.iter().all(|e| match e.operator {
+                SelectorOperator::In => label(&e.key).is_some_and(|v| e.values.contains(v)),
+                SelectorOperator::NotIn => label(&e.key).is_none_or(|v| !e.values.contains(v)),
+                SelectorOperator::Exists => label(&e.key).is_some(),
+                SelectorOperator::DoesNotExist => label(&e.key).is_none(),
+            })
+            && node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .into_iter()
+                .flatten()
+                .all(|t| self.tolerates(t))
+    }
+
+    /// Whether a workload with these tolerations may be placed on a node
+    /// with `taint` (as the scheduler decides; `PreferNoSchedule` never
+    /// keeps it away).
+    fn tolerates(&self, taint: &Taint) -> bool {
+        if taint.effect == "PreferNoSchedule"
+            || taint.key.starts_with(LIFECYCLE_TAINTS)
+            || self.own_taint == Some(taint.key.as_str())
+        {
+            return true;
+        }
+        self.tolerations.iter().any(|t| {
+            let effect = t.effect.is_none_or(|e| {
+                let e = match e {
+                    TaintEffect::NoSchedule => "NoSchedule",
+                    TaintEffect::PreferNoSchedule => "PreferNoSchedule",
+                    TaintEffect::NoExecute => "NoExecute",
+                };
+                e == taint.effect
+            });
+            let key = t.key.as_deref().unwrap_or_default();
+            let value = match t.operator.unwrap_or(TolerationOperator::Equal) {
+                TolerationOperator::Exists => key.is_empty() || key == taint.key,
+                TolerationOperator::Equal => {
+                    key == taint.key
+                        && t.value.as_deref().unwrap_or_default()
+                            == taint.value.as_deref().unwrap_or_default()
+                }
+            };
+            effect && value
+        })
+    }
+}
+
 /// Whether `node` may hold the images: it matches, is not being deleted or
 /// cordoned, and is Ready — or, when it already holds them
 /// (`currently_selected`), has been NotReady for less than `grace`, so that a
 /// short blip does not move the images to another node.
 pub fn is_candidate(
-    selector: &BTreeMap<String, String>,
+    target: &Target<'_>,
     node: &Node,
     currently_selected: bool,
     now: Timestamp,
@@ -93,7 +190,7 @@ pub fn is_candidate(
         .as_ref()
         .and_then(|s| s.unschedulable)
         .unwrap_or(false);
-    if node.metadata.deletion_timestamp.is_some() || cordoned || !matches(selector, node) {
+    if node.metadata.deletion_timestamp.is_some() || cordoned || !target.admits(node) {
         return false;
     }
     match readiness(node) {
@@ -181,7 +278,7 @@ pub struct Selection {
 /// ImagePrefetch `uid`.
 pub fn select<'a>(
     uid: &str,
-    selector: &BTreeMap<String, String>,
+    target: &Target<'_>,
     replicas: Option<i32>,
     nodes: impl IntoIterator<Item = &'a Node>,
     currently_selected: &dyn Fn(&str) -> bool,
@@ -192,7 +289,7 @@ pub fn select<'a>(
         .into_iter()
         .filter_map(|n| {
             let name = n.metadata.name.as_deref()?;
-            is_candidate(selector, n, currently_selected(name), now, grace).then_some(name)
+            is_candidate(target, n, currently_selected(name), now, grace).then_some(name)
         })
         .collect();
     let mut insufficient = None;
@@ -273,6 +370,149 @@ pub(crate) mod tests {
         assert!(NodeScope::parse_selector("a").is_none());
     }
 
+    fn tainted(name: &str, taints: &[(&str, &str, &str)]) -> Node {
+        let mut n = node(name, &[("pool", "gpu"), ("zone", "a")]);
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(
+                taints
+                    .iter()
+                    .map(|(key, value, effect)| Taint {
+                        key: key.to_string(),
+                        value: (!value.is_empty()).then(|| value.to_string()),
+                        effect: effect.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        });
+        n
+    }
+
+    fn toleration(
+        key: Option<&str>,
+        operator: Option<TolerationOperator>,
+        value: Option<&str>,
+        effect: Option<TaintEffect>,
+    ) -> Toleration {
+        Toleration {
+            key: key.map(str::to_string),
+            operator,
+            value: value.map(str::to_string),
+            effect,
+        }
+    }
+
+    #[test]
+    fn expressions_names_and_tolerations_narrow_the_target() {
+        let labels = BTreeMap::new();
+        let plain = node("plain", &[("pool", "gpu"), ("zone", "a")]);
+        let other = node("other", &[("pool", "cpu")]);
+        let exprs = [
+            NodeSelectorExpression {
+                key: "pool".into(),
+                operator: SelectorOperator::In,
+                values: vec!["gpu".into(), "tpu".into()],
+            },
+            NodeSelectorExpression {
+                key: "spot".into(),
+                operator: SelectorOperator::DoesNotExist,
+                values: vec![],
+            },
+        ];
+        let target = Target {
+            expressions: &exprs,
+            ..Target::labels(&labels)
+        };
+        assert!(target.admits(&plain) && !target.admits(&other));
+        let spot = node("spot", &[("pool", "gpu"), ("spot", "true")]);
+        assert!(!target.admits(&spot));
+        let not_in = [NodeSelectorExpression {
+            key: "zone".into(),
+            operator: SelectorOperator::NotIn,
+            values: vec!["a".into()],
+        }];
+        let t = Target {
+            expressions: &not_in,
+            ..Target::labels(&labels)
+        };
+        assert!(
+            !t.admits(&plain) && t.admits(&other),
+            "NotIn admits a node without the label"
+        );
+
+        let names = ["plain".to_string()];
+        let named = Target {
+            names: &names,
+            ..Target::labels(&labels)
+        };
+        assert!(named.admits(&plain) && !named.admits(&other));
+
+        // Taints: NoSchedule and NoExecute keep a node out unless tolerated;
+        // PreferNoSchedule and the node lifecycle's own taints do not.
+        let gpu = tainted("gpu", &[("gpu", "true", "NoSchedule")]);
+        let soft = tainted("soft", &[("busy", "", "PreferNoSchedule")]);
+        let blip = tainted(
+            "blip",
+            &[("node.kubernetes.io/unreachable", "", "NoExecute")],
+        );
+        let none = Target::labels(&labels);
+        assert!(!none.admits(&gpu) && none.admits(&soft) && none.admits(&blip));
+        for (tolerations, admitted) in [
+            (
+                vec![toleration(Some("gpu"), None, Some("true"), None)],
+                true,
+            ),
+            (
+                vec![toleration(Some("gpu"), None, Some("false"), None)],
+                false,
+            ),
+            (
+                vec![toleration(
+                    Some("gpu"),
+                    Some(TolerationOperator::Exists),
+                    None,
+                    Some(TaintEffect::NoSchedule),
+                )],
+                true,
+            ),
+            (
+                vec![toleration(
+                    Some("gpu"),
+                    Some(TolerationOperator::Exists),
+                    None,
+                    Some(TaintEffect::NoExecute),
+                )],
+                false,
+            ),
+            (
+                vec![toleration(
+                    None,
+                    Some(TolerationOperator::Exists),
+                    None,
+                    None,
+                )],
+                true,
+            ),
+        ] {
+            let t = Target {
+                tolerations: &tolerations,
+                ..Target::labels(&labels)
+            };
+            assert_eq!(t.admits(&gpu), admitted, "{tolerations:?}");
+        }
+        // The readiness gate's own taint is no reason to leave a node out.
+        let joining = tainted(
+            "joining",
+            &[("imageprefetch.io/not-ready", "", "NoSchedule")],
+        );
+        let gate = Target {
+            own_taint: Some("imageprefetch.io/not-ready"),
+            ..Target::labels(&labels)
+        };
+        assert!(gate.admits(&joining) && !none.admits(&joining));
+    }
+
     fn sel(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -292,7 +532,16 @@ pub(crate) mod tests {
         replicas: Option<i32>,
         nodes: &[Node],
     ) -> Vec<String> {
-        select(uid, s, replicas, nodes, &|_| false, at(1000), GRACE).nodes
+        select(
+            uid,
+            &Target::labels(s),
+            replicas,
+            nodes,
+            &|_| false,
+            at(1000),
+            GRACE,
+        )
+        .nodes
     }
 
     #[test]
@@ -350,9 +599,25 @@ pub(crate) mod tests {
         set_ready(&mut down, false, 900);
         let nodes = [down, node("a", &[])];
         let keep = |n: &str| n == "down";
-        let within = select("u", &sel(&[]), None, &nodes, &keep, at(1000), GRACE);
+        let within = select(
+            "u",
+            &Target::labels(&sel(&[])),
+            None,
+            &nodes,
+            &keep,
+            at(1000),
+            GRACE,
+        );
         assert_eq!(within.nodes, ["a", "down"]);
-        let past = select("u", &sel(&[]), None, &nodes, &keep, at(900 + 301), GRACE);
+        let past = select(
+            "u",
+            &Target::labels(&sel(&[])),
+            None,
+            &nodes,
+            &keep,
+            at(900 + 301),
+            GRACE,
+        );
         assert_eq!(past.nodes, ["a"]);
     }
 
@@ -369,7 +634,16 @@ pub(crate) mod tests {
                 .any(|n| score("uid-3", n.metadata.name.as_ref().unwrap())
                     > chosen.iter().map(|c| score("uid-3", c)).min().unwrap())
         );
-        let again = select("uid-3", &sel(&[]), Some(2), &more, &holds, at(1000), GRACE).nodes;
+        let again = select(
+            "uid-3",
+            &Target::labels(&sel(&[])),
+            Some(2),
+            &more,
+            &holds,
+            at(1000),
+            GRACE,
+        )
+        .nodes;
         assert_eq!(again, chosen);
     }
 
@@ -415,7 +689,15 @@ pub(crate) mod tests {
     #[test]
     fn more_replicas_than_candidates_gives_all_and_says_so() {
         let nodes = [node("a", &[]), node("b", &[])];
-        let s = select("u", &sel(&[]), Some(5), &nodes, &|_| false, at(0), GRACE);
+        let s = select(
+            "u",
+            &Target::labels(&sel(&[])),
+            Some(5),
+            &nodes,
+            &|_| false,
+            at(0),
+            GRACE,
+        );
         assert_eq!(s.nodes, ["a", "b"]);
         assert_eq!(s.insufficient, Some((5, 2)));
     }

@@ -325,6 +325,9 @@ mod tests {
             ImagePrefetchSpec {
                 images: images.iter().map(|s| s.to_string()).collect(),
                 node_selector: Default::default(),
+                node_selector_expressions: vec![],
+                node_names: vec![],
+                tolerations: vec![],
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,

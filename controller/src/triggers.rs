@@ -42,7 +42,7 @@ pub fn slim_node(node: &mut Node) {
 }
 
 /// What about a node can change the selection: labels, schedulability,
-/// deletion and readiness. Heartbeats and image lists change nothing here.
+/// taints, deletion and readiness. Heartbeats and image lists change nothing here.
 fn fingerprint(node: &Node) -> u64 {
     let mut parts: Vec<String> = Vec::new();
     if let Some(labels) = &node.metadata.labels {
@@ -57,6 +57,15 @@ fn fingerprint(node: &Node) -> u64 {
         "unschedulable={}",
         spec.and_then(|s| s.unschedulable).unwrap_or(false)
     ));
+    // Taints decide whether an ImagePrefetch's tolerations admit the node.
+    for t in spec.and_then(|s| s.taints.as_ref()).into_iter().flatten() {
+        parts.push(format!(
+            "taint={}={}:{}",
+            t.key,
+            t.value.as_deref().unwrap_or_default(),
+            t.effect
+        ));
+    }
     let ready = node
         .status
         .as_ref()

@@ -1332,3 +1332,91 @@ async fn a_refused_write_is_an_event_naming_the_operation_and_object() {
         .await
         .unwrap();
 }
+
+/// A spec's label expressions, node names and tolerations narrow the
+/// nodes, as the scheduler would place the workload: a node with a
+/// NoSchedule taint the ImagePrefetch does not tolerate gets nothing, and
+/// once the taint goes it gets its set with no edit. The API server refuses
+/// a bad expression naming the field.
+#[tokio::test]
+async fn expressions_names_and_tolerations_narrow_the_nodes() {
+    let sc = Scenario::new("targets", 0).await;
+    let (client, ns) = (sc.client.clone(), sc.ns.clone());
+    for (name, pool) in [
+        ("targets-a", "gpu"),
+        ("targets-b", "gpu"),
+        ("targets-c", "cpu"),
+        ("targets-d", "gpu"),
+    ] {
+        node(&client, name, &ns, &[("pool", pool)]).await;
+    }
+    testbed::support::nodes::taint(&client, "targets-b", &[("gpu", "true", "NoSchedule")])
+        .await
+        .unwrap();
+    testbed::support::nodes::taint(&client, "targets-d", &[("dedicated", "ml", "NoExecute")])
+        .await
+        .unwrap();
+
+    let refused = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "bad",
+            json!({"images": ["registry.example.com/targets/app:1"],
+                   "nodeSelectorExpressions": [{"key": "pool", "operator": "Sideways", "values": ["x"]}]}),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("spec.nodeSelectorExpressions[0].operator"),
+        "{refused}"
+    );
+    let refused = apply(
+        &client,
+        &ns,
+        &prefetch(
+            "bad",
+            json!({"images": ["registry.example.com/targets/app:1"],
+                   "nodeSelectorExpressions": [{"key": "pool", "operator": "In"}]}),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("In and NotIn need values"), "{refused}");
+
+    // gpu nodes, tolerating the gpu taint: a and b, not d (its taint is not
+    // tolerated) nor c (not gpu).
+    let uid = created(
+        &client,
+        &ns,
+        &prefetch(
+            "gpu",
+            json!({"images": ["registry.example.com/targets/app:1"],
+                   "nodeSelector": {"test-group": ns},
+                   "nodeSelectorExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}],
+                   "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}),
+        ),
+    )
+    .await;
+    wait_for_nodes(&client, &uid, &["targets-a", "targets-b"]).await;
+    // By name: only the named node that also matches.
+    let named = created(
+        &client,
+        &ns,
+        &prefetch(
+            "named",
+            json!({"images": ["registry.example.com/targets/app:2"],
+                   "nodeSelector": {"test-group": ns},
+                   "nodeNames": ["targets-a", "targets-c", "elsewhere"],
+                   "nodeSelectorExpressions": [{"key": "pool", "operator": "NotIn", "values": ["cpu"]}]}),
+        ),
+    )
+    .await;
+    wait_for_nodes(&client, &named, &["targets-a"]).await;
+    // The taint lifted, d is a gpu node the workload can run on.
+    testbed::support::nodes::taint(&client, "targets-d", &[])
+        .await
+        .unwrap();
+    wait_for_nodes(&client, &uid, &["targets-a", "targets-b", "targets-d"]).await;
+}

@@ -163,8 +163,8 @@ mod tests {
             (json!({"images": [7]}), "spec.images[0]"),
             (json!({"replicas": 1}), "spec"),
             (
-                json!({"images": ["a:1"], "tolerations": []}),
-                "spec.tolerations",
+                json!({"images": ["a:1"], "fromANewerVersion": []}),
+                "spec.fromANewerVersion",
             ),
             (
                 json!({"images": ["a:1"], "imagePullSecrets": [{"name": null}]}),

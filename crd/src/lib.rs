@@ -20,6 +20,7 @@ pub use node_image_set::{
 };
 pub use prefetch::{
     ImagePrefetch, ImagePrefetchSpec, ImagePrefetchStatus, ImageProgress, LocalSecretReference,
+    NodeSelectorExpression, SelectorOperator, TaintEffect, Toleration, TolerationOperator,
 };
 pub use vocabulary::{ConditionReason, ConditionType, EventReason, PullFailure, Word};
 

@@ -18,8 +18,17 @@ pub const MAX_PULL_SECRETS: usize = 16;
 pub const MAX_SELECTOR_LABELS: usize = 32;
 /// Most nodes `replicas` may ask for: beyond any cluster Kubernetes supports.
 pub const MAX_REPLICAS: i32 = 100_000;
+/// Most `nodeSelectorExpressions`, and most values one of them may list.
+pub const MAX_EXPRESSIONS: usize = 16;
+/// Most `nodeNames`.
+pub const MAX_NODE_NAMES: usize = 1_000;
+/// Most `tolerations` (a pod's limit is far higher; a node rarely has more
+/// than a handful of taints).
+pub const MAX_TOLERATIONS: usize = 32;
 
-/// Pre-download `images` onto the nodes that match `nodeSelector` (all of them,
+/// Pre-download `images` onto the nodes a workload could run on — those that
+/// match `nodeSelector` and `nodeSelectorExpressions`, are among `nodeNames`
+/// when given, and have no taint the `tolerations` leave out — (all of them,
 /// or `replicas` of them), pulling each image from its registry once per cluster.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -52,6 +61,24 @@ pub struct ImagePrefetchSpec {
     #[schemars(schema_with = "node_selector_schema")]
     pub node_selector: BTreeMap<String, String>,
 
+    /// More label requirements a node must meet, as a LabelSelector's
+    /// `matchExpressions` (all of them, and `nodeSelector` too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_EXPRESSIONS))]
+    pub node_selector_expressions: Vec<NodeSelectorExpression>,
+
+    /// Only these nodes, by name (and only those that also match). Empty: any node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "node_names_schema")]
+    pub node_names: Vec<String>,
+
+    /// The taints the workload tolerates, as in a pod's spec: a node with a
+    /// `NoSchedule` or `NoExecute` taint none of these tolerates is not
+    /// selected, because the scheduler would not place the workload there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_TOLERATIONS))]
+    pub tolerations: Vec<Toleration>,
+
     /// How many of the matching nodes get the images. Unset: every matching node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_REPLICAS))]
@@ -72,11 +99,89 @@ crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
     ImagePrefetchSpec {
         images: Vec::new(),
         node_selector: BTreeMap::new(),
+        node_selector_expressions: Vec::new(),
+        node_names: Vec::new(),
+        tolerations: Vec::new(),
         replicas: None,
         image_pull_secrets: Vec::new(),
         unreadable: Some(why),
     }
 });
+
+/// One label requirement (a LabelSelector's `matchExpressions` item).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.operator in ['In', 'NotIn'] ? size(self.values) > 0 : size(self.values) == 0",
+     "message": "In and NotIn need values; Exists and DoesNotExist take none"}
+]))]
+pub struct NodeSelectorExpression {
+    /// The label key.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    pub operator: SelectorOperator,
+    /// The values for `In` and `NotIn`; none for `Exists` and `DoesNotExist`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_EXPRESSIONS), inner(length(max = 63)))]
+    pub values: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// A toleration, as in a pod's spec.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+     "message": "a toleration with operator Exists takes no value"},
+    {"rule": "has(self.key) && self.key != '' || has(self.operator) && self.operator == 'Exists'",
+     "message": "a toleration without a key must have operator Exists (it tolerates every taint)"}
+]))]
+pub struct Toleration {
+    /// The taint key; empty with `Exists`: every taint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 317))]
+    pub key: Option<String>,
+    /// `Equal` (the default) or `Exists`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<TolerationOperator>,
+    /// The taint value to tolerate, with `Equal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub value: Option<String>,
+    /// The taint effect to tolerate; empty: every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TolerationOperator {
+    Equal,
+    Exists,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TaintEffect {
+    NoSchedule,
+    PreferNoSchedule,
+    NoExecute,
+}
+
+/// Node names: DNS subdomains.
+fn node_names_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "maxItems": MAX_NODE_NAMES,
+        "x-kubernetes-list-type": "set",
+        "items": {"type": "string", "minLength": 1, "maxLength": 253},
+    })
+}
 
 /// A secret in the ImagePrefetch's own namespace.
 #[derive(

@@ -101,3 +101,24 @@ pub async fn cordon(client: &kube::Client, name: &str) -> Result<Node> {
         )
         .await?)
 }
+
+/// Sets the node's taints (`key`, `value`, `effect`), replacing any, as
+/// `kubectl taint` would leave them.
+pub async fn taint(
+    client: &kube::Client,
+    name: &str,
+    taints: &[(&str, &str, &str)],
+) -> Result<Node> {
+    let api: Api<Node> = Api::all(client.clone());
+    let taints: Vec<serde_json::Value> = taints
+        .iter()
+        .map(|(key, value, effect)| json!({"key": key, "value": value, "effect": effect}))
+        .collect();
+    Ok(api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"taints": taints}})),
+        )
+        .await?)
+}

@@ -358,7 +358,11 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
         "nodeSelector\t<map[string]string>",
         "replicas\t<integer>",
         "imagePullSecrets\t<[]Object>",
+        "nodeSelectorExpressions\t<[]Object>",
+        "nodeNames\t<[]string>",
+        "tolerations\t<[]Object>",
         "Images to pre-download",
+        "the scheduler would not place the workload there",
     ] {
         assert!(out.contains(expected), "explain lacks {expected:?}:\n{out}");
     }

@@ -362,7 +362,7 @@ async fn every_documented_kubectl_command_prints_what_an_administrator_needs() {
         "nodeNames\t<[]string>",
         "tolerations\t<[]Object>",
         "Images to pre-download",
-        "the scheduler would not place the workload there",
+        "The taints the workload tolerates",
     ] {
         assert!(out.contains(expected), "explain lacks {expected:?}:\n{out}");
     }

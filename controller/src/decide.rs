@@ -135,6 +135,9 @@ pub struct Decision {
     pub progressing: bool,
     /// When to reconcile again if nothing changes before.
     pub requeue: Duration,
+    /// Ready for its `ttlSecondsAfterReady`: delete the ImagePrefetch
+    /// (after the status and Events).
+    pub expire: bool,
 }
 
 /// The ImagePrefetch's identity, needed for every name and label it owns.
@@ -384,6 +387,24 @@ pub fn decide(
                 .max(Duration::from_secs(1)),
         )
         .min(if made_holders { LOOK_AGAIN } else { RESYNC });
+    let left = ttl_left(&status, p.spec.ttl_seconds_after_ready, &observed.now);
+    let expire = left == Some(Duration::ZERO);
+    if expire {
+        events.push(Announcement {
+            type_: EventType::Normal,
+            reason: EventReason::Expired,
+            note: format!(
+                "Ready for {}s (ttlSecondsAfterReady): deleted; its nodes' pins are released, and the images stay until kubelet's garbage collection needs the room",
+                p.spec.ttl_seconds_after_ready.unwrap_or_default()
+            ),
+            node: None,
+            image: None,
+        });
+    }
+    let requeue = match left {
+        Some(left) if !expire => requeue.min(left.max(Duration::from_secs(1))),
+        _ => requeue,
+    };
     Ok(Decision {
         apply,
         delete,
@@ -393,7 +414,22 @@ pub fn decide(
         selected: selection.nodes.len(),
         progressing,
         requeue,
+        expire,
     })
+}
+
+/// How long until `ttl` seconds have passed since `status` became Ready
+/// (zero: they have); `None` without a TTL or while not Ready.
+pub fn ttl_left(status: &ImagePrefetchStatus, ttl: Option<i64>, now: &Time) -> Option<Duration> {
+    let ttl = Duration::from_secs(u64::try_from(ttl?).unwrap_or(0));
+    let ready =
+        condition::find(&status.conditions, ConditionType::Ready).filter(|c| c.status == "True")?;
+    let since = now
+        .0
+        .duration_since(ready.last_transition_time.0)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    Some(ttl.saturating_sub(since))
 }
 
 /// An ImagePrefetch whose spec cannot be read: nothing is written but its
@@ -533,6 +569,7 @@ fn announce_hold(
         selected: 0,
         progressing: false,
         requeue,
+        expire: false,
     }
 }
 
@@ -762,6 +799,7 @@ mod tests {
                 node_selector_expressions: vec![],
                 node_names: vec![],
                 tolerations: vec![],
+                ttl_seconds_after_ready: None,
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,
@@ -930,6 +968,36 @@ mod tests {
     /// A namespace's budget of node×image entries: an ImagePrefetch that
     /// would pass it writes nothing but a Degraded status and one Warning,
     /// is looked at again soon, and proceeds once there is room.
+    #[test]
+    fn the_ttl_runs_from_ready() {
+        let now = crd::condition::now();
+        let at = |secs_ago: i64| {
+            Time(k8s_openapi::jiff::Timestamp::from_second(now.0.as_second() - secs_ago).unwrap())
+        };
+        let status = |ready: bool, secs_ago: i64| ImagePrefetchStatus {
+            conditions: vec![crd::condition::condition(
+                &[],
+                ConditionType::Ready,
+                ready,
+                ConditionReason::AllImagesPresent,
+                "",
+                None,
+                &at(secs_ago),
+            )],
+            ..Default::default()
+        };
+        assert_eq!(
+            ttl_left(&status(true, 10), Some(30), &now),
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(
+            ttl_left(&status(true, 10), Some(5), &now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(ttl_left(&status(false, 100), Some(5), &now), None);
+        assert_eq!(ttl_left(&status(true, 100), None, &now), None);
+    }
+
     #[test]
     fn an_imageprefetch_past_its_namespaces_budget_is_held_back() {
         let mut w = World::new(3);

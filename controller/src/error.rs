@@ -34,6 +34,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("deleting ImagePrefetch {prefetch}, ready for its ttlSecondsAfterReady: {source}")]
+    DeleteExpired {
+        prefetch: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error(
         "granting the agent `get` on the pull secrets named in namespace {namespace}: {source}"
     )]

@@ -401,6 +401,30 @@ async fn act(
             })?;
         ctx.wrote();
     }
+    if decision.expire {
+        ctx.fence.check()?;
+        // The finalizer's cleanup then deletes its sets, releasing the pins.
+        let precondition = DeleteParams {
+            preconditions: p.uid().map(|uid| kube::api::Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&p.name_any(), &precondition).await {
+            Ok(_) => {
+                ctx.wrote();
+                info!("deleted: ready for its ttlSecondsAfterReady");
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(source) => {
+                return Err(Error::DeleteExpired {
+                    prefetch: format!("{}/{}", owner_namespace(p), p.name_any()),
+                    source,
+                });
+            }
+        }
+    }
     Ok(())
 }
 

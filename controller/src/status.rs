@@ -328,6 +328,7 @@ mod tests {
                 node_selector_expressions: vec![],
                 node_names: vec![],
                 tolerations: vec![],
+                ttl_seconds_after_ready: None,
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,

@@ -1420,3 +1420,51 @@ async fn expressions_names_and_tolerations_narrow_the_nodes() {
         .unwrap();
     wait_for_nodes(&client, &uid, &["targets-a", "targets-b", "targets-d"]).await;
 }
+
+/// `ttlSecondsAfterReady`: once Ready that long, the ImagePrefetch is
+/// deleted (an Event says so) and its sets with it — the nodes' pins
+/// released; one not yet Ready stays.
+#[tokio::test]
+async fn a_prefetch_ready_for_its_ttl_is_deleted_with_its_sets() {
+    let sc = Scenario::new("ttl", 2).await;
+    let (client, ns) = (sc.client.clone(), sc.ns.clone());
+    let uid = sc
+        .prefetch(
+            "release",
+            &["registry.example.com/ttl/app:1"],
+            json!({"ttlSecondsAfterReady": 3}),
+        )
+        .await;
+    let waiting = sc
+        .prefetch(
+            "waiting",
+            &["registry.example.com/ttl/app:2"],
+            json!({"ttlSecondsAfterReady": 1}),
+        )
+        .await;
+    roll_out(&client, &ns, "release", &uid, 2).await;
+    let ready_at = std::time::Instant::now();
+    let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), &ns);
+    poll("the ImagePrefetch deleted", || async {
+        matches!(api.get("release").await, Err(kube::Error::Api(e)) if e.code == 404).then_some(())
+    })
+    .await;
+    assert!(
+        ready_at.elapsed() >= Duration::from_secs(2),
+        "deleted {:?} after Ready, before its TTL",
+        ready_at.elapsed()
+    );
+    assert!(sets(&client, &uid).await.is_empty());
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let expired = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .any(|e| e.reason.as_deref() == Some(crd::EventReason::Expired.as_str()));
+    assert!(expired, "no Expired Event");
+    // Never Ready (its agents never report): kept, whatever its TTL.
+    assert!(api.get("waiting").await.is_ok());
+    assert!(!sets(&client, &waiting).await.is_empty());
+}

@@ -25,6 +25,8 @@ pub const MAX_NODE_NAMES: usize = 1_000;
 /// Most `tolerations` (a pod's limit is far higher; a node rarely has more
 /// than a handful of taints).
 pub const MAX_TOLERATIONS: usize = 32;
+/// Longest `ttlSecondsAfterReady`: a year.
+pub const MAX_TTL_SECONDS: i64 = 366 * 24 * 3600;
 
 /// Pre-download `images` onto the nodes a workload could run on — those that
 /// match `nodeSelector` and `nodeSelectorExpressions`, are among `nodeNames`
@@ -84,6 +86,14 @@ pub struct ImagePrefetchSpec {
     #[schemars(range(min = 1, max = MAX_REPLICAS))]
     pub replicas: Option<i32>,
 
+    /// Delete this ImagePrefetch this long after it became Ready (every
+    /// image on every selected node), as a Job's `ttlSecondsAfterFinished`:
+    /// its nodes' pins are released, and the images stay until kubelet's
+    /// garbage collection needs the room. Unset: kept until deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = MAX_TTL_SECONDS))]
+    pub ttl_seconds_after_ready: Option<i64>,
+
     /// Secrets of type kubernetes.io/dockerconfigjson in this namespace, used to pull.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_PULL_SECRETS))]
@@ -103,6 +113,7 @@ crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
         node_names: Vec::new(),
         tolerations: Vec::new(),
         replicas: None,
+        ttl_seconds_after_ready: None,
         image_pull_secrets: Vec::new(),
         unreadable: Some(why),
     }

@@ -136,6 +136,10 @@ pub enum EventReason {
     /// A reconcile failed: the note names the operation and the object (a
     /// NodeImageSet is the related object); it is retried with backoff (Warning).
     ReconcileFailed,
+    /// Ready for `ttlSecondsAfterReady`: the ImagePrefetch is deleted, its
+    /// nodes' pins released; the images stay until kubelet's garbage
+    /// collection needs the room.
+    Expired,
 }
 
 /// What a reason is written as.

@@ -36,6 +36,21 @@ pub struct UnreadableLabels {
     pub part: String,
 }
 
+/// One ImagePrefetch, for the per-rollout gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrefetchLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// One ImagePrefetch and the reason of its Degraded condition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DegradedLabels {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub reconciles: Counter,
@@ -49,6 +64,11 @@ pub struct Metrics {
     pub watch_errors: Family<WatchLabels, Counter>,
     /// Objects whose spec or status cannot be read (skipped, or no report).
     pub unreadable: Family<UnreadableLabels, Gauge>,
+    /// Per ImagePrefetch, from its status: nodes selected, nodes with every
+    /// image, and 1 while Degraded (with the reason).
+    pub desired_nodes: Family<PrefetchLabels, Gauge>,
+    pub ready_nodes: Family<PrefetchLabels, Gauge>,
+    pub degraded: Family<DegradedLabels, Gauge>,
 }
 
 impl Metrics {
@@ -62,6 +82,9 @@ impl Metrics {
             sets: Family::default(),
             watch_errors: Family::default(),
             unreadable: Family::default(),
+            desired_nodes: Family::default(),
+            ready_nodes: Family::default(),
+            degraded: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("image_prefetch_controller");
         r.register(
@@ -100,7 +123,54 @@ impl Metrics {
             "NodeImageSets by state, as their agents report them",
             m.sets.clone(),
         );
+        r.register(
+            "prefetch_desired_nodes",
+            "Nodes an ImagePrefetch selected, from its status",
+            m.desired_nodes.clone(),
+        );
+        r.register(
+            "prefetch_ready_nodes",
+            "Nodes holding every image of an ImagePrefetch, from its status",
+            m.ready_nodes.clone(),
+        );
+        r.register(
+            "prefetch_degraded",
+            "1 while an ImagePrefetch's Degraded condition is True, by its reason",
+            m.degraded.clone(),
+        );
         m
+    }
+
+    /// Sets the per-ImagePrefetch gauges from their statuses; ImagePrefetches
+    /// gone since the last count drop out.
+    pub fn count_prefetches<'a>(&self, prefetches: impl Iterator<Item = &'a crd::ImagePrefetch>) {
+        self.desired_nodes.clear();
+        self.ready_nodes.clear();
+        self.degraded.clear();
+        for p in prefetches {
+            let Some(status) = &p.status else { continue };
+            let labels = PrefetchLabels {
+                namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+            };
+            self.desired_nodes
+                .get_or_create(&labels)
+                .set(status.desired_nodes.into());
+            self.ready_nodes
+                .get_or_create(&labels)
+                .set(status.ready_nodes.into());
+            if let Some(c) = crd::condition::find(&status.conditions, crd::ConditionType::Degraded)
+                .filter(|c| c.status == "True")
+            {
+                self.degraded
+                    .get_or_create(&DegradedLabels {
+                        namespace: labels.namespace.clone(),
+                        name: labels.name.clone(),
+                        reason: c.reason.clone(),
+                    })
+                    .set(1);
+            }
+        }
     }
 
     /// Counts a failed request of the watch of `resource`.

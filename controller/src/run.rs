@@ -161,6 +161,8 @@ pub async fn run(
                 drop(sets);
                 if let Some(store) = ctx.prefetches.get() {
                     let prefetches = store.state();
+                    ctx.metrics
+                        .count_prefetches(prefetches.iter().map(|p| p.as_ref()));
                     ctx.metrics.count_unreadable(
                         "imageprefetches",
                         prefetches

@@ -32,7 +32,7 @@ pub const MAX_TTL_SECONDS: i64 = 366 * 24 * 3600;
 /// match `nodeSelector` and `nodeSelectorExpressions`, are among `nodeNames`
 /// when given, and have no taint the `tolerations` leave out — (all of them,
 /// or `replicas` of them), pulling each image from its registry once per cluster.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "imageprefetch.io",
     version = "v1alpha1",

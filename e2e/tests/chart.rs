@@ -43,6 +43,10 @@ fn lint_is_clean_in_strict_mode() {
             "otlp.endpoint=http://collector:4317",
             "--set",
             "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+            "--set",
+            "metrics.prometheusRule.enabled=true",
         ],
     ] {
         let mut args = vec!["lint", "--strict", chart];
@@ -552,4 +556,168 @@ fn the_bundle_grants_what_the_chart_grants() {
     }
     assert_eq!(chart_rules.len(), 2, "{chart_rules:?}");
     assert_eq!(bundle_rules, chart_rules);
+}
+
+/// Every query of the Grafana dashboard and every alert rule reads metrics
+/// the binaries really export — the names, and the labels they match or
+/// group by (the binaries' own, or the target labels Prometheus adds) — read
+/// from the metrics code both binaries register, sampled once.
+#[test]
+fn dashboard_and_alerts_read_only_metrics_the_binaries_export() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    // What the binaries export: names and label keys, from their registries.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let c = controller::metrics::Metrics::register(&mut registry);
+    let a = agent::metrics::Metrics::register(&mut registry);
+    c.reconciles.inc();
+    c.errors
+        .get_or_create(&controller::metrics::ErrorLabels {
+            category: "write-status".into(),
+        })
+        .inc();
+    c.reconcile_seconds.observe(0.1);
+    c.writes.inc();
+    c.seeds_chosen.inc();
+    c.watch_failed("nodes");
+    c.count_unreadable("nodeimagesets", 0, 0);
+    c.count_sets(std::iter::empty());
+    let mut p = crd::ImagePrefetch::new("p", Default::default());
+    p.metadata.namespace = Some("ns".into());
+    p.status = Some(crd::ImagePrefetchStatus {
+        conditions: vec![crd::condition::condition(
+            &[],
+            crd::ConditionType::Degraded,
+            true,
+            crd::ConditionReason::PullFailed,
+            "",
+            None,
+            &crd::condition::now(),
+        )],
+        ..Default::default()
+    });
+    c.count_prefetches(std::iter::once(&p));
+    a.pulls
+        .get_or_create(&agent::metrics::PullLabels {
+            policy: "Default".into(),
+            result: "success".into(),
+        })
+        .inc();
+    a.pull_seconds.observe(1.0);
+    a.bytes
+        .get_or_create(&agent::metrics::SourceLabels {
+            source: "mirror".into(),
+        })
+        .inc();
+    a.retries.inc();
+    a.images_present.set(1);
+    a.watch_errors.inc();
+    a.status_write_errors.inc();
+    a.unreadable_sets.set(0);
+    a.mirror_misses.inc();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let sample = regex::Regex::new(r"^([a-z_]+)(?:\{([^}]*)\})? ").unwrap();
+    let label = regex::Regex::new(r#"([a-z_]+)="#).unwrap();
+    let mut exported: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(m) = sample.captures(line) else {
+            continue;
+        };
+        let labels = exported.entry(m[1].to_string()).or_default();
+        if let Some(l) = m.get(2) {
+            labels.extend(label.captures_iter(l.as_str()).map(|c| c[1].to_string()));
+        }
+    }
+    // Labels Prometheus adds to every target it scrapes.
+    let target = [
+        "namespace",
+        "pod",
+        "instance",
+        "job",
+        "service",
+        "endpoint",
+        "container",
+        "le",
+    ];
+
+    // What the chart asks: every expression of the dashboard and the rules.
+    let chart = chart();
+    let (ok, out) = template(
+        &chart,
+        "metrics.grafanaDashboard.enabled=true,metrics.prometheusRule.enabled=true",
+    );
+    assert!(ok, "{out}");
+    let mut exprs: Vec<String> = Vec::new();
+    fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "query", serde_json::Value::String(s)) => out.push(s.clone()),
+                        _ => collect(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    let (mut dashboards, mut rules) = (0, 0);
+    for doc in serde_yaml_ng::Deserializer::from_str(&out) {
+        let Ok(v) = serde_json::Value::deserialize(doc) else {
+            continue;
+        };
+        match v["kind"].as_str() {
+            Some("ConfigMap") if v["data"]["image-prefetch.json"].is_string() => {
+                let dashboard: serde_json::Value =
+                    serde_json::from_str(v["data"]["image-prefetch.json"].as_str().unwrap())
+                        .expect("the dashboard is JSON");
+                assert_eq!(v["metadata"]["labels"]["grafana_dashboard"], "1");
+                collect(&dashboard, &mut exprs);
+                dashboards += 1;
+            }
+            Some("PrometheusRule") => {
+                collect(&v["spec"], &mut exprs);
+                rules += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((dashboards, rules), (1, 1), "{out}");
+    assert!(exprs.len() >= 15, "{exprs:?}");
+
+    let metric = regex::Regex::new(r"\b(image_prefetch_[a-z_]+)(\{[^}]*\})?").unwrap();
+    let matcher = regex::Regex::new(r#"([a-z_]+)\s*(?:=~|!~|!=|=)"#).unwrap();
+    let grouping = regex::Regex::new(r"\b(?:by|on|without)\s*\(([^)]*)\)").unwrap();
+    for expr in &exprs {
+        let mut used: Vec<&BTreeSet<String>> = Vec::new();
+        for m in metric.captures_iter(expr) {
+            let name = &m[1];
+            let labels = exported.get(name).unwrap_or_else(|| {
+                panic!(
+                    "{name} (in `{expr}`) is not exported; exported: {:?}",
+                    exported.keys()
+                )
+            });
+            used.push(labels);
+            if let Some(sel) = m.get(2) {
+                for l in matcher.captures_iter(sel.as_str()) {
+                    assert!(
+                        labels.contains(&l[1]) || target.contains(&&l[1]),
+                        "{name} has no label {} (in `{expr}`)",
+                        &l[1]
+                    );
+                }
+            }
+        }
+        for g in grouping.captures_iter(expr) {
+            for l in g[1].split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                assert!(
+                    target.contains(&l) || used.iter().any(|labels| labels.contains(l)),
+                    "no metric of `{expr}` has the label {l}"
+                );
+            }
+        }
+    }
 }

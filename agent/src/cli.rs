@@ -55,7 +55,13 @@ pub struct Cli {
     /// Pulls at once.
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
-    /// One attempt's limit.
+    /// A pull attempt that fetched nothing new for S is ended and tried again
+    /// (an ImagePrefetch's pullStallTimeoutSeconds overrides it); a pull that
+    /// keeps moving is never cut.
+    #[arg(long, value_name = "S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_timeout_seconds: u64,
+    /// The wall-clock limit of an attempt whose progress containerd does not
+    /// report (CRI pulls on containerd 1.6).
     #[arg(long, value_name = "S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub pull_timeout_seconds: u64,
     /// How often present images are re-checked.
@@ -115,6 +121,7 @@ impl Cli {
             mirror_hosts_dir: self.mirror_config_dir,
             mirror_endpoints: crate::hosts::MirrorEndpoints::new(list(&self.mirror_endpoints)),
             concurrency: self.concurrency as usize,
+            stall_timeout: secs(self.stall_timeout_seconds),
             pull_timeout: secs(self.pull_timeout_seconds),
             resync: secs(self.resync_seconds),
             metrics_addr: Some(self.metrics_addr),
@@ -163,6 +170,7 @@ mod tests {
         assert_eq!(config.node_name, "n");
         assert_eq!(config.concurrency, expected.concurrency);
         assert_eq!(config.pull_timeout, expected.pull_timeout);
+        assert_eq!(config.stall_timeout, expected.stall_timeout);
         assert_eq!(config.resync, expected.resync);
         assert_eq!(config.failed_backoff, expected.failed_backoff);
         assert_eq!(config.progress_every, expected.progress_every);

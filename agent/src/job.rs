@@ -345,20 +345,33 @@ impl Job {
         };
         self.room_on_disk()?;
         let source = source(entry);
+        // Every attempt follows its progress, a seed's to report it too.
+        let progress = self
+            .progress
+            .clone()
+            .unwrap_or_else(|| watch::channel(Progress::default()).0);
+        let told = progress.subscribe();
         let pull = self
             .runtime
-            .pull(&source, name, &host_dir, keyring, self.progress.clone());
-        match tokio::time::timeout(self.config.pull_timeout, pull).await {
+            .pull(&source, name, &host_dir, keyring, Some(progress));
+        let limits = Limits {
+            stall: self
+                .wanted
+                .stall_timeout
+                .unwrap_or(self.config.stall_timeout),
+            wall: self.config.pull_timeout,
+        };
+        match limits
+            .apply(pull, || self.runtime.reports_progress(), told)
+            .await
+        {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(e)) => Err(Failure {
                 message: format!("pulling {} from {registry}: {e}", entry.name),
                 reason: e.reason(),
             }),
-            Err(_) => {
-                let e = PullError::Timeout {
-                    image: entry.name.clone(),
-                    secs: self.config.pull_timeout.as_secs(),
-                };
+            Err(ended) => {
+                let e = ended.error(&entry.name);
                 Err(Failure {
                     message: e.to_string(),
                     reason: e.reason(),
@@ -368,9 +381,164 @@ impl Job {
     }
 }
 
+/// When an attempt is ended: when containerd reports no progress for
+/// `stall` (a pull that keeps moving is never cut, however big or slow);
+/// where containerd reports no progress at all (CRI pulls, containerd 1.6),
+/// after `wall`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) stall: Duration,
+    pub(crate) wall: Duration,
+}
+
+/// Why an attempt was ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    Stalled { after: Duration, fetched: u64 },
+    TooLong { after: Duration },
+}
+
+impl Ended {
+    fn error(&self, image: &str) -> PullError {
+        match *self {
+            Ended::Stalled { after, fetched } => PullError::Stalled {
+                image: image.to_string(),
+                secs: after.as_secs(),
+                fetched,
+            },
+            Ended::TooLong { after } => PullError::Timeout {
+                image: image.to_string(),
+                secs: after.as_secs(),
+            },
+        }
+    }
+}
+
+impl Limits {
+    /// When the attempt is due to end, given its start, its last sign of
+    /// life, and whether its progress is reported at all.
+    pub(crate) fn deadline(
+        &self,
+        started: tokio::time::Instant,
+        last_news: tokio::time::Instant,
+        reported: bool,
+    ) -> tokio::time::Instant {
+        if reported {
+            last_news + self.stall
+        } else {
+            started + self.wall
+        }
+    }
+
+    /// Runs `pull` until it ends or a limit ends it.
+    /// (`reported`: whether containerd reports this pull's progress now.)
+    pub(crate) async fn apply<F, T>(
+        &self,
+        pull: F,
+        reported: impl Fn() -> bool,
+        mut told: watch::Receiver<Progress>,
+    ) -> Result<T, Ended>
+    where
+        F: std::future::Future<Output = T>,
+    {
+        tokio::pin!(pull);
+        let started = tokio::time::Instant::now();
+        let mut last_news = started;
+        let mut listening = true;
+        loop {
+            // Read each time: a pull that found no Transfer service goes on
+            // through CRI, whose progress is not reported.
+            let deadline = self.deadline(started, last_news, reported());
+            tokio::select! {
+                result = &mut pull => return Ok(result),
+                changed = told.changed(), if listening => match changed {
+                    Ok(()) => last_news = tokio::time::Instant::now(),
+                    Err(_) => listening = false,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let reported = reported();
+                    if tokio::time::Instant::now() >= self.deadline(started, last_news, reported) {
+                        return Err(if reported {
+                            Ended::Stalled {
+                                after: self.stall,
+                                fetched: told.borrow().total(),
+                            }
+                        } else {
+                            Ended::TooLong { after: self.wall }
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LIMITS: Limits = Limits {
+        stall: Duration::from_secs(3),
+        wall: Duration::from_secs(5),
+    };
+
+    /// A pull that tells `steps` progress messages, one every `every`, then ends.
+    async fn pull(tx: watch::Sender<Progress>, steps: u64, every: Duration) -> &'static str {
+        for i in 1..=steps {
+            tokio::time::sleep(every).await;
+            tx.send_modify(|p| {
+                p.update("layer", (i * 1024) as i64);
+                p.events += 1;
+            });
+        }
+        "pulled"
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pull_that_keeps_moving_is_never_cut() {
+        let (tx, rx) = watch::channel(Progress::default());
+        // 30 s in all, far past both limits, never 3 s without news.
+        let r = LIMITS
+            .apply(pull(tx, 15, Duration::from_secs(2)), || true, rx)
+            .await;
+        assert_eq!(r, Ok("pulled"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pull_that_stops_moving_is_cut_after_the_stall_limit() {
+        let (tx, rx) = watch::channel(Progress::default());
+        let started = tokio::time::Instant::now();
+        // Two messages, then silence: cut 3 s after the last.
+        let stalls = async {
+            pull(tx.clone(), 2, Duration::from_secs(1)).await;
+            std::future::pending::<&str>().await
+        };
+        let r = LIMITS.apply(stalls, || true, rx).await;
+        assert_eq!(
+            r,
+            Err(Ended::Stalled {
+                after: Duration::from_secs(3),
+                fetched: 2048
+            })
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_progress_reports_the_wall_clock_limit_holds() {
+        let (_tx, rx) = watch::channel(Progress::default());
+        let started = tokio::time::Instant::now();
+        let r = LIMITS
+            .apply(std::future::pending::<&str>(), || false, rx)
+            .await;
+        assert_eq!(
+            r,
+            Err(Ended::TooLong {
+                after: Duration::from_secs(5)
+            })
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
 
     const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";

@@ -24,6 +24,9 @@ pub struct Want {
     pub set_uid: String,
     pub entry: NodeImage,
     pub retry_limit: i32,
+    /// An attempt that fetched nothing new for this long is ended; `None`:
+    /// the agent's default.
+    pub stall_timeout: Option<Duration>,
     pub secrets: Vec<SecretReference>,
     /// The `traceparent` of the controller span that wrote the set.
     pub trace: Option<String>,
@@ -494,6 +497,7 @@ mod tests {
                 source: None,
             },
             retry_limit: 3,
+            stall_timeout: None,
             secrets: vec![],
             trace: None,
         }

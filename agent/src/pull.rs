@@ -58,6 +58,14 @@ pub enum PullError {
     Containerd(String),
     #[error("pull of {image} did not finish within {secs}s")]
     Timeout { image: String, secs: u64 },
+    #[error(
+        "pull of {image} made no progress for {secs}s ({fetched} bytes fetched); ended, to be tried again"
+    )]
+    Stalled {
+        image: String,
+        secs: u64,
+        fetched: u64,
+    },
     /// The Transfer service is missing (containerd < 1.7); CRI is used instead.
     #[error("containerd has no Transfer service")]
     Unsupported,
@@ -76,7 +84,7 @@ impl PullError {
     pub fn reason(&self) -> PullFailure {
         match self {
             PullError::Connect { .. } => PullFailure::RuntimeUnavailable,
-            PullError::Timeout { .. } => PullFailure::PullTimeout,
+            PullError::Timeout { .. } | PullError::Stalled { .. } => PullFailure::PullTimeout,
             PullError::Unsupported => PullFailure::RuntimeUnsupported,
             PullError::Containerd(m) => classify(m),
         }
@@ -212,6 +220,12 @@ impl Runtime {
     }
 
     /// containerd's version (`v2.2.9`, Debian's `1.6.20~ds1`).
+    /// Whether containerd reports this node's pulls' progress (the Transfer
+    /// service); `false` once a pull found it missing and CRI pulls instead.
+    pub fn reports_progress(&self) -> bool {
+        self.transfer.load(Ordering::Relaxed)
+    }
+
     pub fn version(&self) -> &str {
         &self.version
     }
@@ -614,7 +628,13 @@ impl Runtime {
                 let Ok(p) = TransferProgress::decode(message.value.as_slice()) else {
                     continue;
                 };
-                progress.send_if_modified(|blobs| blobs.update(&p.name, p.progress));
+                // Every message is a sign of life (containerd sends one per
+                // 300 ms while it extracts, none while a fetch is stuck); the
+                // bytes only grow.
+                progress.send_modify(|blobs| {
+                    blobs.update(&p.name, p.progress);
+                    blobs.events += 1;
+                });
             }
         });
         Ok(StreamTask { id, task })
@@ -733,6 +753,8 @@ impl Runtime {
 #[derive(Debug, Default)]
 pub struct Progress {
     blobs: HashMap<String, i64>,
+    /// Progress messages containerd sent.
+    pub events: u64,
 }
 
 impl Progress {

@@ -28,6 +28,11 @@ pub fn listed(sets: &[Arc<NodeImageSet>]) -> Vec<Listed> {
                     set_uid: set.uid().unwrap_or_default(),
                     entry: entry.clone(),
                     retry_limit: set.spec.image_download_retry_limit,
+                    stall_timeout: set
+                        .spec
+                        .pull_stall_timeout_seconds
+                        .and_then(|s| u64::try_from(s).ok())
+                        .map(std::time::Duration::from_secs),
                     secrets: set.spec.image_pull_secrets.clone(),
                     trace: set.annotations().get(keys::TRACEPARENT_ANNOTATION).cloned(),
                 },

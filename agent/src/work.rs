@@ -50,6 +50,11 @@ pub struct Config {
     /// Pulls at once on this node.
     pub concurrency: usize,
     /// One attempt longer than this is abandoned and counted as failed.
+    /// A pull attempt that containerd reports no progress of for this long
+    /// is ended (Transfer pulls; the ImagePrefetch may set its own).
+    pub stall_timeout: Duration,
+    /// The wall-clock limit of an attempt whose progress containerd does
+    /// not report (CRI pulls, containerd 1.6).
     pub pull_timeout: Duration,
     /// First and longest wait between attempts (exponential, with jitter).
     pub backoff_min: Duration,
@@ -81,6 +86,7 @@ impl Config {
             mirror_hosts_dir: "/var/lib/image-prefetch/hosts".into(),
             mirror_endpoints: hosts::MirrorEndpoints::default(),
             concurrency: 2,
+            stall_timeout: Duration::from_secs(300),
             pull_timeout: Duration::from_secs(600),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),

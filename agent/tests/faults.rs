@@ -102,7 +102,7 @@ async fn a_hung_registry_times_out_and_the_rest_completes() {
     node.configure_registry(&registry.host, &[]).unwrap();
     node.configure_registry(&hung.host, &[]).unwrap();
     let config = Config {
-        pull_timeout: Duration::from_secs(3),
+        stall_timeout: Duration::from_secs(3),
         ..config("fault-node-hung", &node, &dir)
     };
     let (stop, running) = run(&client, config);
@@ -131,7 +131,7 @@ async fn a_hung_registry_times_out_and_the_rest_completes() {
             .last_error
             .as_deref()
             .unwrap()
-            .contains("within 3s")
+            .contains("made no progress for 3s")
     );
 
     let _ = stop.send(());
@@ -393,4 +393,68 @@ async fn a_containerd_that_comes_back_empty_gets_its_images_again() {
     }
     agent.kill().unwrap();
     agent.wait().unwrap();
+}
+
+/// A pull over a slow link that keeps moving outlasts both the stall limit
+/// and what used to be the wall-clock limit, and completes; one whose link
+/// stops delivering is ended once nothing has moved for the stall limit.
+#[tokio::test]
+async fn a_slow_pull_that_moves_completes_and_a_stalled_one_is_ended() {
+    let client = testbed::beds::shared::client().await;
+    let dir = Workdir::new("agent-faults-slow");
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let work_dir = dir.join("images");
+    images::build_and_push(&work_dir, &registry.host, "team/slow", "1", &[6 * MB]).unwrap();
+    images::build_and_push(&work_dir, &registry.host, "team/stalls", "1", &[6 * MB]).unwrap();
+    // Two links of 1 MiB/s: about 6 s for either image.
+    let moving = testbed::servers::slow_link::SlowLink::start(&registry.host, MB as u64).unwrap();
+    let stalling = testbed::servers::slow_link::SlowLink::start(&registry.host, MB as u64).unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&moving.host, &[]).unwrap();
+    node.configure_registry(&stalling.host, &[]).unwrap();
+    let config = Config {
+        stall_timeout: Duration::from_secs(2),
+        // A wall clock would end both; containerd reports their progress.
+        pull_timeout: Duration::from_secs(2),
+        ..config("fault-node-slow", &node, &dir)
+    };
+    let (stop, running) = run(&client, config);
+
+    let slow = format!("{}/team/slow:1", moving.host);
+    let stalls = format!("{}/team/stalls:1", stalling.host);
+    set(
+        &client,
+        "faults-slow",
+        "fault-node-slow",
+        json!([{"name": slow, "registryPolicy": "Default"}, {"name": stalls, "registryPolicy": "Default"}]),
+        0,
+    )
+    .await;
+    // The second link stops once it has delivered a part of its image.
+    testbed::support::poll::eventually(
+        "the stalling link carried 1 MiB",
+        Duration::from_secs(60),
+        || async { (stalling.delivered() > MB as u64).then_some(()) },
+    )
+    .await;
+    stalling.cut();
+    let started = std::time::Instant::now();
+    let st = wait_status(&client, "faults-slow", "one pulled, one ended", |s| {
+        s.available == 1 && s.images.iter().any(|i| i.state == PullState::Failed)
+    })
+    .await;
+    let pulled = st.images.iter().find(|i| i.name == slow).unwrap();
+    assert_eq!(pulled.state, PullState::Available, "{pulled:?}");
+    let ended = st.images.iter().find(|i| i.name == stalls).unwrap();
+    assert_eq!(ended.reason, Some(PullFailure::PullTimeout), "{ended:?}");
+    let message = ended.last_error.as_deref().unwrap();
+    assert!(message.contains("made no progress for 2s"), "{message}");
+    assert!(
+        moving.delivered() >= 6 * MB as u64,
+        "the slow image came over its link"
+    );
+    eprintln!("ended {:?} after the cut", started.elapsed());
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
 }

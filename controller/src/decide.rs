@@ -756,6 +756,7 @@ fn desired_set(
                 })
                 .collect(),
             image_download_retry_limit: config.retry_limit,
+            pull_stall_timeout_seconds: p.spec.pull_stall_timeout_seconds,
             unreadable: None,
         },
     );
@@ -800,6 +801,7 @@ mod tests {
                 node_names: vec![],
                 tolerations: vec![],
                 ttl_seconds_after_ready: None,
+                pull_stall_timeout_seconds: None,
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,

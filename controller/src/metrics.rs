@@ -247,6 +247,7 @@ mod tests {
                 }],
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,
+                pull_stall_timeout_seconds: None,
                 unreadable: None,
             },
         );

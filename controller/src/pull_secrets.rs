@@ -166,6 +166,7 @@ mod tests {
                 node_names: vec![],
                 tolerations: vec![],
                 ttl_seconds_after_ready: None,
+                pull_stall_timeout_seconds: None,
                 replicas: None,
                 image_pull_secrets: secrets
                     .iter()

@@ -168,6 +168,7 @@ async fn bad_node_reports_are_rejected_naming_the_field() {
             image_set: vec![],
             image_pull_secrets: vec![],
             image_download_retry_limit: 3,
+            pull_stall_timeout_seconds: None,
             unreadable: None,
         },
     );

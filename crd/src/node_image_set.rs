@@ -65,6 +65,11 @@ pub struct NodeImageSetSpec {
     #[serde(default = "default_retry_limit")]
     #[schemars(range(min = 0, max = MAX_RETRY_LIMIT))]
     pub image_download_retry_limit: i32,
+    /// An attempt that fetched nothing new for this long is ended (the
+    /// ImagePrefetch's `pullStallTimeoutSeconds`); unset: the agent's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = crate::prefetch::MAX_STALL_SECONDS))]
+    pub pull_stall_timeout_seconds: Option<i64>,
     /// Set when the stored spec could not be decoded (never serialised).
     #[serde(skip)]
     #[schemars(skip)]
@@ -77,6 +82,7 @@ crate::decode_leniently!(NodeImageSetSpec, "spec", |why| {
         image_set: Vec::new(),
         image_pull_secrets: Vec::new(),
         image_download_retry_limit: DEFAULT_RETRY_LIMIT,
+        pull_stall_timeout_seconds: None,
         unreadable: Some(why),
     }
 });
@@ -94,6 +100,7 @@ impl NodeImageSetSpec {
             image_set: entries,
             image_pull_secrets: Vec::new(),
             image_download_retry_limit: DEFAULT_RETRY_LIMIT,
+            pull_stall_timeout_seconds: None,
             unreadable: None,
         }
     }

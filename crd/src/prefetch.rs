@@ -27,6 +27,8 @@ pub const MAX_NODE_NAMES: usize = 1_000;
 pub const MAX_TOLERATIONS: usize = 32;
 /// Longest `ttlSecondsAfterReady`: a year.
 pub const MAX_TTL_SECONDS: i64 = 366 * 24 * 3600;
+/// Longest `pullStallTimeoutSeconds`: a day.
+pub const MAX_STALL_SECONDS: i64 = 24 * 3600;
 
 /// Pre-download `images` onto the nodes a workload could run on — those that
 /// match `nodeSelector` and `nodeSelectorExpressions`, are among `nodeNames`
@@ -86,6 +88,14 @@ pub struct ImagePrefetchSpec {
     #[schemars(range(min = 1, max = MAX_REPLICAS))]
     pub replicas: Option<i32>,
 
+    /// End a pull attempt that fetched nothing new for this long (it is
+    /// tried again with backoff); a pull that keeps moving is never cut,
+    /// however big the image or slow the link. Unset: the agent's default
+    /// (`--stall-timeout-seconds`, 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_STALL_SECONDS))]
+    pub pull_stall_timeout_seconds: Option<i64>,
+
     /// Delete this ImagePrefetch this long after it became Ready (every
     /// image on every selected node), as a Job's `ttlSecondsAfterFinished`:
     /// its nodes' pins are released, and the images stay until kubelet's
@@ -114,6 +124,7 @@ crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
         tolerations: Vec::new(),
         replicas: None,
         ttl_seconds_after_ready: None,
+        pull_stall_timeout_seconds: None,
         image_pull_secrets: Vec::new(),
         unreadable: Some(why),
     }

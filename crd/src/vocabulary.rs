@@ -35,7 +35,9 @@ pub enum PullFailure {
     RegistryUnreachable,
     /// The pull failed for a reason the runtime's message gives (`lastError`).
     PullFailed,
-    /// The attempt ran past the agent's time limit for one pull.
+    /// The attempt made no progress for its stall limit (`pullStallTimeoutSeconds`,
+    /// the agent's `--stall-timeout-seconds`), or, where containerd reports no
+    /// progress (containerd 1.6), ran past `--pull-timeout-seconds`.
     PullTimeout,
     /// The agent cannot reach the node's container runtime.
     RuntimeUnavailable,

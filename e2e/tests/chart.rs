@@ -721,3 +721,32 @@ fn dashboard_and_alerts_read_only_metrics_the_binaries_export() {
         }
     }
 }
+
+/// The chart's alert rules pass promtool's own check (built here from
+/// Prometheus's module): valid PromQL, valid templates, valid durations.
+#[test]
+fn alert_rules_pass_promtool() {
+    let promtool = testbed::builds::fixtures::PROMTOOL.require().unwrap();
+    let (ok, out) = template(&chart(), "metrics.prometheusRule.enabled=true");
+    assert!(ok, "{out}");
+    let rule = serde_yaml_ng::Deserializer::from_str(&out)
+        .filter_map(|doc| serde_json::Value::deserialize(doc).ok())
+        .find(|v| v["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    // promtool reads a rules file: the PrometheusRule's spec is one.
+    let dir = testbed::support::workdir::Workdir::new("promtool-rules");
+    let file = dir.join("rules.yaml");
+    std::fs::write(&file, serde_yaml_ng::to_string(&rule["spec"]).unwrap()).unwrap();
+    let check = Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "promtool check rules:\n{said}");
+    assert!(said.contains("SUCCESS: 6 rules found"), "{said}");
+}

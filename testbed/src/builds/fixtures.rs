@@ -136,6 +136,20 @@ pub const JAEGER: GoFixture = GoFixture {
     main_go: None,
 };
 
+/// promtool, Prometheus's own checker, for the chart's alert rules; without
+/// the service-discovery plugins (`remove_all_sd`), which promtool's rule
+/// checks do not use and which would triple the build.
+pub const PROMTOOL: GoFixture = GoFixture {
+    name: "promtool",
+    module: "github.com/prometheus/prometheus",
+    version: "v0.316.0",
+    package: "github.com/prometheus/prometheus/cmd/promtool",
+    tags: "remove_all_sd",
+    ldflags: "",
+    extra_go_mod: |_| String::new(),
+    main_go: None,
+};
+
 /// What `cargo xtask demo` starts: the control plane, the nodes' containerd
 /// and Jaeger.
 pub const DEMO: &[&GoFixture] = &[&KUBE_APISERVER, &CONTAINERD, &JAEGER];
@@ -152,6 +166,7 @@ pub const ALL: &[&GoFixture] = &[
     &KUBE_SCHEDULER,
     &KUBE_CONTROLLER_MANAGER,
     &KUBE_PROXY,
+    &PROMTOOL,
 ];
 
 /// `${XDG_CACHE_HOME:-$HOME/.cache}/image-prefetch`, or `$IMAGE_PREFETCH_CACHE`.

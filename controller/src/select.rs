@@ -274,8 +274,10 @@ pub struct Selection {
 }
 
 /// The nodes that get the images: every candidate, or `replicas` of them —
-/// those that already hold the images first, then the best-scoring for the
-/// ImagePrefetch `uid`.
+/// those that already hold the images first, then one at a time from the
+/// zone with the fewest chosen so far (so `replicas` spread across zones as
+/// a workload's pods would), the best-scoring there for the ImagePrefetch
+/// `uid`.
 pub fn select<'a>(
     uid: &str,
     target: &Target<'_>,
@@ -285,11 +287,11 @@ pub fn select<'a>(
     now: Timestamp,
     grace: Duration,
 ) -> Selection {
-    let mut candidates: Vec<&str> = nodes
+    let mut candidates: Vec<(&str, &str)> = nodes
         .into_iter()
         .filter_map(|n| {
             let name = n.metadata.name.as_deref()?;
-            is_candidate(target, n, currently_selected(name), now, grace).then_some(name)
+            is_candidate(target, n, currently_selected(name), now, grace).then_some((name, zone(n)))
         })
         .collect();
     let mut insufficient = None;
@@ -298,17 +300,56 @@ pub fn select<'a>(
         if k > candidates.len() {
             insufficient = Some((k, candidates.len()));
         }
-        // Nodes that already hold the images keep them: a new node, however
-        // well it scores, never displaces one. Free places go by score.
-        candidates.sort_by_key(|n| (!currently_selected(n), std::cmp::Reverse(score(uid, n))));
-        candidates.truncate(k);
+        candidates = spread(uid, candidates, k, currently_selected);
     }
+    let candidates: Vec<&str> = candidates.into_iter().map(|(n, _)| n).collect();
     let mut nodes: Vec<String> = candidates.into_iter().map(str::to_string).collect();
     nodes.sort();
     Selection {
         nodes,
         insufficient,
     }
+}
+
+/// `k` of `candidates` (name, zone): those already selected keep their
+/// place (a new node, however well it scores, never displaces one); each
+/// free place goes to the zone with the fewest chosen, to its best-scoring
+/// node.
+fn spread<'a>(
+    uid: &str,
+    mut candidates: Vec<(&'a str, &'a str)>,
+    k: usize,
+    currently_selected: &dyn Fn(&str) -> bool,
+) -> Vec<(&'a str, &'a str)> {
+    candidates.sort_by_key(|(n, _)| (!currently_selected(n), std::cmp::Reverse(score(uid, n))));
+    let (mut chosen, mut free): (Vec<_>, Vec<_>) = candidates
+        .into_iter()
+        .partition(|(n, _)| currently_selected(n));
+    chosen.truncate(k);
+    let mut in_zone: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, z) in &free {
+        in_zone.entry(z).or_default();
+    }
+    for (_, z) in &chosen {
+        *in_zone.entry(z).or_default() += 1;
+    }
+    while chosen.len() < k && !free.is_empty() {
+        // The zone with the fewest chosen that has a free node (ties: by name).
+        let zone = in_zone
+            .iter()
+            .filter(|(z, _)| free.iter().any(|(_, f)| f == *z))
+            .min_by_key(|(z, n)| (**n, **z))
+            .map(|(z, _)| *z)
+            .expect("a free node has a zone");
+        // `free` is sorted by score: the first of that zone is its best.
+        let at = free
+            .iter()
+            .position(|(_, z)| *z == zone)
+            .expect("found above");
+        chosen.push(free.remove(at));
+        *in_zone.get_mut(zone).expect("counted") += 1;
+    }
+    chosen
 }
 
 #[cfg(test)]
@@ -700,6 +741,53 @@ pub(crate) mod tests {
         );
         assert_eq!(s.nodes, ["a", "b"]);
         assert_eq!(s.insufficient, Some((5, 2)));
+    }
+
+    #[test]
+    fn replicas_spread_across_zones_and_keep_their_nodes() {
+        let nodes: Vec<Node> = (0..12)
+            .map(|i| {
+                let zone = ["a", "b", "c"][i % 3];
+                node(&format!("n{i}"), &[(ZONE_LABEL, zone)])
+            })
+            .collect();
+        let zone_of = |n: &str| ["a", "b", "c"][n[1..].parse::<usize>().unwrap() % 3];
+        let zones = |chosen: &[String]| {
+            let mut z: Vec<&str> = chosen.iter().map(|n| zone_of(n)).collect();
+            z.sort();
+            z
+        };
+        for uid in ["u1", "u2", "u3", "u4"] {
+            assert_eq!(
+                zones(&pick(uid, &sel(&[]), Some(3), &nodes)),
+                ["a", "b", "c"]
+            );
+            assert_eq!(zones(&pick(uid, &sel(&[]), Some(5), &nodes)).len(), 5);
+            let five = zones(&pick(uid, &sel(&[]), Some(5), &nodes));
+            for z in ["a", "b", "c"] {
+                let n = five.iter().filter(|x| **x == z).count();
+                assert!((1..=2).contains(&n), "{uid}: {five:?}");
+            }
+        }
+        // Nodes already chosen stay, even if their zone then has more.
+        let holds = |n: &str| n == "n0" || n == "n3";
+        let kept = select(
+            "u1",
+            &Target::labels(&sel(&[])),
+            Some(3),
+            &nodes,
+            &holds,
+            at(0),
+            GRACE,
+        )
+        .nodes;
+        assert!(kept.contains(&"n0".to_string()) && kept.contains(&"n3".to_string()));
+        let third = kept.iter().find(|n| *n != "n0" && *n != "n3").unwrap();
+        assert_ne!(
+            zone_of(third),
+            "a",
+            "the free place goes to another zone: {kept:?}"
+        );
     }
 
     #[test]

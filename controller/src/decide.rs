@@ -52,6 +52,9 @@ pub struct Observed<'a> {
     /// Node×image entries every other ImagePrefetch holds, against
     /// `Config::cluster_budget`.
     pub cluster_entries: usize,
+    /// The `imagePullSecrets` of the ServiceAccount the spec names; `None`:
+    /// it names none; `Err`: it does not exist (why, in words).
+    pub account_secrets: Option<Result<Vec<String>, String>>,
 }
 
 /// What the controller remembers between reconciles, changed by a decision.
@@ -176,6 +179,26 @@ pub fn decide(
     if let Some(why) = &p.spec.unreadable {
         return Ok(unreadable_spec(p, why, observed.now.clone()));
     }
+    // Its pull secrets are not known: nothing is changed until they are.
+    if let Some(Err(why)) = &observed.account_secrets {
+        let status = status::held_back(
+            p,
+            ConditionReason::ServiceAccountNotFound,
+            why,
+            observed.now.clone(),
+        );
+        return Ok(announce_hold(
+            p,
+            status,
+            ConditionReason::ServiceAccountNotFound,
+            why.clone(),
+            OVER_BUDGET_RECHECK,
+        ));
+    }
+    let account_secrets: &[String] = match &observed.account_secrets {
+        Some(Ok(names)) => names,
+        _ => &[],
+    };
     let owned: Vec<&SetView> = observed
         .owned
         .iter()
@@ -292,7 +315,7 @@ pub fn decide(
     // the next wave is decided by looking again at once.
     let mut made_holders = false;
     for (node, entries) in &plan.entries {
-        let desired = desired_set(p, &owner, node, entries.clone(), config);
+        let desired = desired_set(p, &owner, node, entries.clone(), account_secrets, config);
         let existing = by_name.get(desired.name_any().as_str()).copied();
         match existing {
             Some(e) if up_to_date(e, &desired) => after.push(e.clone()),
@@ -738,21 +761,32 @@ fn desired_set(
     owner: &Owner<'_>,
     node: &str,
     entries: Vec<NodeImage>,
+    account_secrets: &[String],
     config: &Config,
 ) -> NodeImageSet {
     let name = names::node_image_set_name(owner.name, owner.uid, node);
+    // The spec's secrets, then its ServiceAccount's, each once.
+    let mut secrets: Vec<&str> = p
+        .spec
+        .image_pull_secrets
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    for s in account_secrets {
+        if !secrets.contains(&s.as_str()) {
+            secrets.push(s);
+        }
+    }
     let mut set = NodeImageSet::new(
         &name,
         NodeImageSetSpec {
             node_name: node.to_string(),
             image_set: entries,
-            image_pull_secrets: p
-                .spec
-                .image_pull_secrets
+            image_pull_secrets: secrets
                 .iter()
                 .map(|s| SecretReference {
                     namespace: owner.namespace.to_string(),
-                    name: s.name.clone(),
+                    name: s.to_string(),
                 })
                 .collect(),
             image_download_retry_limit: config.retry_limit,
@@ -802,6 +836,7 @@ mod tests {
                 tolerations: vec![],
                 ttl_seconds_after_ready: None,
                 pull_stall_timeout_seconds: None,
+                service_account_name: None,
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,
@@ -885,6 +920,7 @@ mod tests {
                 at: self.start + after,
                 namespace_entries: self.namespace_entries,
                 cluster_entries: self.cluster_entries,
+                account_secrets: None,
             };
             let memory = Memory {
                 seeds: &mut self.seeds,

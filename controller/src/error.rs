@@ -34,6 +34,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("reading ServiceAccount {account} (serviceAccountName) for its pull secrets: {source}")]
+    ReadServiceAccount {
+        account: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("deleting ImagePrefetch {prefetch}, ready for its ttlSecondsAfterReady: {source}")]
     DeleteExpired {
         prefetch: String,

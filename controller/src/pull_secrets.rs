@@ -8,7 +8,7 @@
 //! chart's admission policy holds what it writes to exactly this shape (see
 //! `docs/decisions.md`, "Pull-secret access").
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
@@ -36,17 +36,32 @@ impl Grantee {
     }
 }
 
+/// The pull secrets of ServiceAccounts, by (namespace, name), as last read.
+pub type AccountSecrets = HashMap<(String, String), Vec<String>>;
+
 /// The secrets of `namespace` that its ImagePrefetches (those not being
-/// deleted) name, sorted.
+/// deleted) name — themselves, or through their ServiceAccount — sorted.
 pub fn named<'a>(
     namespace: &str,
     prefetches: impl IntoIterator<Item = &'a ImagePrefetch>,
+    accounts: &AccountSecrets,
 ) -> Vec<String> {
     let names: BTreeSet<String> = prefetches
         .into_iter()
         .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .flat_map(|p| p.spec.image_pull_secrets.iter().map(|s| s.name.clone()))
+        .flat_map(|p| {
+            let own = p.spec.image_pull_secrets.iter().map(|s| s.name.clone());
+            let account = p
+                .spec
+                .service_account_name
+                .as_ref()
+                .and_then(|a| accounts.get(&(namespace.to_string(), a.clone())))
+                .into_iter()
+                .flatten()
+                .cloned();
+            own.chain(account).collect::<Vec<_>>()
+        })
         .collect();
     names.into_iter().collect()
 }
@@ -167,6 +182,7 @@ mod tests {
                 tolerations: vec![],
                 ttl_seconds_after_ready: None,
                 pull_stall_timeout_seconds: None,
+                service_account_name: None,
                 replicas: None,
                 image_pull_secrets: secrets
                     .iter()
@@ -192,9 +208,21 @@ mod tests {
             prefetch("team-a", &["leaving"], true),
             prefetch("team-b", &["theirs"], false),
         ];
-        assert_eq!(named("team-a", &all), ["other", "regcred"]);
-        assert_eq!(named("team-b", &all), ["theirs"]);
-        assert!(named("team-c", &all).is_empty());
+        let none = AccountSecrets::new();
+        assert_eq!(named("team-a", &all, &none), ["other", "regcred"]);
+        assert_eq!(named("team-b", &all, &none), ["theirs"]);
+        assert!(named("team-c", &all, &none).is_empty());
+        // A ServiceAccount's secrets are granted as if the spec named them.
+        let mut with_account = prefetch("team-c", &[], false);
+        with_account.spec.service_account_name = Some("builder".into());
+        let accounts = AccountSecrets::from([
+            (("team-c".into(), "builder".into()), vec!["sa-cred".into()]),
+            (
+                ("team-d".into(), "builder".into()),
+                vec!["not-theirs".into()],
+            ),
+        ]);
+        assert_eq!(named("team-c", &[with_account], &accounts), ["sa-cred"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use futures::{StreamExt, TryStreamExt};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
@@ -48,6 +48,9 @@ pub struct Context {
     pub prefetches: std::sync::OnceLock<Store<ImagePrefetch>>,
     /// The pull secrets last granted to the agent, per namespace.
     granted: tokio::sync::Mutex<HashMap<String, Vec<String>>>,
+    /// The pull secrets of the ServiceAccounts ImagePrefetches name, as
+    /// their reconciles last read them: part of each namespace's grant.
+    account_secrets: Mutex<crate::pull_secrets::AccountSecrets>,
     /// Closed once leadership is lost: no write passes it after.
     pub fence: crate::leader::Fence,
     /// True once the node store has its first full list.
@@ -93,6 +96,7 @@ impl Context {
             rollouts: Rollouts::default(),
             prefetches: std::sync::OnceLock::new(),
             granted: tokio::sync::Mutex::default(),
+            account_secrets: Mutex::default(),
             fence,
         }
     }
@@ -260,6 +264,7 @@ async fn apply(
         )
     };
     let (namespace_entries, cluster_entries) = entries_held_by_others(ctx, p);
+    let account_secrets = account_secrets(ctx, p).await?;
     let observed = Observed {
         prefetch: p,
         nodes: &nodes,
@@ -270,6 +275,7 @@ async fn apply(
         at: Instant::now(),
         namespace_entries,
         cluster_entries,
+        account_secrets,
     };
     let decision = {
         let mut seeds = ctx.seeds.lock().expect("seed book lock");
@@ -466,13 +472,64 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// The `imagePullSecrets` of the ServiceAccount `p` names (read at every
+/// reconcile, so one changed is followed; remembered for the namespace's
+/// grants); `Some(Err)` when it does not exist.
+async fn account_secrets(
+    ctx: &Context,
+    p: &ImagePrefetch,
+) -> Result<Option<Result<Vec<String>, String>>, Error> {
+    let Some(account) = &p.spec.service_account_name else {
+        return Ok(None);
+    };
+    let namespace = owner_namespace(p);
+    let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+    let key = (namespace.clone(), account.clone());
+    match api.get_opt(account).await {
+        Ok(Some(sa)) => {
+            let names: Vec<String> = sa
+                .image_pull_secrets
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.name)
+                .filter(|n| !n.is_empty())
+                .collect();
+            ctx.account_secrets
+                .lock()
+                .expect("account secrets lock")
+                .insert(key, names.clone());
+            Ok(Some(Ok(names)))
+        }
+        Ok(None) => {
+            ctx.account_secrets
+                .lock()
+                .expect("account secrets lock")
+                .remove(&key);
+            Ok(Some(Err(format!(
+                "serviceAccountName {account}: no such ServiceAccount in namespace {namespace}; nothing is changed until it exists"
+            ))))
+        }
+        Err(source) => Err(Error::ReadServiceAccount {
+            account: format!("{namespace}/{account}"),
+            source,
+        }),
+    }
+}
+
 /// Keeps `namespace`'s pull-secret grant to the agent in step with the
 /// secrets its ImagePrefetches name; written only when that changes.
 async fn grant_pull_secrets(ctx: &Context, namespace: &str) -> Result<(), Error> {
     let (Some(agent), Some(store)) = (&ctx.config.pull_secret_grantee, ctx.prefetches.get()) else {
         return Ok(());
     };
-    let secrets = pull_secrets::named(namespace, store.state().iter().map(|p| p.as_ref()));
+    let secrets = {
+        let accounts = ctx.account_secrets.lock().expect("account secrets lock");
+        pull_secrets::named(
+            namespace,
+            store.state().iter().map(|p| p.as_ref()),
+            &accounts,
+        )
+    };
     // One writer per namespace at a time, so two reconciles never undo each other.
     let mut granted = ctx.granted.lock().await;
     if granted.get(namespace) == Some(&secrets) {

@@ -330,6 +330,7 @@ mod tests {
                 tolerations: vec![],
                 ttl_seconds_after_ready: None,
                 pull_stall_timeout_seconds: None,
+                service_account_name: None,
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,

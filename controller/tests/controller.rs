@@ -1468,3 +1468,90 @@ async fn a_prefetch_ready_for_its_ttl_is_deleted_with_its_sets() {
     assert!(api.get("waiting").await.is_ok());
     assert!(!sets(&client, &waiting).await.is_empty());
 }
+
+/// `serviceAccountName`: the ServiceAccount's `imagePullSecrets` go into
+/// every set beside the spec's own, and into the agent's grant; one that
+/// does not exist holds the ImagePrefetch back (Degraded
+/// ServiceAccountNotFound, a Warning) until it is created.
+#[tokio::test]
+async fn a_service_accounts_pull_secrets_are_used_as_named_ones() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::Role;
+    let client = client().await;
+    let ns = namespace(&client, "accounts").await;
+    let mut config = config(&ns);
+    config.pull_secret_grantee = Some(controller::pull_secrets::Grantee {
+        namespace: ns.clone(),
+        name: "agent".into(),
+    });
+    let _controller = Running::start(&client, config);
+    nodes(&client, &ns, 1, &[]).await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let account = |name: &str| {
+        serde_json::from_value::<ServiceAccount>(json!({
+            "metadata": {"name": name},
+            "imagePullSecrets": [{"name": "sa-cred"}],
+        }))
+        .unwrap()
+    };
+    accounts
+        .create(&Default::default(), &account("builder"))
+        .await
+        .unwrap();
+    let uid = created(
+        &client,
+        &ns,
+        &prefetch(
+            "built",
+            json!({"images": ["registry.example.com/accounts/app:1"], "nodeSelector": {"test-group": ns},
+                   "serviceAccountName": "builder", "imagePullSecrets": [{"name": "own-cred"}]}),
+        ),
+    )
+    .await;
+    let set = wait_for_nodes(&client, &uid, &[&format!("{ns}-0")]).await;
+    let secrets: Vec<(String, String)> = set[0]
+        .spec
+        .image_pull_secrets
+        .iter()
+        .map(|s| (s.namespace.clone(), s.name.clone()))
+        .collect();
+    assert_eq!(
+        secrets,
+        [
+            (ns.clone(), "own-cred".to_string()),
+            (ns.clone(), "sa-cred".to_string())
+        ]
+    );
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    poll("the grant names the account's secret", || async {
+        let role = roles.get(controller::pull_secrets::NAME).await.ok()?;
+        let names = role.rules?.first()?.resource_names.clone()?;
+        (names == ["own-cred", "sa-cred"]).then_some(())
+    })
+    .await;
+
+    // A ServiceAccount that does not exist: held back, then released.
+    let ghost = created(
+        &client,
+        &ns,
+        &prefetch(
+            "ghost",
+            json!({"images": ["registry.example.com/accounts/app:2"], "nodeSelector": {"test-group": ns},
+                   "serviceAccountName": "ghost"}),
+        ),
+    )
+    .await;
+    let held = poll("Degraded ServiceAccountNotFound", || async {
+        let st = status(&client, &ns, "ghost").await?;
+        let c = crd::condition::find(&st.conditions, crd::ConditionType::Degraded)?.clone();
+        (c.reason == crd::ConditionReason::ServiceAccountNotFound.as_str()).then_some(c)
+    })
+    .await;
+    assert!(held.message.contains("ghost"), "{}", held.message);
+    assert!(sets(&client, &ghost).await.is_empty());
+    accounts
+        .create(&Default::default(), &account("ghost"))
+        .await
+        .unwrap();
+    wait_for_nodes(&client, &ghost, &[&format!("{ns}-0")]).await;
+}

@@ -104,6 +104,14 @@ pub struct ImagePrefetchSpec {
     #[schemars(range(min = 0, max = MAX_TTL_SECONDS))]
     pub ttl_seconds_after_ready: Option<i64>,
 
+    /// A ServiceAccount of this namespace whose `imagePullSecrets` are used
+    /// to pull too, as if they were listed in `imagePullSecrets` (the same
+    /// grants to the agent, the same isolation): the credentials a
+    /// workload's pods already pull with, with no secret named twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::DNS_SUBDOMAIN))]
+    pub service_account_name: Option<String>,
+
     /// Secrets of type kubernetes.io/dockerconfigjson in this namespace, used to pull.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_PULL_SECRETS))]
@@ -125,6 +133,7 @@ crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
         replicas: None,
         ttl_seconds_after_ready: None,
         pull_stall_timeout_seconds: None,
+        service_account_name: None,
         image_pull_secrets: Vec::new(),
         unreadable: Some(why),
     }

@@ -106,6 +106,9 @@ pub enum ConditionReason {
     SpecUnreadable,
     /// The namespace's budget of NodeImageSet entries has no room for this ImagePrefetch.
     BudgetExceeded,
+    /// `serviceAccountName` names a ServiceAccount this namespace does not
+    /// have; nothing is changed until it exists (its pull secrets are not known).
+    ServiceAccountNotFound,
 }
 
 /// The reason of an Event the controller publishes on an ImagePrefetch.
@@ -135,6 +138,8 @@ pub enum EventReason {
     SpecUnreadable,
     /// The namespace's budget has no room for this ImagePrefetch (Warning).
     BudgetExceeded,
+    /// The ServiceAccount `serviceAccountName` names does not exist (Warning).
+    ServiceAccountNotFound,
     /// A reconcile failed: the note names the operation and the object (a
     /// NodeImageSet is the related object); it is retried with backoff (Warning).
     ReconcileFailed,
@@ -209,6 +214,7 @@ impl ConditionReason {
             ConditionReason::AgentNotReporting => EventReason::AgentNotReporting,
             ConditionReason::SpecUnreadable => EventReason::SpecUnreadable,
             ConditionReason::BudgetExceeded => EventReason::BudgetExceeded,
+            ConditionReason::ServiceAccountNotFound => EventReason::ServiceAccountNotFound,
             _ => return None,
         })
     }

@@ -146,6 +146,15 @@ pub struct RunArgs {
     /// image-prefetch-pull-secrets).
     #[arg(long, value_name = "NS/NAME", value_parser = grantee)]
     pub agent_service_account: Option<Grantee>,
+    /// The readiness gate: nodes that join with this taint (NoSchedule) keep
+    /// it until they hold every image of the ImagePrefetches that select
+    /// them; the controller then removes it (off when unset).
+    #[arg(long, value_name = "KEY")]
+    pub readiness_taint: Option<String>,
+    /// How long a node may keep the readiness gate's taint waiting for its
+    /// images; then it is removed anyway, with a Warning on the node.
+    #[arg(long, value_name = "S", default_value_t = 600)]
+    pub readiness_timeout_seconds: u64,
     /// The namespace the controller runs in: its Lease and the agent
     /// DaemonSet it keeps live there.
     #[arg(
@@ -213,6 +222,10 @@ impl RunArgs {
             config.node_scope.selector = selector;
         }
         config.node_scope.control_plane = self.control_plane_nodes;
+        config.gate = self.readiness_taint.map(|taint| crate::gate::Gate {
+            taint,
+            timeout: secs(self.readiness_timeout_seconds),
+        });
         config.pull_secret_grantee = self.agent_service_account;
         if self.leader_elect {
             let identity = self.instance.clone().unwrap_or_else(host_name);

@@ -63,6 +63,8 @@ pub struct Config {
     /// Most entries all ImagePrefetches may hold on one node together (the
     /// agent's memory grows with its node's entries).
     pub node_budget: Option<usize>,
+    /// The readiness gate for new nodes; `None`: off.
+    pub gate: Option<crate::gate::Gate>,
 }
 
 impl Default for Config {
@@ -83,6 +85,7 @@ impl Default for Config {
             namespace_budget: None,
             cluster_budget: None,
             node_budget: None,
+            gate: None,
         }
     }
 }

@@ -209,7 +209,11 @@ pub fn decide(
     let selection = info_span!("select", nodes = observed.nodes.len()).in_scope(|| {
         select::select(
             owner.uid,
-            &select::Target::of(&p.spec),
+            &select::Target {
+                // A node waiting behind the readiness gate is one to fill.
+                own_taint: config.gate.as_ref().map(|g| g.taint.as_str()),
+                ..select::Target::of(&p.spec)
+            },
             p.spec.replicas,
             observed
                 .nodes

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod error;
+pub mod gate;
 pub mod index;
 pub mod leader;
 pub mod metrics;

@@ -36,6 +36,13 @@ pub struct UnreadableLabels {
     pub part: String,
 }
 
+/// Why a node's readiness gate opened.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GateLabels {
+    /// `images-ready` or `timed-out`.
+    pub why: String,
+}
+
 /// One ImagePrefetch, for the per-rollout gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PrefetchLabels {
@@ -69,6 +76,8 @@ pub struct Metrics {
     pub desired_nodes: Family<PrefetchLabels, Gauge>,
     pub ready_nodes: Family<PrefetchLabels, Gauge>,
     pub degraded: Family<DegradedLabels, Gauge>,
+    /// Readiness-gate taints removed, by why.
+    pub gates_opened: Family<GateLabels, Counter>,
 }
 
 impl Metrics {
@@ -85,6 +94,7 @@ impl Metrics {
             desired_nodes: Family::default(),
             ready_nodes: Family::default(),
             degraded: Family::default(),
+            gates_opened: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("image_prefetch_controller");
         r.register(
@@ -132,6 +142,11 @@ impl Metrics {
             "prefetch_ready_nodes",
             "Nodes holding every image of an ImagePrefetch, from its status",
             m.ready_nodes.clone(),
+        );
+        r.register(
+            "gates_opened",
+            "Readiness-gate taints removed from nodes: their images there (images-ready), or the time limit passed (timed-out)",
+            m.gates_opened.clone(),
         );
         r.register(
             "prefetch_degraded",

@@ -101,7 +101,7 @@ impl Context {
         }
     }
 
-    fn wrote(&self) {
+    pub(crate) fn wrote(&self) {
         self.metrics.writes.inc();
     }
 }

@@ -195,6 +195,11 @@ pub async fn run(
             })
     };
     let readiness = tokio::spawn(report_ready(ctx.clone(), prefetches_listed, health, role));
+    let gate = ctx
+        .config
+        .gate
+        .clone()
+        .map(|gate| tokio::spawn(crate::gate::keep(ctx.clone(), gate)));
     let prefetch_events = triggers::prefetch_changes(prefetch_events);
     let controller = Controller::for_stream(prefetch_events, all_prefetches.clone())
         .with_config(
@@ -239,6 +244,9 @@ pub async fn run(
     info!("image-prefetch controller stopped");
     housekeeping.abort();
     readiness.abort();
+    if let Some(gate) = gate {
+        gate.abort();
+    }
     let _ = keeper_stop.send(());
     if let Some(k) = keeper {
         let _ = k.await;

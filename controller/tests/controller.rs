@@ -1555,3 +1555,106 @@ async fn a_service_accounts_pull_secrets_are_used_as_named_ones() {
         .unwrap();
     wait_for_nodes(&client, &ghost, &[&format!("{ns}-0")]).await;
 }
+
+/// The readiness gate: a node that joins with the gate's taint gets its
+/// images like any other (the taint is the product's own), and the taint
+/// comes off once it holds every image of the ImagePrefetches that select
+/// it — an Event on the node says so; a node whose images do not come is
+/// let go after the time limit, with a Warning.
+#[tokio::test]
+async fn a_gated_node_is_let_in_once_its_images_are_there() {
+    use k8s_openapi::api::core::v1::Node;
+    let client = client().await;
+    let ns = namespace(&client, "gate").await;
+    let taint = "imageprefetch.io/not-ready";
+    let mut config = config(&ns);
+    config.gate = Some(controller::gate::Gate {
+        taint: taint.into(),
+        timeout: Duration::from_secs(8),
+    });
+    let _controller = Running::start(&client, config);
+    let names = nodes(&client, &ns, 2, &[]).await;
+    for n in &names {
+        testbed::support::nodes::taint(&client, n, &[(taint, "", "NoSchedule")])
+            .await
+            .unwrap();
+    }
+    let image = "registry.example.com/gate/app:1";
+    let uid = created(
+        &client,
+        &ns,
+        &prefetch(
+            "app",
+            json!({"images": [image], "nodeSelector": {"test-group": ns}}),
+        ),
+    )
+    .await;
+    // Both gated nodes are selected: the gate's taint keeps no node out.
+    wait_for_nodes(&client, &uid, &[&names[0], &names[1]]).await;
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let gated = |node: Node| {
+        node.spec
+            .and_then(|s| s.taints)
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.key == taint)
+    };
+    // The first node's image arrives (the seed's, as its agent reports).
+    let first = poll("a seed", || async {
+        entries(&client, &uid)
+            .await
+            .into_iter()
+            .find(|(_, e)| !e.is_empty())
+            .map(|(n, _)| n)
+    })
+    .await;
+    let other = names.iter().find(|n| **n != first).unwrap().clone();
+    report(
+        &client,
+        &set_on(&client, &uid, &first).await,
+        image,
+        PullState::Available,
+    )
+    .await;
+    poll("the first node let in", || async {
+        (!gated(nodes_api.get(&first).await.ok()?)).then_some(())
+    })
+    .await;
+    assert!(
+        gated(nodes_api.get(&other).await.unwrap()),
+        "the other node has no image yet"
+    );
+    // The other node's agent says nothing: let in after the limit, with a Warning.
+    poll("the other node let in after the limit", || async {
+        (!gated(nodes_api.get(&other).await.ok()?)).then_some(())
+    })
+    .await;
+    let events: Api<Event> = Api::all(client.clone());
+    let about = |node: &str, reason: crd::EventReason| {
+        let node = node.to_string();
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason.as_str())
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(node.as_str())
+                })
+        }
+    };
+    poll("NodeImagesReady on the first node", || {
+        about(&first, crd::EventReason::NodeImagesReady)
+    })
+    .await;
+    let timed_out = poll("NodeGateTimedOut on the other", || {
+        about(&other, crd::EventReason::NodeGateTimedOut)
+    })
+    .await;
+    assert_eq!(timed_out.type_.as_deref(), Some("Warning"));
+    assert!(timed_out.note.unwrap_or_default().contains(image));
+}

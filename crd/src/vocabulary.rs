@@ -140,6 +140,12 @@ pub enum EventReason {
     BudgetExceeded,
     /// The ServiceAccount `serviceAccountName` names does not exist (Warning).
     ServiceAccountNotFound,
+    /// On a Node: every image of the ImagePrefetches that select it is
+    /// there; the readiness gate's taint is removed.
+    NodeImagesReady,
+    /// On a Node: the readiness gate's time limit passed with images still
+    /// missing; its taint is removed anyway (Warning).
+    NodeGateTimedOut,
     /// A reconcile failed: the note names the operation and the object (a
     /// NodeImageSet is the related object); it is retried with backoff (Warning).
     ReconcileFailed,

@@ -47,6 +47,8 @@ fn lint_is_clean_in_strict_mode() {
             "metrics.grafanaDashboard.enabled=true",
             "--set",
             "metrics.prometheusRule.enabled=true",
+            "--set",
+            "readinessGate.taint=imageprefetch.io/not-ready",
         ],
     ] {
         let mut args = vec!["lint", "--strict", chart];

@@ -351,9 +351,14 @@ impl Job {
             .clone()
             .unwrap_or_else(|| watch::channel(Progress::default()).0);
         let told = progress.subscribe();
-        let pull = self
-            .runtime
-            .pull(&source, name, &host_dir, keyring, Some(progress));
+        let pull = self.runtime.pull(
+            &source,
+            name,
+            &host_dir,
+            keyring,
+            Some(progress),
+            self.wanted.pin,
+        );
         let limits = Limits {
             stall: self
                 .wanted

@@ -27,6 +27,9 @@ pub struct Want {
     /// An attempt that fetched nothing new for this long is ended; `None`:
     /// the agent's default.
     pub stall_timeout: Option<Duration>,
+    /// Whether the image is pinned against kubelet's garbage collection
+    /// (and pulled again when something removes it).
+    pub pin: bool,
     pub secrets: Vec<SecretReference>,
     /// The `traceparent` of the controller span that wrote the set.
     pub trace: Option<String>,
@@ -78,6 +81,9 @@ pub enum State {
         attempts: i32,
         retry_at: Instant,
     },
+    /// Removed from the node (by kubelet's garbage collection) while its
+    /// entry asks for no pin: not pulled again until the entry changes.
+    Reclaimed,
 }
 
 /// Progress reported in a set's status: the bytes, and when.
@@ -185,6 +191,46 @@ impl Ledger {
     /// The sets as they are now: starts what is new, changed or due for a
     /// retry; aborts and forgets what is no longer listed.
     pub fn observe(&mut self, listed: Vec<Listed>, now: Instant) -> Vec<Action> {
+        let pinned_before = self.wanted_pinned();
+        let known_before: BTreeSet<String> =
+            self.records.keys().map(|k| store_name(&k.1)).collect();
+        let actions = self.observe_entries(listed, now);
+        self.repin(pinned_before, &known_before, actions)
+    }
+
+    /// Images some entry wants pinned (held sets' entries included).
+    fn wanted_pinned(&self) -> BTreeSet<String> {
+        self.records
+            .iter()
+            .filter(|(_, r)| r.want.pin)
+            .map(|(k, _)| store_name(&k.1))
+            .collect()
+    }
+
+    /// After entries changed: a pin comes off an image no entry wants pinned
+    /// any more, and goes on a present image that was held unpinned and an
+    /// entry now wants pinned. (A pull's end pins what it pulled; an image
+    /// adopted after a restart keeps the pin it has.)
+    fn repin(
+        &self,
+        before: BTreeSet<String>,
+        known_before: &BTreeSet<String>,
+        mut actions: Vec<Action>,
+    ) -> Vec<Action> {
+        let after = self.wanted_pinned();
+        let present = self.present();
+        for name in before.difference(&after) {
+            actions.push(Action::Release(name.clone()));
+        }
+        for name in after.difference(&before) {
+            if present.contains(name) && known_before.contains(name) {
+                actions.push(Action::Pin(name.clone()));
+            }
+        }
+        actions
+    }
+
+    fn observe_entries(&mut self, listed: Vec<Listed>, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let wanted: HashMap<Key, &Listed> = listed.iter().map(|l| (l.key.clone(), l)).collect();
         // Withdrawn entries: their set was deleted, or the entry removed.
@@ -195,21 +241,12 @@ impl Ledger {
             .cloned()
             .collect();
         withdrawn.sort();
-        let mut released = BTreeSet::new();
+        // (An image stays pinned while any entry, of any set, wants it
+        // pinned: `repin`.)
         for key in withdrawn {
             let record = self.records.remove(&key).expect("listed above");
             if matches!(record.state, State::Pulling { .. }) {
                 actions.push(Action::Abort(key.clone()));
-            }
-            released.insert(store_name(&key.1));
-        }
-        // An image stays pinned while any entry, of any set, still wants it
-        // (held sets' entries included).
-        for name in released {
-            let still_wanted = listed.iter().any(|l| store_name(&l.key.1) == name)
-                || self.records.keys().any(|k| store_name(&k.1) == name);
-            if !still_wanted {
-                actions.push(Action::Release(name));
             }
         }
         let mut keys: Vec<&Key> = wanted.keys().collect();
@@ -342,8 +379,11 @@ impl Ledger {
         r.state = match result {
             Ok((present, attempts)) => {
                 r.failed_rounds = 0;
-                // Pulled, or found already there: pinned either way.
-                actions.push(Action::Pin(store_name(&key.1)));
+                // Pulled, or found already there: pinned either way, when
+                // its entry asks for a pin.
+                if want.pin {
+                    actions.push(Action::Pin(store_name(&key.1)));
+                }
                 State::Available {
                     present,
                     attempts,
@@ -375,6 +415,15 @@ impl Ledger {
         let mut actions = Vec::new();
         for key in keys {
             let want = self.records[&key].want.clone();
+            if !want.pin {
+                // Unpinned on purpose: kubelet's garbage collection may
+                // take it, and pulling it back would fight it.
+                if let Some(r) = self.records.get_mut(&key) {
+                    r.state = State::Reclaimed;
+                }
+                actions.push(Action::Report(key.0.clone()));
+                continue;
+            }
             actions.extend(self.start(&Listed {
                 key,
                 want,
@@ -382,6 +431,16 @@ impl Ledger {
             }));
         }
         actions
+    }
+
+    /// Names of the images the ledger holds as present that some entry
+    /// wants pinned.
+    pub fn pinned(&self) -> BTreeSet<String> {
+        let wanted = self.wanted_pinned();
+        self.present()
+            .into_iter()
+            .filter(|n| wanted.contains(n))
+            .collect()
     }
 
     /// Names of the images the ledger holds as present.
@@ -448,6 +507,13 @@ impl Ledger {
                 s.last_error = Some(crd::node_image_set::error_message(&failure.message));
                 s.reason = Some(failure.reason);
             }
+            State::Reclaimed => {
+                s.state = PullState::Waiting;
+                s.last_error = Some(
+                    "removed from the node (kubelet's image garbage collection); not pulled again: its ImagePrefetch asks for no pin"
+                        .into(),
+                );
+            }
         }
         Some(s)
     }
@@ -498,6 +564,7 @@ mod tests {
             },
             retry_limit: 3,
             stall_timeout: None,
+            pin: true,
             secrets: vec![],
             trace: None,
         }
@@ -755,6 +822,55 @@ mod tests {
         assert!(a.is_empty(), "b still wants it: {a:?}");
         let a = l.observe(vec![], now);
         assert_eq!(a, [Action::Release(store_name(IMG))]);
+    }
+
+    #[test]
+    fn an_unpinned_entry_is_not_pinned_nor_pulled_back_after_garbage_collection() {
+        let mut l = Ledger::default();
+        let unpinned = Want {
+            pin: false,
+            ..want("u1", RegistryPolicy::Mirror, Some(D))
+        };
+        let t0 = Instant::now();
+        l.observe(vec![listed("s", &unpinned)], t0);
+        let a = l.finished(&key("s"), &unpinned, Ok((present(), 1)), t0);
+        assert_eq!(a, [Action::Report("s".into())], "no Pin");
+        assert!(l.pinned().is_empty());
+        // kubelet's garbage collection took it: reported Waiting, not pulled.
+        let a = l.gone_from_node(&store_name(IMG));
+        assert_eq!(a, [Action::Report("s".into())]);
+        let st = l.status(&key("s")).unwrap();
+        assert_eq!(st.state, PullState::Waiting);
+        assert!(st.last_error.unwrap().contains("garbage collection"));
+        assert!(l.observe(vec![listed("s", &unpinned)], t0).is_empty());
+    }
+
+    #[test]
+    fn an_image_stays_pinned_while_any_entry_wants_it_pinned() {
+        let mut l = Ledger::default();
+        let pinned = want("u1", RegistryPolicy::Mirror, Some(D));
+        let unpinned = Want {
+            pin: false,
+            ..want("u2", RegistryPolicy::Mirror, Some(D))
+        };
+        let t0 = Instant::now();
+        let both = || vec![listed("a", &pinned), listed("b", &unpinned)];
+        l.observe(both(), t0);
+        let a = l.finished(&key("a"), &pinned, Ok((present(), 1)), t0);
+        assert!(a.contains(&Action::Pin(store_name(IMG))));
+        l.finished(&key("b"), &unpinned, Ok((present(), 1)), t0);
+        assert_eq!(l.pinned(), BTreeSet::from([store_name(IMG)]));
+        // The pinned entry goes: the pin comes off, the image stays.
+        let a = l.observe(vec![listed("b", &unpinned)], t0);
+        assert_eq!(a, [Action::Release(store_name(IMG))]);
+        assert!(l.pinned().is_empty());
+        // Its ImagePrefetch asks for a pin again: pinned, nothing pulled.
+        let repinned = Want {
+            pin: true,
+            ..unpinned.clone()
+        };
+        let a = l.observe(vec![listed("b", &repinned)], t0);
+        assert_eq!(a, [Action::Pin(store_name(IMG))]);
     }
 
     #[test]

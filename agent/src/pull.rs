@@ -250,11 +250,12 @@ impl Runtime {
         host_dir: &Path,
         keyring: Option<(Keyring, String)>,
         progress: Option<watch::Sender<Progress>>,
+        pin: bool,
     ) -> Result<Pulled, PullError> {
         let started = Instant::now();
         if self.transfer.load(Ordering::Relaxed) {
             match self
-                .transfer_pull(source, name, host_dir, keyring.clone(), progress)
+                .transfer_pull(source, name, host_dir, keyring.clone(), progress, pin)
                 .await
             {
                 Err(PullError::Unsupported) => {
@@ -310,6 +311,7 @@ impl Runtime {
         host_dir: &Path,
         keyring: Option<(Keyring, String)>,
         progress: Option<watch::Sender<Progress>>,
+        pin: bool,
     ) -> Result<(), PullError> {
         let auth = match keyring {
             Some((ring, repository)) if !ring.is_empty() => {
@@ -339,7 +341,12 @@ impl Runtime {
                 labels.insert(CRI_MANAGED.0.to_string(), CRI_MANAGED.1.to_string());
                 labels
             }
-            None => [CRI_MANAGED, CRI_PINNED, OWN_PIN]
+            // (Unpinned when its entry asks for no pin.)
+            None if pin => [CRI_MANAGED, CRI_PINNED, OWN_PIN]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            None => [CRI_MANAGED]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),

@@ -33,6 +33,7 @@ pub fn listed(sets: &[Arc<NodeImageSet>]) -> Vec<Listed> {
                         .pull_stall_timeout_seconds
                         .and_then(|s| u64::try_from(s).ok())
                         .map(std::time::Duration::from_secs),
+                    pin: set.spec.pin != Some(false),
                     secrets: set.spec.image_pull_secrets.clone(),
                     trace: set.annotations().get(keys::TRACEPARENT_ANNOTATION).cloned(),
                 },

@@ -491,7 +491,7 @@ impl Agent {
     /// (a pin someone removed, or a pin lost to a race, comes back), and
     /// the agent's pins no entry wants come off.
     async fn repair_pins(&self) {
-        for name in self.ledger.present() {
+        for name in self.ledger.pinned() {
             self.pin(name);
         }
         self.release_orphaned_pins().await;
@@ -546,6 +546,7 @@ impl Agent {
             .store
             .state()
             .iter()
+            .filter(|set| set.spec.pin != Some(false))
             .flat_map(|set| {
                 set.spec
                     .image_set

@@ -703,6 +703,7 @@ async fn a_seed_resolves_its_tag_at_the_registry_not_on_the_node_or_a_mirror() {
                 &node.hosts_dir,
                 None,
                 None,
+                true,
             )
             .await
             .unwrap();
@@ -1016,4 +1017,79 @@ async fn kubelet_finds_the_image_by_tag_digest_and_both() {
             status.repo_digests
         );
     }
+}
+
+/// `pin: false`: the image is prefetched without kubelet's garbage
+/// collection pin, and when something removes it (as the garbage
+/// collection would) it is reported Waiting and not pulled again — counted
+/// at the registry.
+#[tokio::test]
+async fn an_unpinned_image_is_left_to_garbage_collection() {
+    let client = testbed::beds::shared::client().await;
+    let dir = Workdir::new("agent-unpinned");
+    let upstream = Registry::start(&dir.join("registry")).unwrap();
+    let image = images::build_and_push(
+        &dir.join("images"),
+        &upstream.host,
+        "team/loose",
+        "1",
+        &[MB],
+    )
+    .unwrap();
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&upstream.host, &[]).unwrap();
+    let (stop, running) = run(&client, config("agent-node-unpinned", &node, &dir));
+    let api: Api<NodeImageSet> = Api::all(client.clone());
+    let obj = json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+        "metadata": {"name": "agent-unpinned", "labels": {keys::NODE: "agent-node-unpinned"}},
+        "spec": {"nodeName": "agent-node-unpinned", "pin": false,
+                 "imageSet": [{"name": image.reference, "registryPolicy": "Default"}]},
+    });
+    api.patch(
+        "agent-unpinned",
+        &PatchParams::apply("test-controller").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap();
+    wait_status(&client, "agent-unpinned", "Available", |s| s.available == 1).await;
+    let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
+    let labels = runtime.labels(&image.reference).await.unwrap();
+    assert!(
+        !labels.contains_key("io.cri-containerd.pinned"),
+        "{labels:?}"
+    );
+    assert!(
+        !labels.contains_key("imageprefetch.io/pinned"),
+        "{labels:?}"
+    );
+    assert_eq!(
+        labels.get("io.cri-containerd.image").map(String::as_str),
+        Some("managed")
+    );
+
+    let gets = || upstream.blob_gets("team/loose").values().sum::<usize>();
+    let before = gets();
+    remove_image(&node, &image.reference).await;
+    let st = wait_status(&client, "agent-unpinned", "Waiting after removal", |s| {
+        s.available == 0 && s.images.iter().any(|i| i.state == PullState::Waiting)
+    })
+    .await;
+    assert!(
+        st.images[0]
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("garbage collection"),
+        "{:?}",
+        st.images[0]
+    );
+    // Waiting, not Pulling: no pull was started (a pull would have been
+    // reported before this status), and none reached the registry.
+    assert_eq!(gets(), before, "the unpinned image was pulled again");
+    assert!(runtime.image(&image.reference).await.unwrap().is_none());
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
 }

@@ -33,7 +33,7 @@ async fn mirror_pull(
     .unwrap();
     let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
     let pulled = runtime
-        .pull(&pinned, &image.reference, &mirror_dir, None, None)
+        .pull(&pinned, &image.reference, &mirror_dir, None, None, true)
         .await
         .unwrap();
     assert_eq!(pulled.digest, image.digest);
@@ -64,6 +64,7 @@ async fn default_pull_comes_from_the_registry_and_is_a_cri_image() {
             &node.hosts_dir,
             None,
             Some(progress),
+            true,
         )
         .await
         .unwrap();
@@ -138,6 +139,7 @@ async fn mirror_pull_never_reaches_the_upstream() {
             &mirror_dir,
             None,
             None,
+            true,
         )
         .await
         .unwrap_err();
@@ -221,7 +223,7 @@ async fn containerd_1_6_falls_back_to_cri() {
     // Pinned to the digest, stored under the tag kubelet will ask for.
     let pinned = format!("{}/team/app@{}", upstream.host, image.digest);
     let pulled = runtime
-        .pull(&pinned, &image.reference, &node.hosts_dir, None, None)
+        .pull(&pinned, &image.reference, &node.hosts_dir, None, None, true)
         .await
         .unwrap();
     assert_eq!(pulled.digest, image.digest);
@@ -305,6 +307,7 @@ async fn pins_and_releases_land_in_the_order_decided() {
             &node.hosts_dir,
             None,
             None,
+            true,
         )
         .await
         .unwrap();
@@ -331,6 +334,7 @@ async fn pins_and_releases_land_in_the_order_decided() {
             &node.hosts_dir,
             None,
             None,
+            true,
         )
         .await
         .unwrap();

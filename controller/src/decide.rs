@@ -795,6 +795,7 @@ fn desired_set(
                 .collect(),
             image_download_retry_limit: config.retry_limit,
             pull_stall_timeout_seconds: p.spec.pull_stall_timeout_seconds,
+            pin: p.spec.pin,
             unreadable: None,
         },
     );
@@ -841,6 +842,7 @@ mod tests {
                 ttl_seconds_after_ready: None,
                 pull_stall_timeout_seconds: None,
                 service_account_name: None,
+                pin: None,
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,

@@ -263,6 +263,7 @@ mod tests {
                 image_pull_secrets: vec![],
                 image_download_retry_limit: 3,
                 pull_stall_timeout_seconds: None,
+                pin: None,
                 unreadable: None,
             },
         );

@@ -331,6 +331,7 @@ mod tests {
                 ttl_seconds_after_ready: None,
                 pull_stall_timeout_seconds: None,
                 service_account_name: None,
+                pin: None,
                 replicas: None,
                 image_pull_secrets: vec![],
                 unreadable: None,

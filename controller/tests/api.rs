@@ -169,6 +169,7 @@ async fn bad_node_reports_are_rejected_naming_the_field() {
             image_pull_secrets: vec![],
             image_download_retry_limit: 3,
             pull_stall_timeout_seconds: None,
+            pin: None,
             unreadable: None,
         },
     );

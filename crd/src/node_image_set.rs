@@ -70,6 +70,11 @@ pub struct NodeImageSetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = crate::prefetch::MAX_STALL_SECONDS))]
     pub pull_stall_timeout_seconds: Option<i64>,
+    /// false: the images are not pinned against kubelet's garbage
+    /// collection, and one it removed is not pulled again (the
+    /// ImagePrefetch's `pin`); unset: pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<bool>,
     /// Set when the stored spec could not be decoded (never serialised).
     #[serde(skip)]
     #[schemars(skip)]
@@ -83,6 +88,7 @@ crate::decode_leniently!(NodeImageSetSpec, "spec", |why| {
         image_pull_secrets: Vec::new(),
         image_download_retry_limit: DEFAULT_RETRY_LIMIT,
         pull_stall_timeout_seconds: None,
+        pin: None,
         unreadable: Some(why),
     }
 });
@@ -101,6 +107,7 @@ impl NodeImageSetSpec {
             image_pull_secrets: Vec::new(),
             image_download_retry_limit: DEFAULT_RETRY_LIMIT,
             pull_stall_timeout_seconds: None,
+            pin: None,
             unreadable: None,
         }
     }

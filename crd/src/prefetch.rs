@@ -104,6 +104,14 @@ pub struct ImagePrefetchSpec {
     #[schemars(range(min = 0, max = MAX_TTL_SECONDS))]
     pub ttl_seconds_after_ready: Option<i64>,
 
+    /// Whether the images are pinned against kubelet's image garbage
+    /// collection while this ImagePrefetch wants them (default true).
+    /// false: prefetched all the same, and kubelet may remove them when it
+    /// needs the room; one it removed is not pulled again (it reads
+    /// `Waiting`) until the ImagePrefetch changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<bool>,
+
     /// A ServiceAccount of this namespace whose `imagePullSecrets` are used
     /// to pull too, as if they were listed in `imagePullSecrets` (the same
     /// grants to the agent, the same isolation): the credentials a
@@ -134,6 +142,7 @@ crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
         ttl_seconds_after_ready: None,
         pull_stall_timeout_seconds: None,
         service_account_name: None,
+        pin: None,
         image_pull_secrets: Vec::new(),
         unreadable: Some(why),
     }

@@ -831,23 +831,7 @@ mod tests {
     const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn prefetch(images: &[&str]) -> ImagePrefetch {
-        let mut p = ImagePrefetch::new(
-            "web",
-            ImagePrefetchSpec {
-                images: images.iter().map(|s| s.to_string()).collect(),
-                node_selector: Default::default(),
-                node_selector_expressions: vec![],
-                node_names: vec![],
-                tolerations: vec![],
-                ttl_seconds_after_ready: None,
-                pull_stall_timeout_seconds: None,
-                service_account_name: None,
-                pin: None,
-                replicas: None,
-                image_pull_secrets: vec![],
-                unreadable: None,
-            },
-        );
+        let mut p = ImagePrefetch::new("web", ImagePrefetchSpec::of_images(images));
         p.metadata.namespace = Some("team".into());
         p.metadata.uid = Some("uid-1".into());
         p.metadata.generation = Some(1);

@@ -175,23 +175,13 @@ mod tests {
         let mut p = ImagePrefetch::new(
             "p",
             ImagePrefetchSpec {
-                images: vec!["registry.example.com/app:1".into()],
-                node_selector: Default::default(),
-                node_selector_expressions: vec![],
-                node_names: vec![],
-                tolerations: vec![],
-                ttl_seconds_after_ready: None,
-                pull_stall_timeout_seconds: None,
-                service_account_name: None,
-                pin: None,
-                replicas: None,
                 image_pull_secrets: secrets
                     .iter()
                     .map(|s| LocalSecretReference {
                         name: s.to_string(),
                     })
                     .collect(),
-                unreadable: None,
+                ..ImagePrefetchSpec::of_images(&["registry.example.com/app:1"])
             },
         );
         p.metadata.namespace = Some(namespace.into());

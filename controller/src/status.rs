@@ -320,23 +320,7 @@ mod tests {
     use super::*;
 
     fn prefetch(images: &[&str]) -> ImagePrefetch {
-        let mut p = ImagePrefetch::new(
-            "p",
-            ImagePrefetchSpec {
-                images: images.iter().map(|s| s.to_string()).collect(),
-                node_selector: Default::default(),
-                node_selector_expressions: vec![],
-                node_names: vec![],
-                tolerations: vec![],
-                ttl_seconds_after_ready: None,
-                pull_stall_timeout_seconds: None,
-                service_account_name: None,
-                pin: None,
-                replicas: None,
-                image_pull_secrets: vec![],
-                unreadable: None,
-            },
-        );
+        let mut p = ImagePrefetch::new("p", ImagePrefetchSpec::of_images(images));
         p.metadata.generation = Some(4);
         p
     }

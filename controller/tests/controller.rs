@@ -1296,16 +1296,7 @@ async fn a_refused_write_is_an_event_naming_the_operation_and_object() {
     let uid = sc
         .prefetch("app", &["registry.example.com/refused/app:1"], json!({}))
         .await;
-    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
-    let event = poll("a ReconcileFailed Event", || async {
-        api.list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some(crd::EventReason::ReconcileFailed.as_str()))
-    })
-    .await;
+    let event = event(&client, Some(&ns), crd::EventReason::ReconcileFailed, None).await;
     let note = event.note.clone().unwrap_or_default();
     assert!(
         note.contains("applying NodeImageSet")
@@ -1455,15 +1446,7 @@ async fn a_prefetch_ready_for_its_ttl_is_deleted_with_its_sets() {
         ready_at.elapsed()
     );
     assert!(sets(&client, &uid).await.is_empty());
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    let expired = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .any(|e| e.reason.as_deref() == Some(crd::EventReason::Expired.as_str()));
-    assert!(expired, "no Expired Event");
+    event(&client, Some(&ns), crd::EventReason::Expired, None).await;
     // Never Ready (its agents never report): kept, whatever its TTL.
     assert!(api.get("waiting").await.is_ok());
     assert!(!sets(&client, &waiting).await.is_empty());
@@ -1629,31 +1612,19 @@ async fn a_gated_node_is_let_in_once_its_images_are_there() {
         (!gated(nodes_api.get(&other).await.ok()?)).then_some(())
     })
     .await;
-    let events: Api<Event> = Api::all(client.clone());
-    let about = |node: &str, reason: crd::EventReason| {
-        let node = node.to_string();
-        let events = events.clone();
-        async move {
-            events
-                .list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some(reason.as_str())
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                            == Some(node.as_str())
-                })
-        }
-    };
-    poll("NodeImagesReady on the first node", || {
-        about(&first, crd::EventReason::NodeImagesReady)
-    })
+    event(
+        &client,
+        None,
+        crd::EventReason::NodeImagesReady,
+        Some(&first),
+    )
     .await;
-    let timed_out = poll("NodeGateTimedOut on the other", || {
-        about(&other, crd::EventReason::NodeGateTimedOut)
-    })
+    let timed_out = event(
+        &client,
+        None,
+        crd::EventReason::NodeGateTimedOut,
+        Some(&other),
+    )
     .await;
     assert_eq!(timed_out.type_.as_deref(), Some("Warning"));
     assert!(timed_out.note.unwrap_or_default().contains(image));

@@ -131,6 +131,16 @@ pub struct ImagePrefetchSpec {
     pub unreadable: Option<Unreadable>,
 }
 
+impl ImagePrefetchSpec {
+    /// A spec of `images` onto every node, everything else as defaulted.
+    pub fn of_images<S: AsRef<str>>(images: &[S]) -> Self {
+        ImagePrefetchSpec {
+            images: images.iter().map(|i| i.as_ref().to_string()).collect(),
+            ..Default::default()
+        }
+    }
+}
+
 crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
     ImagePrefetchSpec {
         images: Vec::new(),

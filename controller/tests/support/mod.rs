@@ -318,3 +318,32 @@ pub async fn warnings(client: &Client, ns: &str, name: &str) -> Vec<(String, Str
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
 }
+
+/// The first Event of `reason` (about the object named `regarding`, when
+/// given), in `ns` or, without one, in every namespace; polled until there
+/// is one.
+pub async fn event(
+    client: &Client,
+    ns: Option<&str>,
+    reason: crd::EventReason,
+    regarding: Option<&str>,
+) -> Event {
+    let api: Api<Event> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    poll(&format!("a {reason} Event"), || async {
+        api.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(reason.as_str())
+                    && regarding.is_none_or(|name| {
+                        e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    })
+            })
+    })
+    .await
+}

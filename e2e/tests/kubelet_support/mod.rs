@@ -52,18 +52,24 @@ pub fn push_product_images(registry: &str) {
 /// machine's disk, however full other work makes it, so no node's image
 /// filesystem is under pressure (the disk guard has tests of its own).
 pub fn install_product(kubeconfig: &std::path::Path, registry: &str) {
+    install_product_with(kubeconfig, registry, &[]);
+}
+
+/// [`install_product`] with more `--set` values.
+pub fn install_product_with(kubeconfig: &std::path::Path, registry: &str, sets: &[&str]) {
     let registry_value = format!("image.registry={registry}");
-    testbed::support::helm::install(
-        kubeconfig,
-        &[
-            "--set",
-            &registry_value,
-            "--set",
-            "image.tag=dev",
-            "--set",
-            "agent.imageFsHighPercent=100",
-        ],
-    );
+    let mut args = vec![
+        "--set",
+        &registry_value,
+        "--set",
+        "image.tag=dev",
+        "--set",
+        "agent.imageFsHighPercent=100",
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    testbed::support::helm::install(kubeconfig, &args);
 }
 
 /// Waits until `namespace`'s controller Deployment has two Ready replicas

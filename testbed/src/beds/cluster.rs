@@ -142,6 +142,22 @@ impl Cluster {
 
     /// As [`start`](Self::start), with the nodes' image filesystem `image_fs`.
     pub async fn start_with(dir: &Path, nodes: usize, image_fs: ImageFs) -> Result<Self> {
+        Self::start_nodes(dir, nodes, image_fs, None).await
+    }
+
+    /// As [`start`](Self::start), every node registering with the taint
+    /// `key` (`NoSchedule`), as kubelet's `registerWithTaints` does: nodes
+    /// that join behind a readiness gate.
+    pub async fn start_gated(dir: &Path, nodes: usize, key: &str) -> Result<Self> {
+        Self::start_nodes(dir, nodes, ImageFs::Roomy, Some(key)).await
+    }
+
+    async fn start_nodes(
+        dir: &Path,
+        nodes: usize,
+        image_fs: ImageFs,
+        taint: Option<&str>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let dir = std::fs::canonicalize(dir).map_err(io_err(dir))?;
         // Mount namespaces are pinned on files of a private mount: the
@@ -209,7 +225,7 @@ impl Cluster {
             prefix,
         };
         for i in 0..nodes {
-            let node = cluster.start_node(i, image_fs)?;
+            let node = cluster.start_node(i, image_fs, taint)?;
             cluster.nodes.push(node);
         }
         // Each node's pod network is reached through that node.
@@ -228,7 +244,7 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn start_node(&self, i: usize, image_fs: ImageFs) -> Result<ClusterNode> {
+    fn start_node(&self, i: usize, image_fs: ImageFs, taint: Option<&str>) -> Result<ClusterNode> {
         let name = format!("kubelet-node-{i}");
         let dir = self.dir.join(&name);
         for sub in ["cni", "static", "kubelet"] {
@@ -357,10 +373,15 @@ healthzBindAddress: 127.0.0.1
 readOnlyPort: 0
 resolvConf: \"\"
 podLogsDir: {logs}
-{pressure}",
+{pressure}{taints}",
             socket = containerd.socket.display(),
             static_dir = dir.join("static").display(),
             logs = dir.join("pod-logs").display(),
+            taints = match taint {
+                Some(key) =>
+                    format!("registerWithTaints: [{{key: \"{key}\", effect: NoSchedule}}]\n"),
+                None => String::new(),
+            },
             pressure = match image_fs {
                 ImageFs::Roomy => "evictionHard: {}\n",
                 // Thresholds no disk meets: kubelet reclaims at once and

@@ -143,19 +143,15 @@ async fn pulls_reports_retries_and_repulls() {
         2,
     )
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let labels = eventually("the pin released", Duration::from_secs(30), || async {
         let labels = runtime.labels(&image.reference).await.unwrap();
-        if !labels.contains_key("io.cri-containerd.pinned") {
-            assert_eq!(
-                labels.get("io.cri-containerd.image").map(String::as_str),
-                Some("managed")
-            );
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "pin not released");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (!labels.contains_key("io.cri-containerd.pinned")).then_some(labels)
+    })
+    .await;
+    assert_eq!(
+        labels.get("io.cri-containerd.image").map(String::as_str),
+        Some("managed")
+    );
 
     let _ = stop.send(());
     running.await.unwrap().unwrap();
@@ -166,23 +162,17 @@ async fn removed_and_pulled_again(node: &Containerd, upstream: &Registry, name: 
     let before = gets();
     remove_image(node, name).await;
     // Within 10 s, as an administrator would expect.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while gets() == before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the removed image was not pulled again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the removed image pulled again",
+        Duration::from_secs(10),
+        || async { (gets() != before).then_some(()) },
+    )
+    .await;
     let runtime = agent::pull::Runtime::connect(&node.socket).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while runtime.image(name).await.unwrap().is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the image did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("the image back", Duration::from_secs(30), || async {
+        runtime.image(name).await.unwrap().map(|_| ())
+    })
+    .await;
 }
 
 /// As an administrator would (`crictl rmi`): every name of the image —

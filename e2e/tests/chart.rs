@@ -8,6 +8,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::api::{Api, Patch, PatchParams, ValidationDirective};
 use serde::Deserialize;
 use serde_json::json;
+use testbed::support::poll::eventually;
 
 fn chart() -> PathBuf {
     testbed::support::helm::chart()
@@ -175,28 +176,28 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
             "metadata": {"name": name}, "spec": {"images": [image]},
         })
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let message = loop {
-        match prefetches
-            .patch(
-                "refused",
-                &params,
-                &Patch::Apply(object("refused", "elsewhere.example/app:1")),
-            )
-            .await
-        {
-            Err(kube::Error::Api(e)) => break e.message,
-            Ok(_) => {
-                let _ = prefetches.delete("refused", &Default::default()).await;
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the allow-list was never enforced"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let message = eventually(
+        "the allow-list enforced",
+        std::time::Duration::from_secs(30),
+        || async {
+            match prefetches
+                .patch(
+                    "refused",
+                    &params,
+                    &Patch::Apply(object("refused", "elsewhere.example/app:1")),
+                )
+                .await
+            {
+                Err(kube::Error::Api(e)) => Some(e.message),
+                Ok(_) => {
+                    let _ = prefetches.delete("refused", &Default::default()).await;
+                    None
+                }
+                Err(e) => panic!("{e}"),
             }
-            Err(e) => panic!("{e}"),
-        }
-    };
+        },
+    )
+    .await;
     assert!(
         message.contains("elsewhere.example/app:1") && message.contains("registry.example.com"),
         "{message}"
@@ -234,20 +235,23 @@ async fn installs_and_enforces_the_allow_list_at_admission() {
         "--wait=false",
     ]);
     assert!(ok, "helm upgrade failed:\n{out}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let probe = object("probe", "registry.example.com/team/app:1");
-    while prefetches
-        .patch("probe", &params, &Patch::Apply(&probe))
-        .await
-        .is_ok()
-    {
-        let _ = prefetches.delete("probe", &Default::default()).await;
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the narrowed list was never enforced"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    eventually(
+        "the narrowed list enforced",
+        std::time::Duration::from_secs(30),
+        || async {
+            if prefetches
+                .patch("probe", &params, &Patch::Apply(&probe))
+                .await
+                .is_ok()
+            {
+                let _ = prefetches.delete("probe", &Default::default()).await;
+                return None;
+            }
+            Some(())
+        },
+    )
+    .await;
     let merge = PatchParams::default();
     prefetches
         .patch(

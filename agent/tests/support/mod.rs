@@ -43,20 +43,18 @@ pub async fn wait_status<F: Fn(&crd::NodeImageSetStatus) -> bool>(
     ok: F,
 ) -> crd::NodeImageSetStatus {
     let api: Api<NodeImageSet> = Api::all(client.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = api.get_status(name).await.unwrap().status;
-        if let Some(st) = &st
-            && ok(st)
-        {
-            return st.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within 60s; the status is {st:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = std::sync::Mutex::new(None);
+    testbed::support::poll::eventually_or(
+        what,
+        Duration::from_secs(60),
+        || async {
+            let st = api.get_status(name).await.unwrap().status;
+            *last.lock().unwrap() = st.clone();
+            st.filter(|st| ok(st))
+        },
+        || format!("the status is {:#?}", last.lock().unwrap()),
+    )
+    .await
 }
 
 /// The real agent binary for `node`, logging (at debug) into `log`.

@@ -16,8 +16,5 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = work::run(client, config, plumbing::shutdown_signal()).await {
-        tracing::error!(error = %e, "agent stopped");
-        std::process::exit(1);
-    }
+    work::run(client, config, plumbing::shutdown_signal()).await;
 }

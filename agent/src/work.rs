@@ -102,18 +102,12 @@ impl Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Pull(#[from] PullError),
-}
-
-/// Runs until `shutdown` completes.
+/// Runs until `shutdown` completes; nothing it meets on the way stops it.
 pub async fn run(
     client: kube::Client,
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), Error> {
+) {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let health = plumbing::serve::Health::default();
@@ -127,9 +121,11 @@ pub async fn run(
             config.containerd_socket.display()
         ),
     );
-    let runtime = Runtime::connect(&config.containerd_socket)
-        .await?
-        .for_platform(config.platform.clone());
+    tokio::pin!(shutdown);
+    let Some(runtime) = connect(&config.containerd_socket, &mut shutdown).await else {
+        return;
+    };
+    let runtime = runtime.for_platform(config.platform.clone());
     health.set(
         true,
         format!(
@@ -164,7 +160,6 @@ pub async fn run(
     info!(node = %agent.config.node_name, "image-prefetch agent following this node's NodeImageSets");
     let mut resync = tokio::time::interval(agent.config.resync);
     let mut deletions = events::watch(agent.config.containerd_socket.clone());
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -219,7 +214,42 @@ pub async fn run(
         task.abort();
     }
     agent.leave_nothing_behind().await;
-    Ok(())
+}
+
+/// containerd on a node that is starting, or restarting under the agent,
+/// may not answer yet (its socket can exist before its services do): the
+/// agent waits for it with capped backoff, not readiness, rather than exit.
+const CONNECT_RETRY: crd::backoff::Doubling =
+    crd::backoff::Doubling::new(Duration::from_millis(200), Duration::from_secs(10));
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(10);
+
+/// The runtime once containerd answers; `None` when `shutdown` came first.
+async fn connect(
+    socket: &std::path::Path,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Option<Runtime> {
+    let mut failures = 0;
+    loop {
+        // A socket that accepts but never answers must not hold the agent.
+        let attempt = tokio::time::timeout(CONNECT_ATTEMPT, Runtime::connect(socket)).await;
+        match attempt.unwrap_or_else(|_| {
+            Err(PullError::Connect {
+                socket: socket.display().to_string(),
+                message: format!("no answer within {CONNECT_ATTEMPT:?}"),
+            })
+        }) {
+            Ok(runtime) => return Some(runtime),
+            Err(e) => {
+                failures += 1;
+                let wait = CONNECT_RETRY.after(failures);
+                warn!(error = %e, retry_in = ?wait, "containerd does not answer yet");
+                tokio::select! {
+                    _ = shutdown.as_mut() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Sleeps until `at`, or for ever when there is nothing to wait for.

@@ -75,7 +75,7 @@ async fn pulls_reports_retries_and_repulls() {
 
     // The agent restarts: it keeps no state of its own and pulls nothing again.
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     let gets_before_restart = upstream.blob_gets("team/web");
     let (stop, running) = start(config.clone());
 
@@ -154,7 +154,7 @@ async fn pulls_reports_retries_and_repulls() {
     );
 
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 async fn removed_and_pulled_again(node: &Containerd, upstream: &Registry, name: &str) {
@@ -440,7 +440,7 @@ async fn metrics_count_pulls_and_bytes_by_source() {
     );
 
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test]
@@ -556,7 +556,7 @@ async fn pins_only_what_it_pinned_and_puts_lost_pins_back() {
         "a pin the agent did not set stays"
     );
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test]
@@ -585,7 +585,7 @@ async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_retu
 
     // The agent is away while its set is deleted.
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     let api: Api<NodeImageSet> = Api::all(client.clone());
     api.delete("agent-orphan", &Default::default())
         .await
@@ -599,7 +599,7 @@ async fn pins_of_sets_deleted_while_the_agent_was_down_are_released_when_it_retu
     )
     .await;
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test]
@@ -664,7 +664,7 @@ async fn a_failed_seed_turned_into_a_mirror_entry_is_pulled_at_once() {
     assert_eq!(st.images[0].source, Some(PullSource::Mirror));
     assert_eq!(st.images[0].digest.as_deref(), Some(image.digest.as_str()));
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test]
@@ -750,7 +750,7 @@ async fn a_seed_resolves_its_tag_at_the_registry_not_on_the_node_or_a_mirror() {
         .collect();
     assert!(asked.is_empty(), "the peer was asked for tags: {asked:?}");
     stop.send(()).unwrap();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test]
@@ -798,7 +798,7 @@ async fn no_pull_starts_while_the_image_filesystem_is_over_its_threshold() {
         "nothing was fetched"
     );
     stop.send(()).unwrap();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 
     // Room again (here: a higher threshold): the same entry completes.
     let (stop, running) = run(&client, config("agent-node-disk", &node, &dir));
@@ -807,7 +807,7 @@ async fn no_pull_starts_while_the_image_filesystem_is_over_its_threshold() {
     })
     .await;
     stop.send(()).unwrap();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 /// containerd before 2.0 cannot keep a pull off the registry (1.7's Transfer
@@ -870,7 +870,7 @@ async fn mirror_entries_fail_closed_on_containerd_before_2() {
         "nothing fetched for the Mirror entry"
     );
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 /// A Mirror pull that finds no peer yet is "not yet", not a failure: the
@@ -937,7 +937,7 @@ async fn a_mirror_miss_is_not_yet_a_failed_attempt() {
         "nothing from upstream"
     );
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 /// What kubelet sees: a prefetched image is found by every reference form a
@@ -968,7 +968,7 @@ async fn kubelet_finds_the_image_by_tag_digest_and_both() {
     .await;
     wait_status(&client, "agent-refs", "Available", |s| s.available == 1).await;
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 
     let repo = format!("{}/team/refs", upstream.host);
     let channel = containerd_client::connect(&node.socket).await.unwrap();
@@ -1081,5 +1081,5 @@ async fn an_unpinned_image_is_left_to_garbage_collection() {
     assert!(runtime.image(&image.reference).await.unwrap().is_none());
 
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }

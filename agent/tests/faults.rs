@@ -1,7 +1,7 @@
 //! The agent when things go wrong: a registry that goes away and comes
 //! back, one that hangs, the agent itself killed in the middle of a pull, a
-//! set deleted in the middle of one, and the node's containerd coming back
-//! with its state wiped.
+//! set deleted in the middle of one, the node's containerd coming back
+//! with its state wiped, and a containerd that is not there yet.
 
 mod support;
 
@@ -87,7 +87,7 @@ async fn a_registry_that_comes_back_within_the_budget_is_used() {
     );
 
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test]
@@ -135,7 +135,7 @@ async fn a_hung_registry_times_out_and_the_rest_completes() {
     );
 
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test]
@@ -334,7 +334,7 @@ async fn a_set_deleted_mid_pull_aborts_the_pull_releases_its_pins_and_gets_no_mo
         "the aborted image was stored: {listed}"
     );
     stop.send(()).unwrap();
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }
 
 /// A node's containerd comes back with its state wiped (a re-imaged disk, a
@@ -393,6 +393,44 @@ async fn a_containerd_that_comes_back_empty_gets_its_images_again() {
     }
     agent.kill().unwrap();
     agent.wait().unwrap();
+}
+
+/// An agent that starts while its node's containerd does not answer (a node
+/// booting, containerd restarting) waits for it instead of stopping, and
+/// does its work once containerd is there.
+#[tokio::test]
+async fn an_agent_started_before_containerd_waits_for_it() {
+    let client = testbed::beds::shared::client().await;
+    let dir = Workdir::new("agent-faults-late-runtime");
+    let registry = Registry::start(&dir.join("registry")).unwrap();
+    let image =
+        images::build_and_push(&dir.join("images"), &registry.host, "team/late", "1", &[MB])
+            .unwrap();
+    let mut node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&registry.host, &[]).unwrap();
+    let config = config("fault-node-late", &node, &dir);
+    node.crash();
+    let (stop, mut running) = run(&client, config);
+    set(
+        &client,
+        "faults-late",
+        "fault-node-late",
+        json!([{"name": image.reference, "registryPolicy": "Default"}]),
+        1,
+    )
+    .await;
+    // A negative check: still running after a few refused connections.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut running)
+            .await
+            .is_err(),
+        "the agent stopped without containerd"
+    );
+    let node = Containerd::start(&dir.join("node")).unwrap();
+    node.configure_registry(&registry.host, &[]).unwrap();
+    wait_status(&client, "faults-late", "Available", |s| s.available == 1).await;
+    let _ = stop.send(());
+    running.await.unwrap();
 }
 
 /// A pull over a slow link that keeps moving outlasts both the stall limit
@@ -456,5 +494,5 @@ async fn a_slow_pull_that_moves_completes_and_a_stalled_one_is_ended() {
     eprintln!("ended {:?} after the cut", started.elapsed());
 
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }

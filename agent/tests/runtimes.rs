@@ -85,6 +85,6 @@ async fn seeds_and_mirror_pulls_count_the_same_on_every_containerd() {
         );
         assert!(!mirror.blob_gets("team/mirrored").is_empty(), "{tag}");
         let _ = stop.send(());
-        running.await.unwrap().unwrap();
+        running.await.unwrap();
     }
 }

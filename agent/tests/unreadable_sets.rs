@@ -67,7 +67,7 @@ async fn sets_that_do_not_decode_cost_only_themselves() {
     set(&client, "held", NODE, entry(&kept.reference), 2).await;
     wait_status(&client, "held", "Available", |s| s.available == 1).await;
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     let gets_before = upstream.blob_gets("team/kept");
 
     // What an older CRD let into storage: a spec of a newer release, and a
@@ -143,5 +143,5 @@ async fn sets_that_do_not_decode_cost_only_themselves() {
     .await;
     assert_eq!(upstream.blob_gets("team/kept"), gets_before, "pulled again");
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
 }

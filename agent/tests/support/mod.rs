@@ -143,7 +143,7 @@ pub fn run(
     config: agent::work::Config,
 ) -> (
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), agent::work::Error>>,
+    tokio::task::JoinHandle<()>,
 ) {
     logs();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

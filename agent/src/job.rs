@@ -550,6 +550,7 @@ mod tests {
 
     fn entry(name: &str, policy: RegistryPolicy, digest: Option<&str>) -> NodeImage {
         NodeImage {
+            refresh: None,
             name: name.into(),
             registry_policy: policy,
             digest: digest.map(str::to_string),

@@ -97,7 +97,7 @@ pub struct Told {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Start a pull task for the entry (none is running for it).
-    Start(Key, Want),
+    Start(Key, Box<Want>),
     /// Stop the entry's pull task.
     Abort(Key),
     /// Keep the image (stored under this name) from kubelet's garbage
@@ -301,7 +301,7 @@ impl Ledger {
             },
         );
         vec![
-            Action::Start(l.key.clone(), l.want.clone()),
+            Action::Start(l.key.clone(), Box::new(l.want.clone())),
             Action::Report(l.key.0.clone()),
         ]
     }
@@ -471,6 +471,7 @@ impl Ledger {
     pub fn status(&self, key: &Key) -> Option<NodeImageStatus> {
         let r = self.records.get(key)?;
         let mut s = NodeImageStatus::new(&key.1, PullState::Pulling, 0);
+        s.refresh = r.want.entry.refresh.clone();
         match &r.state {
             State::Pulling {
                 attempts,
@@ -520,11 +521,14 @@ impl Ledger {
 }
 
 /// The reported status of a listed entry that says the image is present (at
-/// the pinned digest, when there is one): taken as it stands after a restart.
+/// the pinned digest, when there is one, and for the entry's refresh round):
+/// taken as it stands after a restart.
 fn adoptable(l: &Listed) -> Option<&NodeImageStatus> {
     let r = l.reported.as_ref()?;
     let pinned_ok = l.want.entry.digest.is_none() || l.want.entry.digest == r.digest;
-    (r.state == PullState::Available && pinned_ok && r.digest.is_some()).then_some(r)
+    // A report of an earlier refresh round: the registry is to be asked again.
+    let round_ok = r.refresh == l.want.entry.refresh;
+    (r.state == PullState::Available && pinned_ok && round_ok && r.digest.is_some()).then_some(r)
 }
 
 fn adopted(l: &Listed, r: &NodeImageStatus) -> Record {
@@ -557,6 +561,7 @@ mod tests {
         Want {
             set_uid: uid.into(),
             entry: NodeImage {
+                refresh: None,
                 name: IMG.into(),
                 registry_policy: policy,
                 digest: digest.map(str::to_string),
@@ -613,7 +618,7 @@ mod tests {
         assert_eq!(
             a,
             [
-                Action::Start(key("s"), w.clone()),
+                Action::Start(key("s"), Box::new(w.clone())),
                 Action::Report("s".into())
             ]
         );
@@ -686,7 +691,7 @@ mod tests {
         );
         let mirror = want("u1", RegistryPolicy::Mirror, Some(D));
         let a = l.observe(vec![listed("s", &mirror)], now);
-        assert_eq!(a[0], Action::Start(key("s"), mirror.clone()));
+        assert_eq!(a[0], Action::Start(key("s"), Box::new(mirror.clone())));
         assert!(!a.contains(&Action::Abort(key("s"))), "nothing was running");
         l.finished(&key("s"), &mirror, Ok((present(), 1)), now);
         assert_eq!(
@@ -760,7 +765,7 @@ mod tests {
         let new = want("u2", RegistryPolicy::Default, None);
         let a = l.observe(vec![listed("s", &new)], now);
         assert_eq!(a[0], Action::Abort(key("s")));
-        assert_eq!(a[1], Action::Start(key("s"), new.clone()));
+        assert_eq!(a[1], Action::Start(key("s"), Box::new(new.clone())));
         // The old task's late result is not taken for the new entry.
         assert!(
             l.finished(&key("s"), &old, Ok((present(), 1)), now)
@@ -779,7 +784,7 @@ mod tests {
         let a = l.observe(vec![listed("s", &pinned)], now);
         assert_eq!(
             &a[..2],
-            [Action::Abort(key("s")), Action::Start(key("s"), pinned)]
+            [Action::Abort(key("s")), Action::Start(key("s"), Box::new(pinned))]
         );
     }
 
@@ -892,7 +897,7 @@ mod tests {
         assert_eq!(l.status(&key("s")).unwrap().state, PullState::Available);
         // Deleted from the node: pulled again.
         let a = l.gone_from_node(&store_name(IMG));
-        assert_eq!(a[0], Action::Start(key("s"), w));
+        assert_eq!(a[0], Action::Start(key("s"), Box::new(w)));
     }
 
     #[test]
@@ -910,6 +915,71 @@ mod tests {
             Instant::now(),
         );
         assert_eq!(starts(&a), 1);
+    }
+
+    /// A new refresh round on a seed's entry asks the registry again, even
+    /// with the image present; the report names the round it answers, and
+    /// an agent restarted in the middle of a round does not take the last
+    /// round's report for this one's.
+    #[test]
+    fn a_new_refresh_round_pulls_the_tag_again_and_the_report_names_it() {
+        let mut l = Ledger::default();
+        let t0 = Instant::now();
+        let first = Want {
+            entry: NodeImage {
+                refresh: Some("round-1".into()),
+                ..want("u1", RegistryPolicy::Default, None).entry
+            },
+            ..want("u1", RegistryPolicy::Default, None)
+        };
+        l.observe(vec![listed("s", &first)], t0);
+        l.finished(&key("s"), &first, Ok((present(), 1)), t0);
+        let report = l.status(&key("s")).unwrap();
+        assert_eq!(report.refresh.as_deref(), Some("round-1"));
+        // The same round again: nothing to do.
+        assert!(l.observe(vec![listed("s", &first)], t0).is_empty());
+
+        let second = Want {
+            entry: NodeImage {
+                refresh: Some("round-2".into()),
+                ..first.entry.clone()
+            },
+            ..first.clone()
+        };
+        let a = l.observe(vec![listed("s", &second)], t0);
+        assert!(
+            a.contains(&Action::Start(key("s"), Box::new(second.clone()))),
+            "{a:?}"
+        );
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Release(_))),
+            "the pin stays while the tag is asked again: {a:?}"
+        );
+        assert_eq!(
+            l.status(&key("s")).unwrap().refresh.as_deref(),
+            Some("round-2")
+        );
+
+        // Restarted during round 2, with round 1's report in the status.
+        let mut restarted = Ledger::default();
+        let a = restarted.observe(
+            vec![Listed {
+                key: key("s"),
+                want: second.clone(),
+                reported: Some(report.clone()),
+            }],
+            t0,
+        );
+        assert_eq!(starts(&a), 1, "round 1's report is no answer to round 2");
+        let a = Ledger::default().observe(
+            vec![Listed {
+                key: key("s"),
+                want: first,
+                reported: Some(report),
+            }],
+            t0,
+        );
+        assert_eq!(starts(&a), 0, "the same round's report is adopted");
     }
 
     #[test]

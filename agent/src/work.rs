@@ -369,7 +369,7 @@ impl Agent {
     fn apply(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Start(key, want) => self.start(key, want),
+                Action::Start(key, want) => self.start(key, *want),
                 Action::Abort(key) => {
                     if let Some(task) = self.tasks.remove(&key) {
                         task.abort();

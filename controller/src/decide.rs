@@ -292,7 +292,10 @@ pub fn decide(
         observed.at,
         config.agent_silent_after,
     );
-    let mut current = Current::from_sets(selected_sets.iter().copied()).silent(&silence.silent);
+    let round = crate::refresh::round(p, &observed.now);
+    let mut current = Current::from_sets(selected_sets.iter().copied())
+        .silent(&silence.silent)
+        .refresh_round(round.current.clone());
     if !p.spec.image_pull_secrets.is_empty() {
         current = current.private_to(owner.namespace);
     }
@@ -394,7 +397,9 @@ pub fn decide(
         silent: &silence.silent,
     };
     let refs: Vec<&SetView> = after.iter().collect();
-    let status = status::compute(p, &inputs, &refs, observed.now.clone());
+    let mut status = status::compute(p, &inputs, &refs, observed.now.clone());
+    status.last_refresh_time = round.current.clone();
+    status.refresh_request = round.request.clone();
     let progressing = status
         .conditions
         .iter()
@@ -413,7 +418,8 @@ pub fn decide(
                 .unwrap_or(RESYNC)
                 .max(Duration::from_secs(1)),
         )
-        .min(if made_holders { LOOK_AGAIN } else { RESYNC });
+        .min(if made_holders { LOOK_AGAIN } else { RESYNC })
+        .min(round.next_in.unwrap_or(RESYNC).max(Duration::from_secs(1)));
     let left = ttl_left(&status, p.spec.ttl_seconds_after_ready, &observed.now);
     let expire = left == Some(Duration::ZERO);
     if expire {

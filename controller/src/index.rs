@@ -31,9 +31,16 @@ pub trait SetFacts {
     fn spec(&self) -> &NodeImageSetSpec;
     /// The agent's reports, one per image it has seen.
     fn reported(&self) -> &[NodeImageStatus];
-    /// The agent's report on `image` (as listed in the spec).
+    /// The agent's report on `image` (as listed in the spec), when it is
+    /// about what the entry asks for now (see [`crd::NodeImage::answered_by`]):
+    /// a node that reports another digest than the one its entry was pinned
+    /// to anew has not got this one yet.
     fn report_on(&self, image: &str) -> Option<&NodeImageStatus> {
-        self.reported().iter().find(|r| r.name == image)
+        let report = self.reported().iter().find(|r| r.name == image)?;
+        match self.spec().image_set.iter().find(|e| e.name == image) {
+            Some(entry) if !entry.answered_by(report) => None,
+            _ => Some(report),
+        }
     }
     /// The [`image_key`] of each entry of the spec, in its order.
     fn keys(&self) -> Cow<'_, [Arc<str>]> {
@@ -471,6 +478,7 @@ mod tests {
         s.spec.image_set = images
             .iter()
             .map(|i| crd::NodeImage {
+                refresh: None,
                 name: i.to_string(),
                 registry_policy: crd::RegistryPolicy::Default,
                 digest: None,

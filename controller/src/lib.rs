@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod policy;
 pub mod pull_secrets;
 pub mod reconcile;
+pub mod refresh;
 pub mod registries;
 pub mod run;
 pub mod select;

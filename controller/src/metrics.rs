@@ -255,6 +255,7 @@ mod tests {
             NodeImageSetSpec {
                 node_name: "n".into(),
                 image_set: vec![crd::NodeImage {
+                    refresh: None,
                     name: "i".into(),
                     registry_policy: crd::RegistryPolicy::Default,
                     digest: None,

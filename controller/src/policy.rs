@@ -242,16 +242,23 @@ pub struct Current {
     /// (node, image key) entries whose agent has said nothing for long:
     /// not in flight (its node holds no wave back).
     silent: HashSet<(String, String)>,
+    /// The refresh round each (node, image key) report answers.
+    report_rounds: HashMap<(String, String), Option<String>>,
+    refresh_round: Option<String>,
 }
 
 impl Current {
     pub fn from_sets<'a, S: SetFacts + 'a>(sets: impl IntoIterator<Item = &'a S>) -> Self {
         let mut entries = HashMap::new();
         let mut digests = HashMap::new();
+        let mut report_rounds = HashMap::new();
         for set in sets {
             for (entry, key) in set.spec().image_set.iter().zip(set.keys().iter()) {
                 let report = set.report_on(&entry.name);
                 let slot = (set.spec().node_name.clone(), key.to_string());
+                if let Some(r) = report {
+                    report_rounds.insert(slot.clone(), r.refresh.clone());
+                }
                 if let Some(d) = report
                     .filter(|r| r.state == PullState::Available)
                     .and_then(|r| r.digest.clone())
@@ -266,6 +273,8 @@ impl Current {
             digests,
             private_to: None,
             silent: HashSet::new(),
+            report_rounds,
+            refresh_round: None,
         }
     }
 
@@ -278,6 +287,13 @@ impl Current {
         self
     }
 
+    /// The refresh round the ImagePrefetch's seeds answer (`None`: no
+    /// round yet): each entry that resolves a tag carries it.
+    pub fn refresh_round(mut self, round: Option<String>) -> Self {
+        self.refresh_round = round;
+        self
+    }
+
     /// The ImagePrefetch pulls with credentials, in `namespace`.
     pub fn private_to(mut self, namespace: &str) -> Self {
         self.private_to = Some(namespace.to_string());
@@ -286,6 +302,22 @@ impl Current {
 
     fn get(&self, node: &str, key: &str) -> Option<&(NodeImage, Option<PullState>)> {
         self.entries.get(&(node.to_string(), key.to_string()))
+    }
+
+    /// Whether `node`'s report on `key` (if any) answers the current
+    /// refresh round.
+    fn answers_round(&self, node: &str, key: &str) -> bool {
+        self.report_rounds
+            .get(&(node.to_string(), key.to_string()))
+            .is_none_or(|r| *r == self.refresh_round)
+    }
+
+    /// Whether `node` has the image of `key` Available for the current
+    /// refresh round, its entry carrying that round.
+    fn answered_round(&self, node: &str, key: &str) -> bool {
+        matches!(self.get(node, key), Some((e, Some(PullState::Available)))
+            if e.refresh == self.refresh_round)
+            && self.answers_round(node, key)
     }
 
     /// The digest `node` reported for `key`, once Available.
@@ -329,6 +361,12 @@ pub fn resolution(image: &str, nodes: &[String], current: &Current) -> Resolutio
             continue;
         };
         if e.registry_policy != RegistryPolicy::Default || e.digest.is_some() {
+            continue;
+        }
+        // An answer to an earlier refresh round does not count: the node
+        // is asked again (or soon will be), so it is under way.
+        if !current.answers_round(n, &key) {
+            under_way += 1;
             continue;
         }
         match state {
@@ -649,6 +687,50 @@ pub struct Plan {
     pub recheck_at: Option<Instant>,
 }
 
+/// Gives the current refresh round to the entries of `image` that resolve
+/// its tag at the registry (a node whose entry carries a new round asks
+/// again): to one of them, the lead, at once; to the others once the lead
+/// has answered the round and spegel can find what it holds. A tag that
+/// moved then crosses the uplink once: the others' blobs come through the
+/// mirror, from the lead. Until then each keeps the round it had.
+fn stamp_round(
+    image: &str,
+    key: &str,
+    entries: &mut BTreeMap<String, Vec<NodeImage>>,
+    current: &Current,
+    findable: &BTreeSet<&String>,
+) {
+    let Some(round) = current.refresh_round.as_ref() else {
+        return;
+    };
+    if image.contains('@') {
+        return;
+    }
+    let resolves = |e: &NodeImage| {
+        e.name == image && e.registry_policy == RegistryPolicy::Default && e.digest.is_none()
+    };
+    // The first by name: the same node from one reconcile to the next.
+    let Some(lead) = entries
+        .iter()
+        .find(|(_, listed)| listed.iter().any(resolves))
+        .map(|(n, _)| n.clone())
+    else {
+        return;
+    };
+    let lead_answered = current.answered_round(&lead, key) && findable.contains(&lead);
+    for (node, listed) in entries.iter_mut() {
+        for e in listed.iter_mut().filter(|e| resolves(e)) {
+            e.refresh = if *node == lead || lead_answered {
+                Some(round.clone())
+            } else {
+                current
+                    .get(node, key)
+                    .and_then(|(old, _)| old.refresh.clone())
+            };
+        }
+    }
+}
+
 /// Decides the entries of one ImagePrefetch (`images` onto `nodes`).
 pub fn plan(
     images: &[String],
@@ -685,6 +767,7 @@ pub fn plan(
         let shared = shared_key(&key, private_to);
         let facts = view.images.get(&shared).unwrap_or(&no_facts);
         let entry = |policy, digest: Option<String>| NodeImage {
+            refresh: None,
             name: image.clone(),
             registry_policy: policy,
             digest,
@@ -762,9 +845,23 @@ pub fn plan(
             if sources > 0 {
                 let mut in_flight = 0;
                 let mut waiting: Vec<&String> = Vec::new();
+                // Nodes pinned to a digest no longer agreed on (the tag moved
+                // at a refresh round): released again in the waves, after
+                // the nodes that hold nothing, each keeping its old entry —
+                // and the old image pinned — until its turn.
+                let mut repin: Vec<&String> = Vec::new();
                 for n in ours {
                     let out = entries.get_mut(*n).expect("selected");
                     match current.get(n, &key) {
+                        Some((e, _))
+                            if release
+                                && pinned.is_some()
+                                && e.registry_policy == RegistryPolicy::Mirror
+                                && e.digest != pinned =>
+                        {
+                            out.push(e.clone());
+                            repin.push(n);
+                        }
                         // A seed that failed gets the image from the mirror now.
                         // (Not a node just told to seed again: its report
                         // still shows the Mirror pull that failed.)
@@ -838,8 +935,13 @@ pub fn plan(
                     0
                 };
                 waiting.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
+                repin.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
                 let mut serving = facts.serving.clone();
-                for n in waiting.into_iter().take(budget) {
+                let turns = waiting
+                    .into_iter()
+                    .map(|n| (n, false))
+                    .chain(repin.into_iter().map(|n| (n, true)));
+                for (n, repinned) in turns.take(budget) {
                     let mut e = entry(RegistryPolicy::Mirror, pinned.clone());
                     if !nameable.is_empty() {
                         // The least loaded holder with room; none: wait.
@@ -860,7 +962,12 @@ pub fn plan(
                             address: view.addresses[*from].clone(),
                         });
                     }
-                    entries.get_mut(n).expect("selected").push(e);
+                    let out = entries.get_mut(n).expect("selected");
+                    if repinned {
+                        *out.last_mut().expect("its old entry was pushed") = e;
+                    } else {
+                        out.push(e);
+                    }
                 }
                 // No peer has served a Mirror pull and some have failed: if
                 // it lasts, one of the failed nodes seeds from the registry.
@@ -952,6 +1059,7 @@ pub fn plan(
                 }
             }
         }
+        stamp_round(image, &key, &mut entries, current, &findable);
     }
     Plan {
         entries,
@@ -987,6 +1095,8 @@ mod tests {
         private_to: Option<String>,
         /// Nodes' InternalIPs (none: no source can be named).
         addresses: HashMap<String, String>,
+        /// The ImagePrefetch's refresh round.
+        round: Option<String>,
     }
 
     impl Sim {
@@ -1009,6 +1119,7 @@ mod tests {
                 isolate: true,
                 private_to: None,
                 addresses: HashMap::new(),
+                round: None,
             }
         }
 
@@ -1028,7 +1139,8 @@ mod tests {
         fn step(&mut self, images: &[&str]) -> Plan {
             let images: Vec<String> = images.iter().map(|s| s.to_string()).collect();
             let view = self.view();
-            let mut current = Current::from_sets(self.ours.values());
+            let mut current =
+                Current::from_sets(self.ours.values()).refresh_round(self.round.clone());
             if let Some(ns) = &self.private_to {
                 current = current.private_to(ns);
             }
@@ -1095,6 +1207,32 @@ mod tests {
                 }
             }
             panic!("the resolutions of {image} never agreed");
+        }
+
+        /// The node's agent reports `image` in `state`, at `digest`, for
+        /// the refresh round its entry carries.
+        fn report_at(&mut self, node: &str, image: &str, state: PullState, digest: &str) {
+            let set = self.ours.get_mut(node).expect("node has a set");
+            let round = set
+                .spec
+                .image_set
+                .iter()
+                .find(|e| e.name == image)
+                .and_then(|e| e.refresh.clone());
+            report(set, image, state);
+            let st = set.status.as_mut().expect("reported");
+            let r = st.images.iter_mut().find(|r| r.name == image).unwrap();
+            r.digest = (state == PullState::Available).then(|| digest.to_string());
+            r.refresh = round;
+        }
+
+        fn entry_of(&self, node: &str, image: &str) -> Option<&NodeImage> {
+            self.ours
+                .get(node)?
+                .spec
+                .image_set
+                .iter()
+                .find(|e| e.name == image)
         }
 
         fn state_of(&self, node: &str, image: &str) -> Option<PullState> {
@@ -1244,6 +1382,114 @@ mod tests {
         assert_eq!(1 + waves(&mut capped).len(), 36, "1000 nodes capped at 32");
     }
 
+    /// A refresh round: the seeds ask the registry again. A tag that has
+    /// not moved changes nothing else; one that moved is rolled out like a
+    /// new image — no node re-pinned before two seeds agree on the new
+    /// digest, then the others in growing waves from the holders of the new
+    /// digest, each keeping its old entry (and its old image) until its turn.
+    #[test]
+    fn a_tag_that_moved_at_a_refresh_is_rolled_out_again_in_waves() {
+        const MOVED: &str =
+            "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+        let mut sim = Sim::new(16);
+        waves(&mut sim);
+        let seeds = sim.with_policy(IMG, RegistryPolicy::Default);
+        assert_eq!(seeds.len(), CONFIRMATIONS);
+        let mirrors = sim.with_policy(IMG, RegistryPolicy::Mirror);
+        let before: BTreeMap<String, NodeImage> = mirrors
+            .iter()
+            .map(|n| (n.clone(), sim.entry_of(n, IMG).unwrap().clone()))
+            .collect();
+
+        let round_of = |sim: &Sim, n: &str| {
+            sim.entry_of(n, IMG)
+                .unwrap_or_else(|| panic!("{n} has no entry: {:?}", sim.ours.get(n)))
+                .refresh
+                .clone()
+        };
+        // Asks the seeds of `round`, the lead first: the other only once
+        // spegel can find what the lead fetched (its blobs come from the
+        // lead), then returns.
+        let ask = |sim: &mut Sim, round: &str, digest: &str| {
+            sim.round = Some(round.into());
+            sim.step(&[IMG]);
+            assert_eq!(round_of(sim, &seeds[0]).as_deref(), Some(round), "the lead");
+            assert_ne!(round_of(sim, &seeds[1]).as_deref(), Some(round), "not yet");
+            sim.report_at(&seeds[0], IMG, PullState::Pulling, digest);
+            sim.step(&[IMG]);
+            sim.report_at(&seeds[0], IMG, PullState::Available, digest);
+            sim.step(&[IMG]);
+            assert_ne!(
+                round_of(sim, &seeds[1]).as_deref(),
+                Some(round),
+                "not findable yet"
+            );
+            sim.clock += sim.settings.findable_after + Duration::from_secs(1);
+            sim.step(&[IMG]);
+            assert_eq!(
+                round_of(sim, &seeds[1]).as_deref(),
+                Some(round),
+                "then the other"
+            );
+        };
+        // Holders become findable 2 s after they report (those of the
+        // rollout long since).
+        sim.settings.findable_after = Duration::from_secs(2);
+        sim.clock += Duration::from_secs(60);
+
+        // Round 1: the tag has not moved: nothing else changes.
+        ask(&mut sim, "round-1", DIGEST);
+        sim.report_at(&seeds[1], IMG, PullState::Available, DIGEST);
+        sim.step(&[IMG]);
+        for n in &mirrors {
+            assert_eq!(sim.entry_of(n, IMG), before.get(n), "{n}: nothing moved");
+        }
+
+        // Round 2: the tag moved. On one seed's word, nothing else changes.
+        ask(&mut sim, "round-2", MOVED);
+        for n in &mirrors {
+            assert_eq!(sim.entry_of(n, IMG), before.get(n), "{n}: one seed's word");
+        }
+        sim.report_at(&seeds[1], IMG, PullState::Available, MOVED);
+        sim.clock += sim.settings.findable_after + Duration::from_secs(1);
+        let mut waves = Vec::new();
+        let mut moved: HashSet<String> = seeds.iter().cloned().collect();
+        loop {
+            sim.step(&[IMG]);
+            let released: Vec<String> = mirrors
+                .iter()
+                .filter(|n| !moved.contains(*n))
+                .filter(|n| sim.entry_of(n, IMG).unwrap().digest.as_deref() == Some(MOVED))
+                .cloned()
+                .collect();
+            for n in &mirrors {
+                let e = sim.entry_of(n, IMG).expect("every node keeps an entry");
+                if !moved.contains(n) && !released.contains(n) {
+                    assert_eq!(e.digest.as_deref(), Some(DIGEST), "{n}: its turn not yet");
+                }
+            }
+            if released.is_empty() {
+                break;
+            }
+            waves.push(released.len());
+            for n in &released {
+                let from = &sim.entry_of(n, IMG).unwrap().source;
+                if let Some(from) = from {
+                    assert!(
+                        moved.contains(&from.node),
+                        "{n} named a holder of the old digest"
+                    );
+                }
+                sim.report_at(n, IMG, PullState::Pulling, MOVED);
+                sim.report_at(n, IMG, PullState::Available, MOVED);
+                moved.insert(n.clone());
+            }
+            sim.clock += sim.settings.findable_after;
+        }
+        assert_eq!(waves, [2, 4, 8]);
+        assert_eq!(moved.len(), 16);
+    }
+
     #[test]
     fn each_holder_serves_at_most_its_share() {
         let mut sim = Sim::new(40);
@@ -1304,6 +1550,7 @@ mod tests {
         let mut sim = Sim::new(4);
         let mut elsewhere = set_for("node-03");
         elsewhere.spec.image_set = vec![NodeImage {
+            refresh: None,
             name: "registry.example.com/app:1".into(),
             registry_policy: RegistryPolicy::Mirror,
             digest: None,
@@ -1597,6 +1844,7 @@ mod tests {
     fn private_set(node: &str, namespace: &str) -> NodeImageSet {
         let mut theirs = set_for(node);
         theirs.spec.image_set = vec![NodeImage {
+            refresh: None,
             name: IMG.into(),
             registry_policy: RegistryPolicy::Default,
             digest: None,
@@ -1663,6 +1911,7 @@ mod tests {
         let mut sim = Sim::new(3);
         let mut theirs = set_for("their-node");
         theirs.spec.image_set = vec![NodeImage {
+            refresh: None,
             name: IMG.into(),
             registry_policy: RegistryPolicy::Default,
             digest: None,

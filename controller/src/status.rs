@@ -183,7 +183,11 @@ pub fn compute<S: SetFacts>(
         ),
     };
 
+    let previous = prefetch.status.as_ref();
     ImagePrefetchStatus {
+        // Kept here; a decision that starts a refresh round sets them.
+        last_refresh_time: previous.and_then(|s| s.last_refresh_time.clone()),
+        refresh_request: previous.and_then(|s| s.refresh_request.clone()),
         observed_generation: generation,
         desired_nodes: desired,
         ready_nodes,

@@ -31,6 +31,11 @@ pub const NODE: &str = "imageprefetch.io/node";
 /// Annotations carry the unshortened owner name, for people and tools.
 pub const PREFETCH_REF_ANNOTATION: &str = "imageprefetch.io/prefetch";
 
+/// On an ImagePrefetch: a new value asks for a refresh round at once (the
+/// registry asked again for every tag), as `refreshIntervalSeconds` does on
+/// its schedule.
+pub const REFRESH_ANNOTATION: &str = "imageprefetch.io/refresh";
+
 /// Annotation on a NodeImageSet: the W3C `traceparent` of the controller span
 /// that last wrote it, so the agent's pulls join the same trace. Absent when
 /// the controller exports no traces.

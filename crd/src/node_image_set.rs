@@ -117,6 +117,7 @@ impl NodeImage {
     /// An entry for `image` with `policy`: no digest pinned, no source named.
     pub fn of(image: impl Into<String>, policy: RegistryPolicy) -> Self {
         NodeImage {
+            refresh: None,
             name: image.into(),
             registry_policy: policy,
             digest: None,
@@ -145,6 +146,25 @@ pub struct NodeImage {
     /// not answer, the pull goes on through the node's own mirror.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PeerSource>,
+    /// The refresh round a seed's entry belongs to (when it began): when it
+    /// changes, the agent asks the registry for the tag again, and its
+    /// report says which round it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub refresh: Option<String>,
+}
+
+impl NodeImage {
+    /// Whether `report` is about what this entry asks for now: an image at
+    /// the entry's pinned digest, when it pins one. A report of another
+    /// digest (the entry was pinned anew, a tag that moved) says nothing yet
+    /// about this one.
+    pub fn answered_by(&self, report: &NodeImageStatus) -> bool {
+        report.name == self.name
+            && (self.digest.is_none()
+                || report.state != PullState::Available
+                || report.digest == self.digest)
+    }
 }
 
 /// A node to fetch an image from, and its address.
@@ -259,6 +279,10 @@ pub struct NodeImageStatus {
     /// peers (the agent cannot tell; the registry's own logs can).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PullSource>,
+    /// The refresh round (the entry's `refresh`) this report answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub refresh: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
@@ -285,6 +309,7 @@ impl NodeImageStatus {
     /// A report of `state` after `attempts`, with nothing else known yet.
     pub fn new(name: &str, state: PullState, attempts: i32) -> Self {
         NodeImageStatus {
+            refresh: None,
             name: name.to_string(),
             state,
             attempts,

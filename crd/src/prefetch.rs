@@ -29,6 +29,10 @@ pub const MAX_TOLERATIONS: usize = 32;
 pub const MAX_TTL_SECONDS: i64 = 366 * 24 * 3600;
 /// Longest `pullStallTimeoutSeconds`: a day.
 pub const MAX_STALL_SECONDS: i64 = 24 * 3600;
+/// The shortest `refreshIntervalSeconds`: each round is one manifest
+/// request per image by its seeds, but a round that runs into the next
+/// holds the rollout back.
+pub const MIN_REFRESH_SECONDS: i64 = 10;
 
 /// Pre-download `images` onto the nodes a workload could run on — those that
 /// match `nodeSelector` and `nodeSelectorExpressions`, are among `nodeNames`
@@ -104,6 +108,18 @@ pub struct ImagePrefetchSpec {
     #[schemars(range(min = 0, max = MAX_TTL_SECONDS))]
     pub ttl_seconds_after_ready: Option<i64>,
 
+    /// Ask the registry again this often what each image's tag points to
+    /// (images named by digest never change). A tag that moved is rolled
+    /// out as a new image — one node fetches it from the registry, the
+    /// others from the in-cluster mirror — and each node keeps the old
+    /// content until the new one is there. The annotation
+    /// `imageprefetch.io/refresh` (any new value) asks for a round at once.
+    /// Unset: a tag is resolved when its rollout starts, and again only on
+    /// request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = MIN_REFRESH_SECONDS, max = MAX_TTL_SECONDS))]
+    pub refresh_interval_seconds: Option<i64>,
+
     /// Whether the images are pinned against kubelet's image garbage
     /// collection while this ImagePrefetch wants them (default true).
     /// false: prefetched all the same, and kubelet may remove them when it
@@ -150,6 +166,7 @@ crate::decode_leniently!(ImagePrefetchSpec, "spec", |why| {
         tolerations: Vec::new(),
         replicas: None,
         ttl_seconds_after_ready: None,
+        refresh_interval_seconds: None,
         pull_stall_timeout_seconds: None,
         service_account_name: None,
         pin: None,
@@ -309,6 +326,16 @@ pub struct ImagePrefetchStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::condition::schema")]
     pub conditions: Vec<Condition>,
+    /// When the last round of asking the registry for the tags began
+    /// (`refreshIntervalSeconds`, or the refresh annotation); the seeds'
+    /// entries carry it, so each knows to ask again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub last_refresh_time: Option<String>,
+    /// The value of the `imageprefetch.io/refresh` annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub refresh_request: Option<String>,
     /// Set when the stored status could not be decoded (never serialised).
     #[serde(skip)]
     #[schemars(skip)]

@@ -286,7 +286,7 @@ async fn simulated_agent(
                     let job = pull(
                         node.clone(),
                         key.clone(),
-                        want,
+                        *want,
                         model,
                         planes.clone(),
                         tx.clone(),

@@ -98,6 +98,22 @@ pub struct Cli {
     /// only this platform's content is fetched.
     #[arg(long, value_name = "OS/ARCH[/VARIANT]", value_parser = platform)]
     pub platform: Option<crd::platform::Platform>,
+    /// The node's kubelet CredentialProviderConfig: its plugins give
+    /// registry credentials to seeds' pulls, as they do to kubelet's
+    /// (off when not given; needs --image-credential-provider-bin-dir).
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "image_credential_provider_bin_dir"
+    )]
+    pub image_credential_provider_config: Option<PathBuf>,
+    /// Where the credential-provider plugins' executables are.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "image_credential_provider_config"
+    )]
+    pub image_credential_provider_bin_dir: Option<PathBuf>,
 }
 
 fn platform(s: &str) -> Result<crd::platform::Platform, String> {
@@ -111,11 +127,22 @@ fn list(s: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 impl Cli {
-    /// The agent's settings.
-    pub fn config(self) -> Config {
+    /// The agent's settings; fails when a file a flag names cannot be used.
+    pub fn config(self) -> Result<Config, String> {
         let secs = Duration::from_secs;
         let failed_first = secs(self.failed_retry_seconds);
-        Config {
+        let credential_providers = match (
+            &self.image_credential_provider_config,
+            &self.image_credential_provider_bin_dir,
+        ) {
+            (Some(config), Some(bin_dir)) => Some(std::sync::Arc::new(
+                crate::credential_providers::Providers::load(config, bin_dir)
+                    .map_err(|e| format!("--image-credential-provider-config: {e}"))?,
+            )),
+            _ => None,
+        };
+        Ok(Config {
+            credential_providers,
             containerd_socket: self.containerd_socket,
             node_hosts_dir: self.registry_config_dir,
             mirror_hosts_dir: self.mirror_config_dir,
@@ -135,7 +162,7 @@ impl Cli {
             sandbox_images: crate::pins::SandboxImages::new(list(&self.sandbox_images)),
             platform: self.platform.unwrap_or_else(crd::platform::Platform::host),
             ..Config::new(&self.node_name)
-        }
+        })
     }
 }
 
@@ -164,8 +191,45 @@ mod tests {
     }
 
     #[test]
+    fn credential_plugins_need_both_files_and_a_bad_one_is_named() {
+        let e = parse(&[
+            "--node-name",
+            "n",
+            "--image-credential-provider-config",
+            "/c.yaml",
+        ])
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--image-credential-provider-bin-dir"),
+            "{e}"
+        );
+        let e = parse(&[
+            "--node-name",
+            "n",
+            "--image-credential-provider-config",
+            "/nonexistent/config.yaml",
+            "--image-credential-provider-bin-dir",
+            "/nonexistent",
+        ])
+        .unwrap()
+        .config()
+        .unwrap_err();
+        assert!(e.contains("--image-credential-provider-config"), "{e}");
+        assert!(e.contains("/nonexistent/config.yaml"), "{e}");
+        assert!(
+            parse(&["--node-name", "n"])
+                .unwrap()
+                .config()
+                .unwrap()
+                .credential_providers
+                .is_none()
+        );
+    }
+
+    #[test]
     fn no_flags_give_the_defaults_the_agent_had() {
-        let config = parse(&["--node-name", "n"]).unwrap().config();
+        let config = parse(&["--node-name", "n"]).unwrap().config().unwrap();
         let expected = Config::new("n");
         assert_eq!(config.node_name, "n");
         assert_eq!(config.concurrency, expected.concurrency);

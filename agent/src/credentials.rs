@@ -125,13 +125,17 @@ fn scope(key: &str) -> Scope {
     }
 }
 
-fn host_matches(pattern: &str, host: &str) -> bool {
+/// Whether `host` (`name[:port]`) falls under `pattern` as kubelet matches
+/// registry hosts, for pull secrets' keys and credential plugins alike: the
+/// port exactly, the name label by label, each pattern label a glob (`*`,
+/// `app*`) that matches within one label.
+pub fn host_glob_matches(pattern: &str, host: &str) -> bool {
     let split = |h: &str| -> (String, Option<String>) {
         match h.rsplit_once(':') {
             Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => {
-                (name.to_string(), Some(port.to_string()))
+                (name.to_ascii_lowercase(), Some(port.to_string()))
             }
-            _ => (h.to_string(), None),
+            _ => (h.to_ascii_lowercase(), None),
         }
     };
     let (p_name, p_port) = split(pattern);
@@ -141,7 +145,22 @@ fn host_matches(pattern: &str, host: &str) -> bool {
     }
     let p: Vec<&str> = p_name.split('.').collect();
     let h: Vec<&str> = h_name.split('.').collect();
-    p.len() == h.len() && p.iter().zip(&h).all(|(a, b)| *a == "*" || a == b)
+    p.len() == h.len() && p.iter().zip(&h).all(|(a, b)| label_glob(a, b))
+}
+
+/// `*` in `pattern` matches any run of characters of `label`.
+fn label_glob(pattern: &str, label: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == label,
+        Some((head, tail)) => {
+            let Some(rest) = label.strip_prefix(head) else {
+                return false;
+            };
+            (0..=rest.len())
+                .filter(|i| rest.is_char_boundary(*i))
+                .any(|i| label_glob(tail, &rest[i..]))
+        }
+    }
 }
 
 fn decode(entry: Entry) -> Result<Credential, String> {
@@ -218,8 +237,7 @@ impl Keyring {
             self.entries.push((scope(&key), decode(entry)?));
         }
         // Longest path first: a repository-specific login wins over a registry-wide one.
-        self.entries
-            .sort_by_key(|(scope, _)| std::cmp::Reverse(scope.path.len()));
+        self.sort();
         Ok(())
     }
 
@@ -271,7 +289,7 @@ impl Keyring {
         self.entries
             .iter()
             .find(|(s, _)| {
-                host_matches(&s.host, &host)
+                host_glob_matches(&s.host, &host)
                     && (s.path.is_empty()
                         || repository == s.path
                         || repository.starts_with(&format!("{}/", s.path)))
@@ -281,6 +299,26 @@ impl Keyring {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Adds one credential for `key` (a registry host, wildcards allowed,
+    /// with an optional repository path), as a credential plugin answers.
+    pub fn add_scoped(&mut self, key: &str, credential: Credential) {
+        self.entries.push((scope(key), credential));
+        self.sort();
+    }
+
+    /// Adds every credential of `other` after this keyring's own: for
+    /// equally specific scopes, this keyring's win.
+    pub fn merge(&mut self, other: Keyring) {
+        self.entries.extend(other.entries);
+        self.sort();
+    }
+
+    /// Longest path first (a stable sort: among equals, the first added).
+    fn sort(&mut self) {
+        self.entries
+            .sort_by_key(|(scope, _)| std::cmp::Reverse(scope.path.len()));
     }
 }
 

@@ -332,17 +332,31 @@ impl Job {
             reason: PullFailure::Stopping,
         })?;
         // Read at every attempt: a secret created or fixed after a failure is used on the next try.
-        let keyring = if self.wanted.secrets.is_empty() {
-            None
+        let mut ring = if self.wanted.secrets.is_empty() {
+            Keyring::default()
         } else {
-            let ring = Keyring::load(&self.client, &self.wanted.secrets)
+            Keyring::load(&self.client, &self.wanted.secrets)
                 .await
                 .map_err(|e| Failure {
                     message: e.to_string(),
                     reason: e.reason(),
-                })?;
-            Some((ring, repository))
+                })?
         };
+        // The node's credential plugins, for a pull that may reach the
+        // registry (a Mirror pull asks no registry for anything); after the
+        // pull secrets, which win where both name a registry.
+        let mut plugin_failures = Vec::new();
+        if let Some(providers) = &self.config.credential_providers
+            && entry.registry_policy == RegistryPolicy::Default
+        {
+            let (plugins, failed) = providers.keyring(&entry.name, &registry, &repository).await;
+            for e in &failed {
+                warn!(error = %e, image = %name, "a credential provider failed; pulling without its credentials");
+            }
+            plugin_failures = failed;
+            ring.merge(plugins);
+        }
+        let keyring = (!ring.is_empty()).then_some((ring, repository));
         self.room_on_disk()?;
         let source = source(entry);
         // Every attempt follows its progress, a seed's to report it too.
@@ -371,10 +385,14 @@ impl Job {
             .await
         {
             Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err(Failure {
-                message: format!("pulling {} from {registry}: {e}", entry.name),
-                reason: e.reason(),
-            }),
+            Ok(Err(e)) => {
+                // A plugin's failure may be why the registry refused.
+                let plugins: String = plugin_failures.iter().map(|f| format!("; {f}")).collect();
+                Err(Failure {
+                    message: format!("pulling {} from {registry}: {e}{plugins}", entry.name),
+                    reason: e.reason(),
+                })
+            }
             Err(ended) => {
                 let e = ended.error(&entry.name);
                 Err(Failure {

@@ -784,7 +784,10 @@ mod tests {
         let a = l.observe(vec![listed("s", &pinned)], now);
         assert_eq!(
             &a[..2],
-            [Action::Abort(key("s")), Action::Start(key("s"), Box::new(pinned))]
+            [
+                Action::Abort(key("s")),
+                Action::Start(key("s"), Box::new(pinned))
+            ]
         );
     }
 

@@ -3,6 +3,7 @@
 //! policy each entry names, and reports per-image state back.
 
 pub mod cli;
+pub mod credential_providers;
 pub mod credentials;
 pub mod disk;
 pub mod events;

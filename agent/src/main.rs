@@ -7,7 +7,13 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() {
-    let config = Cli::parse().config();
+    let config = match Cli::parse().config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("image-prefetch-agent: {e}");
+            std::process::exit(2);
+        }
+    };
     let _traces = plumbing::init("image-prefetch-agent");
     let client = match kube::Client::try_default().await {
         Ok(c) => c,

@@ -75,6 +75,8 @@ pub struct Config {
     pub image_fs_high_percent: u8,
     /// Sandbox image repositories: released, they keep CRI's pin.
     pub sandbox_images: crate::pins::SandboxImages,
+    /// The node's kubelet credential-provider plugins; `None`: not used.
+    pub credential_providers: Option<Arc<crate::credential_providers::Providers>>,
 }
 
 impl Config {
@@ -98,6 +100,7 @@ impl Config {
             progress_every: ledger::PROGRESS_EVERY,
             image_fs: "/var/lib/containerd".into(),
             image_fs_high_percent: crate::disk::DEFAULT_HIGH_PERCENT,
+            credential_providers: None,
         }
     }
 }

@@ -164,7 +164,7 @@ impl<'a> Owner<'a> {
     }
 
     fn owns(&self, set: &SetView) -> bool {
-        set.owner == names::label_value(self.uid)
+        *set.owner == *names::label_value(self.uid)
     }
 }
 
@@ -313,7 +313,7 @@ pub fn decide(
 
     // The sets as they will be once the decision is carried out: unchanged
     // ones as cached, changed ones with the agent's reports they already have.
-    let by_name: HashMap<&str, &SetView> = owned.iter().map(|s| (s.name.as_str(), *s)).collect();
+    let by_name: HashMap<&str, &SetView> = owned.iter().map(|s| (&*s.name, *s)).collect();
     let mut apply = Vec::new();
     let mut after: Vec<SetView> = Vec::with_capacity(plan.entries.len());
     // A set written with an image its node already reports Available (it
@@ -348,9 +348,9 @@ pub fn decide(
     let applied: HashSet<String> = apply.iter().map(|s| s.name_any()).collect();
     let delete: Vec<Stale> = owned
         .iter()
-        .filter(|s| !selected.contains(&s.spec.node_name) && !applied.contains(&s.name))
+        .filter(|s| !selected.contains(&s.spec.node_name) && !applied.contains(&*s.name))
         .map(|s| Stale {
-            name: s.name.clone(),
+            name: s.name.to_string(),
             uid: s.uid.clone(),
             node: s.spec.node_name.clone(),
         })
@@ -890,7 +890,7 @@ mod tests {
                 .map(|s| {
                     let mut v = SetView::of(s);
                     // As the API server returns them: labelled with the owner.
-                    v.owner = names::label_value(p.metadata.uid.as_deref().unwrap());
+                    v.owner = names::label_value(p.metadata.uid.as_deref().unwrap()).into();
                     Arc::new(v)
                 })
                 .collect();

@@ -51,7 +51,7 @@ pub fn verdict(
     node: &Node,
     gate: &Gate,
     prefetches: &[Arc<ImagePrefetch>],
-    sets_on: &HashMap<String, Arc<SetView>>,
+    sets_on: &HashMap<Arc<str>, Arc<SetView>>,
     allowed: &dyn Fn(&str) -> bool,
     joined: Timestamp,
     now: Timestamp,
@@ -69,7 +69,7 @@ pub fn verdict(
             continue;
         }
         let uid = crd::names::label_value(p.metadata.uid.as_deref().unwrap_or_default());
-        let set = sets_on.get(&uid);
+        let set = sets_on.get(uid.as_str());
         if set.is_none() && p.spec.replicas.is_some() {
             continue;
         }
@@ -129,7 +129,7 @@ pub async fn keep(ctx: Arc<Context>, gate: Gate) {
         let now = Timestamp::now();
         for node in gated {
             let name = node.name_any();
-            let sets_on: HashMap<String, Arc<SetView>> = all_sets
+            let sets_on: HashMap<Arc<str>, Arc<SetView>> = all_sets
                 .iter()
                 .filter(|s| s.spec.node_name == name)
                 .map(|s| (s.owner.clone(), s.clone()))
@@ -289,7 +289,7 @@ mod tests {
         Arc::new(p)
     }
 
-    fn set(node: &str, owner: &str, available: &[&str]) -> (String, Arc<SetView>) {
+    fn set(node: &str, owner: &str, available: &[&str]) -> (Arc<str>, Arc<SetView>) {
         let entries = available
             .iter()
             .map(|i| NodeImage::of(*i, RegistryPolicy::Mirror))
@@ -304,7 +304,7 @@ mod tests {
         });
         let mut view = SetView::of(&s);
         view.owner = owner.into();
-        (owner.to_string(), Arc::new(view))
+        (Arc::from(owner), Arc::new(view))
     }
 
     fn at(secs: i64) -> Timestamp {

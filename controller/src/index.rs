@@ -66,12 +66,14 @@ impl SetFacts for NodeImageSet {
 /// One cached NodeImageSet.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SetView {
-    pub name: String,
+    /// Shared with the indexes' entries for the set (one allocation).
+    pub name: Arc<str>,
     /// The set's uid: a delete is made with it as precondition, so a set
     /// deleted and created again meanwhile is not the one deleted.
     pub uid: String,
-    /// The owning ImagePrefetch's uid, as labelled.
-    pub owner: String,
+    /// The owning ImagePrefetch's uid, as labelled (one allocation shared
+    /// by every set of the ImagePrefetch).
+    pub owner: Arc<str>,
     pub spec: NodeImageSetSpec,
     /// Whether the agent has written a status yet.
     pub has_status: bool,
@@ -109,13 +111,14 @@ impl SetView {
             spec.node_name = set.labels().get(keys::NODE).cloned().unwrap_or_default();
         }
         SetView {
-            name: set.name_any(),
+            name: Arc::from(set.name_any()),
             uid: set.uid().unwrap_or_default(),
-            owner: set
-                .labels()
-                .get(keys::PREFETCH_UID)
-                .cloned()
-                .unwrap_or_default(),
+            owner: Arc::from(
+                set.labels()
+                    .get(keys::PREFETCH_UID)
+                    .map(String::as_str)
+                    .unwrap_or_default(),
+            ),
             spec,
             has_status: set.status.is_some(),
             reports: set.reported().to_vec(),
@@ -156,11 +159,11 @@ pub fn managed_meta(
 /// The sets, and the indexes over them, always changed together.
 #[derive(Default)]
 pub struct Sets {
-    by_name: HashMap<String, Arc<SetView>>,
+    by_name: HashMap<Arc<str>, Arc<SetView>>,
     /// Set names by owning ImagePrefetch uid (as labelled).
-    by_owner: HashMap<String, HashSet<String>>,
+    by_owner: HashMap<Arc<str>, HashSet<Arc<str>>>,
     /// Set names by the [`image_key`] of an entry they list.
-    by_image: HashMap<Arc<str>, HashSet<String>>,
+    by_image: HashMap<Arc<str>, HashSet<Arc<str>>>,
     /// Entries listed on each node, all ImagePrefetches together.
     entries_on: HashMap<String, usize>,
 }
@@ -168,11 +171,15 @@ pub struct Sets {
 impl Sets {
     fn insert(&mut self, mut view: SetView) -> Arc<SetView> {
         self.remove(&view.name);
-        // One Arc per distinct image key, shared by every set listing it.
+        // One Arc per distinct image key, shared by every set listing it;
+        // one per owner, shared by its sets.
         for key in view.keys.iter_mut() {
             if let Some((held, _)) = self.by_image.get_key_value(key) {
                 *key = held.clone();
             }
+        }
+        if let Some((held, _)) = self.by_owner.get_key_value(&view.owner) {
+            view.owner = held.clone();
         }
         let view = Arc::new(view);
         self.by_owner
@@ -208,7 +215,7 @@ impl Sets {
         Some(old)
     }
 
-    fn named<'a>(&'a self, names: impl IntoIterator<Item = &'a String>) -> Vec<Arc<SetView>> {
+    fn named<'a>(&'a self, names: impl IntoIterator<Item = &'a Arc<str>>) -> Vec<Arc<SetView>> {
         names
             .into_iter()
             .filter_map(|n| self.by_name.get(n).cloned())
@@ -223,7 +230,7 @@ impl Sets {
     /// The sets of other ImagePrefetches that list one of `images` (by
     /// [`image_key`]): what the seed policy shares across ImagePrefetches.
     pub fn sharing(&self, owner: &str, images: &[String]) -> Vec<Arc<SetView>> {
-        let mut names: HashSet<&String> = HashSet::new();
+        let mut names: HashSet<&Arc<str>> = HashSet::new();
         for image in images {
             if let Some(listing) = self.by_image.get(image_key(image).as_str()) {
                 names.extend(listing);
@@ -231,7 +238,7 @@ impl Sets {
         }
         self.named(names)
             .into_iter()
-            .filter(|s| s.owner != owner)
+            .filter(|s| &*s.owner != owner)
             .collect()
     }
 
@@ -247,7 +254,7 @@ impl Sets {
 }
 
 /// Takes `name` out of `map[key]`, and the key out once it lists nothing.
-fn unindex<K, Q>(map: &mut HashMap<K, HashSet<String>>, key: &Q, name: &str)
+fn unindex<K, Q>(map: &mut HashMap<K, HashSet<Arc<str>>>, key: &Q, name: &str)
 where
     K: std::borrow::Borrow<Q> + Eq + Hash,
     Q: Eq + Hash + ?Sized,
@@ -418,8 +425,8 @@ mod tests {
             unreadable: None,
         });
         let v = SetView::of(&s);
-        assert_eq!(v.name, "a");
-        assert_eq!(v.owner, "uid-1");
+        assert_eq!(&*v.name, "a");
+        assert_eq!(&*v.owner, "uid-1");
         assert_eq!(v.spec, s.spec);
         assert!(v.has_status);
         assert_eq!(
@@ -461,13 +468,13 @@ mod tests {
         assert_eq!(index.state().len(), 1);
         index.apply(&watcher::Event::Apply(set("b", "n2")));
         index.apply(&watcher::Event::Delete(set("a", "n1")));
-        let names: Vec<String> = index.state().iter().map(|v| v.name.clone()).collect();
+        let names: Vec<String> = index.state().iter().map(|v| v.name.to_string()).collect();
         assert_eq!(names, ["b"]);
         // A relist after a lost watch drops what was deleted meanwhile.
         index.apply(&watcher::Event::Init);
         index.apply(&watcher::Event::InitApply(set("c", "n3")));
         index.apply(&watcher::Event::InitDone);
-        let names: Vec<String> = index.state().iter().map(|v| v.name.clone()).collect();
+        let names: Vec<String> = index.state().iter().map(|v| v.name.to_string()).collect();
         assert_eq!(names, ["c"]);
     }
 
@@ -489,7 +496,7 @@ mod tests {
     }
 
     fn names(sets: Vec<Arc<SetView>>) -> Vec<String> {
-        let mut n: Vec<String> = sets.iter().map(|s| s.name.clone()).collect();
+        let mut n: Vec<String> = sets.iter().map(|s| s.name.to_string()).collect();
         n.sort();
         n
     }

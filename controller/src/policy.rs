@@ -1247,13 +1247,7 @@ mod tests {
         }
 
         fn policy_of(&self, node: &str, image: &str) -> Option<RegistryPolicy> {
-            self.ours
-                .get(node)?
-                .spec
-                .image_set
-                .iter()
-                .find(|e| e.name == image)
-                .map(|e| e.registry_policy)
+            self.entry_of(node, image).map(|e| e.registry_policy)
         }
 
         fn with_policy(&self, image: &str, policy: RegistryPolicy) -> Vec<String> {

@@ -17,21 +17,11 @@ use kube::api::{Api, ListParams};
 
 use crd::{NodeImageSet, RegistryPolicy};
 use testbed::beds::peer_cluster::PeerCluster;
-use testbed::servers::registry::Registry;
 
 /// (name, architecture)
 const NODES: [(&str, &str); 3] = [("amd-0", "amd64"), ("amd-1", "amd64"), ("arm-0", "arm64")];
 const MB: usize = 1 << 20;
 const WITHIN: Duration = Duration::from_secs(240);
-
-/// Upstream GETs of each of `blobs` (of `repository`).
-fn gets(upstream: &Registry, repository: &str, blobs: &[String]) -> BTreeMap<String, usize> {
-    let served = upstream.blob_gets(repository);
-    blobs
-        .iter()
-        .map(|b| (b.clone(), served.get(b).copied().unwrap_or(0)))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
@@ -66,13 +56,13 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
         .unwrap();
 
     // From the external registry's own access log.
-    let web_gets = gets(&bed.upstream, &web.repository, &web.blobs);
+    let web_gets = bed.upstream.gets_of(&web.repository, &web.blobs);
     assert!(
         web_gets.values().all(|&n| n == 1),
         "every blob of the single-platform image served exactly once: {web_gets:?}"
     );
     for (arch, image) in &multi.platforms {
-        let per_blob = gets(&bed.upstream, &multi.repository, &image.blobs);
+        let per_blob = bed.upstream.gets_of(&multi.repository, &image.blobs);
         assert!(
             per_blob.values().all(|&n| n == 1),
             "every {arch} blob served exactly once (one seed per platform): {per_blob:?}"
@@ -163,16 +153,12 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
     .await
     .unwrap();
     bed.ready("amd-only", "2/2", started, WITHIN).await.unwrap();
-    let amd = gets(
-        &bed.upstream,
-        &amd_only.repository,
-        &amd_only.platforms["amd64"].blobs,
-    );
-    let arm = gets(
-        &bed.upstream,
-        &amd_only.repository,
-        &amd_only.platforms["arm64"].blobs,
-    );
+    let amd = bed
+        .upstream
+        .gets_of(&amd_only.repository, &amd_only.platforms["amd64"].blobs);
+    let arm = bed
+        .upstream
+        .gets_of(&amd_only.repository, &amd_only.platforms["arm64"].blobs);
     assert!(amd.values().all(|&n| n == 1), "{amd:?}");
     assert!(
         arm.values().all(|&n| n == 0),
@@ -195,7 +181,7 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
         .rollout("unsequenced", &[&web2.reference], WITHIN)
         .await
         .unwrap();
-    let counts = gets(&bed.upstream, &web2.repository, &web2.blobs);
+    let counts = bed.upstream.gets_of(&web2.repository, &web2.blobs);
     let total: usize = counts.values().sum();
     assert!(counts.values().all(|&n| (1..=3).contains(&n)), "{counts:?}");
     eprintln!(
@@ -252,7 +238,7 @@ async fn two_zones_cross_the_uplink_once() {
         .rollout("zoned", &[&app.reference], WITHIN)
         .await
         .unwrap();
-    let per_blob = gets(&bed.upstream, &app.repository, &app.blobs);
+    let per_blob = bed.upstream.gets_of(&app.repository, &app.blobs);
     assert!(
         per_blob.values().all(|&n| n == 1),
         "each blob served once for both zones: {per_blob:?}"

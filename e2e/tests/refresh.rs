@@ -9,7 +9,6 @@
 //! agent), one controller, one external registry whose access log is the
 //! count.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -27,16 +26,6 @@ const NODES: [(&str, &str); 3] = [
 ];
 const MB: usize = 1 << 20;
 const WITHIN: Duration = Duration::from_secs(240);
-
-/// Upstream GETs of each blob of `image`.
-fn gets(bed: &PeerCluster, image: &Image) -> BTreeMap<String, usize> {
-    let served = bed.upstream.blob_gets(&image.repository);
-    image
-        .blobs
-        .iter()
-        .map(|b| (b.clone(), served.get(b).copied().unwrap_or(0)))
-        .collect()
-}
 
 /// Waits until every node reports `image` Available at its digest and the
 /// ImagePrefetch is Ready on all of them.
@@ -131,7 +120,7 @@ async fn a_tag_that_moves_is_rolled_out_again_once_per_cluster() {
         .await
         .unwrap();
     everywhere(&bed, "app", &v2, "v2 on every node after the annotation").await;
-    let v2_gets = gets(&bed, &v2);
+    let v2_gets = bed.upstream.gets_of(&v2.repository, &v2.blobs);
     assert!(
         v2_gets.values().all(|&n| n == 1),
         "each blob of the new digest crossed the uplink once: {v2_gets:?}"
@@ -152,11 +141,11 @@ async fn a_tag_that_moves_is_rolled_out_again_once_per_cluster() {
         .unwrap();
     let v3 = push("v3", &[2 * MB + 8192, MB + 8192]);
     everywhere(&bed, "app", &v3, "v3 on every node within the interval").await;
-    let v3_gets = gets(&bed, &v3);
+    let v3_gets = bed.upstream.gets_of(&v3.repository, &v3.blobs);
     assert!(v3_gets.values().all(|&n| n == 1), "{v3_gets:?}");
     held(&bed, &v3, &v2);
     // The first digest's blobs were never fetched again.
-    let v1_gets = gets(&bed, &v1);
+    let v1_gets = bed.upstream.gets_of(&v1.repository, &v1.blobs);
     assert!(v1_gets.values().all(|&n| n == 1), "{v1_gets:?}");
     eprintln!(
         "refresh: upstream GETs per blob v1 {:?}, v2 {:?}, v3 {:?}",

@@ -38,16 +38,6 @@ fn image(bed: &PeerCluster, work: &std::path::Path, repository: &str, layers: &[
     .unwrap()
 }
 
-/// Upstream GETs per blob of `image`.
-fn gets(bed: &PeerCluster, image: &Image) -> BTreeMap<String, usize> {
-    let served = bed.upstream.blob_gets(&image.repository);
-    image
-        .blobs
-        .iter()
-        .map(|b| (b.clone(), served.get(b).copied().unwrap_or(0)))
-        .collect()
-}
-
 /// The node whose set has a `Default` entry reported `state`, once one does.
 async fn seed_in(bed: &PeerCluster, state: PullState) -> String {
     let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
@@ -76,7 +66,7 @@ async fn a_node_that_joins_mid_rollout_gets_the_images_from_peers() {
     seed_in(&bed, PullState::Pulling).await;
     bed.add_node("join-late", "amd64").await.unwrap();
     bed.ready("joined", "3/3", started, WITHIN).await.unwrap();
-    let counts = gets(&bed, &img);
+    let counts = bed.upstream.gets_of(&img.repository, &img.blobs);
     assert!(
         counts.values().all(|&n| n == 1),
         "the late node got every blob from peers: {counts:?}"
@@ -118,7 +108,7 @@ async fn a_node_removed_mid_rollout_loses_its_set_and_disturbs_no_other() {
     )
     .await;
     assert_eq!(uids(all), before, "the other sets are the same objects");
-    let counts = gets(&bed, &img);
+    let counts = bed.upstream.gets_of(&img.repository, &img.blobs);
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
 }
 
@@ -146,7 +136,7 @@ async fn a_seed_whose_containerd_dies_mid_pull_is_replaced_and_the_rollout_compl
     bed.ready("orphaned", "2/2", started, WITHIN).await.unwrap();
     let new_seed = seed_in(&bed, PullState::Available).await;
     assert_ne!(new_seed, seed, "another node became the seed");
-    let counts = gets(&bed, &img);
+    let counts = bed.upstream.gets_of(&img.repository, &img.blobs);
     let extra: usize = counts.values().map(|n| n - 1).sum();
     eprintln!(
         "rollout faults: the seed's death cost {extra} extra upstream blob downloads ({counts:?})"
@@ -289,7 +279,7 @@ async fn mirror_pulls_from_named_holders_need_no_advertisement() {
     let pinned = format!("{}/{}@{}", bed.registry_host(), img.repository, img.digest);
     bed.rollout("named", &[&pinned], WITHIN).await.unwrap();
 
-    let counts = gets(&bed, &img);
+    let counts = bed.upstream.gets_of(&img.repository, &img.blobs);
     assert!(
         counts.values().all(|&n| n == 1),
         "each blob crossed the uplink once: {counts:?}"

@@ -166,6 +166,20 @@ impl Registry {
         }
         counts
     }
+
+    /// How many times each of `blobs` of `repository` was fetched (0 when
+    /// never): the count a test asserts "once per cluster" on.
+    pub fn gets_of(
+        &self,
+        repository: &str,
+        blobs: &[String],
+    ) -> std::collections::BTreeMap<String, usize> {
+        let served = self.blob_gets(repository);
+        blobs
+            .iter()
+            .map(|b| (b.clone(), served.get(b).copied().unwrap_or(0)))
+            .collect()
+    }
 }
 
 impl Drop for Registry {

@@ -665,7 +665,11 @@ fn agent_silence(
         let node = &set.spec.node_name;
         for entry in &set.spec.image_set {
             let key = (uid.to_string(), node.clone(), entry.name.clone());
-            if set.report_on(&entry.name).is_some() {
+            // A report of an earlier refresh round is no answer to this one.
+            if set
+                .report_on(&entry.name)
+                .is_some_and(|r| r.refresh == entry.refresh)
+            {
                 unreported.remove(&key);
                 continue;
             }

@@ -365,8 +365,12 @@ pub fn resolution(image: &str, nodes: &[String], current: &Current) -> Resolutio
         }
         // An answer to an earlier refresh round does not count: the node
         // is asked again (or soon will be), so it is under way.
+        // (One whose agent has said nothing for long is not: another is
+        // asked in its place.)
         if !current.answers_round(n, &key) {
-            under_way += 1;
+            if !current.silent.contains(&(n.clone(), key.clone())) {
+                under_way += 1;
+            }
             continue;
         }
         match state {
@@ -709,10 +713,14 @@ fn stamp_round(
     let resolves = |e: &NodeImage| {
         e.name == image && e.registry_policy == RegistryPolicy::Default && e.digest.is_none()
     };
-    // The first by name: the same node from one reconcile to the next.
+    // The first by name whose agent answers: the same node from one
+    // reconcile to the next, and another once that one's agent is silent.
     let Some(lead) = entries
         .iter()
-        .find(|(_, listed)| listed.iter().any(resolves))
+        .find(|(n, listed)| {
+            listed.iter().any(resolves)
+                && !current.silent.contains(&(n.to_string(), key.to_string()))
+        })
         .map(|(n, _)| n.clone())
     else {
         return;
@@ -925,6 +933,28 @@ pub fn plan(
                         out.push(entry(RegistryPolicy::Default, None));
                         confirmers -= 1;
                     }
+                    // After a refresh every node may hold the image already
+                    // (no node waits): a holder whose agent answers confirms
+                    // instead, so a seed lost in the middle of a round does
+                    // not leave the new digest unagreed for ever.
+                    if current.refresh_round.is_some() {
+                        let mut holders: Vec<&String> = ours
+                            .iter()
+                            .copied()
+                            .filter(|n| {
+                                matches!(current.get(n, &key),
+                                    Some((e, Some(PullState::Available))) if e.registry_policy == RegistryPolicy::Mirror)
+                                    && !current.silent.contains(&(n.to_string(), key.clone()))
+                            })
+                            .collect();
+                        holders.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
+                        for n in holders.into_iter().take(confirmers) {
+                            let out = entries.get_mut(n).expect("selected");
+                            *out.last_mut().expect("its entry was pushed") =
+                                entry(RegistryPolicy::Default, None);
+                            confirmers -= 1;
+                        }
+                    }
                 }
                 let budget = if release {
                     sources
@@ -1097,6 +1127,8 @@ mod tests {
         addresses: HashMap<String, String>,
         /// The ImagePrefetch's refresh round.
         round: Option<String>,
+        /// (node, image) entries whose agent has said nothing for long.
+        silent: Vec<(String, String)>,
     }
 
     impl Sim {
@@ -1120,6 +1152,7 @@ mod tests {
                 private_to: None,
                 addresses: HashMap::new(),
                 round: None,
+                silent: Vec::new(),
             }
         }
 
@@ -1139,8 +1172,9 @@ mod tests {
         fn step(&mut self, images: &[&str]) -> Plan {
             let images: Vec<String> = images.iter().map(|s| s.to_string()).collect();
             let view = self.view();
-            let mut current =
-                Current::from_sets(self.ours.values()).refresh_round(self.round.clone());
+            let mut current = Current::from_sets(self.ours.values())
+                .refresh_round(self.round.clone())
+                .silent(&self.silent);
             if let Some(ns) = &self.private_to {
                 current = current.private_to(ns);
             }
@@ -1482,6 +1516,73 @@ mod tests {
         }
         assert_eq!(waves, [2, 4, 8]);
         assert_eq!(moved.len(), 16);
+    }
+
+    /// A refresh round whose lead's agent never answers (its node Ready,
+    /// the agent gone): once it counts as silent, a holder confirms in its
+    /// place (no node waits for the image, so none could), and the moved
+    /// tag is rolled out to every other node — no round stays open for ever.
+    #[test]
+    fn a_refresh_round_whose_lead_is_silent_is_led_by_another() {
+        const MOVED: &str =
+            "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+        let mut sim = Sim::new(8);
+        waves(&mut sim);
+        let seeds = sim.with_policy(IMG, RegistryPolicy::Default);
+        sim.round = Some("round-1".into());
+        sim.step(&[IMG]);
+        let round_of = |sim: &Sim, n: &str| sim.entry_of(n, IMG).unwrap().refresh.clone();
+        assert_eq!(round_of(&sim, &seeds[0]).as_deref(), Some("round-1"));
+        assert_eq!(round_of(&sim, &seeds[1]), None);
+        // The lead's agent says nothing; the controller calls it silent.
+        sim.silent = vec![(seeds[0].clone(), IMG.to_string())];
+        // Every agent but the silent one answers what it is asked.
+        for _ in 0..12 {
+            sim.step(&[IMG]);
+            for n in sim.nodes.clone() {
+                if n == seeds[0] {
+                    continue;
+                }
+                let e = sim.entry_of(&n, IMG).unwrap().clone();
+                let asked = match e.registry_policy {
+                    RegistryPolicy::Default => e.refresh.as_deref() == Some("round-1"),
+                    RegistryPolicy::Mirror => e.digest.as_deref() == Some(MOVED),
+                };
+                let answered = sim.ours[&n].status.as_ref().unwrap().images[0].refresh == e.refresh
+                    && sim.ours[&n].status.as_ref().unwrap().images[0]
+                        .digest
+                        .as_deref()
+                        == Some(MOVED);
+                if asked && !answered {
+                    sim.report_at(&n, IMG, PullState::Available, MOVED);
+                }
+            }
+        }
+        let drafted: Vec<String> = sim
+            .with_policy(IMG, RegistryPolicy::Default)
+            .into_iter()
+            .filter(|n| !seeds.contains(n))
+            .collect();
+        assert_eq!(
+            drafted.len(),
+            1,
+            "one holder confirms in the silent seed's place"
+        );
+        for n in &sim.nodes.clone() {
+            if *n == seeds[0] {
+                assert_eq!(round_of(&sim, n).as_deref(), Some("round-1"));
+                continue;
+            }
+            let holds = sim.ours[n].status.as_ref().unwrap().images[0]
+                .digest
+                .clone();
+            assert_eq!(
+                holds.as_deref(),
+                Some(MOVED),
+                "{n}: {:?}",
+                sim.entry_of(n, IMG)
+            );
+        }
     }
 
     #[test]

@@ -369,6 +369,26 @@ pub fn decide(
             ),
         })
         .collect();
+    // Once per new digest of a tag.
+    for (image, digest) in &plan.moved {
+        if memory.announced.insert((
+            owner.uid.to_string(),
+            format!("tag moved to {digest}"),
+            image.clone(),
+        )) {
+            events.push(Announcement {
+                type_: EventType::Normal,
+                reason: EventReason::TagMoved,
+                node: None,
+                // The digest in the action: each move is its own Event, not
+                // a repeat of the last one (Events aggregate by action).
+                image: Some(format!("{image}@{digest}")),
+                note: format!(
+                    "{image} now points to {digest} at its registry: rolled out from the in-cluster mirror, each node keeping the old image until it has this one"
+                ),
+            });
+        }
+    }
     events.extend(plan.reseeds.iter().map(|(image, node)| Announcement {
         type_: EventType::Warning,
         reason: EventReason::Reseeded,

@@ -689,6 +689,9 @@ pub struct Plan {
     pub reseeds: Vec<(String, String)>,
     /// When a holder becomes findable or a re-seed falls due: plan again then.
     pub recheck_at: Option<Instant>,
+    /// (image, digest) whose tag moved: nodes pinned to another digest are
+    /// being released again to this one.
+    pub moved: Vec<(String, String)>,
 }
 
 /// Gives the current refresh round to the entries of `image` that resolve
@@ -754,6 +757,7 @@ pub fn plan(
     let mut new_seeds = Vec::new();
     let mut blocked = Vec::new();
     let mut reseeds = Vec::new();
+    let mut moved: Vec<(String, String)> = Vec::new();
     let mut recheck_at: Option<Instant> = None;
     let mut recheck = |at: Option<Instant>| {
         if let Some(at) = at {
@@ -964,6 +968,11 @@ pub fn plan(
                 } else {
                     0
                 };
+                if let Some(digest) = pinned.as_ref().filter(|_| !repin.is_empty())
+                    && !moved.iter().any(|(i, _)| i == image)
+                {
+                    moved.push((image.clone(), digest.clone()));
+                }
                 waiting.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
                 repin.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
                 let mut serving = facts.serving.clone();
@@ -1097,6 +1106,7 @@ pub fn plan(
         blocked,
         reseeds,
         recheck_at,
+        moved,
     }
 }
 
@@ -1483,7 +1493,10 @@ mod tests {
         let mut waves = Vec::new();
         let mut moved: HashSet<String> = seeds.iter().cloned().collect();
         loop {
-            sim.step(&[IMG]);
+            let plan = sim.step(&[IMG]);
+            if waves.is_empty() {
+                assert_eq!(plan.moved, [(IMG.to_string(), MOVED.to_string())]);
+            }
             let released: Vec<String> = mirrors
                 .iter()
                 .filter(|n| !moved.contains(*n))
@@ -1516,6 +1529,8 @@ mod tests {
         }
         assert_eq!(waves, [2, 4, 8]);
         assert_eq!(moved.len(), 16);
+        // Said while nodes were pinned to the old digest, and no more.
+        assert!(sim.step(&[IMG]).moved.is_empty());
     }
 
     /// A refresh round whose lead's agent never answers (its node Ready,

@@ -153,6 +153,10 @@ pub enum EventReason {
     /// nodes' pins released; the images stay until kubelet's garbage
     /// collection needs the room.
     Expired,
+    /// A refresh found a tag pointing to a new digest at the registry: it is
+    /// rolled out from the in-cluster mirror, each node keeping the old
+    /// image until it has the new one.
+    TagMoved,
 }
 
 /// What a reason is written as.

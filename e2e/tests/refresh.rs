@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
@@ -147,6 +148,27 @@ async fn a_tag_that_moves_is_rolled_out_again_once_per_cluster() {
     // The first digest's blobs were never fetched again.
     let v1_gets = bed.upstream.gets_of(&v1.repository, &v1.blobs);
     assert!(v1_gets.values().all(|&n| n == 1), "{v1_gets:?}");
+    // One TagMoved Event per new digest, naming it.
+    let events: Api<Event> = Api::namespaced(bed.client.clone(), "default");
+    let moved: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(crd::EventReason::TagMoved.as_str()))
+        .filter_map(|e| e.note)
+        .collect();
+    assert_eq!(
+        moved.len(),
+        2,
+        "{moved:?} (v1 {}, v2 {}, v3 {})",
+        v1.digest,
+        v2.digest,
+        v3.digest
+    );
+    assert!(moved.iter().any(|n| n.contains(&v2.digest)), "{moved:?}");
+    assert!(moved.iter().any(|n| n.contains(&v3.digest)), "{moved:?}");
     eprintln!(
         "refresh: upstream GETs per blob v1 {:?}, v2 {:?}, v3 {:?}",
         v1_gets.values().collect::<Vec<_>>(),

@@ -32,15 +32,9 @@ pub trait SetFacts {
     /// The agent's reports, one per image it has seen.
     fn reported(&self) -> &[NodeImageStatus];
     /// The agent's report on `image` (as listed in the spec), when it is
-    /// about what the entry asks for now (see [`crd::NodeImage::answered_by`]):
-    /// a node that reports another digest than the one its entry was pinned
-    /// to anew has not got this one yet.
+    /// about what the entry asks for now ([`crd::node_image_set::report_on`]).
     fn report_on(&self, image: &str) -> Option<&NodeImageStatus> {
-        let report = self.reported().iter().find(|r| r.name == image)?;
-        match self.spec().image_set.iter().find(|e| e.name == image) {
-            Some(entry) if !entry.answered_by(report) => None,
-            _ => Some(report),
-        }
+        crd::node_image_set::report_on(&self.spec().image_set, self.reported(), image)
     }
     /// The [`image_key`] of each entry of the spec, in its order.
     fn keys(&self) -> Cow<'_, [Arc<str>]> {

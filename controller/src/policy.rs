@@ -304,6 +304,12 @@ impl Current {
         self.entries.get(&(node.to_string(), key.to_string()))
     }
 
+    /// Whether `node`'s entry of `key` is a Mirror pull reported `state`.
+    fn mirror_in(&self, node: &str, key: &str, state: PullState) -> bool {
+        matches!(self.get(node, key),
+            Some((e, Some(s))) if e.registry_policy == RegistryPolicy::Mirror && *s == state)
+    }
+
     /// Whether `node`'s report on `key` (if any) answers the current
     /// refresh round.
     fn answers_round(&self, node: &str, key: &str) -> bool {
@@ -946,8 +952,7 @@ pub fn plan(
                             .iter()
                             .copied()
                             .filter(|n| {
-                                matches!(current.get(n, &key),
-                                    Some((e, Some(PullState::Available))) if e.registry_policy == RegistryPolicy::Mirror)
+                                current.mirror_in(n, &key, PullState::Available)
                                     && !current.silent.contains(&(n.to_string(), key.clone()))
                             })
                             .collect();
@@ -1014,8 +1019,7 @@ pub fn plan(
                     .iter()
                     .copied()
                     .filter(|n| {
-                        matches!(current.get(n, &key),
-                            Some((e, Some(PullState::Failed))) if e.registry_policy == RegistryPolicy::Mirror)
+                        current.mirror_in(n, &key, PullState::Failed)
                             && !book.mirrored.contains_key(&(shared.clone(), n.to_string()))
                     })
                     .collect();

@@ -191,13 +191,7 @@ async fn one_seed_then_mirrors_pinned_to_its_digest() {
     })
     .await;
     assert!(with_policy(&entries(&client, &uid).await, image, RegistryPolicy::Mirror).is_empty());
-    report(
-        &client,
-        &set_on(&client, &uid, &confirmer).await,
-        image,
-        PullState::Available,
-    )
-    .await;
+    report_on(&client, &uid, &confirmer, image, PullState::Available).await;
     let mirrors = poll("first mirror wave", || async {
         let e = entries(&client, &uid).await;
         Some(with_policy(&e, image, RegistryPolicy::Mirror)).filter(|m| !m.is_empty())
@@ -305,13 +299,7 @@ async fn a_failed_or_deleted_seed_is_replaced() {
     let first = seed_other_than(None).await;
 
     // Past its retry limit: another node seeds, the failed one waits.
-    report(
-        &client,
-        &set_on(&client, &uid, &first).await,
-        image,
-        PullState::Failed,
-    )
-    .await;
+    report_on(&client, &uid, &first, image, PullState::Failed).await;
     let second = seed_other_than(Some(first.clone())).await;
     let e = entries(&client, &uid).await;
     assert!(e[&first].is_empty(), "the failed seed lost its entry");
@@ -1031,21 +1019,8 @@ async fn each_node_failure_is_its_own_event() {
     let image = "registry.example.com/failures/app:1";
     let uid = sc.prefetch("app", &[image], json!({"replicas": 2})).await;
     // Both nodes get an entry once the seed holds the image; both fail.
-    let seed = poll("a seed", || async {
-        entries(&client, &uid)
-            .await
-            .into_iter()
-            .find(|(_, e)| !e.is_empty())
-            .map(|(n, _)| n)
-    })
-    .await;
-    report(
-        &client,
-        &set_on(&client, &uid, &seed).await,
-        image,
-        PullState::Available,
-    )
-    .await;
+    let seed = first_with_entry(&client, &uid).await;
+    report_on(&client, &uid, &seed, image, PullState::Available).await;
     let other = sc.nodes.iter().find(|n| **n != seed).unwrap().clone();
     poll("the other node released", || async {
         entries(&client, &uid)
@@ -1055,20 +1030,8 @@ async fn each_node_failure_is_its_own_event() {
             .map(|_| ())
     })
     .await;
-    report(
-        &client,
-        &set_on(&client, &uid, &other).await,
-        image,
-        PullState::Failed,
-    )
-    .await;
-    report(
-        &client,
-        &set_on(&client, &uid, &seed).await,
-        image,
-        PullState::Failed,
-    )
-    .await;
+    report_on(&client, &uid, &other, image, PullState::Failed).await;
+    report_on(&client, &uid, &seed, image, PullState::Failed).await;
     let api: Api<Event> = Api::namespaced(client.clone(), &ns);
     let related = poll("two PullFailed Events", || async {
         let list = api.list(&ListParams::default()).await.ok()?;
@@ -1583,22 +1546,9 @@ async fn a_gated_node_is_let_in_once_its_images_are_there() {
             .any(|t| t.key == taint)
     };
     // The first node's image arrives (the seed's, as its agent reports).
-    let first = poll("a seed", || async {
-        entries(&client, &uid)
-            .await
-            .into_iter()
-            .find(|(_, e)| !e.is_empty())
-            .map(|(n, _)| n)
-    })
-    .await;
+    let first = first_with_entry(&client, &uid).await;
     let other = names.iter().find(|n| **n != first).unwrap().clone();
-    report(
-        &client,
-        &set_on(&client, &uid, &first).await,
-        image,
-        PullState::Available,
-    )
-    .await;
+    report_on(&client, &uid, &first, image, PullState::Available).await;
     poll("the first node let in", || async {
         (!gated(nodes_api.get(&first).await.ok()?)).then_some(())
     })

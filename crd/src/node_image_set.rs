@@ -333,8 +333,24 @@ impl NodeImageSet {
             .unwrap_or(&[])
     }
 
-    /// The agent's report on `image` (as listed in the spec).
+    /// The agent's report on `image` (as listed in the spec), when it is
+    /// about what the entry asks for now: see [`report_on`].
     pub fn report_on(&self, image: &str) -> Option<&NodeImageStatus> {
-        self.reported().iter().find(|r| r.name == image)
+        report_on(&self.spec.image_set, self.reported(), image)
+    }
+}
+
+/// The report on `image` among `reports`, when it answers the entry of
+/// `entries` listing it ([`NodeImage::answered_by`]): a node that reports
+/// another digest than its entry was pinned to anew has not got this one yet.
+pub fn report_on<'a>(
+    entries: &[NodeImage],
+    reports: &'a [NodeImageStatus],
+    image: &str,
+) -> Option<&'a NodeImageStatus> {
+    let report = reports.iter().find(|r| r.name == image)?;
+    match entries.iter().find(|e| e.name == image) {
+        Some(entry) if !entry.answered_by(report) => None,
+        _ => Some(report),
     }
 }

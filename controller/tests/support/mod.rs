@@ -260,6 +260,24 @@ pub async fn report_digest(
 }
 
 /// The NodeImageSet name of `node` for `uid`.
+/// The first node (by name) whose set has an entry: the seed, while
+/// nothing else is released.
+pub async fn first_with_entry(client: &Client, uid: &str) -> String {
+    poll("a seed", || async {
+        entries(client, uid)
+            .await
+            .into_iter()
+            .find(|(_, e)| !e.is_empty())
+            .map(|(n, _)| n)
+    })
+    .await
+}
+
+/// `report` on the set of ImagePrefetch `uid` for `node`.
+pub async fn report_on(client: &Client, uid: &str, node: &str, image: &str, state: PullState) {
+    report(client, &set_on(client, uid, node).await, image, state).await
+}
+
 pub async fn set_on(client: &Client, uid: &str, node: &str) -> String {
     sets(client, uid)
         .await

@@ -58,9 +58,13 @@ pub fn round(prefetch: &ImagePrefetch, now: &Time) -> Round {
                 .unwrap_or(Duration::ZERO)
         })
         .unwrap_or(Duration::ZERO);
+    // A new annotation value asks at once, but not more often than the
+    // shortest interval: a tenant rewriting it in a loop gets a round
+    // every MIN_SPACING, not one per write.
+    let spacing = MIN_SPACING.saturating_sub(if last.is_some() { elapsed } else { MIN_SPACING });
     let asked = requested.is_some() && requested != acted_on;
     let due = interval.is_some_and(|i| elapsed >= i);
-    if asked || due {
+    if (asked && spacing.is_zero()) || due {
         Round {
             current: Some(now.0.to_string()),
             request: requested.or(acted_on),
@@ -72,10 +76,17 @@ pub fn round(prefetch: &ImagePrefetch, now: &Time) -> Round {
             current: last,
             request: acted_on,
             started: false,
-            next_in: interval.map(|i| i.saturating_sub(elapsed)),
+            next_in: match (interval.map(|i| i.saturating_sub(elapsed)), asked) {
+                (Some(left), true) => Some(left.min(spacing)),
+                (None, true) => Some(spacing),
+                (left, false) => left,
+            },
         }
     }
 }
+
+/// The least time between two rounds started by the annotation.
+const MIN_SPACING: Duration = Duration::from_secs(crd::prefetch::MIN_REFRESH_SECONDS as u64);
 
 #[cfg(test)]
 mod tests {
@@ -165,6 +176,12 @@ mod tests {
         // A new value: a new round.
         let p = prefetch(None, Some("again"), Some(after(&r)));
         assert!(round(&p, &at(501)).started);
+        // Rewritten 3 s after a round: the next round waits out the spacing.
+        let p = prefetch(None, Some("once more"), Some(after(&r)));
+        let soon = round(&p, &at(8));
+        assert!(!soon.started);
+        assert_eq!(soon.next_in, Some(Duration::from_secs(7)));
+        assert!(round(&p, &at(15)).started);
         // The annotation removed: nothing happens, the last value is kept.
         let p = prefetch(None, None, Some(after(&r)));
         let gone = round(&p, &at(502));

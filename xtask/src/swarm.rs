@@ -113,7 +113,7 @@ pub async fn run(opts: Options) -> Result<()> {
         .stdout(std::process::Stdio::null())
         .spawn()
         .with_context(|| binary.display().to_string())?;
-    let apiserver = apiserver_pid(&plane.dir).context("kube-apiserver's pid")?;
+    let apiserver = crate::bench::apiserver_pid(&plane.dir).context("kube-apiserver's pid")?;
     let result = measure(
         &client,
         &opts,
@@ -146,7 +146,10 @@ async fn measure(
     // the clock starts.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let requests_before = requests_by_verb(client).await?;
-    let (cpu_c0, cpu_a0) = (cpu_seconds(controller)?, cpu_seconds(apiserver)?);
+    let (cpu_c0, cpu_a0) = (
+        crate::bench::cpu_seconds(controller)?,
+        crate::bench::cpu_seconds(apiserver)?,
+    );
     let events_before = counters.watch_events.load(Ordering::Relaxed);
     let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
     let t0 = Instant::now();
@@ -192,8 +195,8 @@ async fn measure(
     let took = t0.elapsed();
     let requests = requests_by_verb(client).await?;
     let (cpu_c, cpu_a) = (
-        cpu_seconds(controller)? - cpu_c0,
-        cpu_seconds(apiserver)? - cpu_a0,
+        crate::bench::cpu_seconds(controller)? - cpu_c0,
+        crate::bench::cpu_seconds(apiserver)? - cpu_a0,
     );
     let ideal = model.ideal(opts.nodes);
     println!(
@@ -411,27 +414,4 @@ async fn requests_by_verb(client: &Client) -> Result<BTreeMap<(String, String), 
         *by.entry((label("verb"), label("resource"))).or_default() += r.count;
     }
     Ok(by)
-}
-
-/// User + system CPU time of a process, from /proc.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces), from field 3 on.
-    let rest = stat.rsplit_once(')').context("a /proc stat line")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 / per_second)
-}
-
-/// The kube-apiserver serving the control plane in `dir`.
-fn apiserver_pid(dir: &std::path::Path) -> Option<u32> {
-    let dir = dir.to_string_lossy();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        (cmdline.contains("kube-apiserver") && cmdline.contains(dir.as_ref())).then_some(pid)
-    })
 }

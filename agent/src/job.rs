@@ -75,7 +75,8 @@ fn current(entry: &NodeImage, digest: &str) -> bool {
     }
     let named = entry
         .digest
-        .clone()
+        .as_deref()
+        .map(str::to_string)
         .or_else(|| reference::parse(&entry.name).ok().and_then(|r| r.digest));
     match named {
         Some(named) => named == digest,
@@ -88,7 +89,7 @@ fn source(entry: &NodeImage) -> String {
     match (reference::parse(&entry.name), &entry.digest) {
         (Ok(r), Some(d)) => format!("{}/{}@{d}", r.registry, r.repository),
         (Ok(r), None) => r.canonical(),
-        (Err(_), _) => entry.name.clone(),
+        (Err(_), _) => entry.name.to_string(),
     }
 }
 
@@ -571,7 +572,7 @@ mod tests {
             refresh: None,
             name: name.into(),
             registry_policy: policy,
-            digest: digest.map(str::to_string),
+            digest: digest.map(Into::into),
             source: None,
         }
     }

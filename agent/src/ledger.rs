@@ -492,7 +492,7 @@ impl Ledger {
             } => {
                 s.state = PullState::Available;
                 s.attempts = *attempts;
-                s.digest = Some(present.digest.clone());
+                s.digest = Some(present.digest.as_str().into());
                 s.size_bytes = present.size;
                 s.pull_duration_millis = Some(present.duration.as_millis() as i64);
                 s.source = Some(match policy {
@@ -536,7 +536,7 @@ fn adopted(l: &Listed, r: &NodeImageStatus) -> Record {
         want: l.want.clone(),
         state: State::Available {
             present: Present {
-                digest: r.digest.clone().unwrap_or_default(),
+                digest: r.digest.as_deref().unwrap_or_default().to_string(),
                 size: r.size_bytes,
                 duration: Duration::from_millis(r.pull_duration_millis.unwrap_or(0).max(0) as u64),
             },
@@ -564,7 +564,7 @@ mod tests {
                 refresh: None,
                 name: IMG.into(),
                 registry_policy: policy,
-                digest: digest.map(str::to_string),
+                digest: digest.map(Into::into),
                 source: None,
             },
             retry_limit: 3,

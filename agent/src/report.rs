@@ -23,7 +23,7 @@ pub fn listed(sets: &[Arc<NodeImageSet>]) -> Vec<Listed> {
     sets.iter()
         .flat_map(|set| {
             set.spec.image_set.iter().map(|entry| Listed {
-                key: (set.name_any(), entry.name.clone()),
+                key: (set.name_any(), entry.name.to_string()),
                 want: Want {
                     set_uid: set.uid().unwrap_or_default(),
                     entry: entry.clone(),
@@ -51,7 +51,7 @@ pub fn status(ledger: &Ledger, set: &NodeImageSet, now: &Time) -> NodeImageSetSt
         .spec
         .image_set
         .iter()
-        .filter_map(|e| ledger.status(&(name.clone(), e.name.clone())))
+        .filter_map(|e| ledger.status(&(name.clone(), e.name.to_string())))
         .collect();
     let available = images
         .iter()
@@ -257,10 +257,10 @@ mod tests {
     #[test]
     fn a_set_whose_spec_cannot_be_read_says_so_and_keeps_its_reports() {
         let mut s = set(&[], "3");
-        s.spec.unreadable = Some(crd::lenient::Unreadable {
+        s.spec.unreadable = Some(Box::new(crd::lenient::Unreadable {
             field: "spec.imageSet[0].registryPolicy".into(),
             error: "unknown variant `Sideways`".into(),
-        });
+        }));
         let now = crd::condition::now();
         let (status, _) = due(&observed(&[]), &s, &now, None).expect("says why");
         let ready = crd::condition::find(&status.conditions, ConditionType::Ready).unwrap();

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,9 +64,28 @@ pub struct Memory<'a> {
     pub seeds: &'a mut SeedBook,
     /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
     pub announced: &'a mut HashSet<(String, String, String)>,
-    /// When each entry with no report yet was first seen so:
-    /// (ImagePrefetch uid, node, image) → instant.
-    pub unreported: &'a mut HashMap<(String, String, String), Instant>,
+    /// When each entry with no report yet was first seen so.
+    pub unreported: &'a mut Unreported,
+}
+
+/// When each entry with no report from its agent yet was first seen so, by
+/// ImagePrefetch uid, then by a hash of (node, image). Only entries still
+/// unreported are kept: with 100,000 sets and no agent answering, three
+/// strings a key were 20 MB, and the map kept its size after the reports came.
+#[derive(Debug, Default)]
+pub struct Unreported(HashMap<String, HashMap<u64, Instant>>);
+
+impl Unreported {
+    /// Forgets every entry of the ImagePrefetch with `uid`.
+    pub fn forget(&mut self, uid: &str) {
+        self.0.remove(uid);
+    }
+
+    fn key(node: &str, image: &str) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (node, image).hash(&mut h);
+        h.finish()
+    }
 }
 
 /// An Event to publish on the ImagePrefetch.
@@ -678,33 +698,40 @@ struct Silence {
 fn agent_silence(
     uid: &str,
     sets: &[&SetView],
-    unreported: &mut HashMap<(String, String, String), Instant>,
+    unreported: &mut Unreported,
     at: Instant,
     after: Duration,
 ) -> Silence {
     let mut silent = Vec::new();
     let mut next: Option<Duration> = None;
+    // Built anew each time: what was reported, or is no longer listed, goes.
+    let before = unreported.0.remove(uid).unwrap_or_default();
+    let mut still = HashMap::new();
     for set in sets {
         let node = &set.spec.node_name;
         for entry in &set.spec.image_set {
-            let key = (uid.to_string(), node.clone(), entry.name.clone());
             // A report of an earlier refresh round is no answer to this one.
             if set
                 .report_on(&entry.name)
                 .is_some_and(|r| r.refresh == entry.refresh)
             {
-                unreported.remove(&key);
                 continue;
             }
-            let since = *unreported.entry(key).or_insert(at);
+            let key = Unreported::key(node, &entry.name);
+            let since = *still
+                .entry(key)
+                .or_insert(before.get(&key).copied().unwrap_or(at));
             let quiet = at.saturating_duration_since(since);
             if quiet >= after {
-                silent.push((node.clone(), entry.name.clone()));
+                silent.push((node.clone(), entry.name.to_string()));
             } else {
                 let left = after - quiet;
                 next = Some(next.map_or(left, |n| n.min(left)));
             }
         }
+    }
+    if !still.is_empty() {
+        unreported.0.insert(uid.to_string(), still);
     }
     silent.sort();
     Silence { silent, next }
@@ -877,7 +904,7 @@ mod tests {
         sets: BTreeMap<String, NodeImageSet>,
         seeds: SeedBook,
         announced: HashSet<(String, String, String)>,
-        unreported: HashMap<(String, String, String), Instant>,
+        unreported: Unreported,
         config: Config,
         start: Instant,
         /// What the namespace's other ImagePrefetches hold.
@@ -896,7 +923,7 @@ mod tests {
                 sets: BTreeMap::new(),
                 seeds: SeedBook::default(),
                 announced: HashSet::new(),
-                unreported: HashMap::new(),
+                unreported: Unreported::default(),
                 // Holders findable at once: the policy's tests cover the grace.
                 config: {
                     let mut c = Config::default();
@@ -986,7 +1013,7 @@ mod tests {
             let st = set.status.get_or_insert_with(NodeImageSetStatus::default);
             st.images.retain(|r| r.name != image);
             st.images.push(NodeImageStatus {
-                digest: (state == PullState::Available).then(|| DIGEST.to_string()),
+                digest: (state == PullState::Available).then(|| DIGEST.into()),
                 reason: (state == PullState::Failed).then_some(crd::PullFailure::NotFound),
                 ..NodeImageStatus::new(image, state, 1)
             });

@@ -298,7 +298,7 @@ mod tests {
         s.status = Some(crd::NodeImageSetStatus {
             images: available
                 .iter()
-                .map(|i| NodeImageStatus::new(i, PullState::Available, 1))
+                .map(|i| NodeImageStatus::new(*i, PullState::Available, 1))
                 .collect(),
             ..Default::default()
         });

@@ -22,7 +22,7 @@ use kube::ResourceExt;
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
-use crd::{NodeImageSet, NodeImageSetSpec, NodeImageStatus, keys};
+use crd::{NodeImageSet, NodeImageSetSpec, NodeImageStatus, SharedStr, keys};
 
 use crate::policy::image_key;
 
@@ -73,7 +73,7 @@ pub struct SetView {
     pub has_status: bool,
     pub reports: Vec<NodeImageStatus>,
     /// Why the agent's status could not be read (it then counts as no report).
-    pub unreadable_report: Option<crd::lenient::Unreadable>,
+    pub unreadable_report: Option<Box<crd::lenient::Unreadable>>,
     /// [`managed_meta`] of the set's labels and annotations.
     pub meta: u64,
     /// The resource version it was cached at, as a number (0: not one):
@@ -116,7 +116,11 @@ impl SetView {
             spec,
             has_status: set.status.is_some(),
             reports: set.reported().to_vec(),
-            unreadable_report: set.status.as_ref().and_then(|s| s.unreadable.clone()),
+            unreadable_report: set
+                .status
+                .as_ref()
+                .and_then(|s| s.unreadable.clone())
+                .map(Box::new),
             meta: managed_meta(&set.metadata.labels, &set.metadata.annotations),
             version: set
                 .resource_version()
@@ -160,6 +164,12 @@ pub struct Sets {
     by_image: HashMap<Arc<str>, HashSet<Arc<str>>>,
     /// Entries listed on each node, all ImagePrefetches together.
     entries_on: HashMap<String, usize>,
+    /// Each distinct image name, digest and source of the cached sets, held
+    /// once: one image on 5,000 nodes is otherwise 20,000 copies of its
+    /// name and digest (spec and report), most of what a set costs.
+    strings: HashSet<SharedStr>,
+    /// The pool's size after it last shed what no set holds any more.
+    strings_kept: usize,
 }
 
 impl Sets {
@@ -175,6 +185,7 @@ impl Sets {
         if let Some((held, _)) = self.by_owner.get_key_value(&view.owner) {
             view.owner = held.clone();
         }
+        self.intern(&mut view);
         let view = Arc::new(view);
         self.by_owner
             .entry(view.owner.clone())
@@ -192,6 +203,33 @@ impl Sets {
             .or_default() += view.spec.image_set.len();
         self.by_name.insert(view.name.clone(), view.clone());
         view
+    }
+
+    /// Points the view's strings at the pool's copies.
+    fn intern(&mut self, view: &mut SetView) {
+        let pool = &mut self.strings;
+        for entry in &mut view.spec.image_set {
+            entry.name.intern(pool);
+            if let Some(d) = &mut entry.digest {
+                d.intern(pool);
+            }
+            if let Some(source) = &mut entry.source {
+                source.node.intern(pool);
+                source.address.intern(pool);
+            }
+        }
+        for report in &mut view.reports {
+            report.name.intern(pool);
+            if let Some(d) = &mut report.digest {
+                d.intern(pool);
+            }
+        }
+        // Shed what no set holds once the pool doubled since it last did:
+        // a digest replaced at a refresh goes, at a cost spread over inserts.
+        if pool.len() > 2 * self.strings_kept.max(1024) {
+            pool.retain(|s| !s.is_unique());
+            self.strings_kept = pool.len();
+        }
     }
 
     fn remove(&mut self, name: &str) -> Option<Arc<SetView>> {
@@ -480,13 +518,63 @@ mod tests {
             .iter()
             .map(|i| crd::NodeImage {
                 refresh: None,
-                name: i.to_string(),
+                name: (*i).into(),
                 registry_policy: crd::RegistryPolicy::Default,
                 digest: None,
                 source: None,
             })
             .collect();
         s
+    }
+
+    #[test]
+    fn sets_listing_one_image_hold_its_name_and_digest_once() {
+        let mut sets = Sets::default();
+        let reported = |name: &str, node: &str| {
+            let mut s = listing(name, node, "uid-1", &["registry.example.com/app:1"], "1");
+            s.spec.image_set[0].digest = Some("sha256:ab".into());
+            s.status = Some(NodeImageSetStatus {
+                images: vec![NodeImageStatus {
+                    digest: Some("sha256:ab".into()),
+                    ..NodeImageStatus::new("registry.example.com/app:1", PullState::Available, 1)
+                }],
+                ..Default::default()
+            });
+            SetView::of(&s)
+        };
+        let a = sets.insert(reported("a", "n1"));
+        let b = sets.insert(reported("b", "n2"));
+        let held = |v: &SetView| {
+            let (e, r) = (&v.spec.image_set[0], &v.reports[0]);
+            [
+                e.name.as_ptr(),
+                e.digest.as_ref().unwrap().as_ptr(),
+                r.name.as_ptr(),
+                r.digest.as_ref().unwrap().as_ptr(),
+            ]
+        };
+        let (ha, hb) = (held(&a), held(&b));
+        assert_eq!(ha, hb, "both sets point at the same copies");
+        assert_eq!((ha[0], ha[1]), (ha[2], ha[3]), "spec and report too");
+        assert_eq!(sets.strings.len(), 2);
+        // Gone from every set, a string leaves the pool once it sheds.
+        drop((a, b));
+        sets.remove("a");
+        sets.remove("b");
+        for i in 0..1100 {
+            sets.insert(reported(&format!("s{i}"), &format!("n{i}")));
+            sets.remove(&format!("s{i}"));
+        }
+        let mut other = listing("c", "n3", "uid-1", &["registry.example.com/other:1"], "1");
+        for i in 0..2100 {
+            other.spec.image_set[0].digest = Some(format!("sha256:{i:x}").into());
+            sets.insert(SetView::of(&other));
+        }
+        assert!(
+            !sets.strings.contains("sha256:ab") && sets.strings.len() <= 2 * 1024 + 1,
+            "the pool keeps only what sets hold ({} strings)",
+            sets.strings.len()
+        );
     }
 
     fn names(sets: Vec<Arc<SetView>>) -> Vec<String> {

@@ -16,6 +16,7 @@ pub mod error;
 pub mod gate;
 pub mod index;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod pull_secrets;

@@ -10,8 +10,16 @@ fn hostname() -> String {
         .unwrap_or_else(|_| format!("controller-{}", std::process::id()))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    controller::memory::use_one_arena();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let cli = Cli::parse();
     if let Some(Command::Uninstall { wait_seconds }) = cli.command {
         uninstall(std::time::Duration::from_secs(wait_seconds)).await;

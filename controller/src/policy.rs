@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crd::{NodeImage, PullState, RegistryPolicy, reference};
+use crd::{NodeImage, PullState, RegistryPolicy, SharedStr, reference};
 
 use crate::index::SetFacts;
 
@@ -164,7 +164,7 @@ pub fn shared_key(key: &str, private_to: Option<&str>) -> String {
 #[derive(Clone, Debug, Default)]
 pub struct ImageFacts {
     /// Nodes where the image is Available, with the digest each resolved.
-    pub available: BTreeMap<String, Option<String>>,
+    pub available: BTreeMap<String, Option<SharedStr>>,
     /// Nodes with a `Default` entry for the image, and the state each reports.
     pub seeding: BTreeMap<String, Option<PullState>>,
     /// Bytes each seed's pull under way has fetched so far, as it last told.
@@ -213,7 +213,7 @@ impl ClusterView {
                 if let Some(from) = &entry.source
                     && !matches!(state, Some(PullState::Available | PullState::Failed))
                 {
-                    *facts.serving.entry(from.node.clone()).or_default() += 1;
+                    *facts.serving.entry(from.node.to_string()).or_default() += 1;
                 }
                 if entry.registry_policy == RegistryPolicy::Default {
                     facts.seeding.insert(node.clone(), state);
@@ -236,7 +236,7 @@ impl ClusterView {
 pub struct Current {
     entries: HashMap<(String, String), (NodeImage, Option<PullState>)>,
     /// The digest each Available entry reported.
-    digests: HashMap<(String, String), String>,
+    digests: HashMap<(String, String), SharedStr>,
     /// The namespace, when the ImagePrefetch pulls with credentials.
     private_to: Option<String>,
     /// (node, image key) entries whose agent has said nothing for long:
@@ -330,7 +330,7 @@ impl Current {
     fn digest(&self, node: &str, key: &str) -> Option<&str> {
         self.digests
             .get(&(node.to_string(), key.to_string()))
-            .map(String::as_str)
+            .map(SharedStr::as_str)
     }
 }
 
@@ -784,9 +784,11 @@ pub fn plan(
         // What seeds fetched, and the seeds themselves, are shared under this key.
         let shared = shared_key(&key, private_to);
         let facts = view.images.get(&shared).unwrap_or(&no_facts);
-        let entry = |policy, digest: Option<String>| NodeImage {
+        // One allocation of the name for every node's entry.
+        let name = SharedStr::from(image);
+        let entry = |policy, digest: Option<SharedStr>| NodeImage {
             refresh: None,
-            name: image.clone(),
+            name: name.clone(),
             registry_policy: policy,
             digest,
             source: None,
@@ -803,7 +805,7 @@ pub fn plan(
         let resolved = resolution(image, nodes, current);
         let (pinned, mut confirmers) = match &resolved {
             Resolution::Named => (None, 0),
-            Resolution::Agreed(d) => (Some(d.clone()), 0),
+            Resolution::Agreed(d) => (Some(SharedStr::from(d.as_str())), 0),
             Resolution::Pending { more } => (None, *more),
         };
         let release = !matches!(resolved, Resolution::Pending { .. });
@@ -976,7 +978,7 @@ pub fn plan(
                 if let Some(digest) = pinned.as_ref().filter(|_| !repin.is_empty())
                     && !moved.iter().any(|(i, _)| i == image)
                 {
-                    moved.push((image.clone(), digest.clone()));
+                    moved.push((image.clone(), digest.to_string()));
                 }
                 waiting.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
                 repin.sort_by_key(|n| std::cmp::Reverse(score(&key, n)));
@@ -1002,8 +1004,8 @@ pub fn plan(
                         };
                         *serving.entry((*from).clone()).or_default() += 1;
                         e.source = Some(crd::PeerSource {
-                            node: (*from).clone(),
-                            address: view.addresses[*from].clone(),
+                            node: from.as_str().into(),
+                            address: view.addresses[*from].as_str().into(),
                         });
                     }
                     let out = entries.get_mut(n).expect("selected");
@@ -1270,7 +1272,7 @@ mod tests {
             report(set, image, state);
             let st = set.status.as_mut().expect("reported");
             let r = st.images.iter_mut().find(|r| r.name == image).unwrap();
-            r.digest = (state == PullState::Available).then(|| digest.to_string());
+            r.digest = (state == PullState::Available).then(|| digest.into());
             r.refresh = round;
         }
 
@@ -1315,7 +1317,7 @@ mod tests {
         let st = set.status.get_or_insert_with(NodeImageSetStatus::default);
         st.images.retain(|r| r.name != image);
         st.images.push(NodeImageStatus {
-            digest: (state == PullState::Available).then(|| DIGEST.to_string()),
+            digest: (state == PullState::Available).then(|| DIGEST.into()),
             ..NodeImageStatus::new(image, state, 1)
         });
     }
@@ -1380,12 +1382,16 @@ mod tests {
                     .unwrap();
                 if let Some(from) = &e.source {
                     assert!(
-                        !released.contains(&from.node) && done.contains(&from.node),
+                        !released.contains(&from.node.to_string())
+                            && done.contains(from.node.as_str()),
                         "{} named before it holds the image",
                         from.node
                     );
-                    assert_eq!(Some(&from.address), sim.addresses.get(&from.node));
-                    *named.entry(from.node.clone()).or_default() += 1;
+                    assert_eq!(
+                        Some(from.address.as_str()),
+                        sim.addresses.get(from.node.as_str()).map(String::as_str)
+                    );
+                    *named.entry(from.node.to_string()).or_default() += 1;
                 }
                 assert_eq!(
                     e.digest.as_deref(),
@@ -1521,7 +1527,7 @@ mod tests {
                 let from = &sim.entry_of(n, IMG).unwrap().source;
                 if let Some(from) = from {
                     assert!(
-                        moved.contains(&from.node),
+                        moved.contains(from.node.as_str()),
                         "{n} named a holder of the old digest"
                     );
                 }
@@ -2188,7 +2194,7 @@ mod tests {
         let say = |sim: &mut Sim, node: &str, digest: &str| {
             sim.report(node, IMG, PullState::Available);
             let st = sim.ours.get_mut(node).unwrap().status.as_mut().unwrap();
-            st.images[0].digest = Some(digest.to_string());
+            st.images[0].digest = Some(digest.into());
         };
         say(&mut sim, &liar, EVIL);
         sim.step(&[IMG]);

@@ -38,8 +38,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Failures already announced by an Event: (ImagePrefetch uid, node, image).
     announced: Mutex<HashSet<(String, String, String)>>,
-    /// When each entry without a report was first seen so: (uid, node, image).
-    unreported: Mutex<HashMap<(String, String, String), Instant>>,
+    /// When each entry without a report was first seen so.
+    unreported: Mutex<crate::decide::Unreported>,
     /// Reconciles failed in a row, per ImagePrefetch uid: the retry backs off.
     failed_in_a_row: Mutex<HashMap<String, u32>>,
     pub metrics: Metrics,
@@ -468,7 +468,7 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
     ctx.unreported
         .lock()
         .expect("unreported lock")
-        .retain(|(uid, _, _), _| uid != owner.uid);
+        .forget(owner.uid);
     ctx.rollouts.forget(owner.uid);
     grant_pull_secrets(ctx, owner.namespace).await?;
     info!("deleted every NodeImageSet of the ImagePrefetch");

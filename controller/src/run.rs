@@ -175,7 +175,7 @@ pub async fn run(
                             .count(),
                     );
                 }
-                release_freed_memory();
+                crate::memory::release_freed();
             }
         })
     };
@@ -292,19 +292,6 @@ fn watch_failed(
     move |error| {
         warn!(resource, %error, "watch request failed; retrying after its backoff");
         metrics.watch_failed(resource)
-    }
-}
-
-/// Hands memory freed after a burst of reconciles back to the system. glibc
-/// keeps freed memory in its per-thread arenas; after 50,000 NodeImageSets
-/// were written that was about as much again as the cache itself, held for
-/// good. A trim every few seconds costs a walk over the arenas.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns unused pages of the allocator's own
-    // arenas; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

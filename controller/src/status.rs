@@ -51,7 +51,7 @@ pub fn failures<S: SetFacts>(sets: &[&S]) -> Vec<Failure> {
             if r.state == PullState::Failed {
                 out.push(Failure {
                     node: set.spec().node_name.clone(),
-                    image: r.name.clone(),
+                    image: r.name.to_string(),
                     reason: r.reason.unwrap_or(PullFailure::PullFailed),
                     message: r.last_error.clone().unwrap_or_default(),
                 });
@@ -341,7 +341,7 @@ mod tests {
                 .map(|(n, st, reason)| NodeImageStatus {
                     last_error: reason.map(|r| format!("{r} happened")),
                     reason: reason.map(|r| crd::Word::parse(r).expect("a pull failure")),
-                    ..NodeImageStatus::new(n, *st, 1)
+                    ..NodeImageStatus::new(*n, *st, 1)
                 })
                 .collect(),
             ..Default::default()

@@ -163,7 +163,7 @@ async fn another_tenants_rollout_is_ready_whatever_one_tenant_does() {
     report_digest(&client, &liar, tag, PullState::Available, FORGED).await;
     let during = polite(&client, "during-liar", tag).await;
     let polite_uid = uid_of(&client, "polite", "during-liar").await;
-    let pinned: Vec<String> = entries(&client, &polite_uid)
+    let pinned: Vec<crd::SharedStr> = entries(&client, &polite_uid)
         .await
         .into_values()
         .flatten()

@@ -93,7 +93,7 @@ macro_rules! decode_leniently {
                 placeholder(why)
             }
             fn why_unreadable(&self) -> Option<&$crate::lenient::Unreadable> {
-                self.unreadable.as_ref()
+                self.unreadable.as_ref().map(::std::borrow::Borrow::borrow)
             }
         }
         impl<'de> serde::Deserialize<'de> for $type {

@@ -12,6 +12,7 @@ pub mod node_image_set;
 pub mod platform;
 pub mod prefetch;
 pub mod reference;
+pub mod shared_str;
 pub mod vocabulary;
 
 pub use node_image_set::{
@@ -22,6 +23,7 @@ pub use prefetch::{
     ImagePrefetch, ImagePrefetchSpec, ImagePrefetchStatus, ImageProgress, LocalSecretReference,
     NodeSelectorExpression, SelectorOperator, TaintEffect, Toleration, TolerationOperator,
 };
+pub use shared_str::SharedStr;
 pub use vocabulary::{ConditionReason, ConditionType, EventReason, PullFailure, Word};
 
 /// API group of both custom resources.

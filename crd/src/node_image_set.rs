@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::lenient::Unreadable;
 use crate::prefetch::{MAX_IMAGES, MAX_PULL_SECRETS};
 use crate::reference;
+use crate::shared_str::SharedStr;
 use crate::vocabulary::PullFailure;
 
 /// Default for `imageDownloadRetryLimit`.
@@ -76,9 +77,10 @@ pub struct NodeImageSetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<bool>,
     /// Set when the stored spec could not be decoded (never serialised).
+    /// Boxed: rare, and every cached spec would carry its size.
     #[serde(skip)]
     #[schemars(skip)]
-    pub unreadable: Option<Unreadable>,
+    pub unreadable: Option<Box<Unreadable>>,
 }
 
 crate::decode_leniently!(NodeImageSetSpec, "spec", |why| {
@@ -89,7 +91,7 @@ crate::decode_leniently!(NodeImageSetSpec, "spec", |why| {
         image_download_retry_limit: DEFAULT_RETRY_LIMIT,
         pull_stall_timeout_seconds: None,
         pin: None,
-        unreadable: Some(why),
+        unreadable: Some(Box::new(why)),
     }
 });
 
@@ -115,7 +117,7 @@ impl NodeImageSetSpec {
 
 impl NodeImage {
     /// An entry for `image` with `policy`: no digest pinned, no source named.
-    pub fn of(image: impl Into<String>, policy: RegistryPolicy) -> Self {
+    pub fn of(image: impl Into<SharedStr>, policy: RegistryPolicy) -> Self {
         NodeImage {
             refresh: None,
             name: image.into(),
@@ -132,13 +134,13 @@ impl NodeImage {
 pub struct NodeImage {
     /// The image reference as the ImagePrefetch lists it.
     #[schemars(length(min = 1, max = reference::MAX_LEN))]
-    pub name: String,
+    pub name: SharedStr,
     pub registry_policy: RegistryPolicy,
     /// Digest to pull instead of the tag, pinned by the controller once one
     /// node resolved it, so that a tag that moves cannot split the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_DIGEST_LEN))]
-    pub digest: Option<String>,
+    pub digest: Option<SharedStr>,
     /// For a Mirror pull, a node that holds the image, named by the
     /// controller: the agent asks that node's mirror first, so the pull
     /// needs no lookup (nor waits for the holder to be advertised) and each
@@ -172,11 +174,11 @@ impl NodeImage {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerSource {
     #[schemars(length(min = 1, max = 253))]
-    pub node: String,
+    pub node: SharedStr,
     /// The node's InternalIP: its mirror listens there, at the port of the
     /// mirror the node's own registry configuration names.
     #[schemars(length(min = 2, max = 45), regex(pattern = r"^[0-9A-Fa-f:.]+$"))]
-    pub address: String,
+    pub address: SharedStr,
 }
 
 /// Where a node may fetch an image from.
@@ -240,7 +242,7 @@ crate::decode_leniently!(NodeImageSetStatus, "status", |why| {
 #[serde(rename_all = "camelCase")]
 pub struct NodeImageStatus {
     #[schemars(length(min = 1, max = reference::MAX_LEN))]
-    pub name: String,
+    pub name: SharedStr,
     pub state: PullState,
     /// Pull attempts made so far.
     #[serde(default)]
@@ -258,7 +260,7 @@ pub struct NodeImageStatus {
     /// Digest the image resolved to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_DIGEST_LEN))]
-    pub digest: Option<String>,
+    pub digest: Option<SharedStr>,
     /// Bytes the image occupies (compressed content).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = MAX_BYTES))]
@@ -307,10 +309,10 @@ pub fn error_message(message: &str) -> String {
 
 impl NodeImageStatus {
     /// A report of `state` after `attempts`, with nothing else known yet.
-    pub fn new(name: &str, state: PullState, attempts: i32) -> Self {
+    pub fn new(name: impl Into<SharedStr>, state: PullState, attempts: i32) -> Self {
         NodeImageStatus {
             refresh: None,
-            name: name.to_string(),
+            name: name.into(),
             state,
             attempts,
             last_error: None,

@@ -110,7 +110,7 @@ async fn each_blob_crosses_the_uplink_once_and_each_platform_only_its_own() {
     for image in [&web.reference, &multi.reference] {
         for arch in ["amd64", "arm64"] {
             assert_eq!(
-                seeds.get(&(image.clone(), arch)),
+                seeds.get(&(crd::SharedStr::from(image.as_str()), arch)),
                 Some(&1),
                 "{image} {arch}: {seeds:?}"
             );

@@ -47,7 +47,7 @@ async fn everywhere(bed: &PeerCluster, prefetch: &str, image: &Image, what: &str
                     (
                         s.spec.node_name.clone(),
                         r.map(|r| r.state),
-                        r.and_then(|r| r.digest.clone()),
+                        r.and_then(|r| r.digest.as_deref().map(str::to_string)),
                     )
                 })
                 .collect();

@@ -348,7 +348,7 @@ async fn pull(
         let started = planes
             .lock()
             .expect("not poisoned")
-            .entry(image.clone())
+            .entry(image.to_string())
             .or_insert_with(|| DataPlane::new(model))
             .start(
                 &node,
@@ -362,7 +362,7 @@ async fn pull(
                 planes
                     .lock()
                     .expect("not poisoned")
-                    .get_mut(&image)
+                    .get_mut(image.as_str())
                     .expect("started there")
                     .finish(&node, &s, Instant::now());
                 break Ok((

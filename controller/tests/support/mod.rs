@@ -246,7 +246,7 @@ pub async fn report_digest(
     images.push(NodeImageStatus {
         last_error: failed.then(|| "simulated: registry answered 500".to_string()),
         reason: failed.then_some(crd::PullFailure::PullFailed),
-        digest: (state == PullState::Available).then(|| digest.to_string()),
+        digest: (state == PullState::Available).then(|| digest.into()),
         ..NodeImageStatus::new(image, state, if failed { 4 } else { 1 })
     });
     let available = images
@@ -292,7 +292,7 @@ pub async fn set_on(client: &Client, uid: &str, node: &str) -> String {
 pub async fn finish_all(client: &Client, uid: &str) -> usize {
     let mut n = 0;
     for set in sets(client, uid).await {
-        let reported: Vec<String> = set
+        let reported: Vec<crd::SharedStr> = set
             .status
             .iter()
             .flat_map(|s| s.images.iter())

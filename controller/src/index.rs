@@ -138,19 +138,27 @@ pub fn managed_meta(
     labels: &Option<BTreeMap<String, String>>,
     annotations: &Option<BTreeMap<String, String>>,
 ) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let get = |map: &Option<BTreeMap<String, String>>, key: &str| {
-        map.as_ref().and_then(|m| m.get(key)).cloned()
-    };
-    for key in [
-        keys::PREFETCH_UID,
-        keys::PREFETCH_NAMESPACE,
-        keys::PREFETCH_NAME,
-        keys::NODE,
-    ] {
-        get(labels, key).hash(&mut h);
+    fn get<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+        map.as_ref().and_then(|m| m.get(key)).map(String::as_str)
     }
-    get(annotations, keys::PREFETCH_REF_ANNOTATION).hash(&mut h);
+    meta_fingerprint([
+        get(labels, keys::PREFETCH_UID),
+        get(labels, keys::PREFETCH_NAMESPACE),
+        get(labels, keys::PREFETCH_NAME),
+        get(labels, keys::NODE),
+        get(annotations, keys::PREFETCH_REF_ANNOTATION),
+    ])
+}
+
+/// [`managed_meta`] from the values themselves — the owner's uid,
+/// namespace and name and the node as labelled, then the reference
+/// annotation — so a reconcile can tell a set is unchanged without
+/// building its metadata maps.
+pub fn meta_fingerprint(values: [Option<&str>; 5]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for v in values {
+        v.hash(&mut h);
+    }
     h.finish()
 }
 
@@ -389,6 +397,17 @@ impl SetIndex {
     /// released twice, to another holder, would restart its pull). A newer
     /// version the watch brought meanwhile is kept.
     pub fn wrote(&self, set: &NodeImageSet) {
+        let view = SetView::of(set);
+        let mut sets = self.write();
+        let newer_cached = sets
+            .by_name
+            .get(&view.name)
+            .is_some_and(|c| view.version == 0 || c.version >= view.version);
+        // Its echo (or a newer version) came first: there is nothing to
+        // wait for, and a record would stay until the set next changed.
+        if newer_cached {
+            return;
+        }
         if let Some(rv) = set.resource_version() {
             self.inner
                 .own_writes
@@ -396,15 +415,7 @@ impl SetIndex {
                 .expect("own writes lock")
                 .insert(set.name_any(), rv);
         }
-        let view = SetView::of(set);
-        let mut sets = self.write();
-        let newer_cached = sets
-            .by_name
-            .get(&view.name)
-            .is_some_and(|c| view.version == 0 || c.version >= view.version);
-        if !newer_cached {
-            sets.insert(view);
-        }
+        sets.insert(view);
     }
 
     /// Whether `set` as the watch brings it is the controller's own write.
@@ -649,6 +660,10 @@ mod tests {
         let cached = index.read().owned_by("uid-1");
         assert_eq!(cached[0].version, 9);
         assert!(cached[0].has_status);
+        assert!(
+            index.inner.own_writes.lock().unwrap().is_empty(),
+            "no record waits for an echo that came before the answer"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tracing::{Instrument as _, Span, field, info, info_span, warn};
 use crd::{ImagePrefetch, NodeImageSet, keys};
 
 use crate::config::Config;
-use crate::decide::{Decision, Memory, Observed, Owner, decide};
+use crate::decide::{Decision, Desired, Memory, Observed, Owner, decide};
 use crate::index::SetIndex;
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::policy::SeedBook;
@@ -331,10 +331,12 @@ async fn act(
     let params = PatchParams::apply(keys::CONTROLLER_MANAGER).force();
     // Independent objects: written side by side, so a fan-out to many nodes
     // takes a fraction of the round trips one after another would.
-    let writes: Vec<_> = decision
+    // Lazily: each set is made into its object when its turn comes, not all
+    // of them before the first goes out (5,000 objects for a fan-out).
+    let writes = decision
         .apply
         .iter()
-        .cloned()
+        .map(Desired::object)
         .map(|mut desired| {
             let (api, params) = (sets_api.clone(), params.clone());
             let span = info_span!(
@@ -361,8 +363,7 @@ async fn act(
                     })
             }
             .instrument(span)
-        })
-        .collect();
+        });
     // Each answer is taken in as it comes and dropped: collected, a fan-out
     // to 5,000 nodes held 5,000 whole objects (managedFields and all) at
     // once, and their echoes came back before they were known as ours.

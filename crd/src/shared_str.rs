@@ -167,6 +167,10 @@ mod tests {
     fn it_is_a_plain_string_on_the_wire_and_compares_with_strings() {
         let s: SharedStr = serde_json::from_str("\"sha256:ab\"").unwrap();
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"sha256:ab\"");
-        assert!(s == "sha256:ab" && "sha256:ab" == s && s == "sha256:ab".to_string());
+        let text = String::from("sha256:ab");
+        assert_eq!(s, "sha256:ab");
+        assert_eq!("sha256:ab", s);
+        assert_eq!(s, text);
+        assert_eq!(text, s);
     }
 }

@@ -124,18 +124,18 @@ async fn measure(
         let total = opts.prefetches * opts.nodes;
         wait_for_sets(&sets, total, Duration::from_secs(1800)).await?;
         let all = t1.elapsed();
-        // Steady state: nothing changes; let the last reconciles finish.
-        tokio::time::sleep(Duration::from_secs(20)).await;
+        let settled = settle(client).await?;
         let idle_from = api_writes(client).await?;
         tokio::time::sleep(Duration::from_secs(30)).await;
         let idle_writes = api_writes(client).await? - idle_from;
         let rss = memory(pid)?;
         println!(
-            "{} ImagePrefetches x {} nodes ({} NodeImageSets): written in {:.1}s; steady state: RSS {:.1} MiB (peak {:.1} MiB), {} API writes in 30s idle",
+            "{} ImagePrefetches x {} nodes ({} NodeImageSets): written in {:.1}s, no more writes {:.0}s later; steady state: RSS {:.1} MiB (peak {:.1} MiB), {} API writes in 30s idle",
             opts.prefetches,
             opts.nodes,
             total,
             all.as_secs_f64(),
+            settled.as_secs_f64(),
             rss.now_kib as f64 / 1024.0,
             rss.peak_kib as f64 / 1024.0,
             idle_writes
@@ -206,8 +206,11 @@ async fn reports_and_relist(
         listed.len(),
         t.elapsed().as_secs_f64()
     );
-    // Steady state: the reports taken in, nothing left to do.
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    let settled = settle(client).await?;
+    println!(
+        "the controller wrote nothing more {:.0}s after the last report",
+        settled.as_secs_f64()
+    );
     let idle_from = api_writes(client).await?;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let idle_writes = api_writes(client).await? - idle_from;
@@ -231,6 +234,27 @@ async fn reports_and_relist(
         rss.peak_kib as f64 / 1024.0
     );
     Ok(())
+}
+
+/// Waits until the controller has written nothing for 10 s (what it had to
+/// do is done), at most 10 minutes; returns how long that took.
+async fn settle(client: &kube::Client) -> Result<Duration> {
+    let t = Instant::now();
+    let mut last = api_writes(client).await?;
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let now = api_writes(client).await?;
+        if now == last {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "the controller still writes after 10 minutes ({} writes in the last 10 s)",
+                now - last
+            );
+        }
+        last = now;
+    }
 }
 
 async fn wait_for_sets(sets: &Api<NodeImageSet>, want: usize, limit: Duration) -> Result<()> {

@@ -189,6 +189,36 @@ impl<'a> Owner<'a> {
     }
 }
 
+/// The nodes `p` (with uid `uid`) selects among `nodes`: those the
+/// administrator's scope admits, a node waiting behind the readiness gate
+/// counted as one to fill; `holds` says which have a set of `p` already
+/// (kept through a short NotReady spell, and first for `replicas`). The
+/// readiness gate asks the same question of a node no set names yet.
+pub fn selection(
+    p: &ImagePrefetch,
+    uid: &str,
+    nodes: &[Arc<Node>],
+    holds: &dyn Fn(&str) -> bool,
+    config: &Config,
+    now: k8s_openapi::jiff::Timestamp,
+) -> select::Selection {
+    select::select(
+        uid,
+        &select::Target {
+            own_taint: config.gate.as_ref().map(|g| g.taint.as_str()),
+            ..select::Target::of(&p.spec)
+        },
+        p.spec.replicas,
+        nodes
+            .iter()
+            .map(|n| n.as_ref())
+            .filter(|n| config.node_scope.admits(n)),
+        holds,
+        now,
+        config.not_ready_grace,
+    )
+}
+
 /// The decision for `observed.prefetch`.
 pub fn decide(
     observed: &Observed<'_>,
@@ -227,25 +257,8 @@ pub fn decide(
         .filter(|s| owner.owns(s))
         .collect();
     let holds = |node: &str| owned.iter().any(|s| s.spec.node_name == node);
-    let selection = info_span!("select", nodes = observed.nodes.len()).in_scope(|| {
-        select::select(
-            owner.uid,
-            &select::Target {
-                // A node waiting behind the readiness gate is one to fill.
-                own_taint: config.gate.as_ref().map(|g| g.taint.as_str()),
-                ..select::Target::of(&p.spec)
-            },
-            p.spec.replicas,
-            observed
-                .nodes
-                .iter()
-                .map(|n| n.as_ref())
-                .filter(|n| config.node_scope.admits(n)),
-            &holds,
-            observed.now.0,
-            config.not_ready_grace,
-        )
-    });
+    let selection = info_span!("select", nodes = observed.nodes.len())
+        .in_scope(|| selection(p, owner.uid, observed.nodes, &holds, config, observed.now.0));
     Span::current().record("selected", selection.nodes.len());
     let (allowed, not_allowed): (Vec<String>, Vec<String>) = p
         .spec
@@ -363,6 +376,13 @@ pub fn decide(
             Some(&reference),
         ]);
         let existing = by_name.get(name.as_str()).copied();
+        // A node not released yet gets no set: an empty one would be a
+        // write (and its agent's answer another) that tells it nothing, for
+        // every node of a rollout. One it has keeps being written even when
+        // emptied: the agent unpins what it no longer lists.
+        if existing.is_none() && entries.is_empty() {
+            continue;
+        }
         match existing {
             // Unchanged: no object is built (at 5,000 nodes, a reconcile
             // per report built 5,000 sets with their metadata maps to
@@ -1159,10 +1179,10 @@ mod tests {
             again.events.is_empty() && again.status.is_none(),
             "said once: {again:?}"
         );
-        // Room made: it proceeds.
+        // Room made: it proceeds, its seed first.
         w.namespace_entries = 5;
         let d = w.decide(&p, Duration::ZERO);
-        assert_eq!(d.apply.len(), 3);
+        assert_eq!((d.selected, d.new_seeds, d.apply.len()), (3, 1, 1));
     }
 
     /// All namespaces together: the cluster's budget bounds the controller's
@@ -1184,7 +1204,8 @@ mod tests {
             degraded.message
         );
         w.cluster_entries = 97;
-        assert_eq!(w.decide(&p, Duration::ZERO).apply.len(), 3, "room for 3");
+        let d = w.decide(&p, Duration::ZERO);
+        assert_eq!((d.selected, d.new_seeds), (3, 1), "room for 3");
     }
 
     /// One node selected by many ImagePrefetches: the node's budget bounds
@@ -1222,21 +1243,27 @@ mod tests {
             degraded.message
         );
         let one = prefetch(&["registry.example.com/a:1"]);
-        assert_eq!(
-            w.decide(&one, Duration::ZERO).apply.len(),
-            3,
-            "room for 1 more"
-        );
+        let d = w.decide(&one, Duration::ZERO);
+        assert_eq!((d.selected, d.new_seeds), (3, 1), "room for 1 more");
     }
 
     #[test]
-    fn a_new_prefetch_gets_a_set_per_node_one_seed_and_says_so() {
+    fn a_new_prefetch_gets_one_seed_no_empty_sets_and_says_so() {
         let mut w = World::new(3);
         let mut p = prefetch(&[A]);
         let d = w.decide(&p, Duration::ZERO);
-        assert_eq!(d.apply.len(), 3);
+        // Only the seed's set: the nodes waiting for it get theirs when
+        // they are released.
+        assert_eq!(d.apply.len(), 1);
+        assert_eq!(d.apply[0].spec.image_set.len(), 1);
         assert!(d.delete.is_empty());
         assert_eq!((d.selected, d.new_seeds), (3, 1));
+        let status = d.status.as_ref().unwrap();
+        assert_eq!(
+            (status.images[0].waiting, status.ready.as_str()),
+            (3, "0/3"),
+            "nodes without a set count as waiting"
+        );
         assert_eq!(reasons(&d), ["SeedChosen"]);
         assert!(d.progressing);
         assert_eq!(condition(&d, "Ready").0, "False");
@@ -1322,13 +1349,18 @@ mod tests {
     fn listing_an_image_a_node_already_reports_looks_again_at_once() {
         let (mut w, mut p) = seeded(4);
         let waiting: Vec<String> = w
-            .sets
-            .values()
-            .filter(|s| s.spec.image_set.is_empty())
-            .map(|s| s.spec.node_name.clone())
+            .nodes
+            .iter()
+            .map(|n| n.name_any())
+            .filter(|n| !w.sets.values().any(|s| s.spec.node_name == *n))
             .collect();
-        assert_eq!(waiting.len(), 2);
+        assert_eq!(waiting.len(), 2, "the waiting nodes have no set");
+        // Empty sets an earlier version wrote, which still carry reports.
+        let uid = p.metadata.uid.clone().unwrap();
         for n in &waiting {
+            let name = names::node_image_set_name(&p.name_any(), &uid, n);
+            let set = NodeImageSet::new(&name, NodeImageSetSpec::for_node(n, vec![]));
+            w.sets.insert(name, set);
             w.report(n, A, PullState::Available);
         }
         let d = w.decide(&p, Duration::from_secs(2));

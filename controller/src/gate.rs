@@ -46,12 +46,15 @@ pub enum Verdict {
 /// ImagePrefetch whose spec targets it (the gate's own taint tolerated) and
 /// that selects every matching node must have a set there with each of its
 /// allowed images Available; one with `replicas` counts only where it has a
-/// set. `sets_on` are the node's NodeImageSets, by owner uid.
+/// set or, before the node is released, where `selects` says it chose the
+/// node. `sets_on` are the node's NodeImageSets, by owner uid.
+#[allow(clippy::too_many_arguments)]
 pub fn verdict(
     node: &Node,
     gate: &Gate,
     prefetches: &[Arc<ImagePrefetch>],
     sets_on: &HashMap<Arc<str>, Arc<SetView>>,
+    selects: &dyn Fn(&ImagePrefetch) -> bool,
     allowed: &dyn Fn(&str) -> bool,
     joined: Timestamp,
     now: Timestamp,
@@ -70,7 +73,9 @@ pub fn verdict(
         }
         let uid = crd::names::label_value(p.metadata.uid.as_deref().unwrap_or_default());
         let set = sets_on.get(uid.as_str());
-        if set.is_none() && p.spec.replicas.is_some() {
+        // A node not released yet has no set: whether `replicas` chose it
+        // is the controller's selection, asked again.
+        if set.is_none() && p.spec.replicas.is_some() && !selects(p) {
             continue;
         }
         let name = format!(
@@ -141,11 +146,21 @@ pub async fn keep(ctx: Arc<Context>, gate: Gate) {
                 .map(|t| t.0)
                 .unwrap_or(now);
             let allowed = |image: &str| ctx.config.allowed.allows(image);
+            let selects = |p: &ImagePrefetch| {
+                let uid = p.metadata.uid.as_deref().unwrap_or_default();
+                let owned = ctx.sets.read().owned_by(&crd::names::label_value(uid));
+                let holds = |n: &str| owned.iter().any(|s| s.spec.node_name == n);
+                let nodes = ctx.nodes.state();
+                crate::decide::selection(p, uid, &nodes, &holds, &ctx.config, now)
+                    .nodes
+                    .contains(&name)
+            };
             let (reason, note) = match verdict(
                 &node,
                 &gate,
                 &prefetches,
                 &sets_on,
+                &selects,
                 &allowed,
                 joined,
                 now,
@@ -329,10 +344,11 @@ mod tests {
         let few = prefetch("few", "u-few", &["r.example/few:1"], "web", Some(1));
         let all = [web, other_pool, few];
         let yes = |_: &str| true;
+        let not_chosen = |_: &ImagePrefetch| false;
 
         // No set yet for an ImagePrefetch that selects every matching node: wait.
         let none = HashMap::new();
-        let v = verdict(&n, &gate, &all, &none, &yes, at(0), at(10));
+        let v = verdict(&n, &gate, &all, &none, &not_chosen, &yes, at(0), at(10));
         assert_eq!(
             v,
             Verdict::Wait {
@@ -345,33 +361,41 @@ mod tests {
         // One image there, one not.
         let half = HashMap::from([set("n1", "u-web", &["r.example/web:1"])]);
         assert!(
-            matches!(verdict(&n, &gate, &all, &half, &yes, at(0), at(10)), Verdict::Wait { missing } if missing.len() == 1)
+            matches!(verdict(&n, &gate, &all, &half, &not_chosen, &yes, at(0), at(10)), Verdict::Wait { missing } if missing.len() == 1)
         );
         // Both there: open (the other pool's and the replicas one that did
         // not choose this node do not count).
         let both = HashMap::from([set("n1", "u-web", &["r.example/web:1", "r.example/side:1"])]);
         assert_eq!(
-            verdict(&n, &gate, &all, &both, &yes, at(0), at(10)),
+            verdict(&n, &gate, &all, &both, &not_chosen, &yes, at(0), at(10)),
             Verdict::Open
         );
-        // The replicas one chose it: its image counts too.
+        // The replicas one chose it: its image counts too, whether it has
+        // released the node already (a set) or not yet (its selection).
         let chosen = HashMap::from([
             set("n1", "u-web", &["r.example/web:1", "r.example/side:1"]),
             set("n1", "u-few", &[]),
         ]);
         assert!(matches!(
-            verdict(&n, &gate, &all, &chosen, &yes, at(0), at(10)),
+            verdict(&n, &gate, &all, &chosen, &not_chosen, &yes, at(0), at(10)),
             Verdict::Wait { .. }
         ));
+        let few_chose = |p: &ImagePrefetch| p.metadata.uid.as_deref() == Some("u-few");
+        assert_eq!(
+            verdict(&n, &gate, &all, &both, &few_chose, &yes, at(0), at(10)),
+            Verdict::Wait {
+                missing: vec![("ns/few".into(), "r.example/few:1".into())]
+            }
+        );
         // A refused image is never pulled: it does not hold the gate.
         let refused = |i: &str| i != "r.example/side:1";
         assert_eq!(
-            verdict(&n, &gate, &all, &half, &refused, at(0), at(10)),
+            verdict(&n, &gate, &all, &half, &not_chosen, &refused, at(0), at(10)),
             Verdict::Open
         );
         // Past the limit: open anyway, saying what is missing.
         assert!(matches!(
-            verdict(&n, &gate, &all, &half, &yes, at(0), at(600)),
+            verdict(&n, &gate, &all, &half, &not_chosen, &yes, at(0), at(600)),
             Verdict::TimedOut { missing } if missing == [("ns/web".to_string(), "r.example/side:1".to_string())]
         ));
     }

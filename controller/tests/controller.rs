@@ -61,7 +61,15 @@ async fn follows_selector_and_cleans_up() {
                "imagePullSecrets": [{"name": "regcred"}]}),
     );
     let uid = created(&client, &ns, &obj).await;
-    let sets = wait_for_nodes(&client, &uid, &["fan-a", "fan-b"]).await;
+    // Both nodes selected; only the seed has a set until it reports.
+    let st = poll("status", || async {
+        status(&client, &ns, "web")
+            .await
+            .filter(|s| s.desired_nodes == 2)
+    })
+    .await;
+    assert_eq!(st.ready, "0/2");
+    let sets = released_to(&client, &uid, &["fan-a", "fan-b"]).await;
     for set in &sets {
         assert_eq!(set.spec.image_pull_secrets[0].namespace, ns);
         assert_eq!(set.labels().get(keys::NODE), Some(&set.spec.node_name));
@@ -75,13 +83,6 @@ async fn follows_selector_and_cleans_up() {
             "server-side apply: {managers:?}"
         );
     }
-    let st = poll("status", || async {
-        status(&client, &ns, "web")
-            .await
-            .filter(|s| s.desired_nodes == 2)
-    })
-    .await;
-    assert_eq!(st.ready, "0/2");
     let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), &ns);
     assert!(
         api.get("web")
@@ -108,7 +109,7 @@ async fn follows_selector_and_cleans_up() {
 
     // A node that starts matching gets a set; a deleted one loses it.
     node(&client, "fan-d", "fanout", &[("tier", "cpu")]).await;
-    wait_for_nodes(&client, &uid, &["fan-c", "fan-d"]).await;
+    released_to(&client, &uid, &["fan-c", "fan-d"]).await;
     Api::<Node>::all(client.clone())
         .delete("fan-c", &DeleteParams::default())
         .await
@@ -157,15 +158,16 @@ async fn one_seed_then_mirrors_pinned_to_its_digest() {
 
     let seed = poll("one seed", || async {
         let e = entries(&client, &uid).await;
-        (e.len() == 4)
-            .then(|| with_policy(&e, image, RegistryPolicy::Default))
-            .filter(|s| s.len() == 1)
+        Some(with_policy(&e, image, RegistryPolicy::Default)).filter(|s| s.len() == 1)
     })
     .await;
     let e = entries(&client, &uid).await;
     assert!(with_policy(&e, image, RegistryPolicy::Mirror).is_empty());
-    let waiting = e.values().filter(|es| es.is_empty()).count();
-    assert_eq!(waiting, 3, "the other nodes wait without an entry");
+    assert_eq!(
+        e.keys().collect::<Vec<_>>(),
+        [&seed[0]],
+        "the other nodes wait without a set"
+    );
     let st = poll("status", || async {
         status(&client, &ns, "app")
             .await
@@ -383,9 +385,10 @@ async fn a_new_prefetch_of_an_image_on_a_node_asks_the_registry_there_and_seeds_
     // holds the image (no bytes move) — and takes no other node as seed.
     let e = poll("second's entries", || async {
         let e = entries(&client, &second).await;
-        (e.len() == 3 && with_policy(&e, image, RegistryPolicy::Default).len() == 2).then_some(e)
+        (with_policy(&e, image, RegistryPolicy::Default).len() == 2).then_some(e)
     })
     .await;
+    assert_eq!(e.len(), 2, "the third node waits without a set: {e:?}");
     let asking = with_policy(&e, image, RegistryPolicy::Default);
     assert!(asking.contains(&holder), "{e:?}");
     for node in &asking {
@@ -421,6 +424,7 @@ async fn replicas_are_stable_across_restarts_and_follow_node_changes() {
     )
     .await;
     let chosen: BTreeSet<String> = poll("3 nodes", || async {
+        finish_all(&client, &uid).await;
         let e = entries(&client, &uid).await;
         (e.len() == 3).then(|| e.keys().cloned().collect())
     })
@@ -458,6 +462,7 @@ async fn replicas_are_stable_across_restarts_and_follow_node_changes() {
         .await
         .unwrap();
     let now: BTreeSet<String> = poll("replacement", || async {
+        finish_all(&client, &uid).await;
         let e = entries(&client, &uid).await;
         let keys: BTreeSet<String> = e.keys().cloned().collect();
         (keys.len() == 3 && !keys.contains(&gone)).then_some(keys)
@@ -489,7 +494,7 @@ async fn two_controllers_one_leader() {
     let a = Running::start(&client, lease("replica-a"));
     let b = Running::start(&client, lease("replica-b"));
     let uid = created(&client, &ns, &prefetch("app", json!({"images": ["registry.example.com/leader/app:1"], "nodeSelector": {"test-group": "leader"}}))).await;
-    wait_for_nodes(&client, &uid, &["leader-0", "leader-1"]).await;
+    released_to(&client, &uid, &["leader-0", "leader-1"]).await;
     poll("Ready", || async {
         finish_all(&client, &uid).await;
         status(&client, &ns, "app")
@@ -629,7 +634,7 @@ async fn no_matching_nodes_is_a_condition_and_table_shows_ready() {
     );
 
     let uid = created(&client, &ns, &prefetch("some", json!({"images": ["registry.example.com/table/a:1"], "nodeSelector": {"test-group": "table"}}))).await;
-    wait_for_nodes(&client, &uid, &["table-0", "table-1"]).await;
+    released_to(&client, &uid, &["table-0", "table-1"]).await;
     loop {
         finish_all(&client, &uid).await;
         if status(&client, &ns, "some")
@@ -822,7 +827,7 @@ async fn serves_metrics_and_health() {
         &prefetch("app", json!({"images": ["registry.example.com/metrics/app:1"], "nodeSelector": {"test-group": "metrics"}})),
     )
     .await;
-    wait_for_nodes(&client, &uid, &["metrics-0", "metrics-1"]).await;
+    released_to(&client, &uid, &["metrics-0", "metrics-1"]).await;
     let host = format!("127.0.0.1:{port}");
     let text = poll("metrics counted the work", || async {
         let (code, text) = testbed::support::process::http_get(&host, "/metrics").ok()?;
@@ -950,7 +955,7 @@ async fn no_prefetch_reaches_past_the_administrators_node_scope() {
     assert_eq!(st.ready, "0/1");
     // A node that joins the tenants' pool is targeted.
     node(&client, "scope-worker-2", "scope", &[("pool", "tenants")]).await;
-    wait_for_nodes(&client, &uid, &["scope-worker", "scope-worker-2"]).await;
+    released_to(&client, &uid, &["scope-worker", "scope-worker-2"]).await;
 }
 
 /// A tenant's share: past its namespace's node×image budget an
@@ -975,7 +980,7 @@ async fn a_namespace_past_its_budget_gets_no_more_sets() {
         &prefetch("first", spec("registry.example.com/b/one:1")),
     )
     .await;
-    wait_for_nodes(&client, &first, &["budget-0", "budget-1", "budget-2"]).await;
+    released_to(&client, &first, &["budget-0", "budget-1", "budget-2"]).await;
     poll("the first counted", || async {
         status(&client, &ns, "first")
             .await
@@ -1008,7 +1013,7 @@ async fn a_namespace_past_its_budget_gets_no_more_sets() {
         .delete("first", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for_nodes(&client, &second, &["budget-0", "budget-1", "budget-2"]).await;
+    released_to(&client, &second, &["budget-0", "budget-1", "budget-2"]).await;
 }
 
 /// Two nodes failing on one image are two Warnings, each naming its node:
@@ -1355,7 +1360,7 @@ async fn expressions_names_and_tolerations_narrow_the_nodes() {
         ),
     )
     .await;
-    wait_for_nodes(&client, &uid, &["targets-a", "targets-b"]).await;
+    released_to(&client, &uid, &["targets-a", "targets-b"]).await;
     // By name: only the named node that also matches.
     let named = created(
         &client,
@@ -1374,7 +1379,7 @@ async fn expressions_names_and_tolerations_narrow_the_nodes() {
     testbed::support::nodes::taint(&client, "targets-d", &[])
         .await
         .unwrap();
-    wait_for_nodes(&client, &uid, &["targets-a", "targets-b", "targets-d"]).await;
+    released_to(&client, &uid, &["targets-a", "targets-b", "targets-d"]).await;
 }
 
 /// `ttlSecondsAfterReady`: once Ready that long, the ImagePrefetch is
@@ -1538,7 +1543,12 @@ async fn a_gated_node_is_let_in_once_its_images_are_there() {
     )
     .await;
     // Both gated nodes are selected: the gate's taint keeps no node out.
-    wait_for_nodes(&client, &uid, &[&names[0], &names[1]]).await;
+    poll("both gated nodes selected", || async {
+        status(&client, &ns, "app")
+            .await
+            .filter(|s| s.desired_nodes == 2)
+    })
+    .await;
     let nodes_api: Api<Node> = Api::all(client.clone());
     let gated = |node: Node| {
         node.spec

@@ -16,8 +16,8 @@ use crd::{ImagePrefetch, NodeImageSet};
 pub struct Options {
     pub nodes: usize,
     pub prefetches: usize,
-    /// Write an agent's report into every set, then force a re-list.
-    pub reports: bool,
+    /// At the end, force a re-list (stop and start the API server).
+    pub relist: bool,
 }
 
 /// Packages, fixtures, and a release build of the binary under test.
@@ -73,16 +73,16 @@ async fn measure(
 ) -> Result<()> {
     // Let the controller list Nodes before the clock starts: fan-out, not start-up, is measured.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let writes_before = api_writes(client).await?;
+    let agents = tokio::spawn(simulated_agents(client.clone()));
     let api: Api<ImagePrefetch> = Api::namespaced(client.clone(), "default");
     let sets: Api<NodeImageSet> = Api::all(client.clone());
-    let apply = |i: usize| {
+    let apply = |i: usize, image: usize| {
         let api = api.clone();
         async move {
             let obj = json!({
                 "apiVersion": "imageprefetch.io/v1alpha1", "kind": "ImagePrefetch",
                 "metadata": {"name": format!("bench-{i:02}")},
-                "spec": {"images": [format!("registry.example.com/bench/app{i}:1")], "nodeSelector": {"bench": "fanout"}},
+                "spec": {"images": [image_of(image)], "nodeSelector": {"bench": "fanout"}},
             });
             api.patch(
                 &format!("bench-{i:02}"),
@@ -92,37 +92,53 @@ async fn measure(
             .await
         }
     };
-
     let apiserver = apiserver_pid(&plane.dir).context("kube-apiserver's pid")?;
-    let cpu_before = (cpu_seconds(pid)?, cpu_seconds(apiserver)?);
-    let t0 = Instant::now();
-    apply(0).await?;
-    wait_for_sets(&sets, opts.nodes, Duration::from_secs(300)).await?;
-    let fanout = t0.elapsed();
-    let cpu = (
-        cpu_seconds(pid)? - cpu_before.0,
-        cpu_seconds(apiserver)? - cpu_before.1,
-    );
-    let writes = api_writes(client).await? - writes_before;
-    let rss = memory(pid)?;
-    println!(
-        "1 ImagePrefetch x {} nodes: all NodeImageSets in {:.2}s, {} API writes ({:.2} per node), controller peak RSS {:.1} MiB, CPU-s controller {:.1}, kube-apiserver {:.1}",
-        opts.nodes,
-        fanout.as_secs_f64(),
-        writes,
-        writes as f64 / opts.nodes as f64,
-        rss.peak_kib as f64 / 1024.0,
-        cpu.0,
-        cpu.1
-    );
+    let n = opts.nodes;
 
-    if opts.prefetches > 1 {
+    // A rollout: the seed, a second resolution, then the mirror's waves, each
+    // agent answering Available at once (what is left is the controller's
+    // and the API server's own time, and spegel's findable delay per wave).
+    let mark = Mark::take(client, pid, apiserver).await?;
+    apply(0, 0).await?;
+    wait_for_sets(&sets, n, Duration::from_secs(600)).await?;
+    let released = mark.t.elapsed();
+    wait_ready(&api, "bench-00", n, Duration::from_secs(600)).await?;
+    mark.print(
+        client,
+        pid,
+        apiserver,
+        &format!(
+            "rollout of 1 ImagePrefetch to {n} nodes, agents answering at once: every node released in {:.2}s, Ready {n}/{n}",
+            released.as_secs_f64()
+        ),
+        n,
+    )
+    .await?;
+
+    // A fan-out: a second ImagePrefetch of the image every node now holds
+    // is released to all of them at once (after its two resolutions).
+    let mark = Mark::take(client, pid, apiserver).await?;
+    apply(1, 0).await?;
+    wait_for_sets(&sets, 2 * n, Duration::from_secs(600)).await?;
+    mark.print(
+        client,
+        pid,
+        apiserver,
+        &format!("fan-out of 1 ImagePrefetch to {n} nodes holding its image: all NodeImageSets"),
+        n,
+    )
+    .await?;
+
+    if opts.prefetches > 2 {
         let t1 = Instant::now();
-        for i in 1..opts.prefetches {
-            apply(i).await?;
+        for i in 2..opts.prefetches {
+            apply(i, i).await?;
         }
-        let total = opts.prefetches * opts.nodes;
+        let total = opts.prefetches * n;
         wait_for_sets(&sets, total, Duration::from_secs(1800)).await?;
+        for i in 2..opts.prefetches {
+            wait_ready(&api, &format!("bench-{i:02}"), n, Duration::from_secs(1800)).await?;
+        }
         let all = t1.elapsed();
         let settled = settle(client).await?;
         let idle_from = api_writes(client).await?;
@@ -130,10 +146,8 @@ async fn measure(
         let idle_writes = api_writes(client).await? - idle_from;
         let rss = memory(pid)?;
         println!(
-            "{} ImagePrefetches x {} nodes ({} NodeImageSets): written in {:.1}s, no more writes {:.0}s later; steady state: RSS {:.1} MiB (peak {:.1} MiB), {} API writes in 30s idle",
+            "{} ImagePrefetches x {n} nodes ({total} NodeImageSets, each with an agent's report): Ready in {:.1}s, no more writes {:.0}s later; steady state: RSS {:.1} MiB (peak {:.1} MiB), {} API writes in 30s idle",
             opts.prefetches,
-            opts.nodes,
-            total,
             all.as_secs_f64(),
             settled.as_secs_f64(),
             rss.now_kib as f64 / 1024.0,
@@ -141,99 +155,172 @@ async fn measure(
             idle_writes
         );
     }
-    if opts.reports {
-        reports_and_relist(client, plane, pid, &sets).await?;
+    agents.abort();
+    if opts.relist {
+        plane.stop_apiserver();
+        plane.start_apiserver().await?;
+        let t = Instant::now();
+        // The watches come back after their backoff and list everything again.
+        tokio::time::sleep(Duration::from_secs(90)).await;
+        let rss = memory(pid)?;
+        println!(
+            "after a forced re-list (API server stopped and started, {:.0}s): controller RSS {:.1} MiB, peak {:.1} MiB",
+            t.elapsed().as_secs_f64(),
+            rss.now_kib as f64 / 1024.0,
+            rss.peak_kib as f64 / 1024.0
+        );
     }
     Ok(())
 }
 
-/// What an agent writes once its image is there, into every set; then the
-/// controller's memory with those reports, idle, and through a re-list
-/// forced by stopping and starting the API server.
-async fn reports_and_relist(
-    client: &kube::Client,
-    plane: &mut testbed::ControlPlane,
-    pid: u32,
-    sets: &Api<NodeImageSet>,
-) -> Result<()> {
-    use futures::{StreamExt, TryStreamExt};
-    let listed = sets.list_metadata(&ListParams::default()).await?.items;
-    let t = Instant::now();
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let writes = listed.iter().map(|m| {
-        let name = m.metadata.name.clone().unwrap_or_default();
-        let prefetch = m
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(crd::keys::PREFETCH_NAME))
-            .cloned()
-            .unwrap_or_default();
-        let i: usize = prefetch.trim_start_matches("bench-").parse().unwrap_or(0);
-        let status = json!({
-            "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
-            "status": {
-                "available": 1, "total": 1,
-                "images": [{
-                    "name": format!("registry.example.com/bench/app{i}:1"),
-                    "state": "Available", "attempts": 1,
-                    "digest": format!("sha256:{:064x}", i + 1),
-                    "sizeBytes": 268_435_456i64, "pullDurationMillis": 2_100,
-                    "source": "Mirror",
-                }],
-                "conditions": [{
-                    "type": "Ready", "status": "True", "reason": "AllImagesPresent",
-                    "message": "1 of 1 images present", "lastTransitionTime": now,
-                }],
-            },
-        });
-        let sets = sets.clone();
-        async move {
-            sets.patch_status(
-                &name,
-                &PatchParams::apply("image-prefetch-agent").force(),
-                &Patch::Apply(&status),
-            )
-            .await
-        }
-    });
-    futures::stream::iter(writes)
+/// The bench's image `i`.
+fn image_of(i: usize) -> String {
+    format!("registry.example.com/bench/app{i}:1")
+}
+
+/// Where a phase starts: the clock, the API writes and the CPU-seconds so far.
+struct Mark {
+    t: Instant,
+    writes: u64,
+    cpu: (f64, f64),
+}
+
+impl Mark {
+    async fn take(client: &kube::Client, pid: u32, apiserver: u32) -> Result<Self> {
+        Ok(Mark {
+            writes: api_writes(client).await?,
+            cpu: (cpu_seconds(pid)?, cpu_seconds(apiserver)?),
+            t: Instant::now(),
+        })
+    }
+
+    /// Prints `what` with the phase's time, writes per node and CPU-seconds.
+    async fn print(
+        &self,
+        client: &kube::Client,
+        pid: u32,
+        apiserver: u32,
+        what: &str,
+        nodes: usize,
+    ) -> Result<()> {
+        let took = self.t.elapsed();
+        let cpu = (
+            cpu_seconds(pid)? - self.cpu.0,
+            cpu_seconds(apiserver)? - self.cpu.1,
+        );
+        let writes = api_writes(client).await? - self.writes;
+        let rss = memory(pid)?;
+        println!(
+            "{what} in {:.2}s; {writes} API writes ({:.2} per node), controller peak RSS {:.1} MiB, CPU-s controller {:.1}, kube-apiserver {:.1}",
+            took.as_secs_f64(),
+            writes as f64 / nodes as f64,
+            rss.peak_kib as f64 / 1024.0,
+            cpu.0,
+            cpu.1
+        );
+        Ok(())
+    }
+}
+
+/// Agents that answer at once: every set listing an entry it has no report
+/// on gets a report of every entry Available, as an agent writes once its
+/// images are there (one status write per set and change, server-side
+/// apply as the agent's field manager).
+async fn simulated_agents(client: kube::Client) -> Result<()> {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let sets: Api<NodeImageSet> = Api::all(client);
+    let writer = sets.clone();
+    watcher::watcher(sets, watcher::Config::default())
+        .applied_objects()
+        .filter_map(|set| async move {
+            let set = set.ok()?;
+            let reported = |name: &str| {
+                set.status.as_ref().is_some_and(|s| {
+                    s.images
+                        .iter()
+                        .any(|r| *r.name == *name && r.state == crd::PullState::Available)
+                })
+            };
+            if set.spec.image_set.iter().all(|e| reported(&e.name)) {
+                return None;
+            }
+            Some((kube::ResourceExt::name_any(&set), report_of(&set)))
+        })
+        .map(|(name, status)| {
+            let writer = writer.clone();
+            async move {
+                // A set deleted meanwhile, or a conflict: the next event retries.
+                let _ = writer
+                    .patch_status(
+                        &name,
+                        &PatchParams::apply("image-prefetch-agent").force(),
+                        &Patch::Apply(&status),
+                    )
+                    .await;
+            }
+        })
         .buffer_unordered(32)
-        .try_collect::<Vec<_>>()
-        .await?;
-    println!(
-        "an agent's report written into each of {} sets in {:.1}s",
-        listed.len(),
-        t.elapsed().as_secs_f64()
-    );
-    let settled = settle(client).await?;
-    println!(
-        "the controller wrote nothing more {:.0}s after the last report",
-        settled.as_secs_f64()
-    );
-    let idle_from = api_writes(client).await?;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    let idle_writes = api_writes(client).await? - idle_from;
-    let rss = memory(pid)?;
-    println!(
-        "with every report: controller RSS {:.1} MiB (peak so far {:.1} MiB), {} API writes in 30s idle",
-        rss.now_kib as f64 / 1024.0,
-        rss.peak_kib as f64 / 1024.0,
-        idle_writes
-    );
-    plane.stop_apiserver();
-    plane.start_apiserver().await?;
-    let t = Instant::now();
-    // The watches come back after their backoff and list everything again.
-    tokio::time::sleep(Duration::from_secs(90)).await;
-    let rss = memory(pid)?;
-    println!(
-        "after a forced re-list (API server stopped and started, {:.0}s): controller RSS {:.1} MiB, peak {:.1} MiB",
-        t.elapsed().as_secs_f64(),
-        rss.now_kib as f64 / 1024.0,
-        rss.peak_kib as f64 / 1024.0
-    );
+        .for_each(|()| async {})
+        .await;
     Ok(())
+}
+
+/// An agent's status of `set` with every entry Available, as a real one
+/// writes it (a 256 MiB image pulled in 2.1 s).
+fn report_of(set: &NodeImageSet) -> serde_json::Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let images: Vec<_> = set
+        .spec
+        .image_set
+        .iter()
+        .map(|e| {
+            let digest = e.digest.as_deref().map(str::to_string).unwrap_or_else(|| {
+                let i: usize = e
+                    .name
+                    .trim_start_matches("registry.example.com/bench/app")
+                    .trim_end_matches(":1")
+                    .parse()
+                    .unwrap_or(0);
+                format!("sha256:{:064x}", i + 1)
+            });
+            json!({
+                "name": e.name, "state": "Available", "attempts": 1,
+                "digest": digest, "sizeBytes": 268_435_456i64,
+                "pullDurationMillis": 2_100,
+                "source": match e.registry_policy {
+                    crd::RegistryPolicy::Default => crd::PullSource::Upstream,
+                    crd::RegistryPolicy::Mirror => crd::PullSource::Mirror,
+                },
+            })
+        })
+        .collect();
+    let total = images.len();
+    json!({
+        "apiVersion": "imageprefetch.io/v1alpha1", "kind": "NodeImageSet",
+        "status": {
+            "available": total, "total": total, "images": images,
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "AllImagesPresent",
+                "message": format!("{total} of {total} images present"), "lastTransitionTime": now,
+            }],
+        },
+    })
+}
+
+/// Waits until ImagePrefetch `name` says Ready on all `n` nodes.
+async fn wait_ready(api: &Api<ImagePrefetch>, name: &str, n: usize, limit: Duration) -> Result<()> {
+    let want = format!("{n}/{n}");
+    let t = Instant::now();
+    loop {
+        let ready = api.get_status(name).await?.status.map(|s| s.ready);
+        if ready.as_deref() == Some(want.as_str()) {
+            return Ok(());
+        }
+        if t.elapsed() > limit {
+            bail!("{name} not Ready {want} after {limit:?} ({ready:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until the controller has written nothing for 10 s (what it had to

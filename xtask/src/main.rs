@@ -32,11 +32,12 @@ cargo xtask <command>
                         the main job, locally: control plane, CRDs, controller,
                         three nodes, a sample ImagePrefetch, the resulting table
                         and the rollout's trace in Jaeger (FILE: a PNG of it)
-  bench controller [--nodes N] [--prefetches M] [--reports 1]
-                        fan-out of the release controller to N Node objects
-                        (default 1000), then M ImagePrefetches (default 50);
-                        --reports 1: then an agent's report in every set, the
-                        memory with them, and through a forced re-list
+  bench controller [--nodes N] [--prefetches M] [--relist 1]
+                        the release controller and N Node objects (default 1000)
+                        whose agents answer at once: a rollout, a fan-out to
+                        holders, then M ImagePrefetches (default 50) and the
+                        memory with every report; --relist 1: then through a
+                        forced re-list
   bench agent           the release agent's pull vs `ctr images pull`, and its memory
   bench agent-memory [--entries N]
                         the release agent's memory with N entries (default 100000,
@@ -137,13 +138,13 @@ fn bench_options(args: &[&str]) -> Result<bench::Options> {
     let mut opts = bench::Options {
         nodes: 1000,
         prefetches: 50,
-        reports: false,
+        relist: false,
     };
     for (flag, value) in numeric_flags(args)? {
         match flag {
             "--nodes" => opts.nodes = value as usize,
             "--prefetches" => opts.prefetches = value as usize,
-            "--reports" => opts.reports = value != 0,
+            "--relist" => opts.relist = value != 0,
             other => bail!("unknown option {other}"),
         }
     }

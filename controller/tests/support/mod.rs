@@ -225,6 +225,20 @@ pub async fn wait_for_nodes(client: &Client, uid: &str, want: &[&str]) -> Vec<No
     .await
 }
 
+/// Waits until the nodes with a NodeImageSet of `uid` are `want`, agents
+/// answering at once meanwhile (`finish_all`): a selected node gets its set
+/// only once it is released, after the seed and its waves.
+pub async fn released_to(client: &Client, uid: &str, want: &[&str]) -> Vec<NodeImageSet> {
+    poll(&format!("{want:?} released"), || async {
+        finish_all(client, uid).await;
+        let sets = sets(client, uid).await;
+        let mut nodes: Vec<&str> = sets.iter().map(|s| s.spec.node_name.as_str()).collect();
+        nodes.sort();
+        (nodes == want).then_some(sets.clone())
+    })
+    .await
+}
+
 /// What a node's agent would write: the state of one image on that node.
 pub async fn report(client: &Client, set: &str, image: &str, state: PullState) {
     report_digest(client, set, image, state, DIGEST).await

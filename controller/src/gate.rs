@@ -130,15 +130,23 @@ pub async fn keep(ctx: Arc<Context>, gate: Gate) {
             continue;
         }
         let prefetches = store.state();
-        let all_sets = ctx.sets.state();
         let now = Timestamp::now();
         for node in gated {
             let name = node.name_any();
-            let sets_on: HashMap<Arc<str>, Arc<SetView>> = all_sets
-                .iter()
-                .filter(|s| s.spec.node_name == name)
-                .map(|s| (s.owner.clone(), s.clone()))
-                .collect();
+            // Each ImagePrefetch's set on the node, looked up by the name it
+            // has: not a pass over every set of the cluster every 2 s.
+            let sets_on: HashMap<Arc<str>, Arc<SetView>> = {
+                let sets = ctx.sets.read();
+                prefetches
+                    .iter()
+                    .filter_map(|p| {
+                        let uid = p.metadata.uid.as_deref()?;
+                        let set_name = crd::names::node_image_set_name(&p.name_any(), uid, &name);
+                        let set = sets.get(&set_name)?;
+                        Some((set.owner.clone(), set))
+                    })
+                    .collect()
+            };
             let joined = node
                 .metadata
                 .creation_timestamp

@@ -262,6 +262,11 @@ impl Sets {
             .collect()
     }
 
+    /// The set named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<SetView>> {
+        self.by_name.get(name).cloned()
+    }
+
     /// The sets of the ImagePrefetch with uid `owner`.
     pub fn owned_by(&self, owner: &str) -> Vec<Arc<SetView>> {
         self.named(self.by_owner.get(owner).into_iter().flatten())

@@ -1591,3 +1591,69 @@ async fn a_gated_node_is_let_in_once_its_images_are_there() {
     assert_eq!(timed_out.type_.as_deref(), Some("Warning"));
     assert!(timed_out.note.unwrap_or_default().contains(image));
 }
+
+/// A `replicas` ImagePrefetch keeps a node it chose gated before it has
+/// released anything to it (that node has no set yet), and lets in at once
+/// the node it did not choose.
+#[tokio::test]
+async fn a_gated_node_chosen_by_replicas_waits_before_it_is_released() {
+    use k8s_openapi::api::core::v1::Node;
+    let client = client().await;
+    let ns = namespace(&client, "gate-replicas").await;
+    // Not the other gate test's taint: each test's controller lifts its
+    // own taint from every node, the other test's included.
+    let taint = "imageprefetch.io/not-ready-replicas";
+    let mut config = config(&ns);
+    config.gate = Some(controller::gate::Gate {
+        taint: taint.into(),
+        timeout: Duration::from_secs(600),
+    });
+    let _controller = Running::start(&client, config);
+    let names = nodes(&client, &ns, 4, &[]).await;
+    for n in &names {
+        testbed::support::nodes::taint(&client, n, &[(taint, "", "NoSchedule")])
+            .await
+            .unwrap();
+    }
+    let image = "registry.example.com/gate-replicas/app:1";
+    let uid = created(
+        &client,
+        &ns,
+        &prefetch(
+            "app",
+            json!({"images": [image], "nodeSelector": {"test-group": ns}, "replicas": 3}),
+        ),
+    )
+    .await;
+    // No report: the seed is the only node released.
+    let seed = first_with_entry(&client, &uid).await;
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let gated = |node: &Node| {
+        node.spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == taint))
+    };
+    let open = poll("the node replicas did not choose let in", || async {
+        let mut open = Vec::new();
+        for n in &names {
+            if !gated(&nodes_api.get(n).await.ok()?) {
+                open.push(n.clone());
+            }
+        }
+        (!open.is_empty()).then_some(open)
+    })
+    .await;
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_ne!(open[0], seed);
+    // A few rounds of the gate (every 2 s) later, the chosen ones, released
+    // or not, are still gated.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for n in names.iter().filter(|n| **n != open[0]) {
+        assert!(
+            gated(&nodes_api.get(n).await.unwrap()),
+            "{n}, chosen by replicas, let in before its image arrived"
+        );
+    }
+    assert_eq!(sets(&client, &uid).await.len(), 1, "only the seed released");
+}

@@ -107,10 +107,11 @@ pub fn status(ledger: &Ledger, set: &NodeImageSet, now: &Time) -> NodeImageSetSt
 }
 
 /// Whether `status` must be written to `set`: it differs from what is
-/// stored, and it says something. A set with no entry yet (the controller
-/// writes one per selected node before it releases anything to it — waiting
-/// is absence) gets no status until it has one: nobody reads "0 of 0", and
-/// on a large rollout it was one write per node.
+/// stored, and it says something. A set with no entry and no status yet
+/// (an earlier controller wrote one per selected node before releasing
+/// anything to it; this one writes none until it does) gets no status until
+/// it has one: nobody reads "0 of 0", and on a large rollout it was one
+/// write per node.
 pub fn worth_writing(set: &NodeImageSet, status: &NodeImageSetStatus) -> bool {
     let empty = set.spec.image_set.is_empty() && set.status.is_none();
     !empty && set.status.as_ref() != Some(status)

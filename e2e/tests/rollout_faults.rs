@@ -82,8 +82,21 @@ async fn a_node_removed_mid_rollout_loses_its_set_and_disturbs_no_other() {
     let started = Instant::now();
     bed.prefetch("removed", &[&img.reference]).await.unwrap();
     let seed = seed_in(&bed, PullState::Pulling).await;
-    let gone = nodes.iter().map(|n| n.0).find(|n| *n != seed).unwrap();
     let sets: Api<NodeImageSet> = Api::all(bed.client.clone());
+    // The node removed is one the rollout has released (the second to
+    // resolve the tag, once the seed has the image): it has a set to lose.
+    let gone = eventually(
+        "a second node released",
+        Duration::from_secs(60),
+        || async {
+            let all = sets.list(&ListParams::default()).await.unwrap().items;
+            all.into_iter()
+                .map(|s| s.spec.node_name)
+                .find(|n| *n != seed)
+        },
+    )
+    .await;
+    let gone = gone.as_str();
     let uids = |list: Vec<NodeImageSet>| -> BTreeMap<String, String> {
         list.iter()
             .filter(|s| s.spec.node_name != gone)

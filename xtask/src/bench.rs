@@ -120,11 +120,16 @@ async fn measure(
     let mark = Mark::take(client, pid, apiserver).await?;
     apply(1, 0).await?;
     wait_for_sets(&sets, 2 * n, Duration::from_secs(600)).await?;
+    let released = mark.t.elapsed();
+    wait_ready(&api, "bench-01", n, Duration::from_secs(600)).await?;
     mark.print(
         client,
         pid,
         apiserver,
-        &format!("fan-out of 1 ImagePrefetch to {n} nodes holding its image: all NodeImageSets"),
+        &format!(
+            "fan-out of 1 ImagePrefetch to {n} nodes holding its image: all NodeImageSets in {:.2}s, Ready {n}/{n}",
+            released.as_secs_f64()
+        ),
         n,
     )
     .await?;

@@ -45,6 +45,8 @@ pub struct Options {
 struct Counters {
     watch_events: AtomicU64,
     status_writes: AtomicU64,
+    /// Status writes that failed, each made again.
+    failed_writes: AtomicU64,
 }
 
 type Planes = Arc<Mutex<HashMap<String, DataPlane>>>;
@@ -224,8 +226,9 @@ async fn measure(
     let entries = (opts.nodes * opts.images * opts.prefetches) as f64;
     let writes = counters.status_writes.load(Ordering::Relaxed);
     println!(
-        "agents: {writes} status writes ({:.2} per node x image), {} watch events delivered",
+        "agents: {writes} status writes ({:.2} per node x image; {} more failed and were made again), {} watch events delivered",
         writes as f64 / entries,
+        counters.failed_writes.load(Ordering::Relaxed),
         counters.watch_events.load(Ordering::Relaxed) - events_before
     );
     println!("API requests during the rollout (verb, resource: count):");
@@ -262,6 +265,10 @@ async fn simulated_agent(
     let mut tasks: HashMap<Key, JoinHandle<()>> = HashMap::new();
     // What each set was last written with, over which resourceVersion (as the agent).
     let mut written: HashMap<String, (Option<String>, String)> = HashMap::new();
+    // A status write that failed (refused or timed out under load) is made
+    // again after a second, as the agent's status-write backoff would: with
+    // no next event, the node's last report was otherwise never written.
+    let mut rewrite: Option<Instant> = None;
     loop {
         let actions = tokio::select! {
             event = events.next() => match event {
@@ -281,6 +288,10 @@ async fn simulated_agent(
             }
             _ = sleep_until(ledger.next_retry()) => {
                 ledger.observe(report::listed(&store.state()), Instant::now())
+            }
+            _ = sleep_until(rewrite) => {
+                rewrite = None;
+                Vec::new()
             }
         };
         for action in actions {
@@ -325,6 +336,9 @@ async fn simulated_agent(
             {
                 counters.status_writes.fetch_add(1, Ordering::Relaxed);
                 written.insert(uid, mark);
+            } else {
+                counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+                rewrite = Some(Instant::now() + Duration::from_secs(1));
             }
         }
     }
@@ -406,12 +420,20 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// API requests by (verb, resource), from the API server's own counters.
+/// API requests by (verb, resource), from the API server's own counters;
+/// those not answered 2xx apart, with their code (a watch the API server
+/// refused or cut under load is one more request).
 async fn requests_by_verb(client: &Client) -> Result<BTreeMap<(String, String), u64>> {
     let mut by = BTreeMap::new();
     for r in testbed::support::api_metrics::requests(client).await? {
         let label = |n: &str| r.labels.get(n).cloned().unwrap_or_default();
-        *by.entry((label("verb"), label("resource"))).or_default() += r.count;
+        let code = label("code");
+        let resource = if code.starts_with('2') || code.is_empty() {
+            label("resource")
+        } else {
+            format!("{} ({code})", label("resource"))
+        };
+        *by.entry((label("verb"), resource)).or_default() += r.count;
     }
     Ok(by)
 }

@@ -1520,18 +1520,7 @@ async fn a_gated_node_is_let_in_once_its_images_are_there() {
     let client = client().await;
     let ns = namespace(&client, "gate").await;
     let taint = "imageprefetch.io/not-ready";
-    let mut config = config(&ns);
-    config.gate = Some(controller::gate::Gate {
-        taint: taint.into(),
-        timeout: Duration::from_secs(8),
-    });
-    let _controller = Running::start(&client, config);
-    let names = nodes(&client, &ns, 2, &[]).await;
-    for n in &names {
-        testbed::support::nodes::taint(&client, n, &[(taint, "", "NoSchedule")])
-            .await
-            .unwrap();
-    }
+    let (_controller, names) = gated_nodes(&client, &ns, taint, Duration::from_secs(8), 2).await;
     let image = "registry.example.com/gate/app:1";
     let uid = created(
         &client,
@@ -1603,18 +1592,7 @@ async fn a_gated_node_chosen_by_replicas_waits_before_it_is_released() {
     // Not the other gate test's taint: each test's controller lifts its
     // own taint from every node, the other test's included.
     let taint = "imageprefetch.io/not-ready-replicas";
-    let mut config = config(&ns);
-    config.gate = Some(controller::gate::Gate {
-        taint: taint.into(),
-        timeout: Duration::from_secs(600),
-    });
-    let _controller = Running::start(&client, config);
-    let names = nodes(&client, &ns, 4, &[]).await;
-    for n in &names {
-        testbed::support::nodes::taint(&client, n, &[(taint, "", "NoSchedule")])
-            .await
-            .unwrap();
-    }
+    let (_controller, names) = gated_nodes(&client, &ns, taint, Duration::from_secs(600), 4).await;
     let image = "registry.example.com/gate-replicas/app:1";
     let uid = created(
         &client,
@@ -1656,4 +1634,28 @@ async fn a_gated_node_chosen_by_replicas_waits_before_it_is_released() {
         );
     }
     assert_eq!(sets(&client, &uid).await.len(), 1, "only the seed released");
+}
+
+/// A controller whose readiness gate is `taint` (lifted after `timeout` at
+/// the latest), and `n` nodes of group `ns` that joined with that taint.
+async fn gated_nodes(
+    client: &Client,
+    ns: &str,
+    taint: &str,
+    timeout: Duration,
+    n: usize,
+) -> (Running, Vec<String>) {
+    let mut config = config(ns);
+    config.gate = Some(controller::gate::Gate {
+        taint: taint.into(),
+        timeout,
+    });
+    let controller = Running::start(client, config);
+    let names = nodes(client, ns, n, &[]).await;
+    for n in &names {
+        testbed::support::nodes::taint(client, n, &[(taint, "", "NoSchedule")])
+            .await
+            .unwrap();
+    }
+    (controller, names)
 }

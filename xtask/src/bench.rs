@@ -95,42 +95,39 @@ async fn measure(
     let apiserver = apiserver_pid(&plane.dir).context("kube-apiserver's pid")?;
     let n = opts.nodes;
 
+    // One ImagePrefetch `i` of image `image`, timed until its sets (`sets`
+    // in all) exist and it is Ready on every node.
+    let phase = |i: usize, image: usize, all_sets: usize, what: String| {
+        let (api, sets) = (api.clone(), sets.clone());
+        async move {
+            let mark = Mark::take(client, pid, apiserver).await?;
+            apply(i, image).await?;
+            wait_for_sets(&sets, all_sets, Duration::from_secs(600)).await?;
+            let released = mark.t.elapsed();
+            wait_ready(&api, &format!("bench-{i:02}"), n, Duration::from_secs(600)).await?;
+            let what = format!("{what} in {:.2}s, Ready {n}/{n}", released.as_secs_f64());
+            mark.print(client, pid, apiserver, &what, n).await
+        }
+    };
     // A rollout: the seed, a second resolution, then the mirror's waves, each
     // agent answering Available at once (what is left is the controller's
     // and the API server's own time, and spegel's findable delay per wave).
-    let mark = Mark::take(client, pid, apiserver).await?;
-    apply(0, 0).await?;
-    wait_for_sets(&sets, n, Duration::from_secs(600)).await?;
-    let released = mark.t.elapsed();
-    wait_ready(&api, "bench-00", n, Duration::from_secs(600)).await?;
-    mark.print(
-        client,
-        pid,
-        apiserver,
-        &format!(
-            "rollout of 1 ImagePrefetch to {n} nodes, agents answering at once: every node released in {:.2}s, Ready {n}/{n}",
-            released.as_secs_f64()
-        ),
+    phase(
+        0,
+        0,
         n,
+        format!(
+            "rollout of 1 ImagePrefetch to {n} nodes, agents answering at once: every node released"
+        ),
     )
     .await?;
-
     // A fan-out: a second ImagePrefetch of the image every node now holds
     // is released to all of them at once (after its two resolutions).
-    let mark = Mark::take(client, pid, apiserver).await?;
-    apply(1, 0).await?;
-    wait_for_sets(&sets, 2 * n, Duration::from_secs(600)).await?;
-    let released = mark.t.elapsed();
-    wait_ready(&api, "bench-01", n, Duration::from_secs(600)).await?;
-    mark.print(
-        client,
-        pid,
-        apiserver,
-        &format!(
-            "fan-out of 1 ImagePrefetch to {n} nodes holding its image: all NodeImageSets in {:.2}s, Ready {n}/{n}",
-            released.as_secs_f64()
-        ),
-        n,
+    phase(
+        1,
+        0,
+        2 * n,
+        format!("fan-out of 1 ImagePrefetch to {n} nodes holding its image: all NodeImageSets"),
     )
     .await?;
 

@@ -9,6 +9,7 @@
 //! `docs/decisions.md`, "Pull-secret access").
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
@@ -38,6 +39,37 @@ impl Grantee {
 
 /// The pull secrets of ServiceAccounts, by (namespace, name), as last read.
 pub type AccountSecrets = HashMap<(String, String), Vec<String>>;
+
+/// How long one read of a ServiceAccount serves: a rollout to 5,000 nodes
+/// reconciles its ImagePrefetch once per agent report, and a read at each
+/// was a GET each. A changed account is followed within this much.
+pub const ACCOUNT_FRESH_FOR: Duration = Duration::from_secs(10);
+
+/// When each ServiceAccount, by (namespace, name), was last read and found.
+#[derive(Debug, Default)]
+pub struct AccountReads(HashMap<(String, String), Instant>);
+
+impl AccountReads {
+    /// Whether `key` was read less than [`ACCOUNT_FRESH_FOR`] before `now`.
+    pub fn fresh(&self, key: &(String, String), now: Instant) -> bool {
+        self.0
+            .get(key)
+            .is_some_and(|at| now.saturating_duration_since(*at) < ACCOUNT_FRESH_FOR)
+    }
+
+    /// Records a read of `key` at `now`; reads no longer fresh are dropped,
+    /// so accounts no ImagePrefetch names any more are not kept.
+    pub fn read(&mut self, key: (String, String), now: Instant) {
+        self.0
+            .retain(|_, at| now.saturating_duration_since(*at) < ACCOUNT_FRESH_FOR);
+        self.0.insert(key, now);
+    }
+
+    /// Forgets `key`: it was not found, and is read again next time.
+    pub fn forget(&mut self, key: &(String, String)) {
+        self.0.remove(key);
+    }
+}
 
 /// The secrets of `namespace` that its ImagePrefetches (those not being
 /// deleted) name — themselves, or through their ServiceAccount — sorted.
@@ -241,5 +273,22 @@ mod tests {
             Some("image-prefetch-system")
         );
         assert!(Grantee::parse("no-slash").is_none());
+    }
+
+    #[test]
+    fn a_service_account_read_serves_for_ten_seconds() {
+        let t0 = Instant::now();
+        let key = ("team".to_string(), "builder".to_string());
+        let mut reads = AccountReads::default();
+        assert!(!reads.fresh(&key, t0), "never read");
+        reads.read(key.clone(), t0);
+        assert!(reads.fresh(&key, t0 + Duration::from_secs(9)));
+        assert!(!reads.fresh(&key, t0 + ACCOUNT_FRESH_FOR));
+        // Another read drops the stale one.
+        let other = ("team".to_string(), "other".to_string());
+        reads.read(other.clone(), t0 + ACCOUNT_FRESH_FOR);
+        assert_eq!(reads.0.len(), 1);
+        reads.forget(&other);
+        assert!(!reads.fresh(&other, t0 + ACCOUNT_FRESH_FOR));
     }
 }

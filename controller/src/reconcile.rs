@@ -51,6 +51,8 @@ pub struct Context {
     /// The pull secrets of the ServiceAccounts ImagePrefetches name, as
     /// their reconciles last read them: part of each namespace's grant.
     account_secrets: Mutex<crate::pull_secrets::AccountSecrets>,
+    /// When each of those accounts was last read.
+    account_reads: Mutex<crate::pull_secrets::AccountReads>,
     /// Closed once leadership is lost: no write passes it after.
     pub fence: crate::leader::Fence,
     /// True once the node store has its first full list.
@@ -97,6 +99,7 @@ impl Context {
             prefetches: std::sync::OnceLock::new(),
             granted: tokio::sync::Mutex::default(),
             account_secrets: Mutex::default(),
+            account_reads: Mutex::default(),
             fence,
         }
     }
@@ -476,9 +479,10 @@ async fn cleanup(p: &ImagePrefetch, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// The `imagePullSecrets` of the ServiceAccount `p` names (read at every
-/// reconcile, so one changed is followed; remembered for the namespace's
-/// grants); `Some(Err)` when it does not exist.
+/// The `imagePullSecrets` of the ServiceAccount `p` names (read again once
+/// the last read is older than `ACCOUNT_FRESH_FOR`, so one changed is
+/// followed; remembered for the namespace's grants); `Some(Err)` when it
+/// does not exist (not remembered: it is read at each look).
 async fn account_secrets(
     ctx: &Context,
     p: &ImagePrefetch,
@@ -489,6 +493,21 @@ async fn account_secrets(
     let namespace = owner_namespace(p);
     let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = (namespace.clone(), account.clone());
+    let now = std::time::Instant::now();
+    if ctx
+        .account_reads
+        .lock()
+        .expect("account reads lock")
+        .fresh(&key, now)
+        && let Some(names) = ctx
+            .account_secrets
+            .lock()
+            .expect("account secrets lock")
+            .get(&key)
+            .cloned()
+    {
+        return Ok(Some(Ok(names)));
+    }
     match api.get_opt(account).await {
         Ok(Some(sa)) => {
             let names: Vec<String> = sa
@@ -501,10 +520,18 @@ async fn account_secrets(
             ctx.account_secrets
                 .lock()
                 .expect("account secrets lock")
-                .insert(key, names.clone());
+                .insert(key.clone(), names.clone());
+            ctx.account_reads
+                .lock()
+                .expect("account reads lock")
+                .read(key, now);
             Ok(Some(Ok(names)))
         }
         Ok(None) => {
+            ctx.account_reads
+                .lock()
+                .expect("account reads lock")
+                .forget(&key);
             ctx.account_secrets
                 .lock()
                 .expect("account secrets lock")

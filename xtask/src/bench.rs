@@ -276,15 +276,11 @@ fn report_of(set: &NodeImageSet) -> serde_json::Value {
         .image_set
         .iter()
         .map(|e| {
-            let digest = e.digest.as_deref().map(str::to_string).unwrap_or_else(|| {
-                let i: usize = e
-                    .name
-                    .trim_start_matches("registry.example.com/bench/app")
-                    .trim_end_matches(":1")
-                    .parse()
-                    .unwrap_or(0);
-                format!("sha256:{:064x}", i + 1)
-            });
+            let digest = e
+                .digest
+                .as_deref()
+                .map(str::to_string)
+                .unwrap_or_else(|| digest_of(&e.name));
             json!({
                 "name": e.name, "state": "Available", "attempts": 1,
                 "digest": digest, "sizeBytes": 268_435_456i64,
@@ -307,6 +303,14 @@ fn report_of(set: &NodeImageSet) -> serde_json::Value {
             }],
         },
     })
+}
+
+/// The one digest the registry would resolve `image` to.
+pub(crate) fn digest_of(image: &str) -> String {
+    let h = image.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!("sha256:{h:016x}{h:016x}{h:016x}{h:016x}")
 }
 
 /// Waits until ImagePrefetch `name` says Ready on all `n` nodes.

@@ -381,7 +381,7 @@ async fn pull(
                     .finish(&node, &s, Instant::now());
                 break Ok((
                     Present {
-                        digest: digest_of(&image),
+                        digest: crate::bench::digest_of(&image),
                         size: Some(model.image_bytes as i64),
                         duration: begun.elapsed(),
                     },
@@ -403,14 +403,6 @@ async fn pull(
         }
     };
     let _ = tx.send((key, want, result));
-}
-
-/// The one digest the registry would resolve `image` to.
-fn digest_of(image: &str) -> String {
-    let h = image.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
-    format!("sha256:{h:016x}{h:016x}{h:016x}{h:016x}")
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -11,7 +11,6 @@
 //! it serves the node's containerd content to its peers, never contacts the
 //! registry, and writes the node's hosts.toml as spegel's chart does).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -344,40 +343,41 @@ fn short(reference: &str) -> &str {
 }
 
 /// One line per node: each image's state and, once known, where it came from.
+/// A node not released yet has no set: every image waits for a seed.
 fn progress(sets: &[NodeImageSet], images: &[String]) -> String {
-    let mut rows: BTreeMap<String, String> = NODES
+    NODES
         .iter()
-        .map(|n| (n.to_string(), String::new()))
-        .collect();
-    for set in sets {
-        let mut cells = Vec::new();
-        for image in images {
-            let entry = set.spec.image_set.iter().find(|e| &e.name == image);
-            let report = set.report_on(image);
-            let cell = match (entry, report.map(|r| r.state)) {
-                (None, _) => "waiting for a seed".to_string(),
-                (Some(e), state) => {
-                    let how = match e.registry_policy {
-                        RegistryPolicy::Default => "seed, registry",
-                        RegistryPolicy::Mirror => "from peers",
+        .map(|node| {
+            let set = sets.iter().find(|s| s.spec.node_name == *node);
+            let cells: Vec<String> = images
+                .iter()
+                .map(|image| {
+                    let entry =
+                        set.and_then(|s| s.spec.image_set.iter().find(|e| &e.name == image));
+                    let report = set.and_then(|s| s.report_on(image));
+                    let cell = match (entry, report.map(|r| r.state)) {
+                        (None, _) => "waiting for a seed".to_string(),
+                        (Some(e), state) => {
+                            let how = match e.registry_policy {
+                                RegistryPolicy::Default => "seed, registry",
+                                RegistryPolicy::Mirror => "from peers",
+                            };
+                            let what = match state {
+                                Some(PullState::Available) => "present",
+                                Some(PullState::Failed) => "FAILED",
+                                _ => "pulling",
+                            };
+                            format!("{what} ({how})")
+                        }
                     };
-                    let what = match state {
-                        Some(PullState::Available) => "present",
-                        Some(PullState::Failed) => "FAILED",
-                        _ => "pulling",
-                    };
-                    format!("{what} ({how})")
-                }
-            };
-            cells.push(format!(
-                "{:<12} {cell:<28}",
-                short(image).split(':').next().unwrap_or(image)
-            ));
-        }
-        rows.insert(set.spec.node_name.clone(), cells.join(" "));
-    }
-    rows.iter()
-        .map(|(node, row)| format!("  {node:<14} {row}"))
+                    format!(
+                        "{:<12} {cell:<28}",
+                        short(image).split(':').next().unwrap_or(image)
+                    )
+                })
+                .collect();
+            format!("  {node:<14} {}", cells.join(" "))
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -405,6 +405,33 @@ fn print_table(kubeconfig: &std::path::Path) -> Result<()> {
                 kubeconfig.display()
             );
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crd::{NodeImage, NodeImageSetSpec};
+
+    /// A node the controller has not released yet has no set: its row still
+    /// shows, each image waiting.
+    #[test]
+    fn a_node_without_a_set_waits_for_a_seed() {
+        let images = ["r.example/team/web:1".to_string()];
+        let seed = NodeImageSet::new(
+            "s",
+            NodeImageSetSpec::for_node(
+                NODES[0],
+                vec![NodeImage::of(images[0].clone(), RegistryPolicy::Default)],
+            ),
+        );
+        let view = progress(&[seed], &images);
+        let rows: Vec<&str> = view.lines().collect();
+        assert_eq!(rows.len(), NODES.len(), "{view}");
+        assert!(rows[0].contains("pulling (seed, registry)"), "{view}");
+        for row in &rows[1..] {
+            assert!(row.contains("team/web     waiting for a seed"), "{view}");
         }
     }
 }
